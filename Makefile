@@ -1,0 +1,46 @@
+# Distillery developer entry points. `make test` is what CI runs (see .ci/run).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+PY   := $(VENV)/bin/python
+
+# Test services (scripts/services.sh makes sure these answer); override from the environment.
+DISTILLERY_TEST_DATABASE_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/distillery_test
+DISTILLERY_TEST_REDIS_URL    ?= redis://127.0.0.1:6379/15
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k loss -x"`.
+PYTEST_ARGS ?=
+
+.PHONY: help setup services demo test lint fmt
+
+help:
+	@echo "make setup     create .venv and install distillery[dev] (scripts/bootstrap.sh)"
+	@echo "make services  make sure PostgreSQL and Redis answer locally; create distillery_test"
+	@echo "make demo      run the embedded dev stack demo (python -m devstack.demo)"
+	@echo "make test      setup + services + pytest (exit code of pytest is kept)"
+	@echo "make lint      ruff check, ruff format --check, mypy"
+	@echo "make fmt       ruff format + ruff check --fix"
+
+setup:
+	@bash scripts/bootstrap.sh
+
+services:
+	@bash scripts/services.sh
+
+demo: setup
+	$(PY) -m devstack.demo
+
+# pytest's exit code propagates as is (5 = no tests collected is a failure too).
+test: setup services
+	DISTILLERY_TEST_DATABASE_URL='$(DISTILLERY_TEST_DATABASE_URL)' \
+	DISTILLERY_TEST_REDIS_URL='$(DISTILLERY_TEST_REDIS_URL)' \
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+fmt: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .

@@ -1,0 +1,45 @@
+"""Settings shared by the API and the worker, read from the environment (prefix ``DISTILLERY_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """One settings object for api and worker.
+
+    Every field can be set as an environment variable ``DISTILLERY_<FIELD>`` (for example
+    ``DISTILLERY_DATABASE_URL``). Paths are local filesystem paths.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DISTILLERY_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///var/distillery.db",
+        description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user@host/db.",
+    )
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis).")
+    queue: str = Field("cpu", description="Celery queue the API sends new jobs to (cpu or gpu).")
+    artifacts_root: Path = Field(Path("var/artifacts"), description="Where job artifacts live.")
+    models_root: Path = Field(Path("var/models"), description="Root for file:// model references.")
+    data_root: Path = Field(Path("var/data"), description="Root for file:// dataset references.")
+    allow_hub: bool = Field(False, description="Allow hf:// references (needs network access).")
+    visibility_timeout_s: int = Field(
+        48 * 3600, description="Redis redelivery timeout (seconds); above the longest job."
+    )
+    heartbeat_timeout_s: int = Field(
+        900, description="A running job with no heartbeat for this long is failed by the reaper."
+    )
+    progress_every_steps: int = Field(
+        5, description="Training steps between progress writes and cancel checks."
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings (read once from the environment)."""
+    return Settings()

