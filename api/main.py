@@ -1,0 +1,38 @@
+"""The FastAPI application. Run with ``uvicorn api.main:app``."""
+
+from __future__ import annotations
+
+import logging
+
+import transformers
+from fastapi import FastAPI
+
+from api import errors
+from api.db import make_engine, make_sessionmaker
+from api.routers import health, jobs
+from api.settings import Settings, get_settings
+from worker.celery_app import make_celery
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app for ``settings`` (default: from the environment)."""
+    settings = settings or get_settings()
+    logging.basicConfig(level=logging.INFO)
+    transformers.logging.set_verbosity_error()
+    app = FastAPI(
+        title="Distillery",
+        version="1.0",
+        description="Knowledge distillation as a service: submit a job, watch it, download the "
+        "distilled student.",
+    )
+    app.state.settings = settings
+    app.state.engine = make_engine(settings.database_url)
+    app.state.sessionmaker = make_sessionmaker(app.state.engine)
+    app.state.celery = make_celery(settings)
+    errors.install(app)
+    app.include_router(jobs.router)
+    app.include_router(health.router)
+    return app
+
+
+app = create_app()

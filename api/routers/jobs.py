@@ -1,0 +1,122 @@
+"""/v1/jobs: submit, list, read, cancel, metrics, artifacts, archive."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import FileResponse, StreamingResponse
+
+from api import repository, service
+from api.deps import CeleryDep, SessionDep, SettingsDep
+from api.errors import Conflict, InvalidSpec
+from api.refs import job_dir
+from api.schemas import ArtifactList, ArtifactOut, JobList, JobOut, MetricsOut
+from kd_engine.spec import JobSpec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+JobId = Annotated[str, Path(description="The job id (a UUID).", max_length=64)]
+STUDENT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+
+
+@router.post("", status_code=201, response_model=JobOut)
+def submit_job(
+    spec: JobSpec, session: SessionDep, settings: SettingsDep, celery: CeleryDep
+) -> JobOut:
+    """Submit a job. 201 with the queued job; 422 names the bad field; 503 if the broker is
+    down."""
+    return JobOut.of(service.submit(session, celery, settings, spec))
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    status: Annotated[str | None, Query(description="Only jobs in this status.")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> JobList:
+    """Jobs, newest first, with cursor pagination."""
+    try:
+        jobs, next_cursor = repository.list_jobs(session, status, limit, cursor)
+    except ValueError as e:
+        raise InvalidSpec(str(e), "cursor") from None
+    return JobList(items=[JobOut.of(j) for j in jobs], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: JobId, session: SessionDep) -> JobOut:
+    """Status, progress, timestamps and error reason of a job."""
+    return JobOut.of(service.get(session, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: JobId, session: SessionDep) -> JobOut:
+    """Cancel: a queued job at once, a running one within a few steps; 409 if finished."""
+    return JobOut.of(service.cancel(session, job_id))
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsOut)
+def job_metrics(job_id: JobId, session: SessionDep) -> MetricsOut:
+    """Per-epoch train loss and dev metrics so far; final test metrics once succeeded."""
+    job = service.get(session, job_id)
+    metrics = dict(job.metrics or {})
+    epochs = metrics.pop("epochs", [])
+    return MetricsOut(
+        job_id=job.id,
+        status=job.status,
+        epochs=epochs,
+        final=metrics if job.status == "succeeded" else None,
+    )
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList)
+def list_artifacts(job_id: JobId, session: SessionDep) -> ArtifactList:
+    """The job's files with size (bytes) and sha256; empty until the job succeeds."""
+    items = [ArtifactOut.of(a) for a in service.artifacts(session, job_id)]
+    return ArtifactList(job_id=job_id, items=items, archive_url=f"/v1/jobs/{job_id}/archive")
+
+
+@router.get("/{job_id}/artifacts/{name}")
+def download_artifact(
+    job_id: JobId, name: str, session: SessionDep, settings: SettingsDep
+) -> FileResponse:
+    """One file of the job."""
+    path = service.artifact_path(session, settings, job_id, name)
+    return FileResponse(path, filename=name, media_type="application/octet-stream")
+
+
+@router.get("/{job_id}/archive")
+def download_archive(
+    job_id: JobId, session: SessionDep, settings: SettingsDep
+) -> StreamingResponse:
+    """Every file of the job as one ``<job id>.tar.gz`` (a transformers directory)."""
+    job = service.get(session, job_id)
+    names = [a.name for a in service.artifacts(session, job_id)]
+    if job.status != "succeeded" or not names:
+        raise Conflict(f"job {job_id} is {job.status}; the archive exists once it succeeds")
+    root = job_dir(settings, job_id)
+
+    def stream() -> Iterator[bytes]:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for name in names:
+                tar.add(root / name, arcname=f"{job_id}/{name}")
+        buf.seek(0)
+        while chunk := buf.read(1 << 20):
+            yield chunk
+
+    return StreamingResponse(
+        stream(),
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}.tar.gz"'},
+    )

@@ -1,0 +1,119 @@
+"""API response schemas (distinct from the ORM models). The request schema is
+:class:`kd_engine.spec.JobSpec`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from api.db import Artifact, Job
+
+
+class ProgressOut(BaseModel):
+    """Where a running job is: stage (prepare, train, evaluate, export), epoch (1-based),
+    optimiser step of total steps, and the latest losses (mean over the epoch so far)."""
+
+    stage: str
+    epoch: int = 0
+    step: int = 0
+    total_steps: int = 0
+    losses: dict[str, float] = Field(default_factory=dict)
+
+
+class JobOut(BaseModel):
+    """A job as the API shows it."""
+
+    id: str
+    status: str = Field(description="queued, running, cancelling, succeeded, failed, cancelled")
+    method: str
+    spec: dict[str, Any]
+    attempt: int
+    progress: ProgressOut | None
+    error: str | None = Field(description="Why the job failed, when it did.")
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    links: dict[str, str]
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        """Build from the ORM row."""
+        base = f"/v1/jobs/{job.id}"
+        return cls(
+            id=job.id,
+            status=job.status,
+            method=job.method,
+            spec=job.spec,
+            attempt=job.attempt,
+            progress=ProgressOut(**job.progress) if job.progress else None,
+            error=job.error,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            heartbeat_at=job.heartbeat_at,
+            links={
+                "self": base,
+                "metrics": f"{base}/metrics",
+                "artifacts": f"{base}/artifacts",
+                "archive": f"{base}/archive",
+                "cancel": f"{base}/cancel",
+            },
+        )
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first; pass ``next_cursor`` as ``cursor`` for the next page."""
+
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class ArtifactOut(BaseModel):
+    """One stored file: name, size in bytes, sha256 (hex) and its download URL."""
+
+    name: str
+    size_bytes: int
+    sha256: str
+    url: str
+
+    @classmethod
+    def of(cls, a: Artifact) -> ArtifactOut:
+        """Build from the ORM row."""
+        return cls(
+            name=a.name,
+            size_bytes=a.size_bytes,
+            sha256=a.sha256,
+            url=f"/v1/jobs/{a.job_id}/artifacts/{a.name}",
+        )
+
+
+class ArtifactList(BaseModel):
+    """A job's files and the URL of the whole student as one .tar.gz archive."""
+
+    job_id: str
+    items: list[ArtifactOut]
+    archive_url: str
+
+
+class MetricsOut(BaseModel):
+    """Per-epoch train loss and dev metrics; test metrics, size and latency once finished."""
+
+    job_id: str
+    status: str
+    epochs: list[dict[str, Any]]
+    final: dict[str, Any] | None = Field(
+        description="Test metrics, teacher comparison, parameters, bytes, latency (seconds)."
+    )
+
+
+class Health(BaseModel):
+    """Health of the backing services."""
+
+    status: str
+    database: str
+    broker: str

@@ -1,0 +1,183 @@
+"""Rules of the job lifecycle: what may be submitted, cancelled, downloaded."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from celery import Celery
+from sqlalchemy.orm import Session
+
+from api import refs, repository
+from api.db import FINISHED, Artifact, Job, utcnow
+from api.errors import Conflict, InvalidSpec, NotFound, Unavailable
+from api.queue import BrokerUnavailable, enqueue
+from api.settings import Settings
+from kd_engine import registry
+from kd_engine.data.builtins import BUILTIN_LABELS
+from kd_engine.models.loading import classifier_label_names, is_sequence_classifier, read_config
+from kd_engine.references import scheme_of
+from kd_engine.spec import FromTeacherStudent, JobSpec
+
+
+def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
+    if spec.teacher.startswith("job:"):
+        other = repository.get_job(session, spec.teacher.removeprefix("job:"))
+        if other is None:
+            raise InvalidSpec(f"{spec.teacher!r}: no such job", "teacher")
+        if other.status != "succeeded":
+            raise InvalidSpec(
+                f"{spec.teacher!r} is {other.status}; a model reference needs a succeeded job",
+                "teacher",
+            )
+    try:
+        location = refs.model_location(spec.teacher, settings)
+    except ValueError as e:
+        raise InvalidSpec(str(e), "teacher") from None
+    if not isinstance(location, Path):
+        return  # a hub id: checked by the worker
+    config = read_config(location)
+    method = registry.build(spec.method)
+    classifier = is_sequence_classifier(config)
+    if method.uses_teacher and not classifier:
+        raise InvalidSpec(
+            f"{spec.teacher!r} is a base encoder, not a fine-tuned sequence classifier; "
+            f"{spec.method.name} needs one: run a finetune job and use job:<its id>",
+            "teacher",
+        )
+    n_layers = int(str(config.get("num_hidden_layers", 0)))
+    student = spec.student
+    if isinstance(student, FromTeacherStudent) and n_layers:
+        if student.layers is not None and max(student.layers) >= n_layers:
+            bad = max(student.layers)
+            raise InvalidSpec(
+                f"index {bad} is out of range: the teacher has {n_layers} layers "
+                f"(0..{n_layers - 1})",
+                "student.layers",
+            )
+        if student.num_layers is not None and student.num_layers > n_layers:
+            raise InvalidSpec(
+                f"{student.num_layers} is more than the teacher's {n_layers} layers",
+                "student.num_layers",
+            )
+    dataset_labels = BUILTIN_LABELS.get(spec.dataset.source.removeprefix("builtin:"))
+    if classifier and dataset_labels is not None and spec.dataset.source.startswith("builtin:"):
+        names = classifier_label_names(config)
+        if sorted(names) != sorted(dataset_labels):
+            raise InvalidSpec(
+                f"the teacher's labels {names} do not match the dataset's labels {dataset_labels}",
+                "dataset.source",
+            )
+
+
+def _check_dataset(spec: JobSpec, settings: Settings) -> None:
+    ds = spec.dataset
+    for field, ref in (
+        ("source", ds.source),
+        ("dev_source", ds.dev_source),
+        ("test_source", ds.test_source),
+    ):
+        if ref is None:
+            continue
+        try:
+            if scheme_of(ref) == "builtin:":
+                if field != "source":
+                    raise ValueError("built-in datasets have fixed splits")
+                name = ref.removeprefix("builtin:")
+                if name not in BUILTIN_LABELS:
+                    raise ValueError(
+                        f"unknown built-in dataset {name!r}; built-ins: "
+                        f"{', '.join(sorted(BUILTIN_LABELS))}"
+                    )
+            else:
+                refs.dataset_file(ref, settings)
+        except ValueError as e:
+            raise InvalidSpec(str(e), f"dataset.{field}") from None
+
+
+def submit(session: Session, celery: Celery, settings: Settings, spec: JobSpec) -> Job:
+    """Validate references, persist a queued job, commit, then enqueue it.
+
+    Raises:
+        InvalidSpec: a reference does not exist or does not fit the method (422).
+        Unavailable: the broker is down; the job is kept as failed with that reason (503).
+    """
+    _check_dataset(spec, settings)
+    _check_teacher(session, spec, settings)
+    job = repository.create_job(
+        session, str(uuid.uuid4()), spec.method.name, spec.model_dump(mode="json")
+    )
+    session.commit()
+    try:
+        enqueue(celery, job.id, settings.queue)
+    except BrokerUnavailable as e:
+        repository.transition(
+            session,
+            job.id,
+            ("queued",),
+            "failed",
+            error=f"the job could not be queued (broker unavailable: {e}); submit it again",
+            finished_at=utcnow(),
+        )
+        session.commit()
+        raise Unavailable("the broker is unavailable; the job was not queued") from None
+    return job
+
+
+def get(session: Session, job_id: str) -> Job:
+    """The job.
+
+    Raises:
+        NotFound: no such job.
+    """
+    job = repository.get_job(session, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+def cancel(session: Session, job_id: str) -> Job:
+    """Cancel a job: queued -> cancelled at once; running -> cancelling (the worker stops
+    within a few steps); cancelling stays as it is.
+
+    Raises:
+        NotFound: no such job.
+        Conflict: the job has already finished.
+    """
+    job = get(session, job_id)
+    now = utcnow()
+    if repository.transition(
+        session, job_id, ("queued",), "cancelled", finished_at=now
+    ) or repository.transition(session, job_id, ("running",), "cancelling"):
+        session.commit()
+    else:
+        session.rollback()
+    session.refresh(job)
+    if job.status in FINISHED and job.status != "cancelled":
+        raise Conflict(f"job {job_id} has already {job.status}; nothing to cancel")
+    return job
+
+
+def artifacts(session: Session, job_id: str) -> list[Artifact]:
+    """The job's stored files (empty until it succeeds).
+
+    Raises:
+        NotFound: no such job.
+    """
+    get(session, job_id)
+    return repository.list_artifacts(session, job_id)
+
+
+def artifact_path(session: Session, settings: Settings, job_id: str, name: str) -> Path:
+    """The local file of one artifact; only names recorded for the job are served.
+
+    Raises:
+        NotFound: no such job or no such file.
+    """
+    known = {a.name for a in artifacts(session, job_id)}
+    if name not in known:
+        raise NotFound(f"job {job_id} has no artifact {name!r}")
+    path = refs.job_dir(settings, job_id) / name
+    if not path.is_file():
+        raise NotFound(f"artifact {name!r} of job {job_id} is missing from the store")
+    return path

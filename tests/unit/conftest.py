@@ -1,0 +1,36 @@
+"""Shared fixtures of the kd_engine unit tests: the built-in MiniLM checkpoint, its tokenizer,
+and the built-in rotten_tomatoes transfer set (all real, all CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import PreTrainedTokenizerBase
+
+from kd_engine.data.builtins import load_builtin
+from kd_engine.data.examples import TransferSet
+from kd_engine.models.loading import load_tokenizer
+from kd_engine.references import builtin_model_path
+
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """Directory of the built-in MiniLM-L6 base encoder (no classifier head)."""
+    return builtin_model_path("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_path: Path) -> PreTrainedTokenizerBase:
+    return load_tokenizer(minilm_path)
+
+
+@pytest.fixture(scope="session")
+def rotten_tomatoes() -> TransferSet:
+    return load_builtin("rotten_tomatoes")

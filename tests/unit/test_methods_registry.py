@@ -1,0 +1,147 @@
+"""The method registry, Finetune and VanillaKD losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from kd_engine import registry
+from kd_engine.methods.base import StepOutputs
+from kd_engine.methods.finetune import Finetune, FinetuneConfig
+from kd_engine.methods.vanilla_kd import VanillaKD, VanillaKDConfig
+from kd_engine.spec import JobSpec
+
+STUDENT = [[1.0, 2.0, 0.0], [0.0, 0.0, 1.0]]
+TEACHER = [[3.0, 0.0, -1.0], [0.0, 2.0, 1.0]]
+LABELS = [1, 2]
+MASK = torch.ones(2, 4, dtype=torch.long)
+
+
+def softmax(row: list[float], tau: float = 1.0) -> list[float]:
+    exps = [math.exp(z / tau) for z in row]
+    return [e / sum(exps) for e in exps]
+
+
+def hand_ce() -> float:
+    return -sum(math.log(softmax(r)[y]) for r, y in zip(STUDENT, LABELS, strict=True)) / 2
+
+
+def hand_kd(tau: float) -> float:
+    total = 0.0
+    for s_row, t_row in zip(STUDENT, TEACHER, strict=True):
+        p_s, p_t = softmax(s_row, tau), softmax(t_row, tau)
+        total += sum(t * math.log(t / s) for s, t in zip(p_s, p_t, strict=True))
+    return tau**2 * total / 2
+
+
+def outputs(logits: list[list[float]]) -> StepOutputs:
+    return StepOutputs(logits=torch.tensor(logits))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_vanilla_kd_loss_mixes_ce_and_kd(alpha: float, tau: float) -> None:
+    method = VanillaKD(VanillaKDConfig(alpha=alpha, temperature=tau))
+    res = method.loss(outputs(STUDENT), outputs(TEACHER), torch.tensor(LABELS), MASK)
+    ce, kd = hand_ce(), hand_kd(tau)
+    assert float(res.total) == pytest.approx((1 - alpha) * ce + alpha * kd, rel=1e-5)
+    assert res.parts["ce"] == pytest.approx(ce, rel=1e-5)
+    assert res.parts["kd"] == pytest.approx(kd, rel=1e-5)
+
+
+def test_vanilla_kd_alpha_zero_ignores_teacher() -> None:
+    method = VanillaKD(VanillaKDConfig(alpha=0.0))
+    a = method.loss(outputs(STUDENT), outputs(TEACHER), torch.tensor(LABELS), MASK)
+    b = method.loss(outputs(STUDENT), outputs(STUDENT), torch.tensor(LABELS), MASK)
+    assert float(a.total) == pytest.approx(float(b.total), rel=1e-6)
+
+
+def test_vanilla_kd_without_teacher_raises() -> None:
+    method = VanillaKD(VanillaKDConfig())
+    assert method.uses_teacher
+    with pytest.raises(ValueError, match="teacher"):
+        method.loss(outputs(STUDENT), None, torch.tensor(LABELS), MASK)
+
+
+def test_vanilla_kd_config_defaults_and_bounds() -> None:
+    cfg = VanillaKDConfig()
+    assert (cfg.name, cfg.alpha, cfg.temperature) == ("vanilla_kd", 0.5, 2.0)
+    with pytest.raises(ValidationError):
+        VanillaKDConfig(alpha=-0.1)
+    with pytest.raises(ValidationError):
+        VanillaKDConfig(temperature=0.0)
+
+
+def test_finetune_loss_is_ce_and_needs_no_teacher() -> None:
+    method = Finetune(FinetuneConfig())
+    assert not method.uses_teacher
+    res = method.loss(outputs(STUDENT), None, torch.tensor(LABELS), MASK)
+    assert float(res.total) == pytest.approx(hand_ce(), rel=1e-6)
+    assert res.parts == {"ce": pytest.approx(hand_ce(), rel=1e-6)}
+    # A teacher, when given anyway, changes nothing.
+    with_teacher = method.loss(outputs(STUDENT), outputs(TEACHER), torch.tensor(LABELS), MASK)
+    assert float(with_teacher.total) == pytest.approx(hand_ce(), rel=1e-6)
+
+
+def test_registry_names_include_builtin_methods() -> None:
+    names = registry.names()
+    assert {"finetune", "vanilla_kd"} <= set(names)
+    assert names == sorted(names)
+    assert registry.get("vanilla_kd").config_cls is VanillaKDConfig
+    assert isinstance(registry.build(VanillaKDConfig()), VanillaKD)
+    assert isinstance(registry.build(FinetuneConfig()), Finetune)
+
+
+def test_registry_duplicate_name_raises() -> None:
+    before = registry.get("finetune")
+    with pytest.raises(ValueError, match="finetune"):
+        registry.register("finetune", FinetuneConfig, lambda c: Finetune(c))  # type: ignore[arg-type]
+    assert registry.get("finetune") is before
+
+
+def test_registry_unknown_name_lists_known_names() -> None:
+    with pytest.raises(KeyError) as info:
+        registry.get("no_such_method")
+    message = str(info.value)
+    assert "no_such_method" in message
+    for name in registry.names():
+        assert name in message
+
+
+def _random_outputs(
+    batch: int, classes: int, method: object, generator: torch.Generator
+) -> StepOutputs:
+    hidden = attn = None
+    if getattr(method, "needs_hidden_states", False):
+        hidden = tuple(torch.randn(batch, 5, 8, generator=generator) for _ in range(3))
+    if getattr(method, "needs_attentions", False):
+        attn = tuple(torch.rand(batch, 2, 5, 5, generator=generator) for _ in range(2))
+    return StepOutputs(torch.randn(batch, classes, generator=generator), hidden, attn)
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_registered_method_gives_a_finite_loss(name: str) -> None:
+    entry = registry.get(name)
+    config = entry.config_cls(name=name)
+    assert config == entry.config_cls.model_validate({"name": name})
+    # The job spec accepts the method by name with its defaults.
+    spec = JobSpec.model_validate(
+        {"teacher": "builtin:minilm-l6", "method": {"name": name}, "dataset": {"source": "x"}}
+    )
+    assert spec.method == config
+    method = registry.build(config)
+    g = torch.Generator().manual_seed(0)
+    student = _random_outputs(4, 3, method, g)
+    student.logits.requires_grad_(True)
+    teacher = _random_outputs(4, 3, method, g) if method.uses_teacher else None
+    labels = torch.tensor([0, 1, 2, 1])
+    res = method.loss(student, teacher, labels, torch.ones(4, 5, dtype=torch.long))
+    assert res.total.shape == ()
+    assert torch.isfinite(res.total)
+    assert all(math.isfinite(v) for v in res.parts.values())
+    res.total.backward()
+    assert student.logits.grad is not None
+    assert torch.isfinite(student.logits.grad).all()

@@ -1,0 +1,1 @@
+"""Distillery's Celery worker: claims jobs from the database and runs the KD engine."""

@@ -1,0 +1,39 @@
+"""``python -m worker``: start a worker on the queue of this machine's device class.
+
+One worker process per GPU (solo pool); the queue is ``gpu`` when CUDA is available and
+``cpu`` otherwise, unless ``DISTILLERY_WORKER_QUEUE`` names one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from worker.celery_app import app
+
+
+def main() -> None:
+    """Run the Celery worker in the foreground."""
+    queue = os.environ.get("DISTILLERY_WORKER_QUEUE") or (
+        "gpu" if torch.cuda.is_available() else "cpu"
+    )
+    app.worker_main(
+        [
+            "worker",
+            "--pool",
+            "solo",
+            "-Q",
+            queue,
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            *sys.argv[1:],
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

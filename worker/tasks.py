@@ -1,0 +1,29 @@
+"""The Celery task: its only argument is the job id (also the task id)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import transformers
+from celery.signals import worker_ready
+
+from api.settings import get_settings
+from worker import runner
+from worker.celery_app import TASK_NAME, app
+
+log = logging.getLogger("distillery.worker")
+
+
+@app.task(name=TASK_NAME)
+def run_job(job_id: str) -> str:
+    """Run job ``job_id``; a duplicate delivery finds it claimed and returns ``skipped``."""
+    transformers.logging.set_verbosity_error()
+    return runner.execute(job_id, get_settings())
+
+
+@worker_ready.connect
+def _reap_on_start(**_: Any) -> None:
+    reaped = runner.reap_stale(get_settings())
+    if reaped:
+        log.warning("failed %d job(s) whose worker was lost: %s", len(reaped), reaped)
