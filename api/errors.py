@@ -61,10 +61,25 @@ def _body(code: str, message: str, field: str | None = None, details: Any = None
     return {"error": {"code": code, "message": message, "field": field, "details": details}}
 
 
+# Discriminated unions in the job spec: pydantic puts the member's tag in an error's location
+# ("method.vanilla_kd.alpha"); the client wrote "method.alpha", so the tag is dropped.
+_UNION_FIELDS = ("method", "student")
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
-    # drop pydantic's union-member tags (e.g. "vanilla_kd", "function-after[...]")
-    return ".".join(p for p in parts if not p.startswith("function-"))
+    parts = [str(p) for p in loc if p != "body"]
+    out: list[str] = []
+    for i, part in enumerate(parts):
+        if part.startswith("function-") or (
+            i == 1 and parts[0] in _UNION_FIELDS and len(loc) > 0 and loc[0] == "body"
+        ):
+            continue
+        out.append(part)
+    return ".".join(out)
+
+
+def _reason(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
 
 
 def install(app: FastAPI) -> None:
@@ -77,15 +92,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         details = [
-            {"field": _loc(tuple(e.get("loc", ()))), "reason": e.get("msg", "invalid")}
+            {"field": _loc(tuple(e.get("loc", ()))), "reason": _reason(e.get("msg", "invalid"))}
             for e in exc.errors()
         ]
         field = str(details[0]["field"]) if details else ""
         reason = str(details[0]["reason"]) if details else "invalid request"
         message = f"{field}: {reason}" if field else reason
-        return JSONResponse(
-            _body("invalid_spec", message, field or None, details), status_code=422
-        )
+        return JSONResponse(_body("invalid_spec", message, field or None, details), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

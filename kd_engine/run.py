@@ -110,6 +110,7 @@ def run_job(
         kd_engine.trainer.Cancelled: the job was cancelled through ``hooks.should_stop``.
     """
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     hooks = hooks or TrainHooks()
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_FILE

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kd_engine.data.builtins import load_builtin
 from kd_engine.data.examples import TransferSet
-from kd_engine.models.loading import load_tokenizer
+from kd_engine.models.loading import load_classifier, load_tokenizer
 from kd_engine.references import builtin_model_path
 
 transformers.logging.set_verbosity_error()
@@ -34,3 +34,11 @@ def tokenizer(minilm_path: Path) -> PreTrainedTokenizerBase:
 @pytest.fixture(scope="session")
 def rotten_tomatoes() -> TransferSet:
     return load_builtin("rotten_tomatoes")
+
+
+@pytest.fixture(scope="session")
+def minilm_classifier(minilm_path: Path) -> PreTrainedModel:
+    """MiniLM-L6 with a new (seeded, random) 2-way head for rotten/fresh. Tests must not train
+    it in place: it is shared by the whole session."""
+    torch.manual_seed(0)
+    return load_classifier(minilm_path, ["rotten", "fresh"]).eval()

@@ -29,9 +29,9 @@ def hand_kd(student: list[list[float]], teacher: list[list[float]], tau: float) 
 
 
 def hand_ce(logits: list[list[float]], labels: list[int]) -> float:
-    return -sum(
-        math.log(softmax(row)[y]) for row, y in zip(logits, labels, strict=True)
-    ) / len(labels)
+    return -sum(math.log(softmax(row)[y]) for row, y in zip(logits, labels, strict=True)) / len(
+        labels
+    )
 
 
 @pytest.mark.parametrize("tau", [1.0, 2.0])

@@ -1,0 +1,92 @@
+"""A small HTTP client for the Distillery API (used by the demo and the end-to-end tests)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+class ApiError(Exception):
+    """A non-2xx answer, with the API's error body."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+class Client:
+    """Submit, watch and download jobs over HTTP."""
+
+    def __init__(self, base_url: str, timeout_s: float = 60.0) -> None:
+        self.http = httpx.Client(base_url=base_url, timeout=timeout_s)
+
+    def _json(self, r: httpx.Response) -> Any:
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = r.text
+            raise ApiError(r.status_code, body)
+        return r.json()
+
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/jobs."""
+        return dict(self._json(self.http.post("/v1/jobs", json=spec)))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """GET /v1/jobs/{id}."""
+        return dict(self._json(self.http.get(f"/v1/jobs/{job_id}")))
+
+    def jobs(self, **params: Any) -> dict[str, Any]:
+        """GET /v1/jobs."""
+        return dict(self._json(self.http.get("/v1/jobs", params=params)))
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """POST /v1/jobs/{id}/cancel."""
+        return dict(self._json(self.http.post(f"/v1/jobs/{job_id}/cancel")))
+
+    def metrics(self, job_id: str) -> dict[str, Any]:
+        """GET /v1/jobs/{id}/metrics."""
+        return dict(self._json(self.http.get(f"/v1/jobs/{job_id}/metrics")))
+
+    def artifacts(self, job_id: str) -> dict[str, Any]:
+        """GET /v1/jobs/{id}/artifacts."""
+        return dict(self._json(self.http.get(f"/v1/jobs/{job_id}/artifacts")))
+
+    def wait(
+        self,
+        job_id: str,
+        timeout_s: float = 3600.0,
+        poll_s: float = 1.0,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the job is finished (or ``timeout_s`` seconds pass: TimeoutError)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.job(job_id)
+            if on_update:
+                on_update(job)
+            if job["status"] in FINAL:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s} s")
+            time.sleep(poll_s)
+
+    def download_archive(self, job_id: str, dest: Path) -> Path:
+        """Download the job's archive and unpack it under ``dest``; return the model dir."""
+        r = self.http.get(f"/v1/jobs/{job_id}/archive")
+        if r.status_code >= 400:
+            raise ApiError(r.status_code, r.json())
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(r.content), mode="r:gz") as tar:
+            tar.extractall(dest, filter="data")
+        return dest / job_id

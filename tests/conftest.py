@@ -1,0 +1,68 @@
+"""Shared fixtures: the real PostgreSQL and Redis the suite runs against.
+
+``make test`` (scripts/services.sh) makes sure both answer and sets
+DISTILLERY_TEST_DATABASE_URL and DISTILLERY_TEST_REDIS_URL; the defaults below are the same.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_URL = os.environ.get(
+    "DISTILLERY_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/distillery_test"
+)
+REDIS_URL = os.environ.get("DISTILLERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _alembic(*args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", f"url={PG_URL}", *args],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """The test database, migrated from empty to head once per session."""
+    _alembic("downgrade", "base")
+    engine = create_engine(PG_URL)
+    with engine.begin() as conn:  # a database left by an older run without alembic's table
+        conn.execute(text("DROP TABLE IF EXISTS artifacts, jobs, alembic_version CASCADE"))
+    engine.dispose()
+    _alembic("upgrade", "head")
+    return PG_URL
+
+
+@pytest.fixture
+def clean_db(pg_url: str) -> Iterator[str]:
+    """The migrated test database with no rows, before and after the test."""
+    engine = create_engine(pg_url)
+
+    def wipe() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("TRUNCATE artifacts, jobs CASCADE"))
+
+    wipe()
+    yield pg_url
+    wipe()
+    engine.dispose()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database for the test, flushed before and after."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()

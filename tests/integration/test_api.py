@@ -1,0 +1,242 @@
+"""API tests on a migrated PostgreSQL with a real Redis broker (the queue is inspected)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.orm import Session
+
+from api import repository
+from api.db import Job
+from api.main import create_app
+from api.settings import Settings
+
+FINETUNE = {
+    "teacher": "builtin:minilm-l6",
+    "method": {"name": "finetune"},
+    "dataset": {"source": "builtin:rotten_tomatoes"},
+}
+
+
+@pytest.fixture
+def settings(clean_db: str, redis_url: str, tmp_path: Path) -> Settings:
+    for d in ("artifacts", "models", "data"):
+        (tmp_path / d).mkdir()
+    return Settings(
+        database_url=clean_db,
+        broker_url=redis_url,
+        queue="cpu",
+        artifacts_root=tmp_path / "artifacts",
+        models_root=tmp_path / "models",
+        data_root=tmp_path / "data",
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def queued_job_ids(settings: Settings) -> list[str]:
+    """Task ids of the messages waiting in the ``cpu`` queue (Celery's Redis list)."""
+    r = redis.Redis.from_url(settings.broker_url)
+    return [json.loads(m)["headers"]["id"] for m in r.lrange(settings.queue, 0, -1)]
+
+
+def count_jobs(settings: Settings) -> int:
+    with Session(create_engine(settings.database_url)) as s:
+        return int(s.scalar(select(func.count()).select_from(Job)) or 0)
+
+
+def test_submit_persists_and_enqueues_the_job_id(client: TestClient, settings: Settings) -> None:
+    r = client.post("/v1/jobs", json=FINETUNE)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["status"] == "queued"
+    assert job["method"] == "finetune"
+    assert job["spec"]["training"]["epochs"] == 3  # defaults are filled in and stored
+    assert queued_job_ids(settings) == [job["id"]]
+    assert client.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"method": {"name": "vanilla_kd", "alpha": 1.5}}, "method.alpha"),
+        ({"method": {"name": "no_such_method"}}, "method"),
+        ({"training": {"learning_rate": -1}}, "training.learning_rate"),
+        (
+            {
+                "student": {
+                    "type": "fresh",
+                    "num_layers": 2,
+                    "hidden_size": 100,
+                    "num_heads": 3,
+                    "intermediate_size": 64,
+                }
+            },
+            "student",
+        ),
+        ({"dataset": {"source": "builtin:imdb"}}, "dataset.source"),
+        ({"dataset": {"source": "file:///etc/passwd"}}, "dataset.source"),
+        ({"teacher": "file://../../etc"}, "teacher"),
+        ({"teacher": "http://example.com/model"}, "teacher"),
+        ({"teacher": "job:00000000-0000-0000-0000-000000000000"}, "teacher"),
+        ({"student": {"layers": [0, 6]}}, "student.layers"),
+        ({"unexpected": 1}, "unexpected"),
+    ],
+)
+def test_bad_spec_is_422_naming_the_field_and_nothing_is_stored_or_queued(
+    client: TestClient, settings: Settings, patch: dict[str, object], field: str
+) -> None:
+    r = client.post("/v1/jobs", json={**FINETUNE, **patch})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["field"] == field, err
+    assert err["message"]
+    assert count_jobs(settings) == 0
+    assert queued_job_ids(settings) == []
+
+
+def test_kd_from_a_base_encoder_is_rejected_with_the_fix(client: TestClient) -> None:
+    r = client.post("/v1/jobs", json={**FINETUNE, "method": {"name": "vanilla_kd"}})
+    assert r.status_code == 422
+    assert "run a finetune job" in r.json()["error"]["message"]
+
+
+def test_kd_from_an_unfinished_job_is_rejected(client: TestClient) -> None:
+    teacher = client.post("/v1/jobs", json=FINETUNE).json()
+    r = client.post(
+        "/v1/jobs",
+        json={**FINETUNE, "teacher": f"job:{teacher['id']}", "method": {"name": "vanilla_kd"}},
+    )
+    assert r.status_code == 422
+    assert "queued" in r.json()["error"]["message"]
+
+
+def test_unknown_job_is_404_json(client: TestClient) -> None:
+    for path in ("/v1/jobs/nope", "/v1/jobs/nope/metrics", "/v1/jobs/nope/artifacts"):
+        r = client.get(path)
+        assert r.status_code == 404, path
+        assert r.json()["error"]["code"] == "not_found"
+    assert client.post("/v1/jobs/nope/cancel").status_code == 404
+
+
+def test_cancel_queued_is_immediate_and_finished_is_409(
+    client: TestClient, settings: Settings
+) -> None:
+    job = client.post("/v1/jobs", json=FINETUNE).json()
+    r = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 200
+    assert r.json()["status"] == "cancelled"
+    assert r.json()["finished_at"] is not None
+    # a cancelled job cannot be claimed by a worker that receives it later
+    with Session(create_engine(settings.database_url)) as s:
+        assert repository.claim(s, job["id"], "w") is False
+    # cancelling twice is harmless; a succeeded job answers 409
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    other = client.post("/v1/jobs", json=FINETUNE).json()
+    with Session(create_engine(settings.database_url)) as s:
+        assert repository.claim(s, other["id"], "w")
+        assert repository.transition(s, other["id"], ("running",), "succeeded")
+        s.commit()
+    r = client.post(f"/v1/jobs/{other['id']}/cancel")
+    assert r.status_code == 409
+    assert r.json()["error"]["code"] == "conflict"
+
+
+def test_cancel_running_goes_to_cancelling(client: TestClient, settings: Settings) -> None:
+    job = client.post("/v1/jobs", json=FINETUNE).json()
+    with Session(create_engine(settings.database_url)) as s:
+        assert repository.claim(s, job["id"], "w")
+        s.commit()
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelling"
+
+
+def test_claim_is_conditional_so_a_second_delivery_runs_nothing(
+    client: TestClient, settings: Settings
+) -> None:
+    job = client.post("/v1/jobs", json=FINETUNE).json()
+    engine = create_engine(settings.database_url)
+    with Session(engine) as s:
+        assert repository.claim(s, job["id"], "w1") is True
+        s.commit()
+    with Session(engine) as s:
+        assert repository.claim(s, job["id"], "w2") is False
+        s.commit()
+    got = client.get(f"/v1/jobs/{job['id']}").json()
+    assert got["status"] == "running"
+    assert got["attempt"] == 1
+
+
+def test_list_is_newest_first_with_cursor_pagination(client: TestClient) -> None:
+    ids = [client.post("/v1/jobs", json=FINETUNE).json()["id"] for _ in range(5)]
+    page1 = client.get("/v1/jobs", params={"limit": 2}).json()
+    page2 = client.get("/v1/jobs", params={"limit": 2, "cursor": page1["next_cursor"]}).json()
+    page3 = client.get("/v1/jobs", params={"limit": 2, "cursor": page2["next_cursor"]}).json()
+    seen = [j["id"] for p in (page1, page2, page3) for j in p["items"]]
+    assert seen == list(reversed(ids))
+    assert page3["next_cursor"] is None
+    client.post(f"/v1/jobs/{ids[0]}/cancel")
+    cancelled = client.get("/v1/jobs", params={"status": "cancelled"}).json()["items"]
+    assert [j["id"] for j in cancelled] == [ids[0]]
+    bad = client.get("/v1/jobs", params={"cursor": "garbage!"})
+    assert bad.status_code == 422
+    assert bad.json()["error"]["field"] == "cursor"
+
+
+def test_metrics_and_artifacts_of_a_queued_job_are_empty(client: TestClient) -> None:
+    job = client.post("/v1/jobs", json=FINETUNE).json()
+    m = client.get(f"/v1/jobs/{job['id']}/metrics").json()
+    assert m == {"job_id": job["id"], "status": "queued", "epochs": [], "final": None}
+    a = client.get(f"/v1/jobs/{job['id']}/artifacts").json()
+    assert a["items"] == []
+    r = client.get(f"/v1/jobs/{job['id']}/archive")
+    assert r.status_code == 409
+    r = client.get(f"/v1/jobs/{job['id']}/artifacts/..%2F..%2Fetc%2Fpasswd")
+    assert r.status_code == 404
+
+
+def test_healthz_reports_database_and_broker(client: TestClient) -> None:
+    r = client.get("/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "database": "ok", "broker": "ok"}
+
+
+def test_healthz_is_503_when_the_broker_is_down(settings: Settings) -> None:
+    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(down)) as c:
+        r = c.get("/healthz")
+    assert r.status_code == 503
+    assert r.json()["broker"].startswith("error")
+    assert r.json()["database"] == "ok"
+
+
+def test_submit_with_broker_down_is_503_and_the_job_says_why(settings: Settings) -> None:
+    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(down)) as c:
+        r = c.post("/v1/jobs", json=FINETUNE)
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "unavailable"
+        jobs = c.get("/v1/jobs").json()["items"]
+    assert len(jobs) == 1
+    assert jobs[0]["status"] == "failed"
+    assert "broker unavailable" in jobs[0]["error"]
+
+
+def test_file_dataset_under_the_data_root_is_accepted(
+    client: TestClient, settings: Settings
+) -> None:
+    (settings.data_root / "reviews.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    r = client.post("/v1/jobs", json={**FINETUNE, "dataset": {"source": "file://reviews.csv"}})
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/jobs", json={**FINETUNE, "dataset": {"source": "file://missing.csv"}})
+    assert r.status_code == 422
+    assert "does not exist" in r.json()["error"]["message"]

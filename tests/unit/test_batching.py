@@ -1,0 +1,140 @@
+"""Tokenising once, collating with dynamic padding, shuffled batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from kd_engine.data import Example, TransferSet
+from kd_engine.data.batching import Encoded, batches, collate, encode, num_batches
+
+PAD = 0
+
+
+def hand_encoded(n: int = 10, with_types: bool = True) -> Encoded:
+    seqs = [[101, *range(1000 + i, 1000 + i + (i % 4)), 102] for i in range(n)]
+    return Encoded(
+        input_ids=seqs,
+        token_type_ids=[[0] * (len(s) - 2) + [1, 1] for s in seqs] if with_types else None,
+        labels=[i % 3 for i in range(n)],
+        ids=[100 + i for i in range(n)],
+    )
+
+
+def test_collate_pads_to_the_longest_row_of_the_batch() -> None:
+    data = hand_encoded()
+    rows = [0, 3, 5]  # lengths 2, 5, 3
+    batch = collate(data, rows, PAD)
+    assert batch["input_ids"].shape == (3, 5)
+    assert batch["input_ids"].dtype == torch.long
+    for b, r in enumerate(rows):
+        seq = data.input_ids[r]
+        assert batch["input_ids"][b, : len(seq)].tolist() == seq
+        assert batch["input_ids"][b, len(seq) :].tolist() == [PAD] * (5 - len(seq))
+        assert batch["attention_mask"][b].tolist() == [1] * len(seq) + [0] * (5 - len(seq))
+        assert batch["token_type_ids"][b, : len(seq)].tolist() == data.token_type_ids[r]  # type: ignore[index]
+        assert batch["token_type_ids"][b, len(seq) :].tolist() == [0] * (5 - len(seq))
+    assert batch["labels"].tolist() == [0, 0, 2]
+    assert batch["example_ids"].tolist() == [100, 103, 105]
+
+
+def test_collate_uses_the_pad_id_and_omits_missing_token_types() -> None:
+    data = hand_encoded(with_types=False)
+    batch = collate(data, [1, 0], pad_id=7)
+    assert "token_type_ids" not in batch
+    assert batch["input_ids"].tolist() == [[101, 1001, 102], [101, 102, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_batch_of_one_has_no_padding() -> None:
+    batch = collate(hand_encoded(), [3], PAD)
+    assert batch["attention_mask"].tolist() == [[1] * 5]
+
+
+def test_batches_in_order_without_generator() -> None:
+    data = hand_encoded(10)
+    out = list(batches(data, 4, PAD))
+    assert [len(b["labels"]) for b in out] == [4, 4, 2]
+    assert torch.cat([b["example_ids"] for b in out]).tolist() == data.ids
+    assert num_batches(10, 4) == 3 == len(out)
+    assert num_batches(8, 4) == 2
+    assert num_batches(1, 4) == 1
+
+
+def shuffled_ids(data: Encoded, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([b["example_ids"] for b in batches(data, 3, PAD, gen)]).tolist()
+
+
+def test_shuffled_batches_are_a_seeded_permutation() -> None:
+    data = hand_encoded(20)
+    first = shuffled_ids(data, 5)
+    assert sorted(first) == sorted(data.ids)
+    assert first != data.ids
+    assert shuffled_ids(data, 5) == first
+    assert shuffled_ids(data, 6) != first
+
+
+def test_shuffled_batches_keep_rows_together() -> None:
+    data = hand_encoded(12)
+    gen = torch.Generator().manual_seed(0)
+    for batch in batches(data, 5, PAD, gen):
+        for b, example_id in enumerate(batch["example_ids"].tolist()):
+            r = data.ids.index(example_id)
+            n = len(data.input_ids[r])
+            assert batch["input_ids"][b, :n].tolist() == data.input_ids[r]
+            assert int(batch["attention_mask"][b].sum()) == n
+            assert int(batch["labels"][b]) == data.labels[r]
+
+
+def test_a_generator_advances_between_epochs() -> None:
+    data = hand_encoded(20)
+    gen = torch.Generator().manual_seed(1)
+    epoch1 = [i for b in batches(data, 8, PAD, gen) for i in b["example_ids"].tolist()]
+    epoch2 = [i for b in batches(data, 8, PAD, gen) for i in b["example_ids"].tolist()]
+    assert sorted(epoch1) == sorted(epoch2)
+    assert epoch1 != epoch2
+
+
+def test_encode_real_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    examples = [
+        Example(7, "A short one.", None, 1),
+        Example(9, "A much longer sentence " * 10, None, 0),
+    ]
+    enc = encode(examples, tokenizer, max_length=16)
+    assert len(enc) == 2
+    assert enc.ids == [7, 9] and enc.labels == [1, 0]
+    assert len(enc.input_ids[1]) == 16
+    assert len(enc.input_ids[0]) < 16
+    assert enc.input_ids[0][0] == tokenizer.cls_token_id
+    assert enc.input_ids[0][-1] == tokenizer.sep_token_id
+    assert enc.input_ids[1][-1] == tokenizer.sep_token_id
+    batch = collate(enc, [0, 1], int(tokenizer.pad_token_id))
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["attention_mask"][0].sum() == len(enc.input_ids[0])
+
+
+def test_encode_pairs_sets_token_types(tokenizer: PreTrainedTokenizerBase) -> None:
+    examples = [
+        Example(0, "first text", "second text", 0),
+        Example(1, "another premise " * 20, "and hypothesis " * 20, 1),
+    ]
+    enc = encode(examples, tokenizer, max_length=24)
+    assert enc.token_type_ids is not None
+    assert set(enc.token_type_ids[0]) == {0, 1}
+    assert enc.input_ids[0].count(tokenizer.sep_token_id) == 2
+    # Longest-first truncation keeps both texts.
+    assert len(enc.input_ids[1]) == 24
+    assert enc.input_ids[1].count(tokenizer.sep_token_id) == 2
+    assert 1 in enc.token_type_ids[1]
+
+
+@pytest.mark.parametrize("max_length", [8, 32])
+def test_encode_respects_max_length(
+    tokenizer: PreTrainedTokenizerBase, rotten_tomatoes: TransferSet, max_length: int
+) -> None:
+    examples = rotten_tomatoes.train[:50]
+    enc = encode(examples, tokenizer, max_length)
+    assert all(len(s) <= max_length for s in enc.input_ids)
+    assert any(len(s) == max_length for s in enc.input_ids)
