@@ -66,3 +66,11 @@ def redis_url() -> Iterator[str]:
     client.flushdb()
     yield REDIS_URL
     client.flushdb()
+
+
+@pytest.fixture(scope="module")
+def e2e_broker_url() -> str:
+    """A Redis database (next to REDIS_URL's) for the end-to-end stack, flushed first."""
+    url = REDIS_URL.rsplit("/", 1)[0] + "/14"
+    redis.Redis.from_url(url).flushdb()
+    return url

@@ -1,0 +1,201 @@
+"""End to end: uvicorn and a real Celery worker process against PostgreSQL and Redis.
+
+Small real jobs (all-MiniLM-L6-v2 from its wheel, Rotten Tomatoes subsets, a few steps) go
+through HTTP: finetune a teacher, distil it, download and load the student; cancel a running
+job; deliver a task twice; a bad spec; a job that fails with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from api.settings import Settings
+from devstack.client import Client
+from devstack.stack import Stack, running_stack
+from worker.celery_app import TASK_NAME, make_celery
+
+pytestmark = pytest.mark.e2e
+
+SMALL_TRAINING = {"epochs": 1, "batch_size": 16, "max_seq_length": 32, "learning_rate": 1e-4}
+SMALL_DATA = {
+    "source": "builtin:rotten_tomatoes",
+    "max_train_examples": 64,
+    "max_eval_examples": 32,
+}
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, pg_url: str, e2e_broker_url: str
+) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("stack")
+    with running_stack(
+        workdir,
+        database_url=pg_url,
+        broker_url=e2e_broker_url,
+        extra_env={"DISTILLERY_PROGRESS_EVERY_STEPS": "1"},
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> Client:
+    return Client(stack.base_url)
+
+
+@pytest.fixture(scope="module")
+def teacher(client: Client) -> dict[str, Any]:
+    job = client.submit(
+        {
+            "teacher": "builtin:minilm-l6",
+            "method": {"name": "finetune"},
+            "dataset": SMALL_DATA,
+            "training": SMALL_TRAINING,
+        }
+    )
+    done = client.wait(job["id"], timeout_s=600)
+    assert done["status"] == "succeeded", done["error"]
+    return done
+
+
+def test_finetune_then_vanilla_kd_downloads_a_student_that_loads(
+    client: Client, teacher: dict[str, Any], tmp_path: Path
+) -> None:
+    job = client.submit(
+        {
+            "teacher": f"job:{teacher['id']}",
+            "student": {"num_layers": 2},
+            "method": {"name": "vanilla_kd", "alpha": 0.5, "temperature": 2.0},
+            "dataset": SMALL_DATA,
+            "training": SMALL_TRAINING,
+        }
+    )
+    done = client.wait(job["id"], timeout_s=600)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempt"] == 1 and done["finished_at"] is not None
+
+    listing = {a["name"]: a for a in client.artifacts(job["id"])["items"]}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "metrics.json",
+        "train_log.jsonl",
+        "tokenizer.json",
+    } <= set(listing)
+    blob = client.http.get(listing["model.safetensors"]["url"]).content
+    assert len(blob) == listing["model.safetensors"]["size_bytes"]
+    assert hashlib.sha256(blob).hexdigest() == listing["model.safetensors"]["sha256"]
+
+    metrics = client.metrics(job["id"])
+    assert len(metrics["epochs"]) == 1
+    assert "accuracy" in metrics["epochs"][0]["dev"]
+    final = metrics["final"]
+    assert final["student"]["parameters"] < final["teacher"]["parameters"]
+    assert 0.0 <= final["teacher_agreement"] <= 1.0
+
+    student_dir = client.download_archive(job["id"], tmp_path)
+    model = AutoModelForSequenceClassification.from_pretrained(student_dir)
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    assert model.config.num_hidden_layers == 2
+    assert model.config.id2label == {0: "rotten", 1: "fresh"}
+    with torch.inference_mode():
+        logits = model(
+            **tok(["a wonderful film", "a dull mess"], return_tensors="pt", padding=True)
+        ).logits
+    assert logits.shape == (2, 2)
+    assert torch.isfinite(logits).all()
+
+
+def test_cancel_of_a_running_job(client: Client) -> None:
+    job = client.submit(
+        {
+            "teacher": "builtin:minilm-l6",
+            "method": {"name": "finetune"},
+            "dataset": {"source": "builtin:rotten_tomatoes"},
+            "training": {**SMALL_TRAINING, "epochs": 3},
+        }
+    )
+    deadline = time.monotonic() + 300
+    while True:
+        cur = client.job(job["id"])
+        if cur["status"] == "running" and (cur["progress"] or {}).get("step", 0) > 0:
+            break
+        assert cur["status"] in ("queued", "running"), cur
+        assert time.monotonic() < deadline, "the job never started training"
+        time.sleep(0.5)
+    assert client.cancel(job["id"])["status"] == "cancelling"
+    done = client.wait(job["id"], timeout_s=120, poll_s=0.5)
+    assert done["status"] == "cancelled"
+    step_at_stop = done["progress"]["step"]
+    assert step_at_stop < done["progress"]["total_steps"]
+    assert client.artifacts(job["id"])["items"] == []
+    assert client.cancel(job["id"])["status"] == "cancelled"  # idempotent
+
+
+def test_a_task_delivered_twice_runs_once(client: Client, stack: Stack) -> None:
+    job = client.submit(
+        {
+            "teacher": "builtin:minilm-l6",
+            "method": {"name": "finetune"},
+            "dataset": SMALL_DATA,
+            "training": {**SMALL_TRAINING, "max_steps": 2},
+        }
+    )
+    celery = make_celery_for(stack)
+    celery.send_task(TASK_NAME, args=[job["id"]], task_id=job["id"], queue="cpu")
+    done = client.wait(job["id"], timeout_s=300)
+    assert done["status"] == "succeeded", done["error"]
+    # the worker logs a skip for the second delivery, and the job was claimed once
+    log = stack.log_dir / "worker.log"
+    deadline = time.monotonic() + 60
+    while f"job {job['id']}: not claimable" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the second delivery was not processed"
+        time.sleep(0.5)
+    assert client.job(job["id"])["attempt"] == 1
+    train_log = client.http.get(f"/v1/jobs/{job['id']}/artifacts/train_log.jsonl").text
+    assert train_log.count('"stage": "prepare"') == 1
+
+
+def make_celery_for(stack: Stack) -> Any:
+    return make_celery(Settings(broker_url=stack.env["DISTILLERY_BROKER_URL"]))
+
+
+def test_bad_spec_is_422_over_real_http(stack: Stack) -> None:
+    r = httpx.post(
+        f"{stack.base_url}/v1/jobs",
+        json={
+            "teacher": "builtin:minilm-l6",
+            "method": {"name": "vanilla_kd", "temperature": 0},
+            "dataset": SMALL_DATA,
+        },
+    )
+    assert r.status_code == 422
+    assert r.json()["error"]["field"] == "method.temperature"
+
+
+def test_a_job_with_bad_data_fails_with_a_reason(client: Client, stack: Stack) -> None:
+    data_root = Path(stack.env["DISTILLERY_DATA_ROOT"])
+    (data_root / "wrong_columns.csv").write_text(
+        "review,sentiment\n" + "".join(f"text {i},{i % 2}\n" for i in range(40))
+    )
+    job = client.submit(
+        {
+            "teacher": "builtin:minilm-l6",
+            "method": {"name": "finetune"},
+            "dataset": {"source": "file://wrong_columns.csv"},
+            "training": SMALL_TRAINING,
+        }
+    )
+    done = client.wait(job["id"], timeout_s=300)
+    assert done["status"] == "failed"
+    assert "no column 'text'" in done["error"]
+    assert "Traceback" not in done["error"]
