@@ -134,13 +134,17 @@ def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
     )
 
 
-def stale_jobs(session: Session, older_than_s: int) -> list[str]:
-    """Ids of running/cancelling jobs whose last heartbeat is older than ``older_than_s``."""
+def fail_stale(session: Session, older_than_s: int, job_id: str | None = None) -> list[str]:
+    """Fail running/cancelling jobs (all, or just ``job_id``) whose last heartbeat is older
+    than ``older_than_s`` seconds: their worker was lost. Returns their ids. Not committed."""
     limit = utcnow() - timedelta(seconds=older_than_s)
-    return list(
-        session.scalars(
-            select(Job.id).where(
-                Job.status.in_(("running", "cancelling")), Job.heartbeat_at < limit
-            )
+    q = select(Job.id).where(Job.status.in_(("running", "cancelling")), Job.heartbeat_at < limit)
+    if job_id is not None:
+        q = q.where(Job.id == job_id)
+    ids = list(session.scalars(q))
+    reason = f"the worker was lost (no heartbeat for {older_than_s} s); submit the job again"
+    for stale in ids:
+        transition(
+            session, stale, ("running", "cancelling"), "failed", finished_at=utcnow(), error=reason
         )
-    )
+    return ids

@@ -124,12 +124,17 @@ def submit(session: Session, celery: Celery, settings: Settings, spec: JobSpec) 
     return job
 
 
-def get(session: Session, job_id: str) -> Job:
-    """The job.
+def get(session: Session, job_id: str, settings: Settings | None = None) -> Job:
+    """The job; with ``settings``, a running job whose heartbeat is too old is failed first
+    (its worker was lost).
 
     Raises:
         NotFound: no such job.
     """
+    if settings is not None and repository.fail_stale(
+        session, settings.heartbeat_timeout_s, job_id
+    ):
+        session.commit()
     job = repository.get_job(session, job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")

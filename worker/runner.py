@@ -95,6 +95,9 @@ def execute(job_id: str, settings: Settings) -> str:
     """Run job ``job_id`` if it can be claimed; return the final status, or ``skipped`` when
     another delivery already claimed it (or it was cancelled while queued)."""
     sm = sessions_for(settings.database_url)
+    reaped = reap_stale(settings)
+    if reaped:
+        log.warning("failed %d job(s) whose worker was lost: %s", len(reaped), reaped)
     with sm() as s:
         if not repository.claim(s, job_id, socket.gethostname()):
             s.rollback()
@@ -164,18 +167,7 @@ def execute(job_id: str, settings: Settings) -> str:
 
 def reap_stale(settings: Settings) -> list[str]:
     """Fail running jobs whose worker stopped sending heartbeats; return their ids."""
-    sm = sessions_for(settings.database_url)
-    with sm() as s:
-        ids = repository.stale_jobs(s, settings.heartbeat_timeout_s)
-        for job_id in ids:
-            repository.transition(
-                s,
-                job_id,
-                ("running", "cancelling"),
-                "failed",
-                finished_at=utcnow(),
-                error=f"the worker was lost (no heartbeat for {settings.heartbeat_timeout_s} s); "
-                "submit the job again",
-            )
+    with sessions_for(settings.database_url)() as s:
+        ids = repository.fail_stale(s, settings.heartbeat_timeout_s)
         s.commit()
     return ids

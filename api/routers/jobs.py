@@ -54,9 +54,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: JobId, session: SessionDep) -> JobOut:
+def get_job(job_id: JobId, session: SessionDep, settings: SettingsDep) -> JobOut:
     """Status, progress, timestamps and error reason of a job."""
-    return JobOut.of(service.get(session, job_id))
+    return JobOut.of(service.get(session, job_id, settings))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -240,3 +240,25 @@ def test_file_dataset_under_the_data_root_is_accepted(
     r = client.post("/v1/jobs", json={**FINETUNE, "dataset": {"source": "file://missing.csv"}})
     assert r.status_code == 422
     assert "does not exist" in r.json()["error"]["message"]
+
+
+def test_a_running_job_without_heartbeat_is_failed_as_lost(
+    client: TestClient, settings: Settings
+) -> None:
+    from datetime import timedelta
+
+    from api.db import utcnow
+
+    job = client.post("/v1/jobs", json=FINETUNE).json()
+    fresh = client.post("/v1/jobs", json=FINETUNE).json()
+    engine = create_engine(settings.database_url)
+    with Session(engine) as s:
+        assert repository.claim(s, job["id"], "w1")
+        assert repository.claim(s, fresh["id"], "w2")
+        old = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 5)
+        s.execute(Job.__table__.update().where(Job.id == job["id"]).values(heartbeat_at=old))
+        s.commit()
+    lost = client.get(f"/v1/jobs/{job['id']}").json()
+    assert lost["status"] == "failed"
+    assert "worker was lost" in lost["error"]
+    assert client.get(f"/v1/jobs/{fresh['id']}").json()["status"] == "running"
