@@ -39,7 +39,7 @@ from kd_engine.models.loading import (
 )
 from kd_engine.models.student import fresh_student, resolve_layers, student_from_teacher
 from kd_engine.spec import FromTeacherStudent, JobSpec
-from kd_engine.trainer import Progress, TrainHooks, pick_device, train
+from kd_engine.trainer import Progress, TrainHooks, pick_device, seed_everything, train
 
 METRICS_FILE = "metrics.json"
 LOG_FILE = "train_log.jsonl"
@@ -135,6 +135,9 @@ def run_job(
     data = relabel(data, names)
     tokenizer = load_tokenizer(teacher_path)
     pad_id = int(tokenizer.pad_token_id or 0)
+    # A new classifier head and a fresh student are drawn at random: seed first, so that
+    # training.seed fixes them too (not only the training loop).
+    seed_everything(spec.training.seed)
     teacher = load_classifier(teacher_path, names)
     student = _build_student(spec, teacher, names)
     kd_teacher = teacher if method.uses_teacher else None

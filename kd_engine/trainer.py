@@ -135,9 +135,8 @@ def train(
         ],
         lr=cfg.learning_rate,
     )
-    per_epoch = math.ceil(
-        num_batches(len(train_data), cfg.batch_size) / cfg.grad_accumulation_steps
-    )
+    n_batches = num_batches(len(train_data), cfg.batch_size)
+    per_epoch = math.ceil(n_batches / cfg.grad_accumulation_steps)
     total = (
         per_epoch * cfg.epochs
         if cfg.max_steps is None
@@ -166,14 +165,16 @@ def train(
                 res = method.loss(s_out, t_out, labels, batch["attention_mask"].to(device))
             if not torch.isfinite(res.total):
                 raise ValueError(
-                    f"the loss became {float(res.total)} at step {step}: lower "
+                    f"the loss became {float(res.total.detach())} at step {step}: lower "
                     "training.learning_rate or check the data"
                 )
             (res.total / cfg.grad_accumulation_steps).backward()
             n_micro += 1
             for k, v in {"loss": float(res.total.detach()), **res.parts}.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if (micro + 1) % cfg.grad_accumulation_steps:
+            # Step after every grad_accumulation_steps micro-batches, and after the epoch's last
+            # one (a partial group), so that per_epoch steps are taken per epoch.
+            if (micro + 1) % cfg.grad_accumulation_steps and micro + 1 < n_batches:
                 continue
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

@@ -64,6 +64,7 @@ def column(rows: list[dict[str, Any]], name: str, source: str) -> list[Any]:
 def label_order(values: list[str]) -> list[str]:
     """Sorted distinct label names; numerically when every label is an integer."""
     distinct = set(values)
-    if all(v.lstrip("-").isdigit() for v in distinct):
+    try:
         return sorted(distinct, key=int)
-    return sorted(distinct)
+    except ValueError:
+        return sorted(distinct)

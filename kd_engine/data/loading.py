@@ -52,10 +52,12 @@ def _from_file(spec: DatasetSpec, resolve: PathResolver) -> TransferSet:
     train = build("train", 0)
     dev = build("dev", 10_000_000) if "dev" in raw else None
     test = build("test", 20_000_000) if "test" in raw else None
+    dev_fraction = spec.dev_fraction  # of the whole train file
     if test is None:
         train, test = split_off(train, spec.test_fraction, spec.split_seed)
+        dev_fraction = spec.dev_fraction / (1 - spec.test_fraction)
     if dev is None:
-        train, dev = split_off(train, spec.dev_fraction / (1 - spec.test_fraction), spec.split_seed)
+        train, dev = split_off(train, dev_fraction, spec.split_seed)
     return TransferSet(train=train, dev=dev, test=test, label_names=names)
 
 

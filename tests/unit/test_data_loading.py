@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def pair_rows(n: int, labels: tuple[Any, ...] = ("pos", "neg"), prefix: str = ""
     ]
 
 
-def resolver(root: Path):  # noqa: ANN201
+def resolver(root: Path) -> Callable[[str], Path]:
     return lambda ref: local_path_under(ref, root)
 
 
@@ -213,7 +214,7 @@ def test_missing_column_in_dev_names_the_dev_source(tmp_path: Path) -> None:
     write_csv(tmp_path / "train.csv", pair_rows(20))
     write_jsonl(tmp_path / "dev.jsonl", [{"text": "a", "gold": "pos"}])
     spec = DatasetSpec(source="file://train.csv", dev_source="file://dev.jsonl")
-    with pytest.raises(ValueError, match="dataset.dev_source.*'label'"):
+    with pytest.raises(ValueError, match=r"dataset\.dev_source.*'label'"):
         load_transfer_set(spec, resolver(tmp_path))
 
 
@@ -221,7 +222,7 @@ def test_empty_value_names_the_row(tmp_path: Path) -> None:
     rows = pair_rows(20)
     rows[4]["text"] = "   "
     write_csv(tmp_path / "train.csv", rows)
-    with pytest.raises(ValueError, match="row 5 .*'text'"):
+    with pytest.raises(ValueError, match=r"row 5 .*'text'"):
         load_transfer_set(DatasetSpec(source="file://train.csv"), resolver(tmp_path))
 
 
@@ -229,7 +230,7 @@ def test_unknown_label_in_dev_is_an_error(tmp_path: Path) -> None:
     write_csv(tmp_path / "train.csv", pair_rows(20))
     write_csv(tmp_path / "dev.csv", pair_rows(4, labels=("pos", "neutral")))
     spec = DatasetSpec(source="file://train.csv", dev_source="file://dev.csv")
-    with pytest.raises(ValueError, match="dataset.dev: row 2 has label 'neutral'") as info:
+    with pytest.raises(ValueError, match=r"dataset\.dev: row 2 has label 'neutral'") as info:
         load_transfer_set(spec, resolver(tmp_path))
     assert "neg, pos" in str(info.value)
 

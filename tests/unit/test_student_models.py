@@ -50,7 +50,7 @@ def test_resolve_layers_out_of_range_names_the_index() -> None:
 
 
 def test_resolve_layers_more_than_the_teacher_has() -> None:
-    with pytest.raises(ValueError, match="num_layers: 8 .* 6 layers"):
+    with pytest.raises(ValueError, match=r"num_layers: 8 .* 6 layers"):
         resolve_layers(FromTeacherStudent(num_layers=8), 6)
 
 
@@ -171,7 +171,7 @@ def test_read_config_of_the_builtin(minilm_path: Path) -> None:
 
 
 def test_read_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match=r"no config\.json"):
         read_config(tmp_path)
     (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="invalid JSON"):
@@ -187,5 +187,5 @@ def test_load_classifier_refuses_unsupported_types(tmp_path: Path) -> None:
 def test_load_classifier_refuses_pickle_only_checkpoints(tmp_path: Path, minilm_path: Path) -> None:
     shutil.copy(minilm_path / "config.json", tmp_path / "config.json")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
-    with pytest.raises(ValueError, match="no .safetensors"):
+    with pytest.raises(ValueError, match=r"no \.safetensors"):
         load_classifier(tmp_path, ["a", "b"])
