@@ -15,7 +15,9 @@ from api.queue import BrokerUnavailable, enqueue
 from api.settings import Settings
 from kd_engine import registry
 from kd_engine.data.builtins import BUILTIN_LABELS
+from kd_engine.methods.base import Method
 from kd_engine.models.loading import classifier_label_names, is_sequence_classifier, read_config
+from kd_engine.models.shapes import planned_student_shape, shape_from_config
 from kd_engine.references import scheme_of
 from kd_engine.spec import FromTeacherStudent, JobSpec
 
@@ -36,7 +38,10 @@ def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
         raise InvalidSpec(str(e), "teacher") from None
     if not isinstance(location, Path):
         return  # a hub id: checked by the worker
-    config = read_config(location)
+    try:
+        config = read_config(location)
+    except ValueError as e:
+        raise InvalidSpec(str(e), "teacher") from None
     method = registry.build(spec.method)
     classifier = is_sequence_classifier(config)
     if method.uses_teacher and not classifier:
@@ -60,6 +65,7 @@ def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
                 f"{student.num_layers} is more than the teacher's {n_layers} layers",
                 "student.num_layers",
             )
+    _check_fit(spec, method, config)
     dataset_labels = BUILTIN_LABELS.get(spec.dataset.source.removeprefix("builtin:"))
     if classifier and dataset_labels is not None and spec.dataset.source.startswith("builtin:"):
         names = classifier_label_names(config)
@@ -68,6 +74,20 @@ def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
                 f"the teacher's labels {names} do not match the dataset's labels {dataset_labels}",
                 "dataset.source",
             )
+
+
+def _check_fit(spec: JobSpec, method: Method, teacher_config: dict[str, object]) -> None:
+    """Let the method check its layer mapping against the real layer counts (422 if not)."""
+    labels = classifier_label_names(teacher_config) or ["?", "?"]
+    teacher = shape_from_config(teacher_config, len(labels))
+    try:
+        method.bind(teacher, planned_student_shape(spec.student, teacher))
+    except ValueError as e:
+        message = str(e)
+        field, _, reason = message.partition(": ")
+        if field.startswith(("method", "student")) and reason:
+            raise InvalidSpec(reason, field) from None
+        raise InvalidSpec(message, "method") from None
 
 
 def _check_dataset(spec: JobSpec, settings: Settings) -> None:

@@ -30,6 +30,7 @@ from kd_engine.evaluation import (
     weights_bytes,
 )
 from kd_engine.export import save_student, write_json
+from kd_engine.methods.base import Method
 from kd_engine.models.loading import (
     classifier_label_names,
     is_sequence_classifier,
@@ -37,6 +38,7 @@ from kd_engine.models.loading import (
     load_tokenizer,
     read_config,
 )
+from kd_engine.models.shapes import shape_from_config
 from kd_engine.models.student import fresh_student, resolve_layers, student_from_teacher
 from kd_engine.spec import FromTeacherStudent, JobSpec
 from kd_engine.trainer import Progress, TrainHooks, pick_device, seed_everything, train
@@ -53,9 +55,10 @@ class RunResult:
     out_dir: Path
 
 
-def _label_names(spec: JobSpec, teacher_cfg: dict[str, object], data: TransferSet) -> list[str]:
+def _label_names(
+    spec: JobSpec, method: Method, teacher_cfg: dict[str, object], data: TransferSet
+) -> list[str]:
     """The class order the student uses: the teacher's when it is a classifier."""
-    method = registry.build(spec.method)
     if not is_sequence_classifier(teacher_cfg):
         if method.uses_teacher:
             raise ValueError(
@@ -131,7 +134,7 @@ def run_job(
     method = registry.build(spec.method)
     data = load_transfer_set(spec.dataset, resolve)
     teacher_cfg = read_config(teacher_path)
-    names = _label_names(spec, teacher_cfg, data)
+    names = _label_names(spec, method, teacher_cfg, data)
     data = relabel(data, names)
     tokenizer = load_tokenizer(teacher_path)
     pad_id = int(tokenizer.pad_token_id or 0)
@@ -140,6 +143,10 @@ def run_job(
     seed_everything(spec.training.seed)
     teacher = load_classifier(teacher_path, names)
     student = _build_student(spec, teacher, names)
+    method.bind(
+        shape_from_config(teacher.config.to_dict(), len(names)),
+        shape_from_config(student.config.to_dict(), len(names)),
+    )
     kd_teacher = teacher if method.uses_teacher else None
     if kd_teacher is None:
         del teacher

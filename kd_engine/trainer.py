@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from kd_engine.data.batching import Encoded, batches, num_batches
 from kd_engine.evaluation import classification_metrics, model_inputs, predict_logits
 from kd_engine.methods.base import Method, StepOutputs
+from kd_engine.models.attention_scores import record_attentions
 from kd_engine.spec import TrainingSpec
 
 
@@ -115,10 +116,36 @@ def train(
 ) -> TrainResult:
     """Train ``student`` in place with ``method``; on return it holds the best-dev weights.
 
+    For a method that needs attention maps, both models run with an attention implementation
+    that reports them (probabilities, or scores when ``method.attention_scores``) during
+    training, and get their own implementation back on return.
+
     Raises:
         Cancelled: ``hooks.should_stop()`` returned True.
         ValueError: the loss became NaN or infinite (with the step).
     """
+    restore = (
+        record_attentions([student, teacher], scores=method.attention_scores)
+        if method.needs_attentions
+        else (lambda: None)
+    )
+    try:
+        return _train(student, teacher, method, train_data, dev_data, cfg, pad_id, device, hooks)
+    finally:
+        restore()
+
+
+def _train(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel | None,
+    method: Method,
+    train_data: Encoded,
+    dev_data: Encoded,
+    cfg: TrainingSpec,
+    pad_id: int,
+    device: torch.device,
+    hooks: TrainHooks | None,
+) -> TrainResult:
     hooks = hooks or TrainHooks()
     seed_everything(cfg.seed)
     student.to(device).train()  # type: ignore[arg-type]
@@ -155,6 +182,7 @@ def train(
         sums: dict[str, float] = {}
         n_micro = 0
         for micro, batch in enumerate(batches(train_data, cfg.batch_size, pad_id, generator)):
+            method.start_step(epoch, step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 t_out = None
                 if method.uses_teacher and teacher is not None:
@@ -212,7 +240,8 @@ def train(
         hooks.on_progress(
             Progress("evaluate", epoch, step, total, {"dev_accuracy": dev["accuracy"]})
         )
-        if best_state is None or dev["accuracy"] > result.best_dev["accuracy"]:
+        eligible = method.counts_for_best(epoch)
+        if eligible and (best_state is None or dev["accuracy"] > result.best_dev["accuracy"]):
             result.best_epoch, result.best_dev = epoch, dev
             best_state = {
                 k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()

@@ -105,7 +105,8 @@ def execute(job_id: str, settings: Settings) -> str:
             return "skipped"
         s.commit()
         job = repository.get_job(s, job_id)
-        assert job is not None  # claimed above
+        if job is None:  # deleted between the claim and this read
+            return "skipped"
         spec_data, attempt = job.spec, job.attempt
     tmp = settings.artifacts_root.resolve() / ".partial" / f"{job_id}-{attempt}"
     shutil.rmtree(tmp, ignore_errors=True)

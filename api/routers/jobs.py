@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import io
+import os
 import tarfile
-from collections.abc import Iterator
+import tempfile
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
 
 from api import repository, service
 from api.deps import CeleryDep, SessionDep, SettingsDep
@@ -19,14 +20,6 @@ from kd_engine.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(description="The job id (a UUID).", max_length=64)]
-STUDENT_FILES = (
-    "config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-)
 
 
 @router.post("", status_code=201, response_model=JobOut)
@@ -96,27 +89,22 @@ def download_artifact(
 
 
 @router.get("/{job_id}/archive")
-def download_archive(
-    job_id: JobId, session: SessionDep, settings: SettingsDep
-) -> StreamingResponse:
+def download_archive(job_id: JobId, session: SessionDep, settings: SettingsDep) -> FileResponse:
     """Every file of the job as one ``<job id>.tar.gz`` (a transformers directory)."""
     job = service.get(session, job_id)
     names = [a.name for a in service.artifacts(session, job_id)]
     if job.status != "succeeded" or not names:
         raise Conflict(f"job {job_id} is {job.status}; the archive exists once it succeeds")
     root = job_dir(settings, job_id)
-
-    def stream() -> Iterator[bytes]:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            for name in names:
-                tar.add(root / name, arcname=f"{job_id}/{name}")
-        buf.seek(0)
-        while chunk := buf.read(1 << 20):
-            yield chunk
-
-    return StreamingResponse(
-        stream(),
+    # Built in a temporary file (not in memory: students can be gigabytes), removed after sending.
+    fd, tmp_name = tempfile.mkstemp(suffix=".tar.gz")
+    os.close(fd)
+    with tarfile.open(tmp_name, mode="w:gz") as tar:
+        for name in names:
+            tar.add(root / name, arcname=f"{job_id}/{name}")
+    return FileResponse(
+        tmp_name,
         media_type="application/gzip",
-        headers={"Content-Disposition": f'attachment; filename="{job_id}.tar.gz"'},
+        filename=f"{job_id}.tar.gz",
+        background=BackgroundTask(os.unlink, tmp_name),
     )

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from kd_engine.models.shapes import ModelShape
 
 
 class MethodConfig(BaseModel):
@@ -23,7 +27,9 @@ class StepOutputs:
     Attributes:
         logits: (B, C) classification logits.
         hidden_states: per layer (embeddings first), each (B, T, d); None unless requested.
-        attentions: per layer, each (B, heads, T, T); None unless requested.
+        attentions: per layer, each (B, heads, T, T); None unless requested. Softmax
+            probabilities, or the pre-softmax scores (padding mask added) for a method whose
+            ``attention_scores`` is True.
     """
 
     logits: torch.Tensor
@@ -43,12 +49,15 @@ class Method(ABC):
     """One KD method: how a training step turns model outputs into a loss.
 
     Class attributes tell the trainer what to compute once per step:
-    ``uses_teacher`` (run the teacher forward), ``needs_hidden_states``, ``needs_attentions``.
+    ``uses_teacher`` (run the teacher forward), ``needs_hidden_states``, ``needs_attentions``
+    and, with it, ``attention_scores`` (attention maps as pre-softmax scores rather than
+    probabilities; see :mod:`kd_engine.models.attention_scores`).
     """
 
     uses_teacher: bool = True
     needs_hidden_states: bool = False
     needs_attentions: bool = False
+    attention_scores: bool = False
 
     @abstractmethod
     def loss(
@@ -66,6 +75,26 @@ class Method(ABC):
             labels: (B,) gold class ids.
             attention_mask: (B, T), 1 for real tokens and 0 for padding.
         """
+
+    def bind(self, teacher: ModelShape, student: ModelShape) -> None:  # noqa: B027
+        """Check the method fits these models and build its projections.
+
+        Called once per job, before training (and by the API, to reject a job before it is
+        queued). Per-job state lives on the method instance, never on the class.
+
+        Raises:
+            ValueError: the models do not fit the method (e.g. a layer index out of range); the
+                message starts with the spec field, e.g. ``method.layer_mapping: ...``.
+        """
+
+    def start_step(self, epoch: int, step: int) -> None:  # noqa: B027
+        """Called before each training step's loss (epoch 1-based, step = optimiser steps
+        taken so far); methods with schedules (layer redraws, stages) use it."""
+
+    def counts_for_best(self, epoch: int) -> bool:
+        """Whether this epoch's dev accuracy may select the exported checkpoint (False for
+        epochs of a stage that does not train the classifier)."""
+        return True
 
     def extra_modules(self) -> list[torch.nn.Module]:
         """Trainable modules the method owns (projections), optimised with the student."""
