@@ -43,7 +43,7 @@ RUN pip install . \
 # Non-root runtime user. /data/* are volume mount points; their ownership is copied into empty
 # named volumes on first use, so the app can write artifacts and uploads there.
 RUN useradd --create-home --uid 10001 --user-group distillery \
- && mkdir -p /data/artifacts /data/models /data/data \
+ && mkdir -p /data/artifacts /data/models /data/data /data/cache \
  && chown -R distillery:distillery /data
 USER distillery
 

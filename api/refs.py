@@ -35,7 +35,7 @@ def model_location(ref: str, settings: Settings) -> Path | str:
     """
     scheme = scheme_of(ref)
     if scheme == "builtin:":
-        return builtin_model_path(ref.removeprefix("builtin:"))
+        return builtin_model_path(ref.removeprefix("builtin:"), settings.cache_dir.resolve())
     if scheme == "file://":
         path = local_path_under(ref, settings.models_root)
         if not (path / "config.json").is_file():

@@ -19,29 +19,53 @@ from kd_engine.methods.base import Method
 from kd_engine.models.loading import classifier_label_names, is_sequence_classifier, read_config
 from kd_engine.models.shapes import planned_student_shape, shape_from_config
 from kd_engine.references import scheme_of
-from kd_engine.spec import FromTeacherStudent, JobSpec
+from kd_engine.spec import FromTeacherStudent, JobSpec, PretrainedStudent
+
+
+def _model_config(
+    session: Session, ref: str, settings: Settings, field: str
+) -> dict[str, object] | None:
+    """The config.json of a model reference (None for a hub id, which the worker checks).
+
+    Raises:
+        InvalidSpec: an unknown or unfinished job, a path outside the root, no checkpoint.
+    """
+    if ref.startswith("job:"):
+        other = repository.get_job(session, ref.removeprefix("job:"))
+        if other is None:
+            raise InvalidSpec(f"{ref!r}: no such job", field)
+        if other.status != "succeeded":
+            raise InvalidSpec(
+                f"{ref!r} is {other.status}; a model reference needs a succeeded job", field
+            )
+    try:
+        location = refs.model_location(ref, settings)
+        return read_config(location) if isinstance(location, Path) else None
+    except ValueError as e:
+        raise InvalidSpec(str(e), field) from None
+
+
+def _student_config(
+    session: Session, spec: JobSpec, settings: Settings, teacher_config: dict[str, object]
+) -> dict[str, object] | None:
+    """The config of a pretrained student, checked to share the teacher's vocabulary."""
+    if not isinstance(spec.student, PretrainedStudent):
+        return None
+    config = _model_config(session, spec.student.model, settings, "student.model")
+    if config is not None and config.get("vocab_size") != teacher_config.get("vocab_size"):
+        raise InvalidSpec(
+            f"its vocabulary ({config.get('vocab_size')} tokens) differs from the teacher's "
+            f"({teacher_config.get('vocab_size')}); a pretrained student must share the "
+            "teacher's tokenizer",
+            "student.model",
+        )
+    return config
 
 
 def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
-    if spec.teacher.startswith("job:"):
-        other = repository.get_job(session, spec.teacher.removeprefix("job:"))
-        if other is None:
-            raise InvalidSpec(f"{spec.teacher!r}: no such job", "teacher")
-        if other.status != "succeeded":
-            raise InvalidSpec(
-                f"{spec.teacher!r} is {other.status}; a model reference needs a succeeded job",
-                "teacher",
-            )
-    try:
-        location = refs.model_location(spec.teacher, settings)
-    except ValueError as e:
-        raise InvalidSpec(str(e), "teacher") from None
-    if not isinstance(location, Path):
-        return  # a hub id: checked by the worker
-    try:
-        config = read_config(location)
-    except ValueError as e:
-        raise InvalidSpec(str(e), "teacher") from None
+    config = _model_config(session, spec.teacher, settings, "teacher")
+    if config is None:
+        return
     method = registry.build(spec.method)
     classifier = is_sequence_classifier(config)
     if method.uses_teacher and not classifier:
@@ -65,7 +89,7 @@ def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
                 f"{student.num_layers} is more than the teacher's {n_layers} layers",
                 "student.num_layers",
             )
-    _check_fit(spec, method, config)
+    _check_fit(spec, method, config, _student_config(session, spec, settings, config))
     dataset_labels = BUILTIN_LABELS.get(spec.dataset.source.removeprefix("builtin:"))
     if classifier and dataset_labels is not None and spec.dataset.source.startswith("builtin:"):
         names = classifier_label_names(config)
@@ -76,12 +100,19 @@ def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
             )
 
 
-def _check_fit(spec: JobSpec, method: Method, teacher_config: dict[str, object]) -> None:
+def _check_fit(
+    spec: JobSpec,
+    method: Method,
+    teacher_config: dict[str, object],
+    student_config: dict[str, object] | None,
+) -> None:
     """Let the method check its layer mapping against the real layer counts (422 if not)."""
     labels = classifier_label_names(teacher_config) or ["?", "?"]
     teacher = shape_from_config(teacher_config, len(labels))
     try:
-        method.bind(teacher, planned_student_shape(spec.student, teacher))
+        if isinstance(spec.student, PretrainedStudent) and student_config is None:
+            return  # a hub student: its shape is known only to the worker
+        method.bind(teacher, planned_student_shape(spec.student, teacher, student_config))
     except ValueError as e:
         message = str(e)
         field, _, reason = message.partition(": ")

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     artifacts_root: Path = Field(Path("var/artifacts"), description="Where job artifacts live.")
     models_root: Path = Field(Path("var/models"), description="Root for file:// model references.")
     data_root: Path = Field(Path("var/data"), description="Root for file:// dataset references.")
+    cache_dir: Path = Field(
+        Path("var/cache"), description="Converted built-in models (e.g. minilm-l3) are kept here."
+    )
     allow_hub: bool = Field(False, description="Allow hf:// references (needs network access).")
     visibility_timeout_s: int = Field(
         48 * 3600, description="Redis redelivery timeout (seconds); above the longest job."

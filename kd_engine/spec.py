@@ -88,6 +88,15 @@ class FreshStudent(_Strict):
         return self
 
 
+class PretrainedStudent(_Strict):
+    """A student loaded from its own pretrained checkpoint (a model reference such as
+    ``builtin:minilm-l3``), with a new classifier head. It must share the teacher's vocabulary:
+    the job tokenises once, with the teacher's tokenizer."""
+
+    type: Literal["pretrained"] = "pretrained"
+    model: str = Field(min_length=1, max_length=2048, description="Model reference.")
+
+
 def _student_type(value: Any) -> str:
     """``type`` of a student spec; ``from_teacher`` when omitted."""
     if isinstance(value, dict):
@@ -96,7 +105,9 @@ def _student_type(value: Any) -> str:
 
 
 StudentSpec = Annotated[
-    Annotated[FromTeacherStudent, Tag("from_teacher")] | Annotated[FreshStudent, Tag("fresh")],
+    Annotated[FromTeacherStudent, Tag("from_teacher")]
+    | Annotated[FreshStudent, Tag("fresh")]
+    | Annotated[PretrainedStudent, Tag("pretrained")],
     Discriminator(_student_type),
 ]
 

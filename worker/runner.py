@@ -18,7 +18,7 @@ from api import refs, repository
 from api.db import make_engine, make_sessionmaker, utcnow
 from api.settings import Settings
 from kd_engine.run import run_job
-from kd_engine.spec import JobSpec
+from kd_engine.spec import JobSpec, PretrainedStudent
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
 
 log = logging.getLogger("distillery.worker")
@@ -145,7 +145,14 @@ def execute(job_id: str, settings: Settings) -> str:
     try:
         spec = JobSpec.model_validate(spec_data)
         teacher = refs.model_location(spec.teacher, settings)
-        result = run_job(spec, teacher, lambda ref: refs.dataset_file(ref, settings), tmp, hooks)
+        student = (
+            refs.model_location(spec.student.model, settings)
+            if isinstance(spec.student, PretrainedStudent)
+            else None
+        )
+        result = run_job(
+            spec, teacher, lambda ref: refs.dataset_file(ref, settings), tmp, hooks, student
+        )
         _publish(sm, settings, job_id, tmp, result.metrics)
         log.info("job %s: succeeded", job_id)
         return "succeeded"

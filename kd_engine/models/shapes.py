@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kd_engine.spec import FreshStudent, FromTeacherStudent
+from kd_engine.spec import FreshStudent, FromTeacherStudent, PretrainedStudent
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,20 @@ def shape_from_config(config: dict[str, object], num_labels: int) -> ModelShape:
 
 
 def planned_student_shape(
-    student: FromTeacherStudent | FreshStudent, teacher: ModelShape
+    student: FromTeacherStudent | FreshStudent | PretrainedStudent,
+    teacher: ModelShape,
+    student_config: dict[str, object] | None = None,
 ) -> ModelShape:
-    """The shape a student spec will have, from the teacher's shape."""
+    """The shape a student spec will have, from the teacher's shape (and, for a pretrained
+    student, its ``config.json`` dict).
+
+    Raises:
+        ValueError: a pretrained student without its config.
+    """
+    if isinstance(student, PretrainedStudent):
+        if student_config is None:
+            raise ValueError("student.model: the pretrained student's config is needed")
+        return shape_from_config(student_config, teacher.num_labels)
     if isinstance(student, FreshStudent):
         return ModelShape(
             student.num_layers, student.hidden_size, teacher.num_labels, student.num_heads

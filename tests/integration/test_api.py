@@ -35,6 +35,7 @@ def settings(clean_db: str, redis_url: str, tmp_path: Path) -> Settings:
         artifacts_root=tmp_path / "artifacts",
         models_root=tmp_path / "models",
         data_root=tmp_path / "data",
+        cache_dir=tmp_path / "cache",
     )
 
 
@@ -262,3 +263,38 @@ def test_a_running_job_without_heartbeat_is_failed_as_lost(
     assert lost["status"] == "failed"
     assert "worker was lost" in lost["error"]
     assert client.get(f"/v1/jobs/{fresh['id']}").json()["status"] == "running"
+
+
+def test_pretrained_student_is_checked_against_the_teacher_vocabulary(
+    client: TestClient, settings: Settings
+) -> None:
+    ok = client.post(
+        "/v1/jobs",
+        json={**FINETUNE, "student": {"type": "pretrained", "model": "builtin:minilm-l3"}},
+    )
+    assert ok.status_code == 201, ok.text
+    other = settings.models_root / "other-vocab"
+    other.mkdir()
+    (other / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "bert",
+                "vocab_size": 100,
+                "num_hidden_layers": 2,
+                "hidden_size": 64,
+                "num_attention_heads": 2,
+            }
+        )
+    )
+    bad = client.post(
+        "/v1/jobs",
+        json={**FINETUNE, "student": {"type": "pretrained", "model": "file://other-vocab"}},
+    )
+    assert bad.status_code == 422
+    assert bad.json()["error"]["field"] == "student.model"
+    assert "vocabulary" in bad.json()["error"]["message"]
+    missing = client.post(
+        "/v1/jobs", json={**FINETUNE, "student": {"type": "pretrained", "model": "builtin:nope"}}
+    )
+    assert missing.status_code == 422
+    assert missing.json()["error"]["field"] == "student.model"
