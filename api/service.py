@@ -15,7 +15,7 @@ from api.queue import BrokerUnavailable, enqueue
 from api.settings import Settings
 from kd_engine import registry
 from kd_engine.data.builtins import BUILTIN_LABELS
-from kd_engine.methods.base import Method
+from kd_engine.methods.base import Method, check_student_architecture
 from kd_engine.models.loading import classifier_label_names, is_sequence_classifier, read_config
 from kd_engine.models.shapes import planned_student_shape, shape_from_config
 from kd_engine.references import scheme_of
@@ -112,7 +112,9 @@ def _check_fit(
     try:
         if isinstance(spec.student, PretrainedStudent) and student_config is None:
             return  # a hub student: its shape is known only to the worker
-        method.bind(teacher, planned_student_shape(spec.student, teacher, student_config))
+        student = planned_student_shape(spec.student, teacher, student_config)
+        check_student_architecture(method, spec.method.name, student)
+        method.bind(teacher, student)
     except ValueError as e:
         message = str(e)
         field, _, reason = message.partition(": ")

@@ -46,6 +46,8 @@ def get(name: str) -> MethodEntry:
     Raises:
         KeyError: no such method; the message lists the names that exist.
     """
+    import kd_engine.methods  # noqa: F401  (registers the built-in methods; cached after once)
+
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -53,7 +55,9 @@ def get(name: str) -> MethodEntry:
 
 
 def names() -> list[str]:
-    """Return the registered method names, sorted."""
+    """Return the registered method names, sorted (every method module is imported first)."""
+    import kd_engine.methods  # noqa: F401  (registers the built-in methods; cached after once)
+
     return sorted(_REGISTRY)
 
 

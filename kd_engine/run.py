@@ -30,7 +30,7 @@ from kd_engine.evaluation import (
     weights_bytes,
 )
 from kd_engine.export import save_student, write_json
-from kd_engine.methods.base import Method
+from kd_engine.methods.base import Method, check_student_architecture
 from kd_engine.models.loading import (
     classifier_label_names,
     is_sequence_classifier,
@@ -158,10 +158,9 @@ def run_job(
     seed_everything(spec.training.seed)
     teacher = load_classifier(teacher_path, names)
     student = _build_student(spec, teacher, names, student_path)
-    method.bind(
-        shape_from_config(teacher.config.to_dict(), len(names)),
-        shape_from_config(student.config.to_dict(), len(names)),
-    )
+    student_shape = shape_from_config(student.config.to_dict(), len(names))
+    check_student_architecture(method, spec.method.name, student_shape)
+    method.bind(shape_from_config(teacher.config.to_dict(), len(names)), student_shape)
     kd_teacher = teacher if method.uses_teacher else None
     if kd_teacher is None:
         del teacher

@@ -1,6 +1,19 @@
 """KD methods: importing this package registers every method with :mod:`kd_engine.registry`."""
 
-from kd_engine.methods import finetune, vanilla_kd
+from kd_engine.methods import alp_kd, ckd, crd, finetune, pkd, rail_kd, tinybert, vanilla_kd
 from kd_engine.methods.base import LossResult, Method, MethodConfig, StepOutputs
 
-__all__ = ["LossResult", "Method", "MethodConfig", "StepOutputs", "finetune", "vanilla_kd"]
+__all__ = [
+    "LossResult",
+    "Method",
+    "MethodConfig",
+    "StepOutputs",
+    "alp_kd",
+    "ckd",
+    "crd",
+    "finetune",
+    "pkd",
+    "rail_kd",
+    "tinybert",
+    "vanilla_kd",
+]

@@ -51,13 +51,17 @@ class Method(ABC):
     Class attributes tell the trainer what to compute once per step:
     ``uses_teacher`` (run the teacher forward), ``needs_hidden_states``, ``needs_attentions``
     and, with it, ``attention_scores`` (attention maps as pre-softmax scores rather than
-    probabilities; see :mod:`kd_engine.models.attention_scores`).
+    probabilities; see :mod:`kd_engine.models.attention_scores`). ``any_student_architecture``
+    is True for a method whose intermediate-layer matching works for students that are not
+    transformers (BiLSTM, CNN); other methods that need hidden states or attentions need
+    token-aligned transformer states, see :func:`check_student_architecture`.
     """
 
     uses_teacher: bool = True
     needs_hidden_states: bool = False
     needs_attentions: bool = False
     attention_scores: bool = False
+    any_student_architecture: bool = False
 
     @abstractmethod
     def loss(
@@ -99,3 +103,20 @@ class Method(ABC):
     def extra_modules(self) -> list[torch.nn.Module]:
         """Trainable modules the method owns (projections), optimised with the student."""
         return []
+
+
+def check_student_architecture(method: Method, name: str, student: ModelShape) -> None:
+    """Reject a non-transformer student for a method that matches transformer states.
+
+    Raises:
+        ValueError: ``student: ...`` explaining why, when the method needs hidden states or
+            attentions aligned token by token with a transformer's and the student is not one.
+    """
+    needs_states = method.needs_hidden_states or method.needs_attentions
+    if needs_states and not student.transformer and not method.any_student_architecture:
+        raise ValueError(
+            f"student: {name} matches the student's transformer hidden states or attention maps "
+            "with the teacher's, layer by layer and token by token; this student is not a "
+            "transformer and has none. Use universal_kd, or an output-only method such as "
+            "vanilla_kd, for a BiLSTM or CNN student"
+        )

@@ -58,8 +58,10 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int]) -> PreTrai
     """
     student = copy.deepcopy(teacher)
     kept = encoder_layers(teacher)
+    # The copied layers must share the student's config object (not each a copy of the
+    # teacher's): their attention implementation is read from it at every forward.
     student.base_model.encoder.layer = torch.nn.ModuleList(  # type: ignore[union-attr]
-        [copy.deepcopy(kept[i]) for i in layers]
+        [copy.deepcopy(kept[i], {id(teacher.config): student.config}) for i in layers]
     )
     student.config.num_hidden_layers = len(layers)
     for i, layer in enumerate(encoder_layers(student)):

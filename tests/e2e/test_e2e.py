@@ -21,6 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from api.settings import Settings
 from devstack.client import Client
 from devstack.stack import Stack, running_stack
+from kd_engine import registry
 from worker.celery_app import TASK_NAME, make_celery
 
 pytestmark = pytest.mark.e2e
@@ -199,3 +200,26 @@ def test_a_job_with_bad_data_fails_with_a_reason(client: Client, stack: Stack) -
     assert done["status"] == "failed"
     assert "no column 'text'" in done["error"]
     assert "Traceback" not in done["error"]
+
+
+@pytest.mark.parametrize("method", registry.names())
+def test_every_registered_method_runs_through_the_worker(
+    client: Client, teacher: dict[str, Any], method: str
+) -> None:
+    """The registry matrix: each method's defaults run a few real steps to a stored student."""
+    job = client.submit(
+        {
+            "teacher": f"job:{teacher['id']}",
+            "student": {"num_layers": 2},
+            "method": {"name": method},
+            "dataset": SMALL_DATA,
+            "training": {**SMALL_TRAINING, "max_steps": 2},
+        }
+    )
+    done = client.wait(job["id"], timeout_s=600)
+    assert done["status"] == "succeeded", done["error"]
+    names = {a["name"] for a in client.artifacts(job["id"])["items"]}
+    assert {"config.json", "model.safetensors", "metrics.json"} <= names
+    final = client.metrics(job["id"])["final"]
+    assert final["method"] == method
+    assert 0.0 <= final["test"]["accuracy"] <= 1.0

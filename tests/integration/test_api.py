@@ -298,3 +298,49 @@ def test_pretrained_student_is_checked_against_the_teacher_vocabulary(
     )
     assert missing.status_code == 422
     assert missing.json()["error"]["field"] == "student.model"
+
+
+@pytest.fixture
+def classifier_teacher(settings: Settings) -> str:
+    """A 6-layer classifier checkpoint's config under the models root (enough to validate)."""
+    from kd_engine.references import builtin_model_path
+
+    config = json.loads((builtin_model_path("minilm-l6") / "config.json").read_text())
+    config.update(
+        {
+            "architectures": ["BertForSequenceClassification"],
+            "id2label": {"0": "rotten", "1": "fresh"},
+        }
+    )
+    target = settings.models_root / "teacher"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps(config))
+    return "file://teacher"
+
+
+def test_an_impossible_layer_mapping_is_422_before_queueing(
+    client: TestClient, settings: Settings, classifier_teacher: str
+) -> None:
+    body = {**FINETUNE, "teacher": classifier_teacher, "student": {"num_layers": 2}}
+    r = client.post("/v1/jobs", json={**body, "method": {"name": "pkd", "layer_mapping": [9]}})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["field"].startswith("method.layer_mapping"), err
+    assert "9" in err["message"]
+    assert queued_job_ids(settings) == []
+    ok = client.post("/v1/jobs", json={**body, "method": {"name": "pkd", "layer_mapping": [3]}})
+    assert ok.status_code == 201, ok.text
+
+
+@pytest.mark.parametrize("method", ["pkd", "tinybert", "ckd", "alp_kd", "rail_kd", "crd"])
+def test_every_intermediate_layer_method_validates_with_its_defaults(
+    client: TestClient, classifier_teacher: str, method: str
+) -> None:
+    body = {
+        **FINETUNE,
+        "teacher": classifier_teacher,
+        "student": {"num_layers": 2},
+        "method": {"name": method},
+    }
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 201, r.text

@@ -12,6 +12,7 @@ from kd_engine import registry
 from kd_engine.methods.base import StepOutputs
 from kd_engine.methods.finetune import Finetune, FinetuneConfig
 from kd_engine.methods.vanilla_kd import VanillaKD, VanillaKDConfig
+from kd_engine.models.shapes import ModelShape
 from kd_engine.spec import JobSpec
 
 STUDENT = [[1.0, 2.0, 0.0], [0.0, 0.0, 1.0]]
@@ -111,14 +112,25 @@ def test_registry_unknown_name_lists_known_names() -> None:
         assert name in message
 
 
+# Small shapes every method is bound to before its loss: layer-mapping methods need a teacher
+# deeper than the student; hidden states and attentions are drawn to match them.
+TEACHER_SHAPE = ModelShape(num_layers=4, hidden_size=8, num_labels=3, num_heads=2)
+STUDENT_SHAPE = ModelShape(num_layers=2, hidden_size=8, num_labels=3, num_heads=2)
+
+
 def _random_outputs(
-    batch: int, classes: int, method: object, generator: torch.Generator
+    batch: int, classes: int, method: object, generator: torch.Generator, shape: ModelShape
 ) -> StepOutputs:
     hidden = attn = None
+    seq, width, heads = 5, shape.hidden_size, shape.num_heads or 1
     if getattr(method, "needs_hidden_states", False):
-        hidden = tuple(torch.randn(batch, 5, 8, generator=generator) for _ in range(3))
+        hidden = tuple(
+            torch.randn(batch, seq, width, generator=generator) for _ in range(shape.num_layers + 1)
+        )
     if getattr(method, "needs_attentions", False):
-        attn = tuple(torch.rand(batch, 2, 5, 5, generator=generator) for _ in range(2))
+        attn = tuple(
+            torch.rand(batch, heads, seq, seq, generator=generator) for _ in range(shape.num_layers)
+        )
     return StepOutputs(torch.randn(batch, classes, generator=generator), hidden, attn)
 
 
@@ -133,15 +145,25 @@ def test_every_registered_method_gives_a_finite_loss(name: str) -> None:
     )
     assert spec.method == config
     method = registry.build(config)
+    method.bind(TEACHER_SHAPE, STUDENT_SHAPE)
     g = torch.Generator().manual_seed(0)
-    student = _random_outputs(4, 3, method, g)
-    student.logits.requires_grad_(True)
-    teacher = _random_outputs(4, 3, method, g) if method.uses_teacher else None
+    student = _random_outputs(4, 3, method, g, STUDENT_SHAPE)
+    student_tensors = [
+        student.logits,
+        *(student.hidden_states or ()),
+        *(student.attentions or ()),
+    ]
+    for tensor in student_tensors:
+        tensor.requires_grad_(True)
+    teacher = _random_outputs(4, 3, method, g, TEACHER_SHAPE) if method.uses_teacher else None
     labels = torch.tensor([0, 1, 2, 1])
     res = method.loss(student, teacher, labels, torch.ones(4, 5, dtype=torch.long))
     assert res.total.shape == ()
     assert torch.isfinite(res.total)
     assert all(math.isfinite(v) for v in res.parts.values())
     res.total.backward()
-    assert student.logits.grad is not None
-    assert torch.isfinite(student.logits.grad).all()
+    # The gradient reaches the student's outputs (its logits, or, for a stage that matches
+    # intermediate layers only, its hidden states or attentions), and it is finite.
+    grads = [t.grad for t in student_tensors if t.grad is not None]
+    assert grads
+    assert all(torch.isfinite(grad).all() for grad in grads)

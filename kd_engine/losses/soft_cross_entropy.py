@@ -1,0 +1,44 @@
+"""Soft cross-entropy with the teacher's distribution: TinyBERT's prediction-layer loss (Jiao et
+al., "TinyBERT: Distilling BERT for Natural Language Understanding", Findings of EMNLP 2020,
+section 3.1, "Prediction-layer Distillation"):
+
+    L_pred = CE(z^T / t, z^S / t) = - sum_c softmax(z^T/t)_c log softmax(z^S/t)_c
+
+The paper uses t = 1. It differs from the KL divergence of :func:`kd_loss` by the teacher's
+entropy (a constant for the student) and has no t^2 factor. Averaged over the batch; the
+authors' code (``TinyBERT/task_distill.py::soft_cross_entropy``) takes ``.mean()`` over batch
+AND classes, i.e. our value divided by C: the paper's sum over classes is kept here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+
+def soft_cross_entropy(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """-sum_c p_t(c) log p_s(c) at temperature t, averaged over the batch.
+
+    Args:
+        student_logits: z_S, shape (B, C).
+        teacher_logits: z_T, shape (B, C); treated as a constant (no gradient flows into it).
+        temperature: t > 0.
+
+    Returns:
+        A scalar float32 tensor (nats).
+
+    Raises:
+        ValueError: shapes differ, or the temperature is not positive.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape (B, C)"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    p_t = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    return -(p_t * log_p_s).sum(dim=-1).mean()

@@ -1,0 +1,172 @@
+"""``pkd``: Sun, Cheng, Gan and Liu, "Patient Knowledge Distillation for BERT Model
+Compression", EMNLP 2019 (arXiv 1908.09355), section 3 (the patient loss and the final
+objective):
+
+    L = (1 - alpha) CE(y, softmax(z_s)) + alpha tau^2 KL(softmax(z_t/tau) || softmax(z_s/tau))
+        + beta L_PT,
+    L_PT = mean over examples, matched layers j and hidden units of
+           (h_s^j/|h_s^j| - h_t^I(j)/|h_t^I(j)|)^2        (on the [CLS] states)
+
+Layer indices are 0-based transformer layers (layer i is ``hidden_states[i + 1]``; embeddings
+are never matched). The student's LAST layer is not matched: the prediction loss covers it
+(paper, section 3.2). With n teacher and m student layers, student layer j < m - 1 learns from
+
+- ``skip`` (PKD-Skip): teacher layer floor((j + 1) n / m) - 1, i.e. every k-th layer for
+  n = k m (12 -> 6: 1, 3, 5, 7, 9, the paper's {2, 4, 6, 8, 10} 1-based and the authors'
+  ``--fc_layer_idx 1,3,5,7,9``);
+- ``last`` (PKD-Last): teacher layer n - m + j (12 -> 6: 6..10, the paper's {7, ..., 11});
+- ``layer_mapping``: an explicit list, entry j the teacher layer of student layer j (it may be
+  as long as the student, the last layer included).
+
+Where we follow the authors' code (intersun/PKD-for-BERT-Model-Compression) rather than the
+paper's sum: L_PT is ``F.mse_loss`` on the normalised vectors, a MEAN over examples, layers and
+hidden units (``src/KD_loss.py::patience_loss``); the paper's beta grid {10, 100, 500, 1000}
+was tuned at that scale, and the defaults (alpha 0.7, tau 10, beta 500, PKD-skip, normalised)
+are the authors' PKD example (``src/argument_parser.py``). Where we differ: the KD term is
+averaged over the batch (the paper's and :func:`kd_loss`'s per-example KL), whereas the
+authors' ``KLDivLoss(reduction='mean')`` also divides by the number of classes. The widths
+must be equal (the paper's students keep the teacher's width; no projection is learned).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from kd_engine.losses import ce_loss, kd_loss
+from kd_engine.losses.normalized_mse import normalized_mse
+from kd_engine.methods.base import LossResult, Method, MethodConfig, StepOutputs
+from kd_engine.methods.layer_maps import check_layer, cls_pool, transformer_states, upper_layers
+from kd_engine.registry import register
+
+if TYPE_CHECKING:
+    from kd_engine.models.shapes import ModelShape
+
+
+class PKDConfig(MethodConfig):
+    """Settings of ``pkd``.
+
+    Attributes:
+        alpha: weight of the soft-target term, in [0, 1]; 1 - alpha weighs CE.
+        temperature: tau of the soft-target term (authors' grid 5, 10, 20).
+        beta: weight of the patient loss L_PT (authors' grid 10, 100, 500, 1000).
+        strategy: ``skip`` (PKD-Skip) or ``last`` (PKD-Last); ignored with ``layer_mapping``.
+        layer_mapping: optional explicit mapping, entry j = the 0-based teacher layer that
+            student layer j learns from; at most as many entries as student layers.
+    """
+
+    name: Literal["pkd"] = "pkd"
+    alpha: float = Field(0.7, ge=0.0, le=1.0)
+    temperature: float = Field(10.0, gt=0.0, le=100.0)
+    beta: float = Field(500.0, ge=0.0, le=100_000.0)
+    strategy: Literal["skip", "last"] = "skip"
+    layer_mapping: list[int] | None = Field(None, min_length=1, max_length=48)
+
+    @field_validator("layer_mapping")
+    @classmethod
+    def _non_negative(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(i < 0 for i in v):
+            raise ValueError("teacher layer indices are 0-based and must be >= 0")
+        return v
+
+
+def pkd_layers(config: PKDConfig, teacher: ModelShape, student: ModelShape) -> list[int]:
+    """The teacher layer of each matched student layer (entry j for student layer j).
+
+    Raises:
+        ValueError: the mapping does not fit the models; the message starts with the field.
+    """
+    n, m = teacher.num_layers, student.num_layers
+    if config.layer_mapping is not None:
+        if len(config.layer_mapping) > m:
+            raise ValueError(
+                f"method.layer_mapping: lists {len(config.layer_mapping)} teacher layers but the "
+                f"student has {m} layers (entry j is the teacher layer of student layer j)"
+            )
+        for index in config.layer_mapping:
+            check_layer("method.layer_mapping", index, n, "teacher")
+        return list(config.layer_mapping)
+    if m < 2:
+        raise ValueError(
+            "student.num_layers: pkd matches every student layer below the last one, so a "
+            f"{m}-layer student has none; use at least 2 layers or set method.layer_mapping"
+        )
+    if m > n:
+        raise ValueError(
+            f"student.num_layers: the student has {m} layers, more than the teacher's {n}; "
+            f"pkd-{config.strategy} needs at most {n} (or set method.layer_mapping)"
+        )
+    if config.strategy == "skip":
+        return upper_layers(n, m)[:-1]
+    return [n - m + j for j in range(m - 1)]
+
+
+class PKD(Method):
+    """Patient KD: (1 - alpha) CE + alpha tau^2 KL + beta L_PT on normalised [CLS] states."""
+
+    needs_hidden_states = True
+
+    def __init__(self, config: PKDConfig) -> None:
+        self.config = config
+        self.mapping: list[int] | None = None
+        self._shapes: tuple[int, int] = (0, 0)
+
+    def bind(self, teacher: ModelShape, student: ModelShape) -> None:
+        """Resolve the layer mapping for these models.
+
+        Raises:
+            ValueError: the widths differ, or the mapping does not fit (message names the field).
+        """
+        if student.hidden_size != teacher.hidden_size:
+            raise ValueError(
+                f"student.hidden_size: pkd compares [CLS] states directly, so the student needs "
+                f"the teacher's hidden size {teacher.hidden_size}, not {student.hidden_size} "
+                "(ckd and tinybert learn a projection)"
+            )
+        self.mapping = pkd_layers(self.config, teacher, student)
+        self._shapes = (teacher.num_layers, student.num_layers)
+
+    def loss(
+        self,
+        student: StepOutputs,
+        teacher: StepOutputs | None,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> LossResult:
+        """Loss from logits (B, C), hidden states (layers + 1 of (B, T, d)) and labels (B,).
+
+        Raises:
+            RuntimeError: :meth:`bind` was not called.
+            ValueError: teacher outputs or hidden states are missing or do not fit the binding.
+        """
+        if self.mapping is None:
+            raise RuntimeError("pkd: bind() must be called before loss()")
+        if teacher is None:
+            raise ValueError("pkd needs teacher outputs")
+        s_layers = transformer_states(student, "student", "pkd")
+        t_layers = transformer_states(teacher, "teacher", "pkd")
+        if (len(t_layers), len(s_layers)) != self._shapes:
+            raise ValueError(
+                f"pkd was bound to {self._shapes[0]} teacher and {self._shapes[1]} student layers "
+                f"but got hidden states of {len(t_layers)} and {len(s_layers)}"
+            )
+        alpha, cfg = self.config.alpha, self.config
+        ce = ce_loss(student.logits, labels)
+        kd = kd_loss(student.logits, teacher.logits, cfg.temperature)
+        s_cls = torch.stack([cls_pool(s_layers[j]) for j in range(len(self.mapping))], dim=1)
+        t_cls = torch.stack([cls_pool(t_layers[i]) for i in self.mapping], dim=1)
+        patience = normalized_mse(s_cls, t_cls, reduction="mean")
+        total = (1.0 - alpha) * ce + alpha * kd + cfg.beta * patience
+        return LossResult(
+            total=total,
+            parts={
+                "ce": float(ce.detach()),
+                "kd": float(kd.detach()),
+                "patience": float(patience.detach()),
+            },
+        )
+
+
+register("pkd", PKDConfig, lambda c: PKD(c))  # type: ignore[arg-type]

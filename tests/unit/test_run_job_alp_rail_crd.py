@@ -1,0 +1,61 @@
+"""alp_kd, rail_kd and crd end to end through run_job (real MiniLM-L6 teacher, CPU, tiny)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kd_engine.run import RunResult, run_job
+from kd_engine.spec import JobSpec
+
+DATASET = {"source": "builtin:rotten_tomatoes", "max_train_examples": 32, "max_eval_examples": 16}
+TRAINING = {"epochs": 1, "batch_size": 16, "max_seq_length": 32, "device": "cpu"}
+
+
+def make_spec(**overrides: Any) -> JobSpec:
+    body: dict[str, Any] = {
+        "teacher": "builtin:minilm-l6",
+        "method": {"name": "finetune"},
+        "dataset": DATASET,
+        "training": TRAINING,
+    }
+    body.update(overrides)
+    return JobSpec.model_validate(body)
+
+
+def no_files(ref: str) -> Path:
+    raise ValueError(f"no file references in these tests: {ref!r}")
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> RunResult:
+    """A tiny finetune of the built-in MiniLM: the teacher of the jobs below."""
+    return run_job(make_spec(), minilm_path, no_files, tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.mark.parametrize(
+    ("method", "part"),
+    [
+        ({"name": "alp_kd", "variant": "alp_po"}, "alp"),
+        ({"name": "rail_kd", "mode": "layerwise"}, "rail"),
+        ({"name": "crd"}, "crd"),
+    ],
+    ids=["alp_kd", "rail_kd", "crd"],
+)
+def test_layer_method_runs_end_to_end(
+    method: dict[str, Any], part: str, teacher_run: RunResult, tmp_path: Path
+) -> None:
+    spec = make_spec(teacher="job:teacher", student={"num_layers": 2}, method=method)
+    result = run_job(spec, teacher_run.out_dir, no_files, tmp_path)
+    m = result.metrics
+    assert m["method"] == method["name"]
+    assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 2
+    losses = m["epochs"][0]["train_losses"]
+    assert {"loss", "ce", "kd", part} <= losses.keys()
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses[part] >= 0.0
+    assert 0.0 <= m["test"]["accuracy"] <= 1.0
