@@ -1,0 +1,214 @@
+"""Quality benchmark: every method x seeds x datasets x students, same teacher and budget.
+
+    .venv/bin/python -m bench.quality run      # trains (resumable: finished runs are skipped)
+    .venv/bin/python -m bench.quality report   # table + plot into docs/
+
+Runs go through :func:`kd_engine.run.run_job` in this process (the engine is what is measured;
+the API path is covered by the end-to-end tests). One teacher per dataset (a ``finetune`` of
+all-MiniLM-L6-v2) is trained once and reused. Results are appended to ``results.jsonl`` in the
+output directory, one JSON object per run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import transformers
+import typer
+
+from kd_engine import registry
+from kd_engine.references import builtin_model_path
+from kd_engine.run import run_job
+from kd_engine.spec import JobSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "var" / "bench" / "quality"
+STUDENTS: dict[str, dict[str, Any]] = {
+    "layers2": {"type": "from_teacher", "num_layers": 2},
+    "minilm-l3": {"type": "pretrained", "model": "builtin:minilm-l3"},
+}
+MARK_BEGIN = "<!-- quality-benchmark:begin -->"
+MARK_END = "<!-- quality-benchmark:end -->"
+app = typer.Typer(add_completion=False)
+
+
+def _no_files(ref: str) -> Path:
+    raise ValueError(f"the benchmark uses built-in datasets only, not {ref!r}")
+
+
+def _dataset(name: str, train_examples: int | None) -> dict[str, Any]:
+    ds: dict[str, Any] = {"source": f"builtin:{name}"}
+    if train_examples:
+        ds["max_train_examples"] = train_examples
+    return ds
+
+
+def _teacher(out: Path, dataset: str, epochs: int) -> Path:
+    """The dataset's teacher: all-MiniLM-L6-v2 fine-tuned on the full train split."""
+    path = out / "teachers" / dataset
+    if (path / "model.safetensors").is_file():
+        return path
+    spec = JobSpec.model_validate(
+        {
+            "teacher": "builtin:minilm-l6",
+            "method": {"name": "finetune"},
+            "dataset": _dataset(dataset, None),
+            "training": {"epochs": epochs, "max_seq_length": 64, "seed": 0},
+        }
+    )
+    run_job(spec, builtin_model_path("minilm-l6"), _no_files, path)
+    return path
+
+
+def _done(results: Path) -> set[tuple[str, str, str, int]]:
+    if not results.is_file():
+        return set()
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    return {(r["dataset"], r["student"], r["method"], r["seed"]) for r in rows}
+
+
+@app.command()
+def run(
+    out: Annotated[Path, typer.Option(help="Results and teachers.")] = OUT,
+    datasets: Annotated[list[str] | None, typer.Option()] = None,
+    students: Annotated[list[str] | None, typer.Option()] = None,
+    methods: Annotated[list[str] | None, typer.Option()] = None,
+    seeds: Annotated[list[int] | None, typer.Option()] = None,
+    train_examples: Annotated[
+        int | None, typer.Option(help="Students' train subset (all if unset).")
+    ] = None,
+    epochs: int = 2,
+    teacher_epochs: int = 2,
+) -> None:
+    """Train every (dataset, student, method, seed) not yet in results.jsonl."""
+    transformers.logging.set_verbosity_error()
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = _done(results)
+    cache = out / "cache"
+    for dataset in datasets or ["rotten_tomatoes", "trec6"]:
+        teacher = _teacher(out, dataset, teacher_epochs)
+        for student in students or list(STUDENTS):
+            for method in methods or registry.names():
+                for seed in seeds or [0, 1, 2]:
+                    if (dataset, student, method, seed) in done:
+                        continue
+                    spec = JobSpec.model_validate(
+                        {
+                            "teacher": "job:teacher",
+                            "student": STUDENTS[student],
+                            "method": {"name": method},
+                            "dataset": _dataset(dataset, train_examples),
+                            "training": {
+                                "epochs": epochs,
+                                "max_seq_length": 64,
+                                "seed": seed,
+                                "learning_rate": 1e-4,
+                                "device": "cpu",
+                            },
+                        }
+                    )
+                    student_path = (
+                        builtin_model_path("minilm-l3", cache) if student == "minilm-l3" else None
+                    )
+                    run_dir = out / "runs" / f"{dataset}-{student}-{method}-{seed}"
+                    m = run_job(
+                        spec, teacher, _no_files, run_dir, student_path=student_path
+                    ).metrics
+                    row = {
+                        "dataset": dataset,
+                        "student": student,
+                        "method": method,
+                        "seed": seed,
+                        "accuracy": m["test"]["accuracy"],
+                        "macro_f1": m["test"]["macro_f1"],
+                        "seconds_per_epoch": m["train_seconds"] / max(1, len(m["epochs"])),
+                        "latency_s_batch1": m["student"]["latency_s_batch1"],
+                        "teacher_accuracy": m["teacher_test"]["accuracy"]
+                        if "teacher_test" in m
+                        else None,
+                        "train_examples": m["data"]["train"],
+                        "epochs": epochs,
+                    }
+                    with results.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    typer.echo(json.dumps(row))
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["dataset"], r["student"], r["method"])].append(r)
+    base = {
+        (d, s): statistics.mean(r["seconds_per_epoch"] for r in g)
+        for (d, s, m), g in groups.items()
+        if m == "vanilla_kd"
+    }
+    lines = [
+        "| dataset | student | method | seeds | accuracy | macro-F1 | time/epoch vs vanilla_kd |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (d, s, m), g in sorted(groups.items()):
+        acc = [r["accuracy"] for r in g]
+        f1 = [r["macro_f1"] for r in g]
+        t = statistics.mean(r["seconds_per_epoch"] for r in g)
+        rel = f"{t / base[(d, s)]:.2f}x" if (d, s) in base else "-"
+        lines.append(
+            f"| {d} | {s} | {m} | {len(g)} | {statistics.mean(acc):.4f} ± {_sd(acc):.4f} "
+            f"| {statistics.mean(f1):.4f} ± {_sd(f1):.4f} | {rel} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, dataset in zip(axes, ["rotten_tomatoes", "trec6"], strict=False):
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            if r["dataset"] == dataset:
+                groups[(r["student"], r["method"])].append(r)
+        for (student, method), g in sorted(groups.items()):
+            x = 1000 * statistics.mean(r["latency_s_batch1"] for r in g)
+            y = statistics.mean(r["accuracy"] for r in g)
+            ax.scatter(x, y, marker="o" if student == "layers2" else "^")
+            ax.annotate(f"{method} ({student})", (x, y), fontsize=7)
+        ax.set_title(dataset)
+        ax.set_xlabel("student CPU latency, ms/example at batch 1")
+        ax.set_ylabel("test accuracy (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+@app.command()
+def report(out: Annotated[Path, typer.Option()] = OUT) -> None:
+    """Write the table into docs/benchmarks.md (between markers) and the plot to docs/."""
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
+    _plot(rows, ROOT / "docs" / "quality_vs_latency.png")
+    table = _table(rows)
+    typer.echo(table)
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text(encoding="utf-8")
+    block = f"{MARK_BEGIN}\n{table}\n\n![accuracy vs latency](quality_vs_latency.png)\n{MARK_END}"
+    if MARK_BEGIN in text and MARK_END in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        text = head + block + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    app()
