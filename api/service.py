@@ -16,7 +16,12 @@ from api.settings import Settings
 from kd_engine import registry
 from kd_engine.data.builtins import BUILTIN_LABELS
 from kd_engine.methods.base import Method, check_student_architecture
-from kd_engine.models.loading import classifier_label_names, is_sequence_classifier, read_config
+from kd_engine.models.loading import (
+    SUPPORTED_MODEL_TYPES,
+    classifier_label_names,
+    is_sequence_classifier,
+    read_config,
+)
 from kd_engine.models.shapes import planned_student_shape, shape_from_config
 from kd_engine.references import scheme_of
 from kd_engine.spec import FromTeacherStudent, JobSpec, PretrainedStudent
@@ -66,6 +71,12 @@ def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
     config = _model_config(session, spec.teacher, settings, "teacher")
     if config is None:
         return
+    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise InvalidSpec(
+            f"{spec.teacher!r} is a {config.get('model_type')} model; teachers must be one of "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (BiLSTM and CNN students cannot teach)",
+            "teacher",
+        )
     method = registry.build(spec.method)
     classifier = is_sequence_classifier(config)
     if method.uses_teacher and not classifier:

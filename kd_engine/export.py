@@ -13,8 +13,9 @@ def save_student(
 ) -> list[Path]:
     """Save ``config.json``, ``model.safetensors`` and tokenizer files into ``out_dir``.
 
-    The result loads with ``AutoModelForSequenceClassification.from_pretrained(out_dir)``.
-    Returns the files written.
+    The result loads with ``AutoModelForSequenceClassification.from_pretrained(out_dir)`` (a
+    BiLSTM or CNN student in a process that has imported ``kd_engine.models``, which registers
+    their model types with transformers). Returns the files written.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu")  # type: ignore[arg-type]

@@ -40,7 +40,8 @@ from kd_engine.models.loading import (
 )
 from kd_engine.models.shapes import shape_from_config
 from kd_engine.models.student import fresh_student, resolve_layers, student_from_teacher
-from kd_engine.spec import FromTeacherStudent, JobSpec, PretrainedStudent
+from kd_engine.models.text_students import bilstm_student, cnn_student
+from kd_engine.spec import BiLSTMStudent, CNNStudent, FromTeacherStudent, JobSpec, PretrainedStudent
 from kd_engine.trainer import Progress, TrainHooks, pick_device, seed_everything, train
 
 METRICS_FILE = "metrics.json"
@@ -91,6 +92,18 @@ def _build_student(
                 f"({t_vocab}); a pretrained student must share the teacher's tokenizer"
             )
         return student
+    if isinstance(spec.student, BiLSTMStudent | CNNStudent):
+        # Cross-architecture students read the teacher's token ids: their word embeddings start
+        # as a copy of the teacher's.
+        words = teacher.get_input_embeddings().weight
+        if not isinstance(words, torch.Tensor):
+            raise ValueError("student: the teacher has no word-embedding matrix to start from")
+        pad = int(teacher.config.pad_token_id or 0)
+        if isinstance(spec.student, BiLSTMStudent):
+            s = spec.student
+            return bilstm_student(words, names, s.hidden_size, s.num_layers, s.dropout, pad)
+        c = spec.student
+        return cnn_student(words, names, list(c.kernel_sizes), c.num_filters, c.dropout, pad)
     return fresh_student(
         spec.student,
         vocab_size=int(teacher.config.vocab_size),

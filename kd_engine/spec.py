@@ -97,6 +97,50 @@ class PretrainedStudent(_Strict):
     model: str = Field(min_length=1, max_length=2048, description="Model reference.")
 
 
+class BiLSTMStudent(_Strict):
+    """A BiLSTM text classifier (Tang et al. 2019, "Distilling Task-Specific Knowledge from BERT
+    into Simple Neural Networks"): the teacher's tokenizer, word embeddings initialised from the
+    teacher's, a bidirectional LSTM, the last states of both directions into a ReLU layer and the
+    output layer. Not a transformer: methods that match transformer states token by token are
+    rejected for it (``universal_kd`` and output-only methods work).
+
+    Attributes:
+        hidden_size: LSTM units per direction (the paper's 300).
+        num_layers: stacked bidirectional LSTM layers.
+        dropout: dropout on the embeddings, between LSTM layers and in the classifier.
+    """
+
+    type: Literal["bilstm"] = "bilstm"
+    hidden_size: int = Field(300, ge=1, le=4096)
+    num_layers: int = Field(1, ge=1, le=8)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class CNNStudent(_Strict):
+    """A CNN text classifier (Kim 2014, "Convolutional Neural Networks for Sentence
+    Classification"): the teacher's tokenizer, word embeddings initialised from the teacher's,
+    parallel convolutions of several widths with ReLU, max-over-time pooling, dropout and the
+    output layer. Not a transformer (see :class:`BiLSTMStudent`).
+
+    Attributes:
+        kernel_sizes: convolution widths in tokens (the paper's 3, 4, 5).
+        num_filters: feature maps per width (the paper's 100).
+        dropout: dropout before the output layer (the paper's 0.5).
+    """
+
+    type: Literal["cnn"] = "cnn"
+    kernel_sizes: list[int] = Field(default_factory=lambda: [3, 4, 5], min_length=1, max_length=16)
+    num_filters: int = Field(100, ge=1, le=4096)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+
+    @field_validator("kernel_sizes")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= k <= 64 for k in v):
+            raise ValueError("kernel sizes must be between 1 and 64 tokens")
+        return v
+
+
 def _student_type(value: Any) -> str:
     """``type`` of a student spec; ``from_teacher`` when omitted."""
     if isinstance(value, dict):
@@ -107,7 +151,9 @@ def _student_type(value: Any) -> str:
 StudentSpec = Annotated[
     Annotated[FromTeacherStudent, Tag("from_teacher")]
     | Annotated[FreshStudent, Tag("fresh")]
-    | Annotated[PretrainedStudent, Tag("pretrained")],
+    | Annotated[PretrainedStudent, Tag("pretrained")]
+    | Annotated[BiLSTMStudent, Tag("bilstm")]
+    | Annotated[CNNStudent, Tag("cnn")],
     Discriminator(_student_type),
 ]
 

@@ -1,6 +1,16 @@
 """KD methods: importing this package registers every method with :mod:`kd_engine.registry`."""
 
-from kd_engine.methods import alp_kd, ckd, crd, finetune, pkd, rail_kd, tinybert, vanilla_kd
+from kd_engine.methods import (
+    alp_kd,
+    ckd,
+    crd,
+    finetune,
+    pkd,
+    rail_kd,
+    tinybert,
+    universal_kd,
+    vanilla_kd,
+)
 from kd_engine.methods.base import LossResult, Method, MethodConfig, StepOutputs
 
 __all__ = [
@@ -15,5 +25,6 @@ __all__ = [
     "pkd",
     "rail_kd",
     "tinybert",
+    "universal_kd",
     "vanilla_kd",
 ]

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kd_engine.spec import FreshStudent, FromTeacherStudent, PretrainedStudent
+from kd_engine.models.text_students import BILSTM_MODEL_TYPE, CNN_MODEL_TYPE
+from kd_engine.spec import (
+    BiLSTMStudent,
+    CNNStudent,
+    FreshStudent,
+    FromTeacherStudent,
+    PretrainedStudent,
+)
 
 
 @dataclass(frozen=True)
@@ -13,8 +20,10 @@ class ModelShape:
     """Sizes of a classifier.
 
     Attributes:
-        num_layers: transformer layers (hidden states are num_layers + 1: embeddings first).
-        hidden_size: d, the width of each hidden state.
+        num_layers: transformer layers (hidden states are num_layers + 1: embeddings first);
+            for a BiLSTM student its LSTM layers, for a CNN student its one convolution block.
+        hidden_size: d, the width of each layer's hidden state (for a BiLSTM 2 x its units per
+            direction, for a CNN kernel widths x filters; their embeddings may differ).
         num_labels: C.
         num_heads: attention heads (None for a non-transformer).
         transformer: True when hidden states and attentions are token-aligned transformer
@@ -34,7 +43,25 @@ def _int(config: dict[str, object], key: str, default: int = 0) -> int:
 
 
 def shape_from_config(config: dict[str, object], num_labels: int) -> ModelShape:
-    """The shape of a transformers checkpoint from its ``config.json`` dict."""
+    """The shape of a transformers checkpoint from its ``config.json`` dict (a BiLSTM or CNN
+    student is recognised by its model type and is not a transformer)."""
+    model_type = config.get("model_type")
+    if model_type == BILSTM_MODEL_TYPE:
+        return ModelShape(
+            num_layers=_int(config, "num_hidden_layers", 1),
+            hidden_size=2 * _int(config, "hidden_size"),
+            num_labels=num_labels,
+            transformer=False,
+        )
+    if model_type == CNN_MODEL_TYPE:
+        widths = config.get("kernel_sizes")
+        n_widths = len(widths) if isinstance(widths, list) else 0
+        return ModelShape(
+            num_layers=1,
+            hidden_size=n_widths * _int(config, "num_filters"),
+            num_labels=num_labels,
+            transformer=False,
+        )
     return ModelShape(
         num_layers=_int(config, "num_hidden_layers"),
         hidden_size=_int(config, "hidden_size"),
@@ -44,7 +71,7 @@ def shape_from_config(config: dict[str, object], num_labels: int) -> ModelShape:
 
 
 def planned_student_shape(
-    student: FromTeacherStudent | FreshStudent | PretrainedStudent,
+    student: FromTeacherStudent | FreshStudent | PretrainedStudent | BiLSTMStudent | CNNStudent,
     teacher: ModelShape,
     student_config: dict[str, object] | None = None,
 ) -> ModelShape:
@@ -58,6 +85,13 @@ def planned_student_shape(
         if student_config is None:
             raise ValueError("student.model: the pretrained student's config is needed")
         return shape_from_config(student_config, teacher.num_labels)
+    if isinstance(student, BiLSTMStudent):
+        return ModelShape(
+            student.num_layers, 2 * student.hidden_size, teacher.num_labels, transformer=False
+        )
+    if isinstance(student, CNNStudent):
+        width = len(student.kernel_sizes) * student.num_filters
+        return ModelShape(1, width, teacher.num_labels, transformer=False)
     if isinstance(student, FreshStudent):
         return ModelShape(
             student.num_layers, student.hidden_size, teacher.num_labels, student.num_heads

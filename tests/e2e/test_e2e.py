@@ -223,3 +223,29 @@ def test_every_registered_method_runs_through_the_worker(
     final = client.metrics(job["id"])["final"]
     assert final["method"] == method
     assert 0.0 <= final["test"]["accuracy"] <= 1.0
+
+
+def test_a_cnn_student_through_the_worker_loads_after_download(
+    client: Client, teacher: dict[str, Any], tmp_path: Path
+) -> None:
+    import kd_engine.models  # noqa: F401  (registers the BiLSTM/CNN model types)
+
+    job = client.submit(
+        {
+            "teacher": f"job:{teacher['id']}",
+            "student": {"type": "cnn"},
+            "method": {"name": "universal_kd"},
+            "dataset": SMALL_DATA,
+            "training": {**SMALL_TRAINING, "max_steps": 2},
+        }
+    )
+    done = client.wait(job["id"], timeout_s=600)
+    assert done["status"] == "succeeded", done["error"]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        client.download_archive(job["id"], tmp_path)
+    )
+    assert model.config.model_type == "distillery-kim-cnn"
+    tok = AutoTokenizer.from_pretrained(tmp_path / job["id"])
+    with torch.inference_mode():
+        logits = model(**tok(["a fine film"], return_tensors="pt")).logits
+    assert logits.shape == (1, 2)

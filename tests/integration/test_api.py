@@ -16,6 +16,7 @@ from api import repository
 from api.db import Job
 from api.main import create_app
 from api.settings import Settings
+from kd_engine import registry
 
 FINETUNE = {
     "teacher": "builtin:minilm-l6",
@@ -332,8 +333,8 @@ def test_an_impossible_layer_mapping_is_422_before_queueing(
     assert ok.status_code == 201, ok.text
 
 
-@pytest.mark.parametrize("method", ["pkd", "tinybert", "ckd", "alp_kd", "rail_kd", "crd"])
-def test_every_intermediate_layer_method_validates_with_its_defaults(
+@pytest.mark.parametrize("method", registry.names())
+def test_every_method_validates_with_its_defaults(
     client: TestClient, classifier_teacher: str, method: str
 ) -> None:
     body = {
@@ -344,3 +345,52 @@ def test_every_intermediate_layer_method_validates_with_its_defaults(
     }
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("method", ["pkd", "tinybert", "ckd", "alp_kd", "rail_kd", "crd"])
+@pytest.mark.parametrize("student", [{"type": "bilstm"}, {"type": "cnn"}])
+def test_token_aligned_methods_reject_non_transformer_students(
+    client: TestClient, classifier_teacher: str, method: str, student: dict[str, str]
+) -> None:
+    body = {
+        **FINETUNE,
+        "teacher": classifier_teacher,
+        "student": student,
+        "method": {"name": method},
+    }
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == "student"
+    assert "not a transformer" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("method", ["vanilla_kd", "universal_kd"])
+def test_output_level_methods_accept_a_bilstm_student(
+    client: TestClient, classifier_teacher: str, method: str
+) -> None:
+    body = {
+        **FINETUNE,
+        "teacher": classifier_teacher,
+        "student": {"type": "bilstm"},
+        "method": {"name": method},
+    }
+    assert client.post("/v1/jobs", json=body).status_code == 201
+
+
+def test_a_bilstm_checkpoint_cannot_be_a_teacher(client: TestClient, settings: Settings) -> None:
+    target = settings.models_root / "lstm"
+    target.mkdir()
+    (target / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "distillery-bilstm",
+                "architectures": ["BiLSTMForSequenceClassification"],
+                "id2label": {"0": "rotten", "1": "fresh"},
+            }
+        )
+    )
+    r = client.post(
+        "/v1/jobs", json={**FINETUNE, "teacher": "file://lstm", "method": {"name": "vanilla_kd"}}
+    )
+    assert r.status_code == 422
+    assert r.json()["error"]["field"] == "teacher"
