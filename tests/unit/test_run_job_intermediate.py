@@ -1,4 +1,5 @@
-"""alp_kd, rail_kd and crd end to end through run_job (real MiniLM-L6 teacher, CPU, tiny)."""
+"""The intermediate-layer methods end to end through run_job (one real, tiny MiniLM-L6
+teacher for all of them; CPU)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from transformers import AutoModelForSequenceClassification
 
+from kd_engine.models.attention_scores import SCORES_IMPLEMENTATION
 from kd_engine.run import RunResult, run_job
 from kd_engine.spec import JobSpec
 
@@ -35,6 +38,49 @@ def no_files(ref: str) -> Path:
 def teacher_run(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> RunResult:
     """A tiny finetune of the built-in MiniLM: the teacher of the jobs below."""
     return run_job(make_spec(), minilm_path, no_files, tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.mark.parametrize(
+    ("method", "epochs", "parts"),
+    [
+        ({"name": "pkd"}, 1, [{"ce", "kd", "patience"}]),
+        ({"name": "ckd", "scheme": "overlap"}, 1, [{"ce", "kd", "internal"}]),
+        (
+            {"name": "tinybert", "intermediate_epochs": 1},
+            2,
+            [{"embedding", "hidden", "attention"}, {"soft_ce"}],
+        ),
+    ],
+    ids=["pkd", "ckd", "tinybert"],
+)
+def test_pkd_tinybert_ckd_run_end_to_end(
+    method: dict[str, Any],
+    epochs: int,
+    parts: list[set[str]],
+    teacher_run: RunResult,
+    tmp_path: Path,
+) -> None:
+    spec = make_spec(
+        teacher="job:teacher",
+        student={"num_layers": 2},
+        method=method,
+        training={**TRAINING, "epochs": epochs},
+    )
+    result = run_job(spec, teacher_run.out_dir, no_files, tmp_path)
+    m = result.metrics
+    assert m["method"] == method["name"]
+    assert len(m["epochs"]) == epochs
+    for epoch, expected in zip(m["epochs"], parts, strict=True):
+        losses = epoch["train_losses"]
+        assert losses.keys() == {"loss", *expected}
+        assert all(math.isfinite(v) and v >= 0.0 for v in losses.values())
+    # TinyBERT's stage-1 epoch trains no classifier: the exported student is from stage 2.
+    assert m["best_epoch"] == epochs
+    assert 0.0 <= m["test"]["accuracy"] <= 1.0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+    assert SCORES_IMPLEMENTATION not in json.dumps(config)
+    AutoModelForSequenceClassification.from_pretrained(tmp_path)  # loads as a plain model
 
 
 @pytest.mark.parametrize(
