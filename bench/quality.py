@@ -174,8 +174,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, dataset in zip(axes, ["rotten_tomatoes", "trec6"], strict=False):
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
         groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
             if r["dataset"] == dataset:
