@@ -114,11 +114,6 @@ def heartbeat(
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
-def current_status(session: Session, job_id: str) -> str | None:
-    """The job's status as stored now."""
-    return session.scalar(select(Job.status).where(Job.id == job_id))
-
-
 def replace_artifacts(session: Session, job_id: str, files: list[tuple[str, int, str]]) -> None:
     """Store (name, size_bytes, sha256) rows for a job, replacing earlier ones."""
     for old in session.scalars(select(Artifact).where(Artifact.job_id == job_id)):

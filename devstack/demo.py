@@ -93,7 +93,9 @@ def _fail(job: dict[str, Any]) -> int:
 def _measure(model_dir: Path, split: Any, names: list[str]) -> tuple[dict[str, Any], torch.Tensor]:
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    assert [model.config.id2label[i] for i in range(len(names))] == names
+    model_labels = [model.config.id2label[i] for i in range(len(names))]
+    if model_labels != names:
+        raise RuntimeError(f"{model_dir}: labels {model_labels} differ from the dataset's {names}")
     enc = encode(split, tok, 128)
     cpu = torch.device("cpu")
     pad = int(tok.pad_token_id or 0)
