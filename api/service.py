@@ -121,6 +121,7 @@ def _check_fit(
     labels = classifier_label_names(teacher_config) or ["?", "?"]
     teacher = shape_from_config(teacher_config, len(labels))
     try:
+        method.check_training(spec.training.epochs)
         if isinstance(spec.student, PretrainedStudent) and student_config is None:
             return  # a hub student: its shape is known only to the worker
         student = planned_student_shape(spec.student, teacher, student_config)

@@ -160,6 +160,7 @@ def run_job(
     device = pick_device(spec.training.device)
     stage("prepare")
     method = registry.build(spec.method)
+    method.check_training(spec.training.epochs)
     data = load_transfer_set(spec.dataset, resolve)
     teacher_cfg = read_config(teacher_path)
     names = _label_names(spec, method, teacher_cfg, data)

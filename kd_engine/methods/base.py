@@ -91,6 +91,16 @@ class Method(ABC):
                 message starts with the spec field, e.g. ``method.layer_mapping: ...``.
         """
 
+    def check_training(self, epochs: int) -> None:  # noqa: B027
+        """Check the method's schedule fits a job of ``epochs`` epochs.
+
+        Called with ``bind`` (by the API before queueing and by the engine before training).
+
+        Raises:
+            ValueError: the schedule cannot run in that many epochs; the message starts with
+                the spec field, e.g. ``method.intermediate_epochs: ...``.
+        """
+
     def start_step(self, epoch: int, step: int) -> None:  # noqa: B027
         """Called before each training step's loss (epoch 1-based, step = optimiser steps
         taken so far); methods with schedules (layer redraws, stages) use it."""

@@ -146,6 +146,21 @@ class TinyBERT(Method):
         self.hidden_projection = _projection(student.hidden_size, teacher.hidden_size)
         self._shapes = (n, m)
 
+    def check_training(self, epochs: int) -> None:
+        """Stage 2 needs at least one epoch: it is the only stage that trains the classifier.
+
+        Raises:
+            ValueError: ``method.intermediate_epochs`` is not below ``epochs``.
+        """
+        k = self.config.intermediate_epochs
+        if k >= epochs:
+            raise ValueError(
+                f"method.intermediate_epochs: is {k} but training.epochs is {epochs}; stage 2 "
+                "(soft cross-entropy, the only stage that trains the classifier and can be "
+                f"exported) needs at least one epoch, so set it below {epochs} or raise "
+                "training.epochs"
+            )
+
     def extra_modules(self) -> list[torch.nn.Module]:
         """W_e and W_h (empty before :meth:`bind`)."""
         return [p for p in (self.embedding_projection, self.hidden_projection) if p is not None]

@@ -148,7 +148,8 @@ def test_a_task_delivered_twice_runs_once(client: Client, stack: Stack) -> None:
             "teacher": "builtin:minilm-l6",
             "method": {"name": "finetune"},
             "dataset": SMALL_DATA,
-            "training": {**SMALL_TRAINING, "max_steps": 2},
+            # epochs 2: tinybert's default stage 1 takes one epoch and stage 2 needs one more
+            "training": {**SMALL_TRAINING, "epochs": 2, "max_steps": 2},
         }
     )
     celery = make_celery_for(stack)
@@ -213,7 +214,8 @@ def test_every_registered_method_runs_through_the_worker(
             "student": {"num_layers": 2},
             "method": {"name": method},
             "dataset": SMALL_DATA,
-            "training": {**SMALL_TRAINING, "max_steps": 2},
+            # epochs 2: tinybert's default stage 1 takes one epoch and stage 2 needs one more
+            "training": {**SMALL_TRAINING, "epochs": 2, "max_steps": 2},
         }
     )
     done = client.wait(job["id"], timeout_s=600)
@@ -236,7 +238,8 @@ def test_a_cnn_student_through_the_worker_loads_after_download(
             "student": {"type": "cnn"},
             "method": {"name": "universal_kd"},
             "dataset": SMALL_DATA,
-            "training": {**SMALL_TRAINING, "max_steps": 2},
+            # epochs 2: tinybert's default stage 1 takes one epoch and stage 2 needs one more
+            "training": {**SMALL_TRAINING, "epochs": 2, "max_steps": 2},
         }
     )
     done = client.wait(job["id"], timeout_s=600)

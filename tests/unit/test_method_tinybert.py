@@ -343,3 +343,15 @@ def test_config_defaults_and_bounds() -> None:
             TinyBERTConfig.model_validate(bad)
     with pytest.raises(ValidationError, match="0-based"):
         TinyBERTConfig(layer_mapping=[0, -2])
+
+
+@pytest.mark.parametrize(("intermediate", "epochs"), [(1, 1), (3, 2)])
+def test_a_schedule_without_a_stage_two_epoch_is_rejected(intermediate: int, epochs: int) -> None:
+    method = TinyBERT(TinyBERTConfig(intermediate_epochs=intermediate))
+    with pytest.raises(ValueError, match=r"^method\.intermediate_epochs: .*training\.epochs"):
+        method.check_training(epochs)
+
+
+@pytest.mark.parametrize(("intermediate", "epochs"), [(0, 1), (1, 2), (4, 10)])
+def test_a_schedule_with_a_stage_two_epoch_is_accepted(intermediate: int, epochs: int) -> None:
+    TinyBERT(TinyBERTConfig(intermediate_epochs=intermediate)).check_training(epochs)
