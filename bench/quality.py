@@ -31,8 +31,6 @@ STUDENTS: dict[str, dict[str, Any]] = {
     "layers2": {"type": "from_teacher", "num_layers": 2},
     "minilm-l3": {"type": "pretrained", "model": "builtin:minilm-l3"},
 }
-MARK_BEGIN = "<!-- quality-benchmark:begin -->"
-MARK_END = "<!-- quality-benchmark:end -->"
 app = typer.Typer(add_completion=False)
 
 
@@ -47,9 +45,9 @@ def _dataset(name: str, train_examples: int | None) -> dict[str, Any]:
     return ds
 
 
-def _teacher(out: Path, dataset: str, epochs: int) -> Path:
+def _teacher(teachers: Path, dataset: str, epochs: int) -> Path:
     """The dataset's teacher: all-MiniLM-L6-v2 fine-tuned on the full train split."""
-    path = out / "teachers" / dataset
+    path = teachers / dataset
     if (path / "model.safetensors").is_file():
         return path
     spec = JobSpec.model_validate(
@@ -74,6 +72,9 @@ def _done(results: Path) -> set[tuple[str, str, str, int]]:
 @app.command()
 def run(
     out: Annotated[Path, typer.Option(help="Results and teachers.")] = OUT,
+    teachers: Annotated[
+        Path | None, typer.Option(help="Teachers' directory (default: OUT/teachers).")
+    ] = None,
     datasets: Annotated[list[str] | None, typer.Option()] = None,
     students: Annotated[list[str] | None, typer.Option()] = None,
     methods: Annotated[list[str] | None, typer.Option()] = None,
@@ -91,7 +92,7 @@ def run(
     done = _done(results)
     cache = out / "cache"
     for dataset in datasets or ["rotten_tomatoes", "trec6"]:
-        teacher = _teacher(out, dataset, teacher_epochs)
+        teacher = _teacher(teachers or out / "teachers", dataset, teacher_epochs)
         for student in students or list(STUDENTS):
             for method in methods or registry.names():
                 for seed in seeds or [0, 1, 2]:
@@ -194,18 +195,25 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 @app.command()
-def report(out: Annotated[Path, typer.Option()] = OUT) -> None:
+def report(
+    out: Annotated[Path, typer.Option()] = OUT,
+    section: Annotated[
+        str, typer.Option(help="Name of the marked block in docs/benchmarks.md.")
+    ] = "quality-benchmark",
+    plot: Annotated[str, typer.Option(help="PNG name under docs/.")] = "quality_vs_latency.png",
+) -> None:
     """Write the table into docs/benchmarks.md (between markers) and the plot to docs/."""
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
-    _plot(rows, ROOT / "docs" / "quality_vs_latency.png")
+    _plot(rows, ROOT / "docs" / plot)
     table = _table(rows)
     typer.echo(table)
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text(encoding="utf-8")
-    block = f"{MARK_BEGIN}\n{table}\n\n![accuracy vs latency](quality_vs_latency.png)\n{MARK_END}"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    block = f"{begin}\n{table}\n\n![accuracy vs latency]({plot})\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     doc.write_text(text, encoding="utf-8")
