@@ -62,6 +62,20 @@ def _teacher(teachers: Path, dataset: str, epochs: int) -> Path:
     return path
 
 
+def _method(label: str) -> tuple[dict[str, Any], str]:
+    """``name`` or ``name:{json settings}`` -> (the spec's method object, a file-safe slug).
+
+    Raises:
+        typer.BadParameter: the settings are not a JSON object.
+    """
+    name, _, settings = label.partition(":")
+    extra = json.loads(settings) if settings else {}
+    if not isinstance(extra, dict):
+        raise typer.BadParameter(f"{label!r}: settings after ':' must be a JSON object")
+    slug = name + "".join(f"_{k}={v}" for k, v in sorted(extra.items()))
+    return {"name": name, **extra}, slug.replace("/", "_").replace(" ", "")
+
+
 def _done(results: Path) -> set[tuple[str, str, str, int]]:
     if not results.is_file():
         return set()
@@ -77,7 +91,10 @@ def run(
     ] = None,
     datasets: Annotated[list[str] | None, typer.Option()] = None,
     students: Annotated[list[str] | None, typer.Option()] = None,
-    methods: Annotated[list[str] | None, typer.Option()] = None,
+    methods: Annotated[
+        list[str] | None,
+        typer.Option(help='A name, or name:{"setting": value} for non-default settings.'),
+    ] = None,
     seeds: Annotated[list[int] | None, typer.Option()] = None,
     train_examples: Annotated[
         int | None, typer.Option(help="Students' train subset (all if unset).")
@@ -102,7 +119,7 @@ def run(
                         {
                             "teacher": "job:teacher",
                             "student": STUDENTS[student],
-                            "method": {"name": method},
+                            "method": _method(method)[0],
                             "dataset": _dataset(dataset, train_examples),
                             "training": {
                                 "epochs": epochs,
@@ -116,7 +133,7 @@ def run(
                     student_path = (
                         builtin_model_path("minilm-l3", cache) if student == "minilm-l3" else None
                     )
-                    run_dir = out / "runs" / f"{dataset}-{student}-{method}-{seed}"
+                    run_dir = out / "runs" / f"{dataset}-{student}-{_method(method)[1]}-{seed}"
                     m = run_job(
                         spec, teacher, _no_files, run_dir, student_path=student_path
                     ).metrics
