@@ -44,7 +44,7 @@ from kd_engine.methods.layer_maps import (
     cls_pool,
     contiguous_buckets,
     linear_projection,
-    transformer_states,
+    paired_states,
 )
 from kd_engine.registry import register
 
@@ -172,21 +172,16 @@ class ALPKD(Method):
         """Loss from logits (B, C), hidden states (m + 1 and n + 1 tensors (B, T, d)), labels.
 
         Raises:
-            ValueError: no teacher outputs or hidden states, bind() was not called, or the
-                layer counts differ from those given to bind().
+            RuntimeError: bind() was not called.
+            ValueError: no teacher outputs or hidden states, or the layer counts differ from
+                those given to bind().
         """
         if teacher is None:
             raise ValueError("alp_kd needs teacher outputs")
-        t_states = transformer_states(teacher, "teacher", "alp_kd")
-        s_states = transformer_states(student, "student", "alp_kd")
         if self.allowed is None:
-            raise ValueError("alp_kd: call bind() with the model shapes before the loss")
+            raise RuntimeError("alp_kd: bind() must be called before loss()")
         m, n = self.allowed.shape
-        if (len(s_states), len(t_states)) != (m, n):
-            raise ValueError(
-                f"alp_kd was bound to {m} student and {n} teacher layers but got "
-                f"{len(s_states)} and {len(t_states)}"
-            )
+        s_states, t_states = paired_states(student, teacher, "alp_kd", (m, n))
         h_s = torch.stack([cls_pool(h) for h in s_states], dim=1)  # (B, m, d_s)
         h_t = torch.stack([cls_pool(h) for h in t_states], dim=1)  # (B, n, d_t)
         if self.projection is not None:

@@ -46,7 +46,7 @@ from kd_engine.methods.layer_maps import (
     check_layer,
     cls_pool,
     contiguous_buckets,
-    transformer_states,
+    paired_states,
 )
 from kd_engine.registry import register
 
@@ -135,7 +135,7 @@ class CKD(Method):
         self.config = config
         self.groups: list[list[int]] | None = None
         self.projections: list[torch.nn.Linear | None] = []
-        self._shapes: tuple[int, int] = (0, 0)
+        self._bound: tuple[int, int] | None = None  # (student, teacher) layers
 
     def bind(self, teacher: ModelShape, student: ModelShape) -> None:
         """Resolve the groups and build one projection per student layer whose sizes differ.
@@ -167,7 +167,7 @@ class CKD(Method):
             None if len(g) * d_t == d_s else torch.nn.Linear(d_s, len(g) * d_t) for g in groups
         ]
         self.groups = groups
-        self._shapes = (n, m)
+        self._bound = (m, n)
 
     def extra_modules(self) -> list[torch.nn.Module]:
         """The projections W_j that exist (sizes differ)."""
@@ -186,17 +186,11 @@ class CKD(Method):
             RuntimeError: :meth:`bind` was not called.
             ValueError: teacher outputs or hidden states are missing or do not fit the binding.
         """
-        if self.groups is None:
-            raise RuntimeError("ckd: bind() must be called before loss()")
         if teacher is None:
             raise ValueError("ckd needs teacher outputs")
-        s_layers = transformer_states(student, "student", "ckd")
-        t_layers = transformer_states(teacher, "teacher", "ckd")
-        if (len(t_layers), len(s_layers)) != self._shapes:
-            raise ValueError(
-                f"ckd was bound to {self._shapes[0]} teacher and {self._shapes[1]} student layers "
-                f"but got hidden states of {len(t_layers)} and {len(s_layers)}"
-            )
+        if self.groups is None:
+            raise RuntimeError("ckd: bind() must be called before loss()")
+        s_layers, t_layers = paired_states(student, teacher, "ckd", self._bound)
         cfg = self.config
         ce = ce_loss(student.logits, labels)
         kd = kd_loss(student.logits, teacher.logits, cfg.temperature)

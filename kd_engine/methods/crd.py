@@ -30,7 +30,7 @@ from pydantic import Field
 from kd_engine.losses import ce_loss, kd_loss
 from kd_engine.losses.crd import crd_loss
 from kd_engine.methods.base import LossResult, Method, MethodConfig, StepOutputs
-from kd_engine.methods.layer_maps import cls_pool, linear_projection, transformer_states
+from kd_engine.methods.layer_maps import cls_pool, linear_projection, paired_states
 from kd_engine.registry import register
 
 if TYPE_CHECKING:
@@ -61,13 +61,7 @@ class CRDHead(torch.nn.Module):
             ValueError: hidden states are missing, or their layer counts differ from the shapes
                 the head was built for.
         """
-        s_states = transformer_states(student, "student", method)
-        t_states = transformer_states(teacher, "teacher", method)
-        if (len(s_states), len(t_states)) != self.num_layers:
-            raise ValueError(
-                f"{method} was bound to {self.num_layers[0]} student and {self.num_layers[1]} "
-                f"teacher layers but got {len(s_states)} and {len(t_states)}"
-            )
+        s_states, t_states = paired_states(student, teacher, method, self.num_layers)
         h_s = torch.cat([cls_pool(h) for h in s_states], dim=-1)
         h_t = torch.cat([cls_pool(h) for h in t_states], dim=-1)
         return crd_loss(self.student(h_s), self.teacher(h_t), temperature)
@@ -125,13 +119,14 @@ class CRD(Method):
         """Loss from logits (B, C), hidden states (m + 1 and n + 1 tensors (B, T, d)), labels.
 
         Raises:
-            ValueError: no teacher outputs or hidden states, bind() was not called, or the
-                layer counts differ from those given to bind().
+            RuntimeError: bind() was not called.
+            ValueError: no teacher outputs or hidden states, or the layer counts differ from
+                those given to bind().
         """
         if teacher is None:
             raise ValueError("crd needs teacher outputs")
         if self.head is None:
-            raise ValueError("crd: call bind() with the model shapes before the loss")
+            raise RuntimeError("crd: bind() must be called before loss()")
         c = self.config
         crd = self.head(student, teacher, c.crd_temperature)
         ce = ce_loss(student.logits, labels)

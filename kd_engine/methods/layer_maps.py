@@ -9,9 +9,10 @@ transformers' ``hidden_states`` is the embedding output).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import AfterValidator
 
 from kd_engine.methods.base import StepOutputs
 
@@ -79,6 +80,61 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: Pooling) -> to
     if how == "cls":
         return cls_pool(hidden)
     return mean_pool(hidden, attention_mask)
+
+
+def paired_states(
+    student: StepOutputs,
+    teacher: StepOutputs | None,
+    method: str,
+    bound: tuple[int, int] | None,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The student's and the teacher's transformer-layer outputs, checked against ``bind``.
+
+    Args:
+        student, teacher: the step outputs of both models, with hidden states.
+        method: the method's name, for the error messages.
+        bound: (student layers, teacher layers) recorded by the method's ``bind``; None if
+            ``bind`` has not run.
+
+    Returns:
+        (student layers, teacher layers), m and n tensors of (B, T, d_s) and (B, T, d_t).
+
+    Raises:
+        RuntimeError: ``bind`` was not called.
+        ValueError: teacher outputs or hidden states are missing, or their layer counts differ
+            from those given to ``bind``.
+    """
+    if bound is None:
+        raise RuntimeError(f"{method}: bind() must be called before loss()")
+    s_layers = transformer_states(student, "student", method)
+    t_layers = transformer_states(teacher, "teacher", method)
+    if (len(s_layers), len(t_layers)) != bound:
+        raise ValueError(
+            f"{method} was bound to {bound[0]} student and {bound[1]} teacher layers but got "
+            f"hidden states of {len(s_layers)} and {len(t_layers)}"
+        )
+    return s_layers, t_layers
+
+
+def _non_negative(layers: list[int]) -> list[int]:
+    if any(k < 0 for k in layers):
+        raise ValueError("teacher layer indices are 0-based and must be >= 0")
+    return layers
+
+
+def _distinct_sorted(layers: list[int]) -> list[int]:
+    if len(set(layers)) != len(layers):
+        raise ValueError("teacher layer indices must be distinct")
+    return sorted(layers)
+
+
+TeacherLayerMapping = Annotated[list[int], AfterValidator(_non_negative)]
+"""A config field: 0-based teacher layers in the given order (entry j for student layer j)."""
+
+TeacherLayerSet = Annotated[
+    list[int], AfterValidator(_non_negative), AfterValidator(_distinct_sorted)
+]
+"""A config field: a set of distinct 0-based teacher layers, kept sorted."""
 
 
 def check_layer(field: str, index: int, num_layers: int, who: str) -> None:

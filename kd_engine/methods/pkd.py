@@ -33,12 +33,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from kd_engine.losses import ce_loss, kd_loss
 from kd_engine.losses.normalized_mse import normalized_mse
 from kd_engine.methods.base import LossResult, Method, MethodConfig, StepOutputs
-from kd_engine.methods.layer_maps import check_layer, cls_pool, transformer_states, upper_layers
+from kd_engine.methods.layer_maps import (
+    TeacherLayerMapping,
+    check_layer,
+    cls_pool,
+    paired_states,
+    upper_layers,
+)
 from kd_engine.registry import register
 
 if TYPE_CHECKING:
@@ -62,14 +68,7 @@ class PKDConfig(MethodConfig):
     temperature: float = Field(10.0, gt=0.0, le=100.0)
     beta: float = Field(500.0, ge=0.0, le=100_000.0)
     strategy: Literal["skip", "last"] = "skip"
-    layer_mapping: list[int] | None = Field(None, min_length=1, max_length=48)
-
-    @field_validator("layer_mapping")
-    @classmethod
-    def _non_negative(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and any(i < 0 for i in v):
-            raise ValueError("teacher layer indices are 0-based and must be >= 0")
-        return v
+    layer_mapping: TeacherLayerMapping | None = Field(None, min_length=1, max_length=48)
 
 
 def pkd_layers(config: PKDConfig, teacher: ModelShape, student: ModelShape) -> list[int]:
@@ -111,7 +110,7 @@ class PKD(Method):
     def __init__(self, config: PKDConfig) -> None:
         self.config = config
         self.mapping: list[int] | None = None
-        self._shapes: tuple[int, int] = (0, 0)
+        self._bound: tuple[int, int] | None = None  # (student, teacher) layers
 
     def bind(self, teacher: ModelShape, student: ModelShape) -> None:
         """Resolve the layer mapping for these models.
@@ -126,7 +125,7 @@ class PKD(Method):
                 "(ckd and tinybert learn a projection)"
             )
         self.mapping = pkd_layers(self.config, teacher, student)
-        self._shapes = (teacher.num_layers, student.num_layers)
+        self._bound = (student.num_layers, teacher.num_layers)
 
     def loss(
         self,
@@ -141,17 +140,11 @@ class PKD(Method):
             RuntimeError: :meth:`bind` was not called.
             ValueError: teacher outputs or hidden states are missing or do not fit the binding.
         """
-        if self.mapping is None:
-            raise RuntimeError("pkd: bind() must be called before loss()")
         if teacher is None:
             raise ValueError("pkd needs teacher outputs")
-        s_layers = transformer_states(student, "student", "pkd")
-        t_layers = transformer_states(teacher, "teacher", "pkd")
-        if (len(t_layers), len(s_layers)) != self._shapes:
-            raise ValueError(
-                f"pkd was bound to {self._shapes[0]} teacher and {self._shapes[1]} student layers "
-                f"but got hidden states of {len(t_layers)} and {len(s_layers)}"
-            )
+        if self.mapping is None:
+            raise RuntimeError("pkd: bind() must be called before loss()")
+        s_layers, t_layers = paired_states(student, teacher, "pkd", self._bound)
         alpha, cfg = self.config.alpha, self.config
         ce = ce_loss(student.logits, labels)
         kd = kd_loss(student.logits, teacher.logits, cfg.temperature)

@@ -33,12 +33,18 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from kd_engine.losses import ce_loss, kd_loss
 from kd_engine.losses.rail import rail_loss
 from kd_engine.methods.base import LossResult, Method, MethodConfig, StepOutputs
-from kd_engine.methods.layer_maps import check_layer, linear_projection, pool, transformer_states
+from kd_engine.methods.layer_maps import (
+    TeacherLayerSet,
+    check_layer,
+    linear_projection,
+    paired_states,
+    pool,
+)
 from kd_engine.registry import register
 
 if TYPE_CHECKING:
@@ -64,23 +70,12 @@ class RAILKDConfig(MethodConfig):
     pooling: Literal["mean", "cls"] = "mean"
     projection_size: int = Field(128, ge=1, le=8192)
     redraw_every_steps: int | None = Field(None, ge=1)
-    teacher_layers: list[int] | None = Field(None, min_length=1, max_length=48)
+    teacher_layers: TeacherLayerSet | None = Field(None, min_length=1, max_length=48)
     seed: int | None = None
     ce_weight: float = Field(1 / 3, ge=0.0, le=1000.0)
     kd_weight: float = Field(1 / 3, ge=0.0, le=1000.0)
     rail_weight: float = Field(1 / 3, ge=0.0, le=1000.0)
     temperature: float = Field(1.0, gt=0.0, le=100.0)
-
-    @field_validator("teacher_layers")
-    @classmethod
-    def _distinct(cls, v: list[int] | None) -> list[int] | None:
-        if v is None:
-            return v
-        if any(k < 0 for k in v):
-            raise ValueError("teacher layer indices are 0-based and must be >= 0")
-        if len(set(v)) != len(v):
-            raise ValueError("teacher layer indices must be distinct")
-        return sorted(v)
 
 
 def draw_teacher_layers(pool: Sequence[int], m: int, seed: int, draw: int) -> list[int]:
@@ -175,20 +170,15 @@ class RAILKD(Method):
         and the attention mask (B, T) used by mean pooling.
 
         Raises:
-            ValueError: no teacher outputs or hidden states, bind() was not called, or the
-                layer counts differ from those given to bind().
+            RuntimeError: bind() was not called.
+            ValueError: no teacher outputs or hidden states, or the layer counts differ from
+                those given to bind().
         """
         if teacher is None:
             raise ValueError("rail_kd needs teacher outputs")
-        t_states = transformer_states(teacher, "teacher", "rail_kd")
-        s_states = transformer_states(student, "student", "rail_kd")
-        if self._shapes is None or self.projections is None:
-            raise ValueError("rail_kd: call bind() with the model shapes before the loss")
-        if (len(s_states), len(t_states)) != self._shapes:
-            raise ValueError(
-                f"rail_kd was bound to {self._shapes[0]} student and {self._shapes[1]} teacher "
-                f"layers but got {len(s_states)} and {len(t_states)}"
-            )
+        if self.projections is None:
+            raise RuntimeError("rail_kd: bind() must be called before loss()")
+        s_states, t_states = paired_states(student, teacher, "rail_kd", self._shapes)
         c = self.config
         h_s = [pool(h, attention_mask, c.pooling) for h in s_states]
         h_t = [pool(t_states[k], attention_mask, c.pooling) for k in self.layers]

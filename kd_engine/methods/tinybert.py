@@ -46,13 +46,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from kd_engine.losses.attention_mse import attention_mse
 from kd_engine.losses.hidden_mse import hidden_mse
 from kd_engine.losses.soft_cross_entropy import soft_cross_entropy
 from kd_engine.methods.base import LossResult, Method, MethodConfig, StepOutputs
-from kd_engine.methods.layer_maps import check_layer, upper_layers
+from kd_engine.methods.layer_maps import TeacherLayerMapping, check_layer, upper_layers
 from kd_engine.registry import register
 
 if TYPE_CHECKING:
@@ -75,14 +75,7 @@ class TinyBERTConfig(MethodConfig):
     intermediate_epochs: int = Field(1, ge=0, le=200)
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     attention_target: Literal["scores", "probabilities"] = "scores"
-    layer_mapping: list[int] | None = Field(None, min_length=1, max_length=48)
-
-    @field_validator("layer_mapping")
-    @classmethod
-    def _non_negative(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and any(i < 0 for i in v):
-            raise ValueError("teacher layer indices are 0-based and must be >= 0")
-        return v
+    layer_mapping: TeacherLayerMapping | None = Field(None, min_length=1, max_length=48)
 
 
 def _projection(d_student: int, d_teacher: int) -> torch.nn.Linear:

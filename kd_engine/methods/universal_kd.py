@@ -47,11 +47,12 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from kd_engine.losses import ce_loss, kd_loss
 from kd_engine.losses.universal_kd import Attend, ukd_loss
 from kd_engine.methods.base import LossResult, Method, MethodConfig, StepOutputs
+from kd_engine.methods.layer_maps import TeacherLayerSet
 from kd_engine.registry import register
 
 if TYPE_CHECKING:
@@ -90,18 +91,7 @@ class UniversalKDConfig(MethodConfig):
     attend: Attend = "logits"
     pooling: Pooling = "auto"
     teacher_probe_steps: int = Field(100, ge=0, le=1_000_000)
-    teacher_layers: list[int] | None = Field(None, min_length=1, max_length=128)
-
-    @field_validator("teacher_layers")
-    @classmethod
-    def _distinct(cls, v: list[int] | None) -> list[int] | None:
-        if v is None:
-            return v
-        if any(k < 0 for k in v):
-            raise ValueError("teacher layer indices are 0-based and must be >= 0")
-        if len(set(v)) != len(v):
-            raise ValueError("teacher layers must be distinct")
-        return sorted(v)
+    teacher_layers: TeacherLayerSet | None = Field(None, min_length=1, max_length=128)
 
 
 def pool_layer(

@@ -174,7 +174,7 @@ def test_gradient_reaches_projections_and_errors() -> None:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
     with pytest.raises(ValueError, match="teacher"):
         method.loss(student, None, torch.tensor([0, 1]), mask)
-    with pytest.raises(ValueError, match="bound to 6 teacher"):
+    with pytest.raises(ValueError, match="bound to 2 student and 6 teacher"):
         method.loss(student, student, torch.tensor([0, 1]), mask)
     with pytest.raises(RuntimeError, match="bind"):
         CKD(CKDConfig()).loss(student, teacher, torch.tensor([0, 1]), mask)

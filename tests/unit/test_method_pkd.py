@@ -175,5 +175,5 @@ def test_pkd_loss_needs_bind_teacher_and_hidden_states() -> None:
     with pytest.raises(ValueError, match="hidden states"):
         method.loss(StepOutputs(student.logits), student, labels, mask)
     method.bind(shape(4), shape(2))
-    with pytest.raises(ValueError, match="bound to 4 teacher"):
+    with pytest.raises(ValueError, match="bound to 2 student and 4 teacher"):
         method.loss(student, student, labels, mask)
