@@ -200,6 +200,7 @@ def run_job(
         "best_epoch": result.best_epoch,
         "best_dev": result.best_dev,
         "train_seconds": result.seconds,
+        "warnings": result.warnings,
         "test": classification_metrics(s_logits, test_enc.labels),
         "student": _size_and_speed(student, test_enc, pad_id, device),
     }

@@ -59,6 +59,7 @@ class TrainResult:
     best_epoch: int = 0
     best_dev: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -174,7 +175,9 @@ def _train(
     )
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     generator = torch.Generator().manual_seed(cfg.seed)
-    result = TrainResult()
+    result = TrainResult(warnings=method.schedule_warnings(total))
+    for warning in result.warnings:
+        hooks.log({"event": "warning", "message": warning})
     best_state: dict[str, torch.Tensor] | None = None
     step, started = 0, time.perf_counter()
 

@@ -101,6 +101,14 @@ class Method(ABC):
                 the spec field, e.g. ``method.intermediate_epochs: ...``.
         """
 
+    def schedule_warnings(self, total_steps: int) -> list[str]:
+        """Warnings about a schedule that runs but cannot do what the settings ask, e.g. a
+        stage that would start after the job's last optimiser step (``total_steps``).
+
+        The engine records them in ``metrics.json`` (``warnings``) and in the training log.
+        """
+        return []
+
     def start_step(self, epoch: int, step: int) -> None:  # noqa: B027
         """Called before each training step's loss (epoch 1-based, step = optimiser steps
         taken so far); methods with schedules (layer redraws, stages) use it."""

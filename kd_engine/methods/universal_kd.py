@@ -188,6 +188,18 @@ class UniversalKD(Method):
         self._pool_teacher = self._pooling(teacher)
         self._pool_student = self._pooling(student)
 
+    def schedule_warnings(self, total_steps: int) -> list[str]:
+        """Warn when L_UKD would start at or after the job's last step (it would never run)."""
+        k = self.config.teacher_probe_steps
+        if k < total_steps:
+            return []
+        return [
+            f"method.teacher_probe_steps is {k} but the job trains for {total_steps} optimiser "
+            "steps, so L_UKD (the intermediate-layer term) never starts and this job is "
+            "vanilla_kd with universal_kd's weights; set teacher_probe_steps below "
+            f"{total_steps} or train longer"
+        ]
+
     def start_step(self, epoch: int, step: int) -> None:
         """Remember the optimiser step: L_UKD starts at ``teacher_probe_steps``."""
         self._step = step

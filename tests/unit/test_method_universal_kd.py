@@ -328,3 +328,11 @@ def test_training_steps_lower_the_loss_for_bilstm_and_cnn_students(
         name = type(model).__name__
         assert losses[-1] < losses[0], (name, losses)
         assert all(math.isfinite(u) and u >= 0 for u in ukd), (name, ukd)
+
+
+def test_a_job_too_short_for_the_probe_warm_up_is_warned_about() -> None:
+    method = UniversalKD(UniversalKDConfig(teacher_probe_steps=64))
+    assert method.schedule_warnings(65) == []
+    (warning,) = method.schedule_warnings(64)
+    assert warning.startswith("method.teacher_probe_steps is 64 but the job trains for 64")
+    assert "never starts" in warning

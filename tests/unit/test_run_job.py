@@ -161,6 +161,7 @@ def test_vanilla_kd_from_the_finetuned_teacher(kd_run: RunResult, teacher_run: R
     m = kd_run.metrics
     assert m["method"] == "vanilla_kd"
     assert m["labels"] == ["rotten", "fresh"]
+    assert m["warnings"] == []
     config = json.loads((kd_run.out_dir / "config.json").read_text())
     assert config["num_hidden_layers"] == 2
     assert m["student"]["parameters"] < m["teacher"]["parameters"]

@@ -292,6 +292,35 @@ def test_max_steps_stops_early(
     assert [h["step"] for h in result.history] == [3]
 
 
+class WarningFinetune(Finetune):
+    """Finetune that reports the total it was given as a schedule warning."""
+
+    def schedule_warnings(self, total_steps: int) -> list[str]:
+        return [f"total {total_steps}"]
+
+
+def test_schedule_warnings_see_the_real_total_and_are_recorded(
+    minilm_classifier: PreTrainedModel, encoded: dict[str, Encoded]
+) -> None:
+    logs: list[dict[str, object]] = []
+    cfg = TrainingSpec(epochs=5, batch_size=4, max_steps=3, max_seq_length=16, device="cpu")
+    result = train(
+        small_student(minilm_classifier),
+        None,
+        WarningFinetune(FinetuneConfig()),
+        encoded["train"],
+        encoded["dev"],
+        cfg,
+        PAD,
+        CPU,
+        TrainHooks(log=logs.append, every=1),
+    )
+    assert result.warnings == ["total 3"]
+    assert [r for r in logs if r["event"] == "warning"] == [
+        {"event": "warning", "message": "total 3"}
+    ]
+
+
 class NanMethod(Method):
     """A method whose loss is NaN (as after a divergence)."""
 
