@@ -160,6 +160,9 @@ def run(
 @app.command()
 def latency(
     out: Annotated[Path, typer.Option()] = OUT,
+    teachers: Annotated[
+        Path | None, typer.Option(help="Teachers' directory (default: OUT/teachers).")
+    ] = None,
     threads: Annotated[int, typer.Option(help="torch threads while timing.")] = 2,
 ) -> None:
     """Time the teachers and one student per (dataset, student) again, on an idle machine.
@@ -180,7 +183,7 @@ def latency(
     timed: dict[str, float] = {}
     for dataset in sorted({r["dataset"] for r in rows}):
         data = load_transfer_set(DatasetSpec(source=f"builtin:{dataset}"), _no_files)
-        models = {"teacher": out / "teachers" / dataset}
+        models = {"teacher": (teachers or out / "teachers") / dataset}
         for student in sorted({r["student"] for r in rows if r["dataset"] == dataset}):
             models[student] = out / "runs" / f"{dataset}-{student}-vanilla_kd-0"
         for who, path in models.items():
