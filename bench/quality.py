@@ -178,6 +178,8 @@ def latency(
     from kd_engine.evaluation import latency_per_example
     from kd_engine.spec import DatasetSpec
 
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     torch.set_num_threads(threads)
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
     timed: dict[str, float] = {}
