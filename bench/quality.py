@@ -31,6 +31,7 @@ STUDENTS: dict[str, dict[str, Any]] = {
     "layers2": {"type": "from_teacher", "num_layers": 2},
     "minilm-l3": {"type": "pretrained", "model": "builtin:minilm-l3"},
 }
+MAX_SEQ_LENGTH = 64  # tokens, for every run and for the latency timings
 app = typer.Typer(add_completion=False)
 
 
@@ -55,7 +56,7 @@ def _teacher(teachers: Path, dataset: str, epochs: int) -> Path:
             "teacher": "builtin:minilm-l6",
             "method": {"name": "finetune"},
             "dataset": _dataset(dataset, None),
-            "training": {"epochs": epochs, "max_seq_length": 64, "seed": 0},
+            "training": {"epochs": epochs, "max_seq_length": MAX_SEQ_LENGTH, "seed": 0},
         }
     )
     run_job(spec, builtin_model_path("minilm-l6"), _no_files, path)
@@ -123,7 +124,7 @@ def run(
                             "dataset": _dataset(dataset, train_examples),
                             "training": {
                                 "epochs": epochs,
-                                "max_seq_length": 64,
+                                "max_seq_length": MAX_SEQ_LENGTH,
                                 "seed": seed,
                                 "learning_rate": 1e-4,
                                 "device": "cpu",
@@ -191,7 +192,7 @@ def latency(
         for who, path in models.items():
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForSequenceClassification.from_pretrained(path)
-            test = encode(data.test, tokenizer, 64)
+            test = encode(data.test, tokenizer, MAX_SEQ_LENGTH)
             pad = int(tokenizer.pad_token_id or 0)
             timed[f"{dataset}/{who}"] = latency_per_example(
                 model, test, 1, pad, torch.device("cpu")

@@ -272,26 +272,6 @@ def test_gradient_accumulation_takes_a_step_per_group_and_at_epoch_end(
     assert [r["lr"] for r in logs if r["event"] == "step"][-1] == 0.0
 
 
-def test_max_steps_stops_early(
-    minilm_classifier: PreTrainedModel, encoded: dict[str, Encoded]
-) -> None:
-    logs: list[dict[str, object]] = []
-    cfg = TrainingSpec(epochs=5, batch_size=4, max_steps=3, max_seq_length=16, device="cpu")
-    result = train(
-        small_student(minilm_classifier),
-        None,
-        Finetune(FinetuneConfig()),
-        encoded["train"],
-        encoded["dev"],
-        cfg,
-        PAD,
-        CPU,
-        TrainHooks(log=logs.append, every=1),
-    )
-    assert [r["step"] for r in logs if r["event"] == "step"] == [1, 2, 3]
-    assert [h["step"] for h in result.history] == [3]
-
-
 class WarningFinetune(Finetune):
     """Finetune that reports the total it was given as a schedule warning."""
 
@@ -299,7 +279,7 @@ class WarningFinetune(Finetune):
         return [f"total {total_steps}"]
 
 
-def test_schedule_warnings_see_the_real_total_and_are_recorded(
+def test_max_steps_stops_early_and_schedule_warnings_see_that_total(
     minilm_classifier: PreTrainedModel, encoded: dict[str, Encoded]
 ) -> None:
     logs: list[dict[str, object]] = []
@@ -315,6 +295,8 @@ def test_schedule_warnings_see_the_real_total_and_are_recorded(
         CPU,
         TrainHooks(log=logs.append, every=1),
     )
+    assert [r["step"] for r in logs if r["event"] == "step"] == [1, 2, 3]
+    assert [h["step"] for h in result.history] == [3]
     assert result.warnings == ["total 3"]
     assert [r for r in logs if r["event"] == "warning"] == [
         {"event": "warning", "message": "total 3"}
