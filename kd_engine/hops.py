@@ -13,9 +13,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kd_engine import registry
+from kd_engine.augment.samples import SAMPLES_FILE, decode_samples, write_samples
 from kd_engine.data.batching import Encoded
 from kd_engine.evaluation import count_parameters, predict_logits, task_metrics
 from kd_engine.export import save_archive
+from kd_engine.methods.base import Resources
 from kd_engine.methods.chain import Hop
 from kd_engine.models.loading import load_classifier, read_config
 from kd_engine.models.shapes import ModelShape, planned_student_shape, shape_from_config
@@ -115,6 +117,8 @@ class Job:
     out_dir: Path
     teacher_test_logits: torch.Tensor | None = None
     teacher_taught: bool = False
+    generator_path: str | None = None
+    corpus: Encoded | None = None
 
     def shape(self, model: PreTrainedModel) -> ModelShape:
         """The shape of a built model (for the method bound to it)."""
@@ -190,6 +194,20 @@ def run_hop(
     )
     kd_teacher = hop_teacher if method.uses_teacher else None
     job.teacher_taught |= kd_teacher is job.teacher
+    tokenizer = job.tokenizer
+    method.bind(
+        Resources(
+            student=student,
+            teacher=kd_teacher,
+            device=job.device,
+            pad_id=job.pad_id,
+            mask_id=tokenizer.mask_token_id,
+            special_ids=frozenset(int(i) for i in tokenizer.all_special_ids),
+            generator_path=job.generator_path,
+            corpus=job.corpus,
+            training=spec.training,
+        )
+    )
     result = train(
         student,
         kd_teacher,
@@ -230,6 +248,11 @@ def run_hop(
         report.update(teacher_match(test_logits, job.teacher_logits()))
     elif kd_teacher is not None and previous is not None:
         report.update(teacher_match(test_logits, previous[1].test_logits))
+    samples = method.augmentation_samples()
+    if samples:
+        name = SAMPLES_FILE if n == 1 else f"{hop.name}.{SAMPLES_FILE}"
+        write_samples(job.out_dir / name, decode_samples(samples, job.tokenizer))
+        report["augmented_samples"] = name
     if index < n - 1:
         job.stage(prefix + "export", hop=index + 1, num_hops=n)
         archive = save_archive(student, job.tokenizer, job.out_dir, hop.name)

@@ -114,6 +114,7 @@ def run_job(
     out_dir: Path,
     hooks: TrainHooks | None = None,
     student_path: Path | str | None = None,
+    generator_path: Path | str | None = None,
 ) -> RunResult:
     """Train and export the student of ``spec`` into ``out_dir``.
 
@@ -126,7 +127,9 @@ def run_job(
     Writes the student (config.json, model.safetensors, tokenizer files), ``metrics.json`` (the
     student's metrics, and ``hops``: one report per hop) and ``train_log.jsonl`` (one JSON record
     per progress event and epoch). ``student_path`` is the local checkpoint (or hub id) of a
-    ``pretrained`` student.
+    ``pretrained`` student, ``generator_path`` that of the masked-LM generator named by the
+    method's ``generator`` setting (MATE-KD and its family). An augmentation method also writes
+    ``augmented_samples.jsonl`` (original and augmented texts).
 
     Raises:
         ValueError: a problem with the job a user can fix (message names it).
@@ -185,6 +188,7 @@ def run_job(
         hooks=hooks,
         stage=stage,
         out_dir=out_dir,
+        generator_path=str(generator_path) if generator_path is not None else None,
     )
     eval_encs = {name: encode(ex, tokenizer, max_len) for name, ex in eval_sets.items()}
     task = "regression" if data.regression else "classification"

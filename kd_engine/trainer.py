@@ -54,6 +54,9 @@ class Progress:
             such as ``takd``; see :mod:`kd_engine.methods.chain`), 0 when not set. Epochs and
             steps then count within the hop.
         num_hops: how many models the job trains (0 when not set).
+        phase: within an adversarial stage (MATE-KD and its family), ``generator`` for a report
+            of the generator's max steps (``losses`` then holds the divergence they reached,
+            e.g. ``generator_kl``) and ``student`` for the student's min steps; '' otherwise.
     """
 
     stage: str
@@ -68,6 +71,7 @@ class Progress:
     stage_steps: int = 0
     hop: int = 0
     num_hops: int = 0
+    phase: str = ""
 
 
 @dataclass
@@ -232,6 +236,7 @@ class _Loop:
         self.restore_state: dict[str, torch.Tensor] | None = None
         self.restore_score = -math.inf
         self.step = self.epoch = 0
+        self.generator_block = 0  # generator (max-step) blocks run so far
         self.started = time.perf_counter()
 
     def __call__(self) -> TrainResult:
@@ -289,6 +294,7 @@ class _Loop:
         for p in frozen:
             p.requires_grad_(False)
         method.begin_stage(stage)
+        self.generator_block = 0
         optimizer, scheduler = self._optimizer(stage, active)
         clip = [(g.parameters(), g.max_grad_norm or cfg.max_grad_norm) for g in active]
         hooks.log({"event": "stage", "stage": stage.name, "index": index + 1, "steps": n_steps})
@@ -332,7 +338,8 @@ class _Loop:
                     stage_epoch=stage_epoch,
                     stage_step=stage_step,
                     stage_steps=n_steps,
-                    **position,
+                    stage_index=index + 1,
+                    num_stages=len(self.stages),
                 )
             )
             if not stage_best or score > stage_best[metric]:
@@ -354,6 +361,8 @@ class _Loop:
             for micro, batch in enumerate(
                 batches(self.train_data, cfg.batch_size, self.pad_id, generator)
             ):
+                if micro % cfg.grad_accumulation_steps == 0:
+                    self._generator_steps(stage_step, batch, position, n_steps, stage_epoch)
                 method.start_step(self.epoch, self.step)
                 method.start_batch(batch)
                 res_total, parts = self._micro_step(batch)
@@ -388,7 +397,9 @@ class _Loop:
                             stage_epoch=stage_epoch,
                             stage_step=stage_step,
                             stage_steps=n_steps,
-                            **position,
+                            stage_index=index + 1,
+                            num_stages=len(self.stages),
+                            phase="student" if self.generator_block else "",
                         )
                     )
                     hooks.log(
@@ -443,16 +454,63 @@ class _Loop:
         self.result.stages.append(summary)
         hooks.log({"event": "stage_end", **summary})
 
+    def _generator_steps(
+        self,
+        stage_step: int,
+        batch: dict[str, torch.Tensor],
+        position: dict[str, int],
+        n_steps: int,
+        stage_epoch: int,
+    ) -> None:
+        """Run the method's generator (max) steps due before student step ``stage_step`` and
+        report the divergence they reached (a ``generator`` phase progress report and log
+        record). Nothing happens for a method without a generator."""
+        n = self.method.generator_steps(stage_step) if stage_step < n_steps else 0
+        if not n:
+            return
+        self.generator_block += 1
+        sums: dict[str, float] = {}
+        for _ in range(n):
+            for k, v in self.method.generator_step(batch).items():
+                sums[k] = sums.get(k, 0.0) + v
+        means = {k: v / n for k, v in sums.items()}
+        label = self.method.stage_label()
+        self.hooks.log(
+            {"event": "generator", "stage": label, "step": self.step, "steps": n, **means}
+        )
+        if self.generator_block % max(1, self.hooks.every) == 1 or self.hooks.every == 1:
+            self.hooks.on_progress(
+                Progress(
+                    label,
+                    self.epoch,
+                    self.step,
+                    self.total,
+                    means,
+                    stage_epoch=stage_epoch,
+                    stage_step=stage_step,
+                    stage_steps=n_steps,
+                    stage_index=position["stage_index"],
+                    num_stages=position["num_stages"],
+                    phase="generator",
+                )
+            )
+
     def _micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
-        """Forward both models, compute the method's loss, back-propagate; returns the loss."""
+        """Forward both models (and, when the method augments the batch, both on the augmented
+        batch too), compute the method's loss, back-propagate; returns the loss."""
         device, method = self.device, self.method
         use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             t_out = None
+            augmented = method.augment(batch)
             if method.uses_teacher and self.teacher is not None:
                 with torch.inference_mode():
                     t_out = _forward(self.teacher, batch, method, device)
+                    if augmented is not None:
+                        t_out.augmented = _forward(self.teacher, augmented, method, device)
             s_out = _forward(self.student, batch, method, device)
+            if augmented is not None:
+                s_out.augmented = _forward(self.student, augmented, method, device)
             labels = batch["labels"].to(device)
             res = method.loss(s_out, t_out, labels, batch["attention_mask"].to(device))
         total = float(res.total.detach())

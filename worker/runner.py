@@ -151,8 +151,18 @@ def execute(job_id: str, settings: Settings) -> str:
             if isinstance(spec.student, PretrainedStudent)
             else None
         )
+        generator_ref = getattr(spec.method, "generator", None)
+        generator = (
+            refs.model_location(generator_ref, settings) if generator_ref is not None else None
+        )
         result = run_job(
-            spec, teacher, lambda ref: refs.dataset_file(ref, settings), tmp, hooks, student
+            spec,
+            teacher,
+            lambda ref: refs.dataset_file(ref, settings),
+            tmp,
+            hooks,
+            student,
+            generator,
         )
         _publish(sm, settings, job_id, tmp, result.metrics)
         log.info("job %s: succeeded", job_id)

@@ -20,6 +20,8 @@ from kd_engine.errors import SpecError
 from kd_engine.stages import ParamGroup, Stage
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from kd_engine.data.batching import Encoded
     from kd_engine.models.shapes import ModelShape
     from kd_engine.spec import TrainingSpec
@@ -56,11 +58,46 @@ class StepOutputs:
         attentions: per layer, each (B, heads, T, T); None unless requested. Softmax
             probabilities, or the pre-softmax scores (padding mask added) for a method whose
             ``attention_scores`` is True.
+        augmented: the same model's outputs on the augmented batch of the step (B', C), when
+            the method's :meth:`Method.augment` made one (MATE-KD's x', Minimax-kNN's
+            neighbours); None otherwise.
     """
 
     logits: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    augmented: StepOutputs | None = None
+
+
+@dataclass
+class Resources:
+    """What a method that runs models itself (an augmentation method: a generator's max steps,
+    neighbour selection) gets from the hop before training, through :meth:`Method.bind`.
+
+    Attributes:
+        student: the student being trained (the loop trains it; the method only reads it).
+        teacher: the hop's teacher (never trained), or None.
+        device: where both models run.
+        pad_id: the tokenizer's padding id.
+        mask_id: the tokenizer's mask token id ([MASK]), or None when it has none.
+        special_ids: ids of the tokenizer's special tokens ([CLS], [SEP], [PAD], [MASK], ...).
+        generator_path: local directory (or hub id) of the masked-LM checkpoint the method's
+            ``generator`` setting names, or None.
+        corpus: the unlabelled corpus the method's ``corpus`` setting names, encoded like the
+            transfer set (labels are unused), or None.
+        training: the job's training settings (batch size and sequence length size the memory
+            check), or None.
+    """
+
+    student: PreTrainedModel
+    teacher: PreTrainedModel | None
+    device: torch.device
+    pad_id: int
+    mask_id: int | None = None
+    special_ids: frozenset[int] = frozenset()
+    generator_path: str | None = None
+    corpus: Encoded | None = None
+    training: TrainingSpec | None = None
 
 
 @dataclass
@@ -79,7 +116,10 @@ class Method(ABC):
     and, with it, ``attention_scores`` (attention maps as pre-softmax scores rather than
     probabilities; see :mod:`kd_engine.models.attention_scores`). ``any_student_architecture``
     is True for a method whose intermediate-layer matching works for students that are not
-    transformers (BiLSTM, CNN). ``config_cls`` is the method's settings class.
+    transformers (BiLSTM, CNN). ``binds_models`` is True for a method that runs the models
+    itself (an augmentation method: a generator's max steps, neighbour selection); it must be
+    given them through :meth:`bind` before training. ``config_cls`` is the method's settings
+    class.
 
     Per-job state lives on the instance, never on the class: a worker runs many jobs.
     """
@@ -89,6 +129,7 @@ class Method(ABC):
     needs_attentions: ClassVar[bool] = False
     attention_scores: ClassVar[bool] = False
     any_student_architecture: ClassVar[bool] = False
+    binds_models: ClassVar[bool] = False
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
 
     def __init__(self, config: MethodConfig, teacher: ModelShape, student: ModelShape) -> None:
@@ -145,6 +186,47 @@ class Method(ABC):
     def start_step(self, epoch: int, step: int) -> None:  # noqa: B027
         """Called before each training step's loss (epoch 1-based over the whole job, step =
         optimiser steps taken so far in the job); methods with schedules use it."""
+
+    def bind(self, resources: Resources) -> None:  # noqa: B027
+        """Called by the hop before training with the models and what else the method's
+        settings name (a generator checkpoint, an unlabelled corpus). An augmentation method
+        builds its generator or neighbour index here.
+
+        Raises:
+            SpecError: what the settings name cannot be used (names the field), or the job
+                cannot fit in the worker's memory (names the setting to lower).
+        """
+
+    def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """An augmented batch for the current student step (called after :meth:`start_batch`
+        with the same batch), or None. When a batch is returned the loop runs the teacher and
+        the student on it too, and the loss finds their outputs in ``StepOutputs.augmented``.
+
+        The returned batch holds ``input_ids`` and ``attention_mask`` (B', T') int64, and
+        ``token_type_ids`` when the models use them."""
+        return None
+
+    def generator_steps(self, stage_step: int) -> int:
+        """How many generator (max) steps to run before the student's optimiser step number
+        ``stage_step`` (0-based within the stage) of the current stage; 0 for a method with no
+        adversary (every method but the MATE-KD family)."""
+        return 0
+
+    def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One generator (max) step on ``batch``: the method updates its own generator with its
+        own optimiser and returns the named values to report (the divergence reached). Never
+        leaves gradients on the student or the teacher.
+
+        Raises:
+            NotImplementedError: the method has no generator (it returned 0 steps).
+        """
+        raise NotImplementedError(f"{self.config.name} has no generator")
+
+    def augmentation_samples(self) -> list[dict[str, object]]:
+        """Examples of augmented inputs for the job's artifacts, as token ids: each record has
+        ``original`` and ``augmented`` (lists of ids; the hop decodes them), and may carry more
+        (``stage_step``, ``replaced`` positions, ``kl``). Empty for methods that do not augment."""
+        return []
 
     def param_groups(self) -> list[ParamGroup]:
         """The method's own trainable modules (projections, probes) as named groups; the loop

@@ -112,6 +112,20 @@ class KimCNNConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+def _words(
+    embeddings: nn.Embedding, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+) -> torch.Tensor:
+    """Word vectors (B, T, E): ``inputs_embeds`` when given (MATE-KD feeds one-hot samples
+    times the embedding matrix), else the embeddings of ``input_ids`` (B, T).
+
+    Raises:
+        ValueError: neither or both are given.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids and inputs_embeds")
+    return inputs_embeds if inputs_embeds is not None else embeddings(input_ids)
+
+
 def _mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """(B, T) bool mask of real tokens (all True without an attention mask).
 
@@ -209,13 +223,14 @@ class BiLSTMForSequenceClassification(_TextStudent):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = False,
         output_attentions: bool | None = False,
         return_dict: bool | None = True,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> SequenceClassifierOutput | tuple[torch.Tensor, ...]:
         """Logits (B, C) for ``input_ids`` (B, T) with right padding marked by
@@ -225,13 +240,14 @@ class BiLSTMForSequenceClassification(_TextStudent):
         Raises:
             ValueError: the attention mask does not fit the ids.
         """
-        mask = _mask(input_ids, attention_mask)
+        words = _words(self.embeddings, input_ids, inputs_embeds)
+        mask = _mask(words[..., 0], attention_mask)
         keep = mask.unsqueeze(-1).to(self.embeddings.weight.dtype)
-        x = self.dropout(self.embeddings(input_ids)) * keep
+        x = self.dropout(words) * keep
         hidden: list[torch.Tensor] = [x]
         # Real lengths (>= 1) on the CPU, as pack_padded_sequence wants them.
         lengths = mask.sum(dim=1).clamp(min=1).cpu()
-        total = input_ids.shape[1]
+        total = words.shape[1]
         h_n = torch.empty(0)
         for i, lstm in enumerate(self.lstm):
             if i > 0:
@@ -269,13 +285,14 @@ class KimCNNForSequenceClassification(_TextStudent):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = False,
         output_attentions: bool | None = False,
         return_dict: bool | None = True,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> SequenceClassifierOutput | tuple[torch.Tensor, ...]:
         """Logits (B, C) for ``input_ids`` (B, T) with padding marked by ``attention_mask``
@@ -284,9 +301,10 @@ class KimCNNForSequenceClassification(_TextStudent):
         Raises:
             ValueError: the attention mask does not fit the ids.
         """
-        mask = _mask(input_ids, attention_mask)
+        words = _words(self.embeddings, input_ids, inputs_embeds)
+        mask = _mask(words[..., 0], attention_mask)
         keep = mask.unsqueeze(-1)
-        emb = self.embeddings(input_ids) * keep.to(self.embeddings.weight.dtype)
+        emb = words * keep.to(self.embeddings.weight.dtype)
         x = emb.transpose(1, 2)  # (B, E, T)
         # Zero vectors beyond both ends ((k - 1) // 2 before, k // 2 after, as Kim's code pads
         # sentences with zero vectors) keep one output per token position: the maps align on T.

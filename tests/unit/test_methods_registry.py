@@ -160,6 +160,10 @@ def test_every_registered_method_gives_a_finite_loss(name: str) -> None:
     for method in methods:
         stages = method.stages(TrainingSpec())
         assert stages
+        if method.binds_models:
+            # An augmentation method's loss needs real models bound to it (a generator, a
+            # neighbour index): tests/unit/test_method_mate_kd.py and its siblings run them.
+            continue
         for stage in stages:  # every stage's loss
             method.begin_stage(stage)
             _check_one_loss(method, stage)
@@ -215,6 +219,8 @@ def test_every_method_runs_a_regression_task_or_refuses_it_by_name(name: str) ->
     built = registry.build(config, teacher, student, TrainingSpec())
     methods = built.hop_methods if isinstance(built, ChainMethod) else [built]
     for method in methods:
+        if method.binds_models:  # run with real models in its own tests
+            continue
         for stage in method.stages(TrainingSpec()):
             method.begin_stage(stage)
             _check_one_loss(method, stage, classes=1)
@@ -243,5 +249,7 @@ def test_checking_a_method_allocates_no_parameters(name: str) -> None:
         )
     finally:
         handle.remove()
+    if small.binds_models:  # its modules (a generator) are built by bind(), from real models
+        return
     own = [p for g in small.param_groups() for m in g.modules for p in m.parameters()]
     assert len(registered) >= len(own)
