@@ -303,6 +303,30 @@ def test_every_registered_method_runs_through_the_worker(
     assert any(s["original"] != s["augmented"] for s in samples)
 
 
+def test_an_augmentation_job_that_cannot_fit_fails_before_training(
+    client: Client, teacher: dict[str, Any]
+) -> None:
+    """The worker's memory check (kd_engine.augment.memory): (B, T, V) float32 generator
+    tensors alone at B 4096, T 512, V 30522 are 3 * 4096 * 512 * 30522 * 4 bytes (~715 GiB),
+    more than any worker has; the job fails when the method binds its models, naming the
+    setting, before a single training step."""
+    job = client.submit(
+        {
+            "teacher": f"job:{teacher['id']}",
+            "student": {"num_layers": 2},
+            "method": matrix_method("mate_kd"),
+            "dataset": SMALL_DATA,
+            "training": {**SMALL_TRAINING, "batch_size": 4096, "max_seq_length": 512},
+        }
+    )
+    done = client.wait(job["id"], timeout_s=300)
+    assert done["status"] == "failed"
+    assert done["error"].startswith("training.batch_size: mate_kd needs about "), done["error"]
+    assert "GiB" in done["error"] and "Traceback" not in done["error"]
+    assert (done["progress"] or {}).get("step", 0) == 0
+    assert client.artifacts(job["id"])["items"] == []
+
+
 def test_a_cnn_student_through_the_worker_loads_after_download(
     client: Client, teacher: dict[str, Any], tmp_path: Path
 ) -> None:
