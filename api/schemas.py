@@ -18,7 +18,10 @@ class ProgressOut(BaseModel):
     job and within the stage, and the latest losses (mean over the epoch so far). A job that
     trains several models (``takd``, ``born_again``, ``teacher_free_self``) also says which
     (``hop`` of ``num_hops``; its stage names start with ``hop 2/3 assistant_2: ``), and its
-    epochs and steps then count within that model's training."""
+    epochs and steps then count within that model's training. In an adversarial stage
+    (``mate_kd`` and its family) ``phase`` says whose steps a report is about: ``generator``
+    (its max steps; ``losses`` holds the divergence reached, ``generator_kl`` or
+    ``generator_mse``) or ``student`` (the min steps; the method's losses)."""
 
     stage: str
     epoch: int = 0
@@ -32,6 +35,12 @@ class ProgressOut(BaseModel):
     stage_steps: int = 0
     hop: int = Field(0, description="Which model of a multi-model job is training (1-based).")
     num_hops: int = Field(0, description="How many models the job trains (takd, born_again).")
+    phase: str = Field(
+        "",
+        description="Within an adversarial stage (mate_kd and its family): 'generator' for a "
+        "report of the generator's max steps (losses: the divergence they reached, e.g. "
+        "generator_kl) and 'student' for the student's min steps; '' otherwise.",
+    )
 
 
 class JobOut(BaseModel):

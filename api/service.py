@@ -82,8 +82,44 @@ def _student_config(
     return config
 
 
+def _check_generator(
+    session: Session, spec: JobSpec, settings: Settings, teacher_config: dict[str, object] | None
+) -> None:
+    """``method.generator`` of an augmentation method (any method whose settings have a
+    ``generator``): a known reference (a ``job:`` one to a succeeded job) and, when its
+    config.json is readable here, a masked LM (``architectures`` names a ``*ForMaskedLM``
+    class) with the teacher's vocabulary. A hub generator is checked by the worker.
+
+    Raises:
+        InvalidSpec: naming ``method.generator``.
+    """
+    ref = getattr(spec.method, "generator", None)
+    if not isinstance(ref, str):
+        return
+    field = "method.generator"
+    config = _model_config(session, ref, settings, field)
+    if config is None:
+        return
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not any(str(a).endswith("ForMaskedLM") for a in archs):
+        raise InvalidSpec(
+            f"{ref!r} is not a masked-LM checkpoint (its config's architectures: {archs}); "
+            "the generator must be one (e.g. BertForMaskedLM), or leave method.generator "
+            "unset to build one from the teacher",
+            field,
+        )
+    if teacher_config is not None and config.get("vocab_size") != teacher_config.get("vocab_size"):
+        raise InvalidSpec(
+            f"its vocabulary ({config.get('vocab_size')} tokens) differs from the teacher's "
+            f"({teacher_config.get('vocab_size')}); the generator must share the teacher's "
+            "tokenizer",
+            field,
+        )
+
+
 def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
     config = _model_config(session, spec.teacher, settings, "teacher")
+    _check_generator(session, spec, settings, config)
     if config is None:
         return
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:

@@ -70,7 +70,8 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def e2e_broker_url() -> str:
-    """A Redis database (next to REDIS_URL's) for the end-to-end stack, flushed first."""
-    url = REDIS_URL.rsplit("/", 1)[0] + "/14"
+    """A Redis database for the end-to-end stack, flushed first: DISTILLERY_TEST_E2E_BROKER_URL,
+    else database 14 of REDIS_URL's server (set it when several checkouts share one server)."""
+    url = os.environ.get("DISTILLERY_TEST_E2E_BROKER_URL") or REDIS_URL.rsplit("/", 1)[0] + "/14"
     redis.Redis.from_url(url).flushdb()
     return url

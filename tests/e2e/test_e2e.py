@@ -8,6 +8,8 @@ job; deliver a task twice; a bad spec; a job that fails with a reason.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,6 +205,30 @@ def test_a_job_with_bad_data_fails_with_a_reason(client: Client, stack: Stack) -
     assert "Traceback" not in done["error"]
 
 
+SMALL_AUGMENTATION = {
+    "epochs": 1,
+    "student_steps": 2,
+    "generator_steps": 1,
+    "generator_warmup_epochs": 1,
+}
+"""Small settings for a method that binds models (an augmentation method: mate_kd and its
+family), each applied only where the method's settings have the field, so a newly registered
+one runs here without being named."""
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {}
+"""Per-method settings over the defaults (and over SMALL_AUGMENTATION), by method name."""
+
+
+def matrix_method(name: str) -> dict[str, Any]:
+    """The ``method`` of the registry matrix's job for ``name``: its defaults, made small for an
+    augmentation method, then METHOD_OVERRIDES."""
+    entry = registry.get(name)
+    small: dict[str, Any] = {}
+    if entry.method_cls.binds_models:
+        fields = entry.method_cls.config_cls.model_fields
+        small = {k: v for k, v in SMALL_AUGMENTATION.items() if k in fields}
+    return {"name": name, **small, **METHOD_OVERRIDES.get(name, {})}
+
+
 @pytest.mark.parametrize("method", registry.names())
 def test_every_registered_method_runs_through_the_worker(
     client: Client, teacher: dict[str, Any], method: str
@@ -213,13 +239,19 @@ def test_every_registered_method_runs_through_the_worker(
             "teacher": f"job:{teacher['id']}",
             # born_again's generations have the teacher's architecture: a full copy
             "student": {} if method == "born_again" else {"num_layers": 2},
-            "method": {"name": method},
+            "method": matrix_method(method),
             "dataset": SMALL_DATA,
             # max_steps caps every stage of a multi-stage method
             "training": {**SMALL_TRAINING, "epochs": 2, "max_steps": 2},
         }
     )
-    done = client.wait(job["id"], timeout_s=600)
+    phases: set[str] = set()
+    done = client.wait(
+        job["id"],
+        timeout_s=600,
+        poll_s=0.2,
+        on_update=lambda j: phases.add((j["progress"] or {}).get("phase", "")),
+    )
     assert done["status"] == "succeeded", done["error"]
     names = {a["name"] for a in client.artifacts(job["id"])["items"]}
     assert {"config.json", "model.safetensors", "metrics.json"} <= names
@@ -237,6 +269,62 @@ def test_every_registered_method_runs_through_the_worker(
     stages = final["stages"]
     assert stages and all(st["steps"] == 2 for st in stages)
     assert done["progress"]["step"] == 2 * len(stages) == done["progress"]["total_steps"]
+    assert phases <= {"", "generator", "student"}, phases
+
+    method_cls = registry.get(method).method_cls
+    if not method_cls.binds_models:
+        assert "augmented_samples.jsonl" not in names
+        assert "generator" not in phases
+        return
+    # An augmentation method keeps decoded (original, augmented) pairs as an artifact.
+    assert "augmented_samples.jsonl" in names
+    r = client.http.get(f"/v1/jobs/{job['id']}/artifacts/augmented_samples.jsonl")
+    assert r.status_code == 200
+    samples = [json.loads(line) for line in r.text.splitlines()]
+    assert samples
+    for sample in samples:
+        assert isinstance(sample["original"], str) and sample["original"]
+        assert isinstance(sample["augmented"], str) and sample["augmented"]
+    if "generator" not in method_cls.config_cls.model_fields:
+        return
+    # The MATE-KD family: the generator's max steps ran (before the first student step of the
+    # adversarial stage) and were logged with the divergence they reached; masked tokens were
+    # rewritten by its samples.
+    train_log = client.http.get(f"/v1/jobs/{job['id']}/artifacts/train_log.jsonl").text
+    records = [json.loads(line) for line in train_log.splitlines()]
+    generator = [r for r in records if r.get("event") == "generator"]
+    assert generator, "no generator (max) steps in the train log"
+    for r in generator:  # the divergence reached (mate_kd: generator_kl on a classifier)
+        reached = {k: v for k, v in r.items() if k.startswith("generator_")}
+        assert reached and all(math.isfinite(v) and v >= 0.0 for v in reached.values()), r
+    if method == "mate_kd":
+        assert all("generator_kl" in r for r in generator)
+    assert all(r["steps"] == SMALL_AUGMENTATION["generator_steps"] for r in generator)
+    assert any(s["original"] != s["augmented"] for s in samples)
+
+
+def test_an_augmentation_job_that_cannot_fit_fails_before_training(
+    client: Client, teacher: dict[str, Any]
+) -> None:
+    """The worker's memory check (kd_engine.augment.memory): (B, T, V) float32 generator
+    tensors alone at B 4096, T 512, V 30522 are 3 * 4096 * 512 * 30522 * 4 bytes (~715 GiB),
+    more than any worker has; the job fails when the method binds its models, naming the
+    setting, before a single training step."""
+    job = client.submit(
+        {
+            "teacher": f"job:{teacher['id']}",
+            "student": {"num_layers": 2},
+            "method": matrix_method("mate_kd"),
+            "dataset": SMALL_DATA,
+            "training": {**SMALL_TRAINING, "batch_size": 4096, "max_seq_length": 512},
+        }
+    )
+    done = client.wait(job["id"], timeout_s=300)
+    assert done["status"] == "failed"
+    assert done["error"].startswith("training.batch_size: mate_kd needs about "), done["error"]
+    assert "GiB" in done["error"] and "Traceback" not in done["error"]
+    assert (done["progress"] or {}).get("step", 0) == 0
+    assert client.artifacts(job["id"])["items"] == []
 
 
 def test_a_cnn_student_through_the_worker_loads_after_download(

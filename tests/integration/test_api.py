@@ -400,6 +400,150 @@ def test_every_method_validates_with_its_defaults(
     assert r.status_code == 201, r.text
 
 
+def write_config(settings: Settings, name: str, **changes: object) -> str:
+    """The minilm-l6 config.json with ``changes`` under the models root as ``file://name``."""
+    from kd_engine.references import builtin_model_path
+
+    config = json.loads((builtin_model_path("minilm-l6") / "config.json").read_text())
+    config.update(changes)
+    target = settings.models_root / name
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps(config))
+    return f"file://{name}"
+
+
+def mate_kd_body(teacher: str, **method: object) -> dict[str, object]:
+    return {
+        **FINETUNE,
+        "teacher": teacher,
+        "student": {"num_layers": 2},
+        "method": {"name": "mate_kd", **method},
+    }
+
+
+def test_mate_kd_is_accepted_with_defaults_and_a_masked_lm_generator(
+    client: TestClient, settings: Settings, classifier_teacher: str
+) -> None:
+    r = client.post("/v1/jobs", json=mate_kd_body(classifier_teacher))
+    assert r.status_code == 201, r.text
+    stored = r.json()["spec"]["method"]
+    assert stored["generator"] is None and stored["generator_layers"] is None
+    mlm = write_config(settings, "mlm", architectures=["BertForMaskedLM"])
+    r = client.post("/v1/jobs", json=mate_kd_body(classifier_teacher, generator=mlm))
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["method"]["generator"] == "file://mlm"
+    r = client.post("/v1/jobs", json=mate_kd_body(classifier_teacher, generator_layers=6))
+    assert r.status_code == 201, r.text
+    assert len(queued_job_ids(settings)) == 3
+
+
+@pytest.mark.parametrize(
+    ("generator", "words"),
+    [
+        ("http://example.com/mlm", ["must start with"]),
+        ("builtin:nope", ["unknown built-in model"]),
+        ("file://../../etc", ["outside"]),
+        ("file://missing", ["does not exist"]),
+        ("hf://bert-base-uncased", ["hub references are disabled"]),
+        ("job:00000000-0000-0000-0000-000000000000", ["no such job"]),
+        # a base encoder (BertModel) has no masked-LM head to sample from
+        ("builtin:minilm-l6", ["not a masked-LM checkpoint", "BertModel"]),
+        ("file://classifier", ["not a masked-LM checkpoint", "BertForSequenceClassification"]),
+        ("file://other-vocab", ["vocabulary (100 tokens)", "(30522)"]),
+    ],
+)
+def test_a_bad_generator_is_422_naming_method_generator(
+    client: TestClient,
+    settings: Settings,
+    classifier_teacher: str,
+    generator: str,
+    words: list[str],
+) -> None:
+    write_config(settings, "classifier", architectures=["BertForSequenceClassification"])
+    write_config(settings, "other-vocab", architectures=["BertForMaskedLM"], vocab_size=100)
+    r = client.post("/v1/jobs", json=mate_kd_body(classifier_teacher, generator=generator))
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["field"] == "method.generator", err
+    assert all(w in err["message"] for w in words), err
+    assert count_jobs(settings) == 0
+    assert queued_job_ids(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("method", "words"),
+    [
+        ({"generator_layers": 7}, ["6 layers", "7"]),
+        ({"generator_layers": 2, "generator": "file://mlm"}, ["remove it or method.generator"]),
+    ],
+)
+def test_bad_generator_layers_are_422_naming_the_field(
+    client: TestClient,
+    settings: Settings,
+    classifier_teacher: str,
+    method: dict[str, object],
+    words: list[str],
+) -> None:
+    write_config(settings, "mlm", architectures=["BertForMaskedLM"])
+    r = client.post("/v1/jobs", json=mate_kd_body(classifier_teacher, **method))
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["field"] == "method.generator_layers", err
+    assert all(w in err["message"] for w in words), err
+    assert queued_job_ids(settings) == []
+
+
+def test_a_generator_from_a_job_needs_a_succeeded_job_with_a_masked_lm(
+    client: TestClient, settings: Settings, classifier_teacher: str
+) -> None:
+    queued = client.post("/v1/jobs", json=FINETUNE).json()
+    failed = client.post("/v1/jobs", json=FINETUNE).json()
+    done = client.post("/v1/jobs", json=FINETUNE).json()
+    with Session(create_engine(settings.database_url)) as s:
+        assert repository.claim(s, failed["id"], "w")
+        assert repository.transition(s, failed["id"], ("running",), "failed")
+        assert repository.claim(s, done["id"], "w")
+        assert repository.transition(s, done["id"], ("running",), "succeeded")
+        s.commit()
+    for job, status in ((queued, "queued"), (failed, "failed")):
+        r = client.post(
+            "/v1/jobs", json=mate_kd_body(classifier_teacher, generator=f"job:{job['id']}")
+        )
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["field"] == "method.generator", err
+        assert f"is {status}" in err["message"], err
+    # A succeeded job's model is its student: a sequence classifier, not a masked LM.
+    store = settings.artifacts_root / done["id"]
+    store.mkdir()
+    (store / "config.json").write_text(
+        json.dumps({"architectures": ["BertForSequenceClassification"], "vocab_size": 30522})
+    )
+    r = client.post(
+        "/v1/jobs", json=mate_kd_body(classifier_teacher, generator=f"job:{done['id']}")
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == "method.generator"
+    assert "not a masked-LM checkpoint" in r.json()["error"]["message"]
+    assert count_jobs(settings) == 3
+
+
+def test_progress_shows_the_adversarial_phase(client: TestClient, settings: Settings) -> None:
+    job = client.post("/v1/jobs", json=FINETUNE).json()
+    report = {"stage": "mate_kd", "step": 3, "losses": {"generator_kl": 0.25}}
+    with Session(create_engine(settings.database_url)) as s:
+        assert repository.claim(s, job["id"], "w")
+        repository.heartbeat(s, job["id"], {**report, "phase": "generator"})
+        s.commit()
+    progress = client.get(f"/v1/jobs/{job['id']}").json()["progress"]
+    assert progress["phase"] == "generator"
+    assert progress["losses"] == {"generator_kl": 0.25}
+    with Session(create_engine(settings.database_url)) as s:
+        repository.heartbeat(s, job["id"], report)  # a report from before the field existed
+        s.commit()
+    assert client.get(f"/v1/jobs/{job['id']}").json()["progress"]["phase"] == ""
+
+
 def test_tinybert_stage_lengths_are_settings_checked_at_the_api(
     client: TestClient, classifier_teacher: str, settings: Settings
 ) -> None:
