@@ -79,9 +79,20 @@ def load_generator(path: Path | str, vocab_size: int) -> PreTrainedModel:
             f"({vocab_size}); the generator must share the teacher's tokenizer",
         )
     try:
-        return AutoModelForMaskedLM.from_pretrained(str(path))
+        model, info = AutoModelForMaskedLM.from_pretrained(str(path), output_loading_info=True)
     except (OSError, ValueError) as e:
         raise SpecError("method.generator", f"not a masked-LM checkpoint: {e}") from None
+    # A base encoder loads too, with a new (random) head: refuse it, since a named generator
+    # gets no warm-up. The output matrix tied to the word embeddings is never "missing".
+    tied = {name for name, _ in model.named_parameters() if name.endswith("decoder.weight")}
+    untrained = [k for k in info.get("missing_keys", []) if k not in tied]
+    if untrained:
+        raise SpecError(
+            "method.generator",
+            f"the checkpoint has no trained masked-LM head (missing {untrained[:3]}); name a "
+            "masked-LM checkpoint, or leave method.generator unset to build one from the teacher",
+        )
+    return model
 
 
 def mlm_loss(

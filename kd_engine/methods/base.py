@@ -225,7 +225,8 @@ class Method(ABC):
     def augmentation_samples(self) -> list[dict[str, object]]:
         """Examples of augmented inputs for the job's artifacts, as token ids: each record has
         ``original`` and ``augmented`` (lists of ids; the hop decodes them), and may carry more
-        (``stage_step``, ``replaced`` positions, ``kl``). Empty for methods that do not augment."""
+        (``stage``, ``step``, ``replaced`` positions, ``kl``). Empty for methods that do not
+        augment."""
         return []
 
     def param_groups(self) -> list[ParamGroup]:

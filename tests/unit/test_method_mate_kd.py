@@ -437,3 +437,25 @@ def test_a_mate_kd_job_writes_its_student_and_its_augmented_samples(tmp_path: Pa
     assert phases == {"generator", "student"}
     gen = [p for p in progress if p.phase == "generator"]
     assert gen and all("generator_kl" in p.losses for p in gen)
+
+
+def test_a_named_generator_must_be_a_trained_masked_lm(minilm_path: Path, tmp_path: Path) -> None:
+    """MiniLM-L6 as shipped is a base encoder: loading it as a masked LM would draw a random
+    head, and a named generator gets no warm-up, so it is refused."""
+    from kd_engine.augment.generator import load_generator
+
+    with pytest.raises(SpecError) as info:
+        load_generator(minilm_path, 30522)
+    assert (
+        info.value.field == "method.generator" and "no trained masked-LM head" in info.value.reason
+    )
+    with pytest.raises(SpecError) as info:
+        load_generator(minilm_path, 50265)
+    assert "vocabulary" in info.value.reason
+    # A masked LM saved with its head loads (the head built from the teacher, saved).
+    from kd_engine.models.loading import load_classifier
+
+    gen = generator_from_teacher(load_classifier(minilm_path, NAMES), 1)
+    gen.save_pretrained(tmp_path / "mlm")
+    loaded = load_generator(tmp_path / "mlm", 30522)
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
