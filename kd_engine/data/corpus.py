@@ -33,9 +33,9 @@ from kd_engine.references import scheme_of, wheel_path
 FIELD = "method.corpus"
 MIN_WORDS = 4
 """Shorter sentences of a built-in corpus ("What happens next?") are dropped."""
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
-"""A sentence boundary: ., ! or ? (and closing quotes/brackets), spaces, then a capital or a
-digit (optionally after an opening quote/bracket)."""
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s+[\"'(\[]?[A-Z0-9])")
+"""The end of a sentence: ., ! or ? (and closing quotes/brackets) followed by spaces, then a
+capital or a digit (optionally after an opening quote/bracket)."""
 
 
 def split_sentences(text: str) -> list[str]:
@@ -43,10 +43,13 @@ def split_sentences(text: str) -> list[str]:
     of whitespace collapsed (a rule of thumb; abbreviations such as "Dr. Smith" are split)."""
     out = []
     for line in text.splitlines():
-        for sentence in _SENTENCE_END.split(line.strip()):
-            sentence = " ".join(sentence.split())
+        start = 0
+        ends = [m.end() for m in _SENTENCE_END.finditer(line)]
+        for end in [*ends, len(line)]:
+            sentence = " ".join(line[start:end].split())
             if sentence:
                 out.append(sentence)
+            start = end
     return out
 
 
