@@ -50,14 +50,17 @@ Differences from the authors, deliberate:
 
 Defaults (the authors' ``run_glue.py`` argparse unless said): ``alpha_ce`` 0.5, ``alpha_true``
 0.5, ``alpha_aug`` None = ``alpha_ce`` (``_load_default_args``), ``temperature`` 2.0 (the code's
-default; the design notes quote 5 from the README), ``num_candidates`` 8 and ``max_distance``
-0.22 (the README's SST-5 minimax example; the code's defaults are 4 and 0), ``num_augments`` 1
-(``--num_augments`` in the same example), ``min_distance`` 0, ``augment_start_epoch`` 1 (the
-code's default 0: augmentation from the first epoch; the README's example says 7 with 6 epochs,
-which would never start). ``num_neighbors`` (the K retrieved before the filter) 32 and
-``max_corpus_examples`` 20,000 are ours: the paper's K and corpus size could not be read (its
-body was not reachable), and the code reads neighbours from a file. The learning rate and
-epochs are the job's ``training`` settings.
+default; the design notes quote 5 from the README), ``num_candidates`` 8 (the README's SST-5
+minimax example; the code's default is 4), ``max_distance`` 0, i.e. no upper bound (the code's
+default; the README's example uses 0.22, a threshold for SentAugment's encoder over
+CommonCrawl: with the teacher's embeddings and a corpus of thousands of sentences the nearest
+neighbour is usually farther than that, see docs/methods.md), ``num_augments`` 1 (the README
+example), ``min_distance`` 0, ``augment_start_epoch`` 1 (the code's default 0: augmentation
+from the first epoch; the README's example says 7 with 6 epochs, which would never start).
+``num_neighbors`` (the K retrieved before the filter) 32 and ``max_corpus_examples`` 20,000 are
+ours: the paper's K and corpus size could not be read (its body was not reachable), and the
+code reads neighbours from a file. The learning rate and epochs are the job's ``training``
+settings.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from pydantic import Field
 
 from kd_engine.augment.neighbours import (
     Candidates,
+    angular_distance,
     embeddings_and_logits,
     filter_candidates,
     nearest_neighbours,
@@ -135,7 +139,7 @@ class MinimaxKNNConfig(MethodConfig):
     num_candidates: int = Field(8, ge=1, le=256)
     num_augments: int = Field(1, ge=1, le=64)
     min_distance: float = Field(0.0, ge=0.0, le=1.0)
-    max_distance: float = Field(0.22, ge=0.0, le=1.0)
+    max_distance: float = Field(0.0, ge=0.0, le=1.0)
     augment_start_epoch: int = Field(1, ge=1, le=1000)
     temperature: float = Field(2.0, gt=0.0, le=100.0)
     alpha_ce: float = Field(0.5, ge=0.0, le=10.0)
@@ -223,8 +227,7 @@ class MinimaxKNN(Method):
         """Embed the corpus with the teacher, keep its logits by corpus row.
 
         Raises:
-            SpecError: ``teacher`` (none), ``method.corpus`` (no corpus was loaded, or it has
-                fewer rows than one).
+            SpecError: ``teacher`` (none), ``method.corpus`` (no corpus was loaded).
         """
         teacher = resources.teacher
         if teacher is None:
@@ -250,7 +253,13 @@ class MinimaxKNN(Method):
         return self.resources, self.corpus, self.corpus_embeddings, self.corpus_logits
 
     def prepare(self, train_data: Encoded) -> None:
-        """Retrieve and filter each training example's candidate pool (fixed for the run)."""
+        """Retrieve and filter each training example's candidate pool (fixed for the run).
+
+        Raises:
+            SpecError: ``method.max_distance`` (or ``method.min_distance`` without an upper
+                bound) when no training example keeps a single candidate: the job would be
+                plain KD.
+        """
         res, corpus, corpus_emb, _ = self._bound()
         assert res.teacher is not None
         c = self.config
@@ -263,14 +272,30 @@ class MinimaxKNN(Method):
         self.candidates = filter_candidates(
             rows, cosine, c.min_distance, c.max_distance, c.num_candidates
         )
-        per_example = self.candidates.mask.sum(1)
+        pool = self.candidates
+        per_example = pool.mask.sum(1)
+        nearest = angular_distance(cosine[:, 0])
         self._stats = {
             "corpus_rows": len(corpus),
-            "neighbors_retrieved": int(rows.shape[1]),
-            "candidates_per_example_mean": float(per_example.float().mean()),
-            "examples_without_candidates": int((per_example == 0).sum()),
             "training_examples": len(train_data),
+            "neighbors_retrieved": int(rows.shape[1]),
+            "nearest_distance_median": float(nearest.median()),
+            "candidates_per_example_mean": float(per_example.float().mean()),
+            "candidate_distance_mean": float(pool.distance[pool.mask].mean())
+            if bool(pool.mask.any())
+            else None,
+            "examples_without_candidates": int((per_example == 0).sum()),
         }
+        if not bool(pool.mask.any()):
+            field = "method.max_distance" if c.max_distance > 0 else "method.min_distance"
+            raise SpecError(
+                field,
+                f"no training example has a corpus neighbour within the distance bounds "
+                f"[{c.min_distance}, {c.max_distance or 1.0}] (the median distance to the "
+                f"nearest one is {float(nearest.median()):.3f}, in the teacher's embedding "
+                "space): widen the bounds (max_distance 0 removes the upper one) or use a "
+                "larger or closer method.corpus",
+            )
 
     # --- the loop's hooks ---------------------------------------------------------------
 

@@ -203,7 +203,7 @@ def test_defaults() -> None:
         "builtin:rotten_tomatoes_plot",
         8,
         1,
-        0.22,
+        0.0,
     )
     assert (c.temperature, c.alpha_ce, c.alpha_true, c.alpha_aug) == (2.0, 0.5, 0.5, None)
     assert c.augment_start_epoch == 1 and c.num_neighbors >= c.num_candidates
@@ -248,7 +248,7 @@ def test_chooses_the_largest_kl_candidates_of_the_current_student(
     texts = load_corpus("builtin:rotten_tomatoes_plot", "text", no_files, 96, seed=0)
     corpus = encode_corpus(texts, tokenizer, 32)
     train = encode(rotten_tomatoes.train[:12], tokenizer, 32)
-    config = MinimaxKNNConfig(max_distance=0.0, num_neighbors=6, num_candidates=4, num_augments=2)
+    config = MinimaxKNNConfig(num_neighbors=6, num_candidates=4, num_augments=2)
     method = MinimaxKNN(config, SHAPE, SHAPE)
     pad = int(tokenizer.pad_token_id)
     method.bind(Resources(student=student, teacher=teacher, device=CPU, pad_id=pad, corpus=corpus))
@@ -320,7 +320,7 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> 
 def test_run_job_writes_the_chosen_neighbours(
     teacher_dir: Path, tmp_path: Path, tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    method = {"name": "minimax_knn", "max_corpus_examples": 200, "max_distance": 0.0}
+    method = {"name": "minimax_knn", "max_corpus_examples": 200}
     out = tmp_path / "job"
     result: RunResult = run_job(make_spec(method, "job:x"), teacher_dir, no_files, out)
     report = result.metrics["hops"][0]["method_report"]
@@ -355,3 +355,13 @@ def test_run_job_refuses_a_bad_corpus(teacher_dir: Path, tmp_path: Path) -> None
             tmp_path / "bad",
         )
     assert info.value.field == "method.corpus"
+
+
+def test_run_job_refuses_a_filter_that_keeps_no_neighbour(
+    teacher_dir: Path, tmp_path: Path
+) -> None:
+    method = {"name": "minimax_knn", "max_corpus_examples": 50, "max_distance": 0.01}
+    with pytest.raises(SpecError) as info:
+        run_job(make_spec(method, "job:x"), teacher_dir, no_files, tmp_path / "far")
+    assert info.value.field == "method.max_distance"
+    assert "median distance to the nearest one" in info.value.reason
