@@ -15,6 +15,7 @@ from api.queue import BrokerUnavailable, enqueue
 from api.settings import Settings
 from kd_engine import registry
 from kd_engine.data.builtins import BUILTIN_EVAL_ONLY, BUILTIN_LABELS, BUILTIN_REGRESSION
+from kd_engine.data.corpus import check_corpus_reference
 from kd_engine.data.loading import resolve_regression
 from kd_engine.errors import SpecError
 from kd_engine.evaluation import metric_fits_task
@@ -269,6 +270,24 @@ def _check_dataset(spec: JobSpec, settings: Settings) -> None:
             raise InvalidSpec(str(e), f"dataset.{field}") from None
 
 
+def _check_corpus(spec: JobSpec, settings: Settings) -> None:
+    """The unlabelled corpus a method names (``minimax_knn``'s ``method.corpus``): a built-in
+    corpus, or a file under the data root like a dataset source.
+
+    Raises:
+        InvalidSpec: naming ``method.corpus``.
+    """
+    ref = getattr(spec.method, "corpus", None)
+    if not isinstance(ref, str):
+        return
+    try:
+        check_corpus_reference(ref)
+        if scheme_of(ref) != "builtin:":
+            refs.dataset_file(ref, settings)
+    except ValueError as e:
+        raise InvalidSpec(str(e), "method.corpus") from None
+
+
 def submit(session: Session, celery: Celery, settings: Settings, spec: JobSpec) -> Job:
     """Validate references, persist a queued job, commit, then enqueue it.
 
@@ -277,6 +296,7 @@ def submit(session: Session, celery: Celery, settings: Settings, spec: JobSpec) 
         Unavailable: the broker is down; the job is kept as failed with that reason (503).
     """
     _check_dataset(spec, settings)
+    _check_corpus(spec, settings)
     _check_teacher(session, spec, settings)
     job = repository.create_job(
         session, str(uuid.uuid4()), spec.method.name, spec.model_dump(mode="json")

@@ -248,6 +248,10 @@ def run_hop(
         report.update(teacher_match(test_logits, job.teacher_logits()))
     elif kd_teacher is not None and previous is not None:
         report.update(teacher_match(test_logits, previous[1].test_logits))
+    method_report = method.report()
+    if method_report:
+        report["method_report"] = method_report
+        _hop_hooks(job, index).log({"event": "method_report", **method_report})
     samples = method.augmentation_samples()
     if samples:
         name = SAMPLES_FILE if n == 1 else f"{hop.name}.{SAMPLES_FILE}"

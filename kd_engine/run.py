@@ -19,7 +19,8 @@ from transformers import PreTrainedModel
 
 from kd_engine import registry
 from kd_engine.data import TransferSet, load_eval_sets, load_transfer_set, relabel
-from kd_engine.data.batching import encode
+from kd_engine.data.batching import encode, encode_corpus
+from kd_engine.data.corpus import load_corpus
 from kd_engine.data.loading import PathResolver, resolve_regression
 from kd_engine.evaluation import (
     count_parameters,
@@ -128,7 +129,9 @@ def run_job(
     student's metrics, and ``hops``: one report per hop) and ``train_log.jsonl`` (one JSON record
     per progress event and epoch). ``student_path`` is the local checkpoint (or hub id) of a
     ``pretrained`` student, ``generator_path`` that of the masked-LM generator named by the
-    method's ``generator`` setting (MATE-KD and its family). An augmentation method also writes
+    method's ``generator`` setting (MATE-KD and its family). A method with a ``corpus`` setting
+    (``minimax_knn``) gets that unlabelled corpus, read with ``resolve`` like a dataset file and
+    encoded like the transfer set. An augmentation method also writes
     ``augmented_samples.jsonl`` (original and augmented texts).
 
     Raises:
@@ -190,6 +193,20 @@ def run_job(
         out_dir=out_dir,
         generator_path=str(generator_path) if generator_path is not None else None,
     )
+    corpus_ref = getattr(spec.method, "corpus", None)
+    if isinstance(corpus_ref, str):
+        job.corpus = encode_corpus(
+            load_corpus(
+                corpus_ref,
+                getattr(spec.method, "corpus_text_column", "text"),
+                resolve,
+                getattr(spec.method, "max_corpus_examples", None),
+                spec.dataset.split_seed,
+            ),
+            tokenizer,
+            max_len,
+        )
+        log({"event": "corpus", "source": corpus_ref, "rows": len(job.corpus)})
     eval_encs = {name: encode(ex, tokenizer, max_len) for name, ex in eval_sets.items()}
     task = "regression" if data.regression else "classification"
     log(

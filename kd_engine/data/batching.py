@@ -45,6 +45,12 @@ def encode(examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_leng
     )
 
 
+def encode_corpus(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
+    """Tokenise an unlabelled corpus like a split (:func:`encode`): labels are all 0 (unused)
+    and the ids are the row numbers 0 .. N-1."""
+    return encode([Example(i, t, None, 0) for i, t in enumerate(texts)], tokenizer, max_length)
+
+
 def collate(data: Encoded, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad the chosen rows to their longest sequence.
 

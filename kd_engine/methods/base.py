@@ -229,6 +229,12 @@ class Method(ABC):
         augment."""
         return []
 
+    def report(self) -> dict[str, object]:
+        """What the method has to say about the hop after training, for ``metrics.json``
+        (the hop's ``method_report``) and the training log (a ``method_report`` record): an
+        augmentation method's corpus and candidate counts. Empty for most methods."""
+        return {}
+
     def param_groups(self) -> list[ParamGroup]:
         """The method's own trainable modules (projections, probes) as named groups; the loop
         adds the student's group (:data:`~kd_engine.stages.STUDENT`)."""

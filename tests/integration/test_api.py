@@ -835,3 +835,47 @@ def test_takd_assistant_is_downloadable_through_the_api(
     archive = client.get(f"/v1/jobs/{job_id}/archive")
     with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
         assert f"{job_id}/assistant_1.tar.gz" in tar.getnames()
+
+
+def test_minimax_knn_corpus_is_checked_at_submission(
+    client: TestClient, settings: Settings
+) -> None:
+    """``method.corpus``: a built-in corpus or a file under the data root, else a 422 naming it
+    (before the teacher is looked at); a good one is queued."""
+    teacher = settings.models_root / "rt"
+    teacher.mkdir()
+    config = {
+        "model_type": "bert",
+        "architectures": ["BertForSequenceClassification"],
+        "num_hidden_layers": 6,
+        "hidden_size": 384,
+        "num_attention_heads": 12,
+        "intermediate_size": 1536,
+        "vocab_size": 30522,
+        "id2label": {"0": "rotten", "1": "fresh"},
+    }
+    (teacher / "config.json").write_text(json.dumps(config))
+    (settings.data_root / "sentences.csv").write_text("text\nA plot.\n")
+    body = {**FINETUNE, "teacher": "file://rt"}
+    for corpus in (None, "file://sentences.csv"):
+        method = {"name": "minimax_knn", **({"corpus": corpus} if corpus else {})}
+        r = client.post("/v1/jobs", json={**body, "method": method})
+        assert r.status_code == 201, r.text
+    assert r.json()["spec"]["method"]["corpus"] == "file://sentences.csv"
+    for corpus, message in [
+        ("builtin:nope", "rotten_tomatoes_plot"),
+        ("file://missing.csv", "does not exist"),
+        ("file://../outside.csv", "outside"),
+        ("hf://someone/corpus", "builtin:<name> or file://"),
+        ("s3://bucket/x", "must start with"),
+    ]:
+        r = client.post(
+            "/v1/jobs", json={**body, "method": {"name": "minimax_knn", "corpus": corpus}}
+        )
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["field"] == "method.corpus", err
+        assert message in err["message"], err
+    r = client.post("/v1/jobs", json={**body, "method": {"name": "minimax_knn", "num_augments": 9}})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "method.num_augments"
+    assert count_jobs(settings) == 2
