@@ -20,9 +20,6 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from sklearn.neighbors import NearestNeighbors
 
-from kd_engine.data.batching import batches
-from kd_engine.evaluation import model_inputs
-
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -54,6 +51,11 @@ def embeddings_and_logits(
     was_training = model.training
     model.eval()
     embeddings, logits = [], []
+    # Imported here: kd_engine.data imports the job spec, whose method union needs every method
+    # module registered first (this module is imported while they register).
+    from kd_engine.data.batching import batches
+    from kd_engine.evaluation import model_inputs
+
     for batch in batches(data, batch_size, pad_id):
         inputs = model_inputs(batch, device)
         out = model(**inputs, output_hidden_states=True)

@@ -46,9 +46,7 @@ from kd_engine.augment.generator import (
 )
 from kd_engine.augment.masking import apply_mask, choose_positions
 from kd_engine.augment.memory import ModelCost, available_bytes, check_fits, estimate_bytes
-from kd_engine.data.batching import Encoded, collate
 from kd_engine.errors import SpecError
-from kd_engine.evaluation import model_inputs
 from kd_engine.losses.adversarial import GeneratorObjective, generator_divergence
 from kd_engine.methods.base import LossResult, Method, MethodConfig, Resources, StepOutputs
 from kd_engine.stages import STUDENT, ParamGroup, Stage
@@ -56,6 +54,7 @@ from kd_engine.stages import STUDENT, ParamGroup, Stage
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from kd_engine.data.batching import Encoded
     from kd_engine.models.shapes import ModelShape
     from kd_engine.spec import TrainingSpec
 
@@ -262,6 +261,10 @@ class AdversarialMethod(Method):
     # --- masking and sampling ------------------------------------------------------------
 
     def _device_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Imported here: kd_engine.data imports the job spec, whose method union needs every
+        # method module registered first (this module is imported while they register).
+        from kd_engine.evaluation import model_inputs
+
         _, res = self._bound()
         return model_inputs(batch, res.device)
 
@@ -295,6 +298,8 @@ class AdversarialMethod(Method):
 
     def _generator_batch(self) -> dict[str, torch.Tensor]:
         """The next batch of the generator's own shuffled pass over the transfer set."""
+        from kd_engine.data.batching import collate  # see _device_batch
+
         _, res = self._bound()
         assert self.train_data is not None and res.training is not None
         size = min(res.training.batch_size, len(self.train_data))

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import Field
 
-from kd_engine.data.batching import Encoded
 from kd_engine.losses import ce_loss, kd_loss
 from kd_engine.losses.adversarial import generator_divergence
 from kd_engine.methods.adversarial import (
@@ -45,6 +44,7 @@ from kd_engine.registry import register
 from kd_engine.stages import ParamGroup, Stage
 
 if TYPE_CHECKING:
+    from kd_engine.data.batching import Encoded
     from kd_engine.models.shapes import ModelShape
     from kd_engine.spec import TrainingSpec
 

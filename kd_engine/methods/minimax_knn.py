@@ -79,9 +79,7 @@ from kd_engine.augment.neighbours import (
     nearest_neighbours,
     select_largest_kl,
 )
-from kd_engine.data.batching import Encoded, collate
 from kd_engine.errors import SpecError
-from kd_engine.evaluation import model_inputs
 from kd_engine.losses import ce_loss, kd_loss
 from kd_engine.methods.base import (
     LossResult,
@@ -96,6 +94,7 @@ from kd_engine.registry import register
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from kd_engine.data.batching import Encoded
     from kd_engine.models.shapes import ModelShape
     from kd_engine.spec import TrainingSpec
 
@@ -310,6 +309,9 @@ class MinimaxKNN(Method):
     @torch.no_grad()
     def _student_logits(self, rows: list[int]) -> torch.Tensor:
         """The current student's logits (len(rows), C) on corpus rows, in eval mode."""
+        from kd_engine.data.batching import collate  # lazily: see adversarial.py
+        from kd_engine.evaluation import model_inputs  # lazily: see adversarial.py
+
         res, corpus, _, _ = self._bound()
         student: PreTrainedModel = res.student
         was_training = student.training
@@ -327,6 +329,8 @@ class MinimaxKNN(Method):
         ``num_augments`` candidates of largest KL(T || S) under the current student, as one
         padded batch grouped by rank (rank 1 of every example, then rank 2, ...); None when
         no example of the batch has a candidate."""
+        from kd_engine.data.batching import collate  # lazily: see adversarial.py
+
         self.ranks = None
         self.chosen = []
         if not self.augmenting():

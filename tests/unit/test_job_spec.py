@@ -216,3 +216,27 @@ def test_spec_is_frozen() -> None:
     spec = JobSpec.model_validate(job())
     with pytest.raises(ValidationError):
         spec.teacher = "builtin:other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "first", ["kd_engine.data", "kd_engine.methods", "kd_engine.spec", "kd_engine.run", "api.main"]
+)
+def test_the_spec_accepts_every_method_whatever_is_imported_first(first: str) -> None:
+    """The method union of the job spec is built when kd_engine.spec is imported; a method
+    module that imports kd_engine.data at import time made it snapshot a half-filled registry
+    (only the methods registered so far were accepted). A fresh interpreter per entry point."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import {first}\n"
+        "from kd_engine import registry\n"
+        "from kd_engine.spec import JobSpec\n"
+        "for n in registry.names():\n"
+        "    JobSpec.model_validate({'teacher': 'builtin:minilm-l6', 'method': {'name': n},"
+        " 'dataset': {'source': 'x'}})\n"
+        "print(len(registry.names()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.strip()) >= 19
