@@ -4,11 +4,35 @@ user can read what the student was trained on (MATE-KD's Table 6 shows such pair
 from __future__ import annotations
 
 import json
+from collections import deque
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 SAMPLES_FILE = "augmented_samples.jsonl"
+SAMPLES_KEPT = 32
+"""Records an augmentation method keeps from the start, and from the end, of training."""
+
+
+class SampleKeeper:
+    """The first ``kept`` records offered and the last ``kept`` after them (so the artifact
+    shows both the early and the final augmentations), in memory bounded by 2 * ``kept``."""
+
+    def __init__(self, kept: int = SAMPLES_KEPT) -> None:
+        self.kept = kept
+        self._first: list[dict[str, object]] = []
+        self._last: deque[dict[str, object]] = deque(maxlen=kept)
+
+    def offer(self, record: dict[str, object]) -> None:
+        """Keep ``record`` if it is among the first or (so far) the last ``kept``."""
+        if len(self._first) < self.kept:
+            self._first.append(record)
+        else:
+            self._last.append(record)
+
+    def records(self) -> list[dict[str, object]]:
+        """The kept records, first ones first."""
+        return [*self._first, *self._last]
 
 
 def decode_samples(

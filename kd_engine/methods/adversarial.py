@@ -30,7 +30,6 @@ distilroberta-base or BERT-mini).
 
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -46,6 +45,7 @@ from kd_engine.augment.generator import (
 )
 from kd_engine.augment.masking import apply_mask, choose_positions
 from kd_engine.augment.memory import ModelCost, available_bytes, check_fits, estimate_bytes
+from kd_engine.augment.samples import SampleKeeper
 from kd_engine.errors import SpecError
 from kd_engine.losses.adversarial import GeneratorObjective, generator_divergence
 from kd_engine.methods.base import LossResult, Method, MethodConfig, Resources, StepOutputs
@@ -61,8 +61,6 @@ if TYPE_CHECKING:
 GENERATOR = "generator"
 """Name of the generator's parameter group (trained by the loop only in the MLM warm-up)."""
 WARMUP, ADVERSARIAL = "mlm", "adversarial"
-SAMPLES_KEPT = 32
-"""Augmented examples kept for the artifact from the start and from the end of training."""
 
 
 class AdversarialConfig(MethodConfig):
@@ -124,8 +122,8 @@ class AdversarialMethod(Method):
         self.optimizer: torch.optim.Optimizer | None = None
         self.batch: dict[str, torch.Tensor] | None = None
         self._stream: list[int] = []
-        self._first: list[dict[str, object]] = []
-        self._last: deque[dict[str, object]] = deque(maxlen=SAMPLES_KEPT)
+        self.samples = SampleKeeper()
+        self.n_generator: int = self.config.generator_steps or 10  # n_G (cilda may resolve it)
         self._stage_step = 0
         if student.num_labels == 1:
             self.objective_name = "generator_mse"
@@ -314,7 +312,7 @@ class AdversarialMethod(Method):
         """n_G before every n_S-th student step of the adversarial stage(s)."""
         if not self.adversarial() or stage_step % self.config.student_steps:
             return 0
-        return self.config.generator_steps
+        return self.n_generator
 
     def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One max step on a batch the generator draws itself (``batch`` is not used): sample
@@ -381,15 +379,12 @@ class AdversarialMethod(Method):
             "augmented": x_prime["input_ids"][0, :n].tolist(),
             "replaced": positions[0, :n].nonzero().squeeze(-1).tolist(),
         }
-        if len(self._first) < SAMPLES_KEPT:
-            self._first.append(record)
-        else:
-            self._last.append(record)
+        self.samples.offer(record)
 
     def augmentation_samples(self) -> list[dict[str, object]]:
         """The first and the last kept (original, x') pairs, as token ids with the replaced
         positions."""
-        return [*self._first, *self._last]
+        return self.samples.records()
 
     # --- losses --------------------------------------------------------------------------
 

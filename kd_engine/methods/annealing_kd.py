@@ -86,6 +86,40 @@ class AnnealingKDConfig(MethodConfig):
 ANNEALING, LABELS = "annealing", "labels"
 
 
+class AnnealingClock:
+    """The temperature of an annealing stage: tau_max during its first k epochs, tau_max - 1
+    during the next k, ..., 1 during the last k (:func:`annealing_temperature`). The loop counts
+    epochs over the whole job; the stage's first epoch is the one of its first step."""
+
+    def __init__(self, tau_max: int, epochs_per_temperature: int) -> None:
+        self.tau_max = tau_max
+        self.epochs_per_temperature = epochs_per_temperature
+        self.temperature = tau_max
+        self._first_epoch: int | None = None
+
+    def reset(self) -> None:
+        """Back to T = tau_max, at the start of a stage."""
+        self.temperature = self.tau_max
+        self._first_epoch = None
+
+    def tick(self, epoch: int) -> int:
+        """Set and return T for job epoch ``epoch`` (1-based) of the stage."""
+        if self._first_epoch is None:
+            self._first_epoch = epoch
+        self.temperature = annealing_temperature(
+            epoch - self._first_epoch + 1, self.tau_max, self.epochs_per_temperature
+        )
+        return self.temperature
+
+    def factor(self) -> float:
+        """Phi(T) of the current temperature (:func:`annealing_factor`)."""
+        return annealing_factor(self.temperature, self.tau_max)
+
+    def label(self, name: str) -> str:
+        """``<name> T=5/7``."""
+        return f"{name} T={self.temperature}/{self.tau_max}"
+
+
 class AnnealingKD(Method):
     """Annealing-KD: stage I annealed logit MSE (no labels), stage II CE on the labels."""
 
@@ -95,8 +129,7 @@ class AnnealingKD(Method):
     def __init__(self, config: MethodConfig, teacher: ModelShape, student: ModelShape) -> None:
         """Start at T = tau_max."""
         super().__init__(config, teacher, student)
-        self.temperature = self.config.tau_max
-        self._first_epoch: int | None = None
+        self.clock = AnnealingClock(self.config.tau_max, self.config.epochs_per_temperature)
 
     @classmethod
     def check(
@@ -151,25 +184,19 @@ class AnnealingKD(Method):
         """Reset the temperature to tau_max; the stage's first epoch is taken from its first
         step (:meth:`start_step`)."""
         super().begin_stage(stage)
-        self.temperature = self.config.tau_max
-        self._first_epoch = None
+        self.clock.reset()
 
     def start_step(self, epoch: int, step: int) -> None:
         """Set T from the epoch within stage I (``epoch`` is 1-based over the whole job; the
         stage's first epoch is the one of its first step)."""
         if self.stage is None or self.stage.loss != ANNEALING:
             return
-        if self._first_epoch is None:
-            self._first_epoch = epoch
-        c = self.config
-        self.temperature = annealing_temperature(
-            epoch - self._first_epoch + 1, c.tau_max, c.epochs_per_temperature
-        )
+        self.clock.tick(epoch)
 
     def stage_label(self) -> str:
         """``annealing T=5/7`` in stage I, the stage's name in stage II."""
         if self.stage is not None and self.stage.loss == ANNEALING:
-            return f"{self.stage.name} T={self.temperature}/{self.config.tau_max}"
+            return self.clock.label(self.stage.name)
         return super().stage_label()
 
     def schedule_warnings(self, stage_steps: list[int]) -> list[str]:
@@ -207,7 +234,7 @@ class AnnealingKD(Method):
             ce = ce_loss(student.logits, labels)
             return LossResult(total=ce, parts={"ce": float(ce.detach())})
         t = teacher_outputs(teacher, "annealing_kd")
-        factor = annealing_factor(self.temperature, self.config.tau_max)
+        factor = self.clock.factor()
         mse = annealing_mse(student.logits, t.logits, factor)
         return LossResult(total=mse, parts={"annealed_mse": float(mse.detach())})
 

@@ -93,19 +93,12 @@ class CILDA(AdversarialMethod):
         """Build the two [CLS] projections (u = ``projection_size``)."""
         super().__init__(config, teacher, student)
         self.head = CRDHead(teacher, student, self.config.projection_size)
-        self.n_generator = self.config.generator_steps or 10
 
     def prepare(self, train_data: Encoded) -> None:
         """Also resolve n_G from the transfer set's size when it is not set."""
         super().prepare(train_data)
         if self.config.generator_steps is None:
             self.n_generator = 20 if len(train_data) < SMALL_TASK_EXAMPLES else 10
-
-    def generator_steps(self, stage_step: int) -> int:
-        """n_G (resolved in :meth:`prepare`) before every n_S-th student step."""
-        if not self.adversarial() or stage_step % self.config.student_steps:
-            return 0
-        return self.n_generator
 
     def param_groups(self) -> list[ParamGroup]:
         """The generator (warm-up only) and the projections, group ``crd_head``."""

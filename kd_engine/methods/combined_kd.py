@@ -31,13 +31,14 @@ import torch.nn.functional as F  # noqa: N812
 from pydantic import Field
 
 from kd_engine.losses import ce_loss
-from kd_engine.losses.annealing import annealing_factor, annealing_mse, annealing_temperature
+from kd_engine.losses.annealing import annealing_mse
 from kd_engine.methods.adversarial import (
     ADVERSARIAL,
     AdversarialConfig,
     AdversarialMethod,
     trains_student,
 )
+from kd_engine.methods.annealing_kd import AnnealingClock
 from kd_engine.methods.base import LossResult, MethodConfig, StepOutputs, teacher_outputs
 from kd_engine.methods.mate_kd import augmented_outputs
 from kd_engine.registry import register
@@ -78,8 +79,7 @@ class CombinedKD(AdversarialMethod):
     def __init__(self, config: MethodConfig, teacher: ModelShape, student: ModelShape) -> None:
         """Start at T = tau_max."""
         super().__init__(config, teacher, student)
-        self.temperature = self.config.tau_max
-        self._first_epoch: int | None = None
+        self.clock = AnnealingClock(self.config.tau_max, self.config.epochs_per_temperature)
         self.objective_name = "generator_mse"
 
     def stages(self, training: TrainingSpec) -> list[Stage]:
@@ -117,25 +117,18 @@ class CombinedKD(AdversarialMethod):
     def begin_stage(self, stage: Stage) -> None:
         """Reset T to tau_max (the stage's first epoch is taken from its first step)."""
         super().begin_stage(stage)
-        self.temperature = self.config.tau_max
-        self._first_epoch = None
+        self.clock.reset()
 
     def start_step(self, epoch: int, step: int) -> None:
         """Set T from the epoch within stage I (as :class:`AnnealingKD`)."""
         super().start_step(epoch, step)
-        if not self.adversarial():
-            return
-        if self._first_epoch is None:
-            self._first_epoch = epoch
-        c = self.config
-        self.temperature = annealing_temperature(
-            epoch - self._first_epoch + 1, c.tau_max, c.epochs_per_temperature
-        )
+        if self.adversarial():
+            self.clock.tick(epoch)
 
     def stage_label(self) -> str:
         """``combined annealing T=5/10`` in stage I."""
         if self.adversarial() and self.stage is not None:
-            return f"{self.stage.name} T={self.temperature}/{self.config.tau_max}"
+            return self.clock.label(self.stage.name)
         return super().stage_label()
 
     def adversary_objective(
@@ -169,7 +162,7 @@ class CombinedKD(AdversarialMethod):
             augmented_outputs(student, "combined_kd"),
             augmented_outputs(t, "combined_kd"),
         )
-        factor = annealing_factor(self.temperature, self.config.tau_max)
+        factor = self.clock.factor()
         mse = annealing_mse(student.logits, t.logits, factor)
         mse_aug = annealing_mse(s_aug.logits, t_aug.logits, factor)
         total = 0.5 * mse + 0.5 * mse_aug

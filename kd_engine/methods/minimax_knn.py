@@ -65,7 +65,6 @@ settings.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -79,6 +78,7 @@ from kd_engine.augment.neighbours import (
     nearest_neighbours,
     select_largest_kl,
 )
+from kd_engine.augment.samples import SampleKeeper
 from kd_engine.errors import SpecError
 from kd_engine.losses import ce_loss, kd_loss
 from kd_engine.methods.base import (
@@ -100,8 +100,6 @@ if TYPE_CHECKING:
 
 NAME = "minimax_knn"
 DEFAULT_CORPUS = "builtin:rotten_tomatoes_plot"
-SAMPLES_KEPT = 32
-"""Chosen neighbours kept for the artifact from the start and from the end of training."""
 SCORING_BATCH = 64
 """Candidates per student forward when scoring (without ``training``: its eval batch size)."""
 
@@ -168,8 +166,7 @@ class MinimaxKNN(Method):
         self.step = 0
         self.ranks: torch.Tensor | None = None  # (B',) rank of each augmented row
         self.chosen: list[tuple[int, int, int, float]] = []  # (example id, rank, corpus row, kl)
-        self._first: list[dict[str, object]] = []
-        self._last: deque[dict[str, object]] = deque(maxlen=SAMPLES_KEPT)
+        self.samples = SampleKeeper()
         self._train_data: Encoded | None = None
         self._stats: dict[str, object] = {}
 
@@ -385,16 +382,13 @@ class MinimaxKNN(Method):
                 "original": original,
                 "augmented": list(self.corpus.input_ids[corpus_row]),
             }
-            if len(self._first) < SAMPLES_KEPT:
-                self._first.append(record)
-            else:
-                self._last.append(record)
+            self.samples.offer(record)
 
     def augmentation_samples(self) -> list[dict[str, object]]:
         """The first and the last kept (original, chosen neighbour) pairs as token ids, with
         ``kl`` (the selection score), ``rank`` (1 = largest KL), ``epoch``, ``step``,
         ``example_id`` and ``corpus_row``."""
-        return [*self._first, *self._last]
+        return self.samples.records()
 
     def report(self) -> dict[str, object]:
         """Corpus rows, neighbours retrieved, mean pool size after the filter and examples

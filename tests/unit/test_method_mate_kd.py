@@ -300,7 +300,6 @@ def test_cilda_min_step_weights_and_its_generator_count(
     # 8 examples is a small task: n_G 20, before every 100th student step of the stage.
     method.begin_stage(method.stages(TrainingSpec())[-1])
     assert [method.generator_steps(i) for i in (0, 1, 99, 100)] == [20, 0, 0, 20]
-    res_parts = {"ce": 0.9, "kd": 0.3, "kd_augmented": 0.6, "crd_augmented": 2.7}
     c = method.config
     weights = (c.ce_weight, c.kd_weight, c.kd_augmented_weight, c.crd_augmented_weight)
     assert weights == pytest.approx((1 / 3, 1 / 3, 2 / 9, 1 / 9))
@@ -315,7 +314,6 @@ def test_cilda_min_step_weights_and_its_generator_count(
     t = StepOutputs(t_out.logits, t_out.hidden_states)
     t.augmented = StepOutputs(t_out.logits, t_out.hidden_states)
     res = method.loss(s, t, batch["labels"], batch["attention_mask"])
-    del res_parts
     expected = sum(
         w * res.parts[k]
         for w, k in zip(weights, ("ce", "kd", "kd_augmented", "crd_augmented"), strict=True)
@@ -459,3 +457,16 @@ def test_a_named_generator_must_be_a_trained_masked_lm(minilm_path: Path, tmp_pa
     gen.save_pretrained(tmp_path / "mlm")
     loaded = load_generator(tmp_path / "mlm", 30522)
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+
+
+def test_the_sample_keeper_keeps_the_first_and_the_last_records() -> None:
+    from kd_engine.augment.samples import SampleKeeper
+
+    keeper = SampleKeeper(kept=3)
+    for i in range(10):
+        keeper.offer({"step": i})
+    assert [r["step"] for r in keeper.records()] == [0, 1, 2, 7, 8, 9]
+    few = SampleKeeper(kept=3)
+    for i in range(4):
+        few.offer({"step": i})
+    assert [r["step"] for r in few.records()] == [0, 1, 2, 3]
