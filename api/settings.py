@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+GIB = 1 << 30
+
 
 class Settings(BaseSettings):
     """One settings object for api and worker.
@@ -27,6 +29,18 @@ class Settings(BaseSettings):
     artifacts_root: Path = Field(Path("var/artifacts"), description="Where job artifacts live.")
     models_root: Path = Field(Path("var/models"), description="Root for file:// model references.")
     data_root: Path = Field(Path("var/data"), description="Root for file:// dataset references.")
+    uploads_root: Path = Field(
+        Path("var/uploads"), description="Where uploaded models and datasets are stored."
+    )
+    max_upload_bytes: int = Field(
+        4 * GIB, ge=1, description="Largest upload (bytes), a model archive or a dataset file."
+    )
+    max_archive_members: int = Field(
+        256, ge=1, description="Most entries (files and folders) in an uploaded model archive."
+    )
+    max_unpacked_bytes: int = Field(
+        6 * GIB, ge=1, description="Largest total size (bytes) of a model archive once unpacked."
+    )
     cache_dir: Path = Field(
         Path("var/cache"), description="Converted built-in models (e.g. minilm-l3) are kept here."
     )

@@ -1,0 +1,1 @@
+"""Checks on uploaded files before they are stored for jobs to use (models: :mod:`.models`)."""
