@@ -11,20 +11,31 @@ import re
 from pathlib import Path
 
 from api.settings import Settings
+from api.storage import artifact_storage
 from kd_engine.references import builtin_model_path, hub_id, local_path_under, scheme_of
 
 JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-def job_dir(settings: Settings, job_id: str) -> Path:
-    """The artifact directory of a job.
+def job_key(job_id: str) -> str:
+    """The prefix of a job's artifacts in the artifact store (its id).
 
     Raises:
         ValueError: ``job_id`` is not a job id (so it cannot escape the artifacts root).
     """
     if not JOB_ID.match(job_id):
         raise ValueError(f"{job_id!r} is not a job id")
-    return settings.artifacts_root.resolve() / job_id
+    return job_id
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    """The artifact directory of a job (a local directory: the artifact store's
+    :meth:`~api.storage.Storage.local_path` of the job's prefix, which may not exist).
+
+    Raises:
+        ValueError: ``job_id`` is not a job id (so it cannot escape the artifacts root).
+    """
+    return artifact_storage(settings).local_path(job_key(job_id))
 
 
 def model_location(ref: str, settings: Settings) -> Path | str:

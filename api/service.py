@@ -13,6 +13,7 @@ from api.db import FINISHED, Artifact, Job, utcnow
 from api.errors import Conflict, InvalidSpec, NotFound, Unavailable
 from api.queue import BrokerUnavailable, enqueue
 from api.settings import Settings
+from api.storage import InvalidKey, artifact_storage, join_key
 from kd_engine import registry
 from kd_engine.data.builtins import BUILTIN_EVAL_ONLY, BUILTIN_LABELS, BUILTIN_REGRESSION
 from kd_engine.data.corpus import check_corpus_reference
@@ -376,7 +377,11 @@ def artifact_path(session: Session, settings: Settings, job_id: str, name: str) 
     known = {a.name for a in artifacts(session, job_id)}
     if name not in known:
         raise NotFound(f"job {job_id} has no artifact {name!r}")
-    path = refs.job_dir(settings, job_id) / name
-    if not path.is_file():
+    store = artifact_storage(settings)
+    try:
+        key = join_key(job_id, name)
+    except InvalidKey:
+        raise NotFound(f"job {job_id} has no artifact {name!r}") from None
+    if not store.exists(key):
         raise NotFound(f"artifact {name!r} of job {job_id} is missing from the store")
-    return path
+    return store.local_path(key)

@@ -4,7 +4,6 @@ the artifacts, finalise the row. Every outcome leaves the job in a final state w
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import shutil
 import socket
@@ -18,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import refs, repository
 from api.db import make_engine, make_sessionmaker, utcnow
 from api.settings import Settings
+from api.storage import artifact_storage
 from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, PretrainedStudent
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
@@ -31,15 +31,6 @@ def sessions_for(database_url: str) -> sessionmaker[Session]:
     return make_sessionmaker(make_engine(database_url))
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _finish(sm: sessionmaker[Session], job_id: str, status: str, **values: Any) -> None:
     with sm() as s:
         repository.transition(
@@ -51,13 +42,13 @@ def _finish(sm: sessionmaker[Session], job_id: str, status: str, **values: Any) 
 def _publish(
     sm: sessionmaker[Session], settings: Settings, job_id: str, tmp: Path, metrics: dict[str, Any]
 ) -> None:
-    """Move the finished output into place, record its files, mark the job succeeded."""
-    final = refs.job_dir(settings, job_id)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.replace(final)
+    """Publish the finished output to the artifact store (replacing an earlier attempt's),
+    record its top-level files, mark the job succeeded."""
+    stored = artifact_storage(settings).put_dir(refs.job_key(job_id), tmp)
     files = [
-        (p.name, p.stat().st_size, sha256_of(p)) for p in sorted(final.iterdir()) if p.is_file()
+        (name, o.size, o.sha256)
+        for o in stored
+        if "/" not in (name := o.key.removeprefix(f"{job_id}/"))
     ]
     with sm() as s:
         repository.replace_artifacts(s, job_id, files)

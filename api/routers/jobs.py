@@ -13,9 +13,9 @@ from starlette.background import BackgroundTask
 
 from api import repository, service
 from api.deps import CeleryDep, SessionDep, SettingsDep
-from api.errors import Conflict, InvalidSpec
-from api.refs import job_dir
+from api.errors import Conflict, InvalidSpec, NotFound
 from api.schemas import ArtifactList, ArtifactOut, JobList, JobOut, MetricsOut
+from api.storage import FILE_MODE, ObjectNotFound, artifact_storage, join_key
 from kd_engine.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -95,13 +95,24 @@ def download_archive(job_id: JobId, session: SessionDep, settings: SettingsDep) 
     names = [a.name for a in service.artifacts(session, job_id)]
     if job.status != "succeeded" or not names:
         raise Conflict(f"job {job_id} is {job.status}; the archive exists once it succeeds")
-    root = job_dir(settings, job_id)
+    store = artifact_storage(settings)
+    mtime = (job.finished_at or job.created_at).timestamp()
     # Built in a temporary file (not in memory: students can be gigabytes), removed after sending.
     fd, tmp_name = tempfile.mkstemp(suffix=".tar.gz")
     os.close(fd)
-    with tarfile.open(tmp_name, mode="w:gz") as tar:
-        for name in names:
-            tar.add(root / name, arcname=f"{job_id}/{name}")
+    try:
+        with tarfile.open(tmp_name, mode="w:gz") as tar:
+            for name in names:
+                key = join_key(job_id, name)
+                info = tarfile.TarInfo(f"{job_id}/{name}")
+                info.size, info.mode, info.mtime = store.size(key), FILE_MODE, mtime
+                with store.open(key) as f:
+                    tar.addfile(info, f)
+    except BaseException as e:
+        os.unlink(tmp_name)
+        if isinstance(e, ObjectNotFound):
+            raise NotFound(f"job {job_id}: an artifact is missing from the store") from None
+        raise
     return FileResponse(
         tmp_name,
         media_type="application/gzip",

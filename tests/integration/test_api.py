@@ -835,6 +835,13 @@ def test_takd_assistant_is_downloadable_through_the_api(
     archive = client.get(f"/v1/jobs/{job_id}/archive")
     with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
         assert f"{job_id}/assistant_1.tar.gz" in tar.getnames()
+        assert sorted(tar.getnames()) == sorted(f"{job_id}/{name}" for name in items)
+        assert {m.mode for m in tar.getmembers()} == {0o644}  # readable once extracted
+        weights = tar.extractfile(f"{job_id}/model.safetensors")
+        assert weights is not None
+        assert hashlib.sha256(weights.read()).hexdigest() == items["model.safetensors"]["sha256"]
+    for name in items:  # stored readable too (the store writes 0644)
+        assert (settings.artifacts_root / job_id / name).stat().st_mode & 0o777 == 0o644
 
 
 def test_minimax_knn_corpus_is_checked_at_submission(
