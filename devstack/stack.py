@@ -131,7 +131,7 @@ def running_stack(
     ``workers`` Celery workers; yield the :class:`Stack`; stop everything on exit.
 
     ``workdir`` holds the SQLite file (unless ``database_url`` is given), the artifacts, the
-    models and data roots, and one log file per process.
+    models, data and uploads roots, and one log file per process.
     """
     workdir = workdir.resolve()
     log_dir = workdir / "logs"
@@ -151,11 +151,12 @@ def running_stack(
             "DISTILLERY_ARTIFACTS_ROOT": str(workdir / "artifacts"),
             "DISTILLERY_MODELS_ROOT": str(workdir / "models"),
             "DISTILLERY_DATA_ROOT": str(workdir / "data"),
+            "DISTILLERY_UPLOADS_ROOT": str(workdir / "uploads"),
             "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_OFFLINE": "1",
             **(extra_env or {}),
         }
-        for sub in ("artifacts", "models", "data"):
+        for sub in ("artifacts", "models", "data", "uploads"):
             (workdir / sub).mkdir(exist_ok=True)
         subprocess.run(
             [sys.executable, "-m", "alembic", "upgrade", "head"],

@@ -206,17 +206,27 @@ class Archive:
 
         Raises:
             ArchiveRejected: a member that is refused (see the module docstring).
-            ArchiveTooLarge: more members than ``limits.max_members``, or files declaring
-                more than ``limits.max_unpacked_bytes`` in all.
+            ArchiveTooLarge: more members than ``limits.max_members``, or members (hidden
+                ones included) declaring more than ``limits.max_unpacked_bytes`` in all; raised
+                as soon as the count or the sum is over, before the rest is read.
         """
         files: list[Member] = []
         dirs: set[str] = set()
         skipped: list[str] = []
         seen: set[str] = set()
+        declared = 0  # every member's, hidden ones too: reading past them costs as much
         for name, kind, size, handle in self._entries(limits):
             parts = _relative_parts(name)
             if kind not in ("file", "dir"):
                 raise ArchiveRejected(f"{kind}; only regular files and folders are accepted", name)
+            declared += size
+            if declared > limits.max_unpacked_bytes:  # before a tar is read past this member
+                raise ArchiveTooLarge(
+                    "bytes",
+                    limits.max_unpacked_bytes,
+                    f"the archive's members declare more than {limits.max_unpacked_bytes} "
+                    "bytes unpacked",
+                )
             if self.tar is not None and hasattr(tarfile, "data_filter"):
                 try:  # Python's own extraction filter, as a second opinion
                     assert isinstance(handle, tarfile.TarInfo)
@@ -244,15 +254,7 @@ class Archive:
                 if parent in seen:
                     raise ArchiveRejected("a file that is also used as a folder", parent)
                 parent = parent.rpartition("/")[0]
-        listing = Listing(files=files, skipped=skipped)
-        if listing.declared_bytes > limits.max_unpacked_bytes:
-            raise ArchiveTooLarge(
-                "bytes",
-                limits.max_unpacked_bytes,
-                f"the archive's files declare {listing.declared_bytes} bytes unpacked; the "
-                f"limit is {limits.max_unpacked_bytes} bytes",
-            )
-        return listing
+        return Listing(files=files, skipped=skipped)
 
     def open_member(self, member: Member) -> IO[bytes]:
         """The member's content as a binary stream (close it; it is a context manager).

@@ -297,6 +297,24 @@ def test_a_bomb_is_refused_as_too_large_before_writing(
     assert_empty(store.root)
 
 
+def test_a_bomb_is_refused_before_the_tar_is_read_past_it(
+    tmp_path: Path, store: LocalStorage
+) -> None:
+    """A hidden member counts too, and the refusal comes before the data is skipped: here
+    the archive is cut right after the bomb's header, so reading on would find it corrupt."""
+    out = tmp_path / "cut.tar.gz"
+    with tarfile.open(out, "w:gz") as tar:
+        add_bytes(tar, ".git/lfs/objects/big", b"\x00" * (64 << 20))
+        add_bytes(tar, "config.json", json.dumps(TINY_CONFIG).encode())
+    out.write_bytes(out.read_bytes()[:4096])
+    limits = ArchiveLimits(max_members=64, max_unpacked_bytes=1 << 20)
+    with pytest.raises(UploadTooLarge, match="declare more than 1048576 bytes"):
+        unpack_model(out, store, "u", limits)
+    with pytest.raises(InvalidUpload, match="not a readable tar archive"):
+        unpack_model(out, store, "u", LIMITS)  # with room for it, the cut is found
+    assert_empty(store.root)
+
+
 def test_bytes_are_counted_while_extracting_whatever_was_declared(
     tmp_path: Path, store: LocalStorage
 ) -> None:
