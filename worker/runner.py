@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import refs, repository
 from api.db import make_engine, make_sessionmaker, utcnow
 from api.settings import Settings
+from kd_engine.export import make_readable
 from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, PretrainedStudent
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
@@ -51,8 +52,10 @@ def _finish(sm: sessionmaker[Session], job_id: str, status: str, **values: Any) 
 def _publish(
     sm: sessionmaker[Session], settings: Settings, job_id: str, tmp: Path, metrics: dict[str, Any]
 ) -> None:
-    """Move the finished output into place, record its files, mark the job succeeded."""
+    """Move the finished output into place (files 0644, folders 0755), record its files, mark
+    the job succeeded."""
     final = refs.job_dir(settings, job_id)
+    make_readable(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.replace(final)

@@ -142,14 +142,22 @@ def test_a_job_id_that_is_not_a_uuid_is_404(client: TestClient, job_id: str) -> 
     [
         ({"teacher": "job:a\u0000b"}, "teacher"),
         ({"teacher": "builtin:minilm-l6\u0007"}, "teacher"),
-        ({"dataset": {"source": "builtin:rotten_tomatoes", "text_column": "te\u0000xt"}},
-         "dataset.text_column"),
-        ({"dataset": {"source": "builtin:rotten\ttomatoes"}}, "dataset.source"),
-        ({"dataset": {"source": "builtin:rotten_tomatoes", "label_column": "a\u0085b"}},
-         "dataset.label_column"),
         (
-            {"dataset": {"source": "builtin:rotten_tomatoes",
-                         "eval_sets": [{"name": "ood", "source": "file://a\u0000.csv"}]}},
+            {"dataset": {"source": "builtin:rotten_tomatoes", "text_column": "te\u0000xt"}},
+            "dataset.text_column",
+        ),
+        ({"dataset": {"source": "builtin:rotten\ttomatoes"}}, "dataset.source"),
+        (
+            {"dataset": {"source": "builtin:rotten_tomatoes", "label_column": "a\u0085b"}},
+            "dataset.label_column",
+        ),
+        (
+            {
+                "dataset": {
+                    "source": "builtin:rotten_tomatoes",
+                    "eval_sets": [{"name": "ood", "source": "file://a\u0000.csv"}],
+                }
+            },
             "dataset.eval_sets.0.source",
         ),
         ({"method": {"name": "mate_kd", "generator": "job:\u0000"}}, "method.generator"),
@@ -174,12 +182,21 @@ def test_control_characters_in_spec_strings_are_422_naming_the_field(
     ("patch", "field", "cap"),
     [
         ({"teacher": "builtin:" + "m" * 3000}, "teacher", "2048"),
-        ({"dataset": {"source": "builtin:rotten_tomatoes", "text_column": "t" * 300}},
-         "dataset.text_column", "256"),
-        ({"dataset": {"source": "builtin:rotten_tomatoes", "text_pair_column": "t" * 257}},
-         "dataset.text_pair_column", "256"),
-        ({"method": {"name": "minimax_knn", "corpus": "file://" + "c" * 2100}},
-         "method.corpus", "2048"),
+        (
+            {"dataset": {"source": "builtin:rotten_tomatoes", "text_column": "t" * 300}},
+            "dataset.text_column",
+            "256",
+        ),
+        (
+            {"dataset": {"source": "builtin:rotten_tomatoes", "text_pair_column": "t" * 257}},
+            "dataset.text_pair_column",
+            "256",
+        ),
+        (
+            {"method": {"name": "minimax_knn", "corpus": "file://" + "c" * 2100}},
+            "method.corpus",
+            "2048",
+        ),
     ],
 )
 def test_overlong_strings_are_422_stating_the_cap(
@@ -246,7 +263,10 @@ def test_a_real_cursor_still_pages(client: TestClient) -> None:
 def test_a_json_body_over_the_limit_is_413_with_the_limit(
     client: TestClient, settings: Settings
 ) -> None:
-    big = {**FINETUNE, "dataset": {"source": "builtin:rotten_tomatoes", "text_column": "x" * 70_000}}
+    big = {
+        **FINETUNE,
+        "dataset": {"source": "builtin:rotten_tomatoes", "text_column": "x" * 70_000},
+    }
     err = error_of(client.post("/v1/jobs", json=big), 413)
     assert err["code"] == "too_large"
     assert err["details"] == {"limit_bytes": 64 * 1024}
@@ -318,10 +338,25 @@ def test_an_unknown_method_setting_lists_the_valid_ones(client: TestClient) -> N
     ("patch", "field", "valid"),
     [
         ({"training": {"epoch": 1}}, "training.epoch", "epochs"),
-        ({"dataset": {"source": "builtin:rotten_tomatoes", "label": "y"}}, "dataset.label",
-         "label_column"),
-        ({"student": {"type": "fresh", "num_layers": 2, "hidden_size": 64, "num_heads": 2,
-                      "intermediate_size": 128, "heads": 2}}, "student.heads", "num_heads"),
+        (
+            {"dataset": {"source": "builtin:rotten_tomatoes", "label": "y"}},
+            "dataset.label",
+            "label_column",
+        ),
+        (
+            {
+                "student": {
+                    "type": "fresh",
+                    "num_layers": 2,
+                    "hidden_size": 64,
+                    "num_heads": 2,
+                    "intermediate_size": 128,
+                    "heads": 2,
+                }
+            },
+            "student.heads",
+            "num_heads",
+        ),
         ({"teachr": "x"}, "teachr", "teacher"),
     ],
 )
@@ -346,21 +381,26 @@ def test_archive_members_and_artifacts_are_world_readable(
     assert modes[f"{job['id']}/config.json"][0] == 0o644
 
 
-def test_published_artifacts_are_0644(settings: Settings, tmp_path: Path) -> None:
-    """The worker's publish step leaves every file 0644 whatever mode it was written with."""
-    from worker.runner import make_readable
+def test_published_artifacts_are_0644(client: TestClient, settings: Settings) -> None:
+    """The worker's publish step leaves every file 0644 and folder 0755 whatever mode they
+    were written with."""
+    from worker.runner import _publish, sessions_for
 
-    out = tmp_path / "out"
+    job = submit(client)
+    finish(settings, job["id"], "running")
+    out = settings.artifacts_root / ".partial" / job["id"]
     (out / "sub").mkdir(parents=True)
     (out / "model.safetensors").write_bytes(b"w")
     (out / "model.safetensors").chmod(0o600)
     (out / "sub" / "x").write_bytes(b"x")
     (out / "sub" / "x").chmod(0o600)
     (out / "sub").chmod(0o700)
-    make_readable(out)
-    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
-    assert (out / "sub").stat().st_mode & 0o777 == 0o755
-    assert (out / "sub" / "x").stat().st_mode & 0o777 == 0o644
+    _publish(sessions_for(settings.database_url), settings, job["id"], out, {})
+    final = settings.artifacts_root.resolve() / job["id"]
+    assert (final / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (final / "sub").stat().st_mode & 0o777 == 0o755
+    assert (final / "sub" / "x").stat().st_mode & 0o777 == 0o644
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
 
 
 @pytest.mark.parametrize(
@@ -369,13 +409,13 @@ def test_published_artifacts_are_0644(settings: Settings, tmp_path: Path) -> Non
         ({"training": {"seed": 2**32}}, "training.seed"),
         ({"training": {"seed": -1}}, "training.seed"),
         ({"training": {"seed": 10**30}}, "training.seed"),
-        ({"dataset": {"source": "builtin:rotten_tomatoes", "split_seed": 2**40}},
-         "dataset.split_seed"),
+        (
+            {"dataset": {"source": "builtin:rotten_tomatoes", "split_seed": 2**40}},
+            "dataset.split_seed",
+        ),
     ],
 )
-def test_an_out_of_range_seed_is_422(
-    client: TestClient, patch: dict[str, Any], field: str
-) -> None:
+def test_an_out_of_range_seed_is_422(client: TestClient, patch: dict[str, Any], field: str) -> None:
     err = error_of(client.post("/v1/jobs", json={**FINETUNE, **patch}), 422)
     assert err["field"] == field
     assert "4294967295" in err["message"]
