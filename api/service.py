@@ -266,11 +266,12 @@ def _check_memory(
     except ValueError:
         return  # a shape problem: reported by the fit check
     estimate = memory.estimate_training_memory(
-        memory.teacher_size(teacher_config, labels) if uses_teacher else None,
+        memory.teacher_size(teacher_config, labels),
         student,
         spec.training.batch_size,
         spec.training.max_seq_length,
         spec.training.eval_batch_size,
+        teacher_forward=uses_teacher,
     )
     over = memory.over_budget(estimate, limit, settings.queue)
     if over is None:

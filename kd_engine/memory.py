@@ -5,21 +5,21 @@ queued for is refused at submit instead of running out of memory in the queue.
 The estimate, for float32 training with AdamW (the engine's optimiser; bf16 autocast on CUDA
 only lowers it):
 
-- **parameters**: the teacher's weights (4 bytes each) when the method runs the teacher, and
-  the student's weights, gradients and AdamW's two moments (4 + 4 + 8 = 16 bytes each).
+- **parameters**: the teacher's weights (4 bytes each; the engine always loads it) and the
+  student's weights, gradients and AdamW's two moments (4 + 4 + 8 = 16 bytes each).
 - **activations**: what the student keeps for its backward pass, per transformer layer
   ``B*T*d*68 + B*heads*T*T*10`` bytes (Korthikanti et al. 2022, "Reducing Activation
   Recomputation in Large Transformer Models", section 4.1: ``34*T*B*d + 5*heads*T^2*B`` bytes
-  per layer in 16-bit, doubled for float32), plus the teacher's no-grad outputs (every hidden
-  state and attention map, as the intermediate-layer methods read them) and one layer's working
-  set; or, when larger, an evaluation forward at ``eval_batch_size``. ``T`` is
-  ``training.max_seq_length`` (batches are padded to their longest text, so this is an upper
-  bound).
+  per layer in 16-bit, doubled for float32), plus, when the method runs the teacher, its
+  no-grad outputs (every hidden state and attention map, as the intermediate-layer methods read
+  them) and one layer's working set; or, when larger, an evaluation forward at
+  ``eval_batch_size``. ``T`` is ``training.max_seq_length`` (batches are padded to their longest
+  text, so this is an upper bound).
+- **runtime**: a fixed :data:`RUNTIME_BYTES` for the worker process itself.
 
 Not counted: a method's extra modules (projections, CRD memory banks), an augmentation
-generator (:mod:`kd_engine.augment.memory` checks those on the worker), the assistants of a
-multi-hop method (each is at most the teacher's size and trains alone), the tokenised dataset,
-and the allocator's and the framework's own overhead (about 0.5-1 GiB on a CPU worker).
+generator (:mod:`kd_engine.augment.memory` checks those on the worker), and the assistants of a
+multi-hop method (each is at most the teacher's size and trains alone).
 
 Measured (a ``finetune`` of ``builtin:minilm-l6`` on rotten_tomatoes): see
 :data:`MEASURED` for the comparison of this estimate with a real run's peak memory.
@@ -47,6 +47,10 @@ ACTIVATION_BYTES_PER_TOKEN_UNIT = 68
 ATTENTION_BYTES_PER_SCORE = 10
 """Bytes a transformer layer keeps per attention score (B x heads x T x T) for the backward
 pass (float32): 5 in 16-bit (scores, softmax, dropout mask and output), doubled."""
+RUNTIME_BYTES = 1024**3
+"""A fixed allowance for the worker process itself: the Python, torch and transformers code and
+their buffers (a CPU worker's resident memory is about 0.45 GB before a job loads anything),
+the tokenised data and the allocator's slack."""
 GIB = 1024**3
 
 MEASURED = ""
@@ -77,17 +81,20 @@ class MemoryEstimate:
     """The estimate of one job, in bytes.
 
     Attributes:
-        teacher_bytes: the teacher's weights (0 when the method does not run it).
+        teacher_bytes: the teacher's weights (always loaded: a ``finetune`` job's student
+            starts from it).
         student_bytes: the student's weights, gradients and AdamW state.
         activation_bytes: activations at the peak (training step or evaluation forward).
-        teacher: the teacher's size (None when not run).
+        runtime_bytes: the worker process's own allowance (:data:`RUNTIME_BYTES`).
+        teacher: the teacher's size.
         student: the student's size.
     """
 
     teacher_bytes: int
     student_bytes: int
     activation_bytes: int
-    teacher: ModelSize | None
+    runtime_bytes: int
+    teacher: ModelSize
     student: ModelSize
 
     @property
@@ -98,7 +105,7 @@ class MemoryEstimate:
     @property
     def total_bytes(self) -> int:
         """The whole estimate."""
-        return self.parameter_bytes + self.activation_bytes
+        return self.parameter_bytes + self.activation_bytes + self.runtime_bytes
 
 
 def transformer_parameters(
@@ -171,7 +178,7 @@ def student_size(
         lstm = sum(
             2 * 4 * ((e if n == 0 else 2 * h) * h + h * h + 2 * h) for n in range(shape.num_layers)
         )
-        params = vocab * e + lstm + (2 * h) * (2 * h) + 2 * h + 2 * h * num_labels + num_labels
+        params = vocab * e + lstm + 2 * h * h + h + h * num_labels + num_labels  # fc to h units
         return ModelSize(params, shape.num_layers, shape.hidden_size, 0, 0)
     if isinstance(student, CNNStudent):
         e, f = teacher.hidden_size, student.num_filters
@@ -219,36 +226,40 @@ def teacher_output_bytes(batch_size: int, seq_length: int, size: ModelSize) -> i
 
 
 def estimate_training_memory(
-    teacher: ModelSize | None,
+    teacher: ModelSize,
     student: ModelSize,
     batch_size: int,
     seq_length: int,
     eval_batch_size: int,
+    teacher_forward: bool = True,
 ) -> MemoryEstimate:
     """Upper estimate of a training job's peak memory (bytes; see the module docstring).
 
     Args:
-        teacher: the teacher's size, or None when the method does not run a teacher.
+        teacher: the teacher's size (its weights are always loaded).
         student: the trained model's size.
         batch_size: B, examples per micro-batch (``training.batch_size``).
         seq_length: T, tokens per example (``training.max_seq_length``).
         eval_batch_size: examples per evaluation batch (no gradients).
+        teacher_forward: whether the method runs the teacher on each batch (its outputs are
+            then kept for the loss); False for ``finetune`` and the teacher-free methods.
 
     Returns:
-        The estimate: parameters (teacher weights, student weights + gradients + AdamW) and
-        activations.
+        The estimate: parameters (teacher weights, student weights + gradients + AdamW),
+        activations and the runtime allowance.
     """
     train = student.num_layers * layer_activation_bytes(batch_size, seq_length, student)
     train += 2 * FLOAT_BYTES * batch_size * seq_length * student.hidden_size  # embeddings
     evaluate = forward_bytes(eval_batch_size, seq_length, student)
-    if teacher is not None:
+    if teacher_forward:
         train += teacher_output_bytes(batch_size, seq_length, teacher)
         train += forward_bytes(batch_size, seq_length, teacher)
         evaluate = max(evaluate, forward_bytes(eval_batch_size, seq_length, teacher))
     return MemoryEstimate(
-        teacher_bytes=FLOAT_BYTES * teacher.parameters if teacher is not None else 0,
+        teacher_bytes=FLOAT_BYTES * teacher.parameters,
         student_bytes=TRAINED_BYTES_PER_PARAMETER * student.parameters,
         activation_bytes=max(train, evaluate),
+        runtime_bytes=RUNTIME_BYTES,
         teacher=teacher,
         student=student,
     )
@@ -275,7 +286,8 @@ def over_budget(estimate: MemoryEstimate, limit_bytes: int, queue: str) -> tuple
         f"the job needs an estimated {estimate.total_bytes / GIB:.1f} GiB (parameters "
         f"{estimate.parameter_bytes / GIB:.1f} GiB: teacher {estimate.teacher_bytes / GIB:.1f}, "
         f"student with gradients and AdamW state {estimate.student_bytes / GIB:.1f}; "
-        f"activations {estimate.activation_bytes / GIB:.1f} GiB) > limit "
+        f"activations {estimate.activation_bytes / GIB:.1f} GiB; runtime "
+        f"{estimate.runtime_bytes / GIB:.1f} GiB) > limit "
         f"{limit_bytes / GIB:.1f} GiB of queue {queue}; {fix}"
     )
     return field, reason
