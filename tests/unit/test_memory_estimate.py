@@ -73,8 +73,8 @@ SMALL = ModelSize(parameters=1000, num_layers=1, hidden_size=8, num_heads=2, int
 
 
 def test_layer_activation_bytes_by_hand() -> None:
-    # B=2, T=4, d=8, heads=2: 2*4*8*68 + 2*2*4*4*10 = 4352 + 640
-    assert memory.layer_activation_bytes(2, 4, SMALL) == 4992
+    # B=2, T=4, d=8, heads=2: 2*4*8*102 + 2*2*4*4*15 = 6528 + 960
+    assert memory.layer_activation_bytes(2, 4, SMALL) == 7488
     # no-grad forward: 2 * 4 bytes * (8 tokens * (8 + 16) + 2*2*4*4 scores) = 8 * 256
     assert memory.forward_bytes(2, 4, SMALL) == 2048
     # teacher outputs: 4 bytes * ((1 + 1) * 8 tokens * 8 + 1 * 2*2*4*4) = 4 * 192
@@ -84,16 +84,16 @@ def test_layer_activation_bytes_by_hand() -> None:
 def test_estimate_by_hand_without_and_with_a_teacher_forward() -> None:
     teacher = ModelSize(2000, 1, 8, 2, 16)
     alone = estimate_training_memory(teacher, SMALL, 2, 4, 2, teacher_forward=False)
-    # activations: one layer 4992 + embeddings 2 * 4 * 2*4 tokens * 8 = 512
-    assert alone.activation_bytes == 5504
+    # activations: one layer 7488 + embeddings 2 * 4 * 2*4 tokens * 8 = 512
+    assert alone.activation_bytes == 8000
     assert alone.student_bytes == 16_000  # 1000 parameters * (4 + 4 + 8)
     assert alone.teacher_bytes == 8000  # loaded even when not run: 2000 * 4
     assert alone.runtime_bytes == memory.RUNTIME_BYTES
-    assert alone.total_bytes == 8000 + 16_000 + 5504 + memory.RUNTIME_BYTES
+    assert alone.total_bytes == 8000 + 16_000 + 8000 + memory.RUNTIME_BYTES
 
     both = estimate_training_memory(teacher, SMALL, 2, 4, 2, teacher_forward=True)
     # + the teacher's outputs (768) and one no-grad layer's working set (2048)
-    assert both.activation_bytes == 5504 + 768 + 2048
+    assert both.activation_bytes == 8000 + 768 + 2048
     assert both.parameter_bytes == 24_000
 
     # a large evaluation batch makes the evaluation forward the peak
