@@ -74,6 +74,7 @@ their buffers (a CPU worker's resident memory is about 0.45 GB before a job load
 the tokenised data and the allocator's slack."""
 GIB = 1024**3
 
+
 @dataclass(frozen=True)
 class ModelSize:
     """What the estimate needs of one model.
