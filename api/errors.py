@@ -12,7 +12,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kd_engine.spec_fields import unknown_field_reason
 
 log = logging.getLogger("distillery.api")
 
@@ -23,10 +26,11 @@ class DomainError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None, details: Any = None) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        self.details = details
 
 
 class NotFound(DomainError):
@@ -66,8 +70,12 @@ def _body(code: str, message: str, field: str | None = None, details: Any = None
 _UNION_FIELDS = ("method", "student")
 
 
+# Where a request value came from: dropped from the field name ("query.status" is "status").
+_SOURCES = ("body", "query", "path", "header", "cookie")
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p != "body"]
+    parts = [str(p) for i, p in enumerate(loc) if not (i == 0 and p in _SOURCES)]
     out: list[str] = []
     for i, part in enumerate(parts):
         if part.startswith("function-") or (
@@ -82,17 +90,39 @@ def _reason(msg: str) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def _body_model(request: Request) -> type[BaseModel] | None:
+    """The pydantic model of the matched route's JSON body, if it has one."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    annotation = getattr(getattr(field, "field_info", None), "annotation", None)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _error_reason(request: Request, error: dict[str, Any]) -> str:
+    """The reason of one validation error; an unknown field in the body lists the valid ones."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "extra_forbidden" and loc[:1] == ("body",):
+        model = _body_model(request)
+        reason = unknown_field_reason(model, loc[1:]) if model is not None else None
+        if reason:
+            return reason
+    return _reason(error.get("msg", "invalid"))
+
+
 def install(app: FastAPI) -> None:
     """Register the JSON error handlers on ``app``."""
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
-        return JSONResponse(_body(exc.code, exc.message, exc.field), status_code=exc.status)
+        return JSONResponse(
+            _body(exc.code, exc.message, exc.field, exc.details), status_code=exc.status
+        )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [
-            {"field": _loc(tuple(e.get("loc", ()))), "reason": _reason(e.get("msg", "invalid"))}
+            {"field": _loc(tuple(e.get("loc", ()))), "reason": _error_reason(request, e)}
             for e in exc.errors()
         ]
         field = str(details[0]["field"]) if details else ""

@@ -7,7 +7,7 @@ import logging
 import transformers
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, limits
 from api.db import make_engine, make_sessionmaker
 from api.routers import health, jobs
 from api.settings import Settings, get_settings
@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = make_sessionmaker(app.state.engine)
     app.state.celery = make_celery(settings)
     errors.install(app)
+    limits.install(app, settings.max_json_body_bytes)
     app.include_router(jobs.router)
     app.include_router(health.router)
     return app

@@ -12,9 +12,20 @@ from pathlib import Path
 
 from api.settings import Settings
 from api.storage import artifact_storage
-from kd_engine.references import builtin_model_path, hub_id, local_path_under, scheme_of
+from kd_engine.references import (
+    builtin_model_path,
+    check_model_files,
+    hub_id,
+    local_path_under,
+    scheme_of,
+)
 
 JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def is_job_id(value: str) -> bool:
+    """Whether ``value`` has the form of a job id (a lower-case UUID)."""
+    return bool(JOB_ID.match(value))
 
 
 def job_key(job_id: str) -> str:
@@ -41,8 +52,13 @@ def job_dir(settings: Settings, job_id: str) -> Path:
 def model_location(ref: str, settings: Settings) -> Path | str:
     """A local directory (or, for hf://, a hub id) for a model reference.
 
+    A ``file://`` directory is read only when every entry is a regular file (or folder) that
+    resolves under the models root (:func:`kd_engine.references.check_model_files`); the API
+    checks this at submit and the worker again before it loads the model.
+
     Raises:
-        ValueError: unknown scheme or name, a path outside the models root, a missing directory.
+        ValueError: unknown scheme or name, a path outside the models root, a missing directory,
+            a link out of the root or a file that is not a regular file.
     """
     scheme = scheme_of(ref)
     if scheme == "builtin:":
@@ -51,6 +67,7 @@ def model_location(ref: str, settings: Settings) -> Path | str:
         path = local_path_under(ref, settings.models_root)
         if not (path / "config.json").is_file():
             raise ValueError(f"{ref!r} holds no config.json: not a transformers checkpoint")
+        check_model_files(path, settings.models_root, ref)
         return path
     if scheme == "job:":
         path = job_dir(settings, ref.removeprefix("job:"))

@@ -8,10 +8,11 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from api.db import Artifact, Job, utcnow
+from api.db import FINISHED, Artifact, Job, utcnow
+from api.refs import is_job_id
 
 
 def create_job(session: Session, job_id: str, method: str, spec: dict[str, Any]) -> Job:
@@ -24,7 +25,9 @@ def create_job(session: Session, job_id: str, method: str, spec: dict[str, Any])
 
 
 def get_job(session: Session, job_id: str) -> Job | None:
-    """The job, or None."""
+    """The job, or None (at once, without a query, when ``job_id`` is not a job id)."""
+    if not is_job_id(job_id):
+        return None
     return session.get(Job, job_id)
 
 
@@ -35,17 +38,31 @@ def encode_cursor(job: Job) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """Inverse of :func:`encode_cursor`.
+    """Inverse of :func:`encode_cursor`: a timezone-aware creation time and a job id.
 
     Raises:
-        ValueError: not a cursor this API made.
+        ValueError: not a cursor this API made (not base64 of a JSON list of an ISO 8601 time
+            with its zone and a job id; anything else, NUL bytes included, is refused here and
+            never reaches the database).
     """
+    invalid = "not a valid cursor; pass the next_cursor of the previous page as it was given"
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        created, job_id = json.loads(base64.urlsafe_b64decode(padded))
-        return datetime.fromisoformat(created), str(job_id)
-    except (ValueError, TypeError) as e:
-        raise ValueError("not a valid cursor") from e
+        data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    except (ValueError, TypeError, RecursionError) as e:  # UnicodeError is a ValueError
+        raise ValueError(invalid) from e
+    if not (isinstance(data, list) and len(data) == 2 and all(isinstance(x, str) for x in data)):
+        raise ValueError(invalid)
+    created, job_id = data
+    if not is_job_id(job_id):
+        raise ValueError(invalid)
+    try:
+        when = datetime.fromisoformat(created)
+    except ValueError as e:
+        raise ValueError(invalid) from e
+    if when.tzinfo is None:
+        raise ValueError(invalid)
+    return when, job_id
 
 
 def list_jobs(
@@ -143,3 +160,50 @@ def fail_stale(session: Session, older_than_s: int, job_id: str | None = None) -
             session, stale, ("running", "cancelling"), "failed", finished_at=utcnow(), error=reason
         )
     return ids
+
+
+def _mentions(value: Any, needle: str) -> bool:
+    """Whether ``needle`` is one of the strings anywhere in a JSON value."""
+    if isinstance(value, str):
+        return value == needle
+    if isinstance(value, list):
+        return any(_mentions(v, needle) for v in value)
+    if isinstance(value, dict):
+        return any(_mentions(v, needle) for v in value.values())
+    return False
+
+
+def jobs_using_model(session: Session, job_id: str) -> list[str]:
+    """Ids of the unfinished (queued, running, cancelling) jobs whose spec names the model of
+    ``job_id`` as ``job:<job_id>`` (teacher, student, generator, an assistant...), oldest
+    first. Unfinished jobs are few, so their specs are scanned here (same on SQLite and
+    PostgreSQL)."""
+    ref = f"job:{job_id}"
+    q = select(Job.id, Job.spec).where(Job.status.not_in(FINISHED)).order_by(Job.created_at)
+    return [row.id for row in session.execute(q) if _mentions(row.spec, ref)]
+
+
+def delete_finished(session: Session, job_id: str) -> bool:
+    """Delete a finished job's row (its artifact rows cascade). False when the job is missing
+    or no longer finished. Not committed."""
+    res = session.execute(
+        delete(Job)
+        .where(Job.id == job_id, Job.status.in_(FINISHED))
+        .execution_options(synchronize_session=False)
+    )
+    if not res.rowcount:  # type: ignore[attr-defined]
+        return False
+    session.execute(  # the foreign key cascades too; explicit for a database without it
+        delete(Artifact)
+        .where(Artifact.job_id == job_id)
+        .execution_options(synchronize_session=False)
+    )
+    return True
+
+
+def finished_before(session: Session, before: datetime) -> list[str]:
+    """Ids of jobs that finished before ``before`` (timezone-aware), oldest first (a finished
+    job without ``finished_at`` counts from its last update)."""
+    finished = func.coalesce(Job.finished_at, Job.updated_at)
+    q = select(Job.id).where(Job.status.in_(FINISHED), finished < before).order_by(finished)
+    return list(session.scalars(q))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from api.errors import Conflict, InvalidSpec, NotFound, Unavailable
 from api.queue import BrokerUnavailable, enqueue
 from api.settings import Settings
 from api.storage import InvalidKey, artifact_storage, join_key
-from kd_engine import registry
+from kd_engine import memory, registry
 from kd_engine.data.builtins import BUILTIN_EVAL_ONLY, BUILTIN_LABELS, BUILTIN_REGRESSION
 from kd_engine.data.corpus import check_corpus_reference
 from kd_engine.data.loading import resolve_regression
@@ -30,6 +31,8 @@ from kd_engine.models.loading import (
 from kd_engine.models.shapes import planned_student_shape, shape_from_config
 from kd_engine.references import scheme_of
 from kd_engine.spec import FromTeacherStudent, JobSpec, PretrainedStudent
+
+log = logging.getLogger("distillery.api")
 
 
 def _model_config(
@@ -153,7 +156,9 @@ def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
                 f"{student.num_layers} is more than the teacher's {n_layers} layers",
                 "student.num_layers",
             )
-    _check_fit(spec, config, _student_config(session, spec, settings, config))
+    student_config = _student_config(session, spec, settings, config)
+    _check_fit(spec, config, student_config)
+    _check_memory(spec, settings, config, student_config)
     _check_task(spec, config)
 
 
@@ -233,6 +238,56 @@ def _check_fit(
         registry.check(spec.method, teacher, student, spec.training)
     except SpecError as e:
         raise InvalidSpec(e.reason, e.field) from None
+
+
+def _check_memory(
+    spec: JobSpec,
+    settings: Settings,
+    teacher_config: dict[str, object],
+    student_config: dict[str, object] | None,
+) -> None:
+    """The job's training memory estimate (:mod:`kd_engine.memory`) against the budget of the
+    queue it is sent to (``settings.queue_memory_bytes``; a queue without one is not checked).
+
+    Raises:
+        InvalidSpec: over the budget, naming ``training.batch_size``, ``student`` or
+            ``teacher``; ``details`` has ``estimate_bytes``, ``parameter_bytes``,
+            ``activation_bytes``, ``limit_bytes`` and ``queue``.
+    """
+    limit = settings.queue_memory_bytes.get(settings.queue)
+    if limit is None:
+        return
+    if isinstance(spec.student, PretrainedStudent) and student_config is None:
+        return  # a hub student: its size is known only to the worker
+    labels = len(classifier_label_names(teacher_config)) or 2
+    uses_teacher = registry.get(spec.method.name).method_cls.uses_teacher
+    try:
+        student = memory.student_size(spec.student, teacher_config, student_config, labels)
+    except ValueError:
+        return  # a shape problem: reported by the fit check
+    estimate = memory.estimate_training_memory(
+        memory.teacher_size(teacher_config, labels),
+        student,
+        spec.training.batch_size,
+        spec.training.max_seq_length,
+        spec.training.eval_batch_size,
+        teacher_forward=uses_teacher,
+    )
+    over = memory.over_budget(estimate, limit, settings.queue)
+    if over is None:
+        return
+    field, reason = over
+    raise InvalidSpec(
+        reason,
+        field,
+        {
+            "estimate_bytes": estimate.total_bytes,
+            "parameter_bytes": estimate.parameter_bytes,
+            "activation_bytes": estimate.activation_bytes,
+            "limit_bytes": limit,
+            "queue": settings.queue,
+        },
+    )
 
 
 def _check_dataset(spec: JobSpec, settings: Settings) -> None:
@@ -324,8 +379,10 @@ def get(session: Session, job_id: str, settings: Settings | None = None) -> Job:
     (its worker was lost).
 
     Raises:
-        NotFound: no such job.
+        NotFound: no such job (at once, without a query, for an id that is not a UUID).
     """
+    if not refs.is_job_id(job_id):
+        raise NotFound(f"no job {job_id!r}")
     if settings is not None and repository.fail_stale(
         session, settings.heartbeat_timeout_s, job_id
     ):
@@ -342,7 +399,8 @@ def cancel(session: Session, job_id: str) -> Job:
 
     Raises:
         NotFound: no such job.
-        Conflict: the job has already finished.
+        Conflict: the job had already finished (succeeded, failed or cancelled) before this
+            request.
     """
     job = get(session, job_id)
     now = utcnow()
@@ -350,12 +408,53 @@ def cancel(session: Session, job_id: str) -> Job:
         session, job_id, ("queued",), "cancelled", finished_at=now
     ) or repository.transition(session, job_id, ("running",), "cancelling"):
         session.commit()
-    else:
-        session.rollback()
+        session.refresh(job)
+        return job
+    session.rollback()
     session.refresh(job)
-    if job.status in FINISHED and job.status != "cancelled":
-        raise Conflict(f"job {job_id} has already {job.status}; nothing to cancel")
+    if job.status in FINISHED:
+        raise Conflict(f"job {job_id} has already {_finished_verb(job.status)}; nothing to cancel")
     return job
+
+
+def _finished_verb(status: str) -> str:
+    return "been cancelled" if status == "cancelled" else status
+
+
+def delete(session: Session, settings: Settings, job_id: str) -> None:
+    """Delete a finished job: its row, its artifact rows and its artifact directory.
+
+    Raises:
+        NotFound: no such job.
+        Conflict: the job is queued, running or cancelling (cancel it first), or its model is
+            named as ``job:<id>`` by a job that has not finished (the message names it).
+    """
+    job = get(session, job_id)
+    if job.status not in FINISHED:
+        raise Conflict(
+            f"job {job_id} is {job.status}; cancel it first (POST /v1/jobs/{job_id}/cancel) and "
+            "delete it once it has finished"
+        )
+    users = repository.jobs_using_model(session, job_id)
+    if users:
+        raise Conflict(
+            f"the model of job {job_id} is used by unfinished job(s) {', '.join(users)} "
+            f"(as job:{job_id}); delete it once they have finished"
+        )
+    if not repository.delete_finished(session, job_id):
+        session.rollback()
+        raise Conflict(f"job {job_id} changed while it was being deleted; try again")
+    session.commit()
+    remove_artifacts(settings, job_id)
+
+
+def remove_artifacts(settings: Settings, job_id: str) -> None:
+    """Remove a job's artifacts from the artifact store (nothing if it has none). A failure is
+    logged, not raised: the row is already gone and the files can be removed by hand."""
+    try:
+        artifact_storage(settings).delete_prefix(refs.job_key(job_id))
+    except OSError:
+        log.exception("job %s: could not remove its artifacts", job_id)
 
 
 def artifacts(session: Session, job_id: str) -> list[Artifact]:

@@ -54,6 +54,25 @@ class Settings(BaseSettings):
     progress_every_steps: int = Field(
         5, description="Training steps between progress writes and cancel checks."
     )
+    max_json_body_bytes: int = Field(
+        1024**2,
+        ge=1,
+        description="Largest request body (bytes) of a JSON (any non-multipart) request; a "
+        "larger one is answered 413. File uploads (multipart) have their own cap.",
+    )
+    queue_memory_bytes: dict[str, int] = Field(
+        default_factory=lambda: {"cpu": 16 * 1024**3, "gpu": 80 * 1024**3},
+        description="Memory budget (bytes) of one worker of each queue, set as JSON such as "
+        '{"cpu": 17179869184, "gpu": 85899345920}: a job whose training memory estimate '
+        "(kd_engine.memory) is over its queue's budget is refused at submit (422). A queue "
+        "not listed is not checked.",
+    )
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Finished jobs (and their artifacts) older than this many days are deleted "
+        "by `python -m api.retention`; None keeps them forever.",
+    )
 
 
 @lru_cache(maxsize=1)

@@ -54,6 +54,16 @@ class Client:
         """POST /v1/jobs/{id}/cancel."""
         return dict(self._json(self.http.post(f"/v1/jobs/{job_id}/cancel")))
 
+    def delete(self, job_id: str) -> None:
+        """DELETE /v1/jobs/{id} (a finished job and its artifacts).
+
+        Raises:
+            ApiError: 404 no such job, 409 not finished or its model still in use.
+        """
+        r = self.http.delete(f"/v1/jobs/{job_id}")
+        if r.status_code != 204:
+            self._json(r)
+
     def metrics(self, job_id: str) -> dict[str, Any]:
         """GET /v1/jobs/{id}/metrics."""
         return dict(self._json(self.http.get(f"/v1/jobs/{job_id}/metrics")))

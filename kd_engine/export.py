@@ -27,6 +27,30 @@ def save_student(
     return sorted(p for p in out_dir.iterdir() if p.is_file())
 
 
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+
+def readable_member(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """A ``tarfile`` add filter: files 0644, folders 0755, owned by uid/gid 0 with no names,
+    so that an archive extracts readable by everyone whatever mode its files were written
+    with."""
+    member.mode = DIR_MODE if member.isdir() else FILE_MODE
+    member.uid = member.gid = 0
+    member.uname = member.gname = ""
+    return member
+
+
+def make_readable(root: Path) -> None:
+    """Set every folder under ``root`` (itself included) to 0755 and every file to 0644;
+    links are left alone."""
+    root.chmod(DIR_MODE)
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
+
+
 def save_archive(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, name: str
 ) -> Path:
@@ -44,7 +68,7 @@ def save_archive(
         save_student(model, tokenizer, model_dir)
         partial = Path(tmp) / archive.name
         with tarfile.open(partial, mode="w:gz") as tar:
-            tar.add(model_dir, arcname=name)
+            tar.add(model_dir, arcname=name, filter=readable_member)
         shutil.move(partial, archive)
     return archive
 

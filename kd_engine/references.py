@@ -101,6 +101,48 @@ def local_path_under(ref: str, root: Path) -> Path:
     return path
 
 
+MAX_MODEL_ENTRIES = 10_000
+"""Most files and folders a model directory may hold (a checkpoint has a handful)."""
+
+
+def check_model_files(path: Path, root: Path, ref: str) -> None:
+    """Check that a model directory reads only regular files that resolve under ``root``.
+
+    Every entry below ``path`` is looked at without following links: a symlink is allowed only
+    when its target resolves under ``root`` (a file symlink out of the root, or a folder
+    symlink out of it, is refused), and every file must be a regular file (no FIFO, socket or
+    device). At most :data:`MAX_MODEL_ENTRIES` entries.
+
+    Raises:
+        ValueError: naming the entry (relative to the model directory) and why.
+    """
+    root = root.resolve()
+    seen = 0
+    stack = [path]
+    while stack:
+        folder = stack.pop()
+        for entry in sorted(folder.iterdir()):
+            seen += 1
+            if seen > MAX_MODEL_ENTRIES:
+                raise ValueError(f"{ref!r} holds more than {MAX_MODEL_ENTRIES} files")
+            rel = entry.relative_to(path).as_posix()
+            target = entry.resolve()
+            if not target.is_relative_to(root):
+                raise ValueError(
+                    f"{ref!r}: {rel!r} is a link to {str(target)!r}, outside the models root; "
+                    "models are read only from files under the root"
+                )
+            if entry.is_symlink():
+                if not target.exists():
+                    raise ValueError(f"{ref!r}: {rel!r} is a broken link")
+                if target.is_dir():
+                    continue  # under the root: its files are checked where they lie
+            if entry.is_dir():
+                stack.append(entry)
+            elif not entry.is_file():
+                raise ValueError(f"{ref!r}: {rel!r} is not a regular file")
+
+
 def hub_id(ref: str, allow_hub: bool) -> str:
     """Return the repository id of an ``hf://`` reference.
 

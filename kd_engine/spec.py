@@ -3,6 +3,10 @@
 Validated by pydantic; the API uses the same classes, so a bad job is rejected (HTTP 422,
 naming the field) before anything is queued. ``method`` is a discriminated union on ``name``
 over every registered method config.
+
+Every string of a spec (references, column names, method settings) is refused when it holds a
+control character or is longer than 2048 characters (column names: 256), and seeds must be
+``0 <= seed < 2**32``; see :mod:`kd_engine.spec_fields`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pydantic import Field, field_validator
 
 from kd_engine import methods as _methods  # noqa: F401  (fills the registry)
 from kd_engine import registry
+from kd_engine.spec_fields import MAX_TEXT_CHARS, ColumnName, Seed
 from kd_engine.students_spec import (
     BiLSTMStudent,
     CNNStudent,
@@ -65,9 +70,9 @@ class EvalSetSpec(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     source: str = Field(min_length=1, max_length=2048)
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
+    text_column: ColumnName | None = None
+    text_pair_column: ColumnName | None = None
+    label_column: ColumnName | None = None
 
 
 class DatasetSpec(_Strict):
@@ -92,14 +97,14 @@ class DatasetSpec(_Strict):
 
     source: str = Field(min_length=1, max_length=2048)
     task: Task = "auto"
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    dev_source: str | None = None
-    test_source: str | None = None
+    text_column: ColumnName = "text"
+    text_pair_column: ColumnName | None = None
+    label_column: ColumnName = "label"
+    dev_source: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
+    test_source: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
     dev_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
-    split_seed: int = 0
+    split_seed: Seed = 0
     max_train_examples: int | None = Field(None, ge=2)
     max_eval_examples: int | None = Field(None, ge=2)
     eval_sets: list[EvalSetSpec] = Field(default_factory=list, max_length=MAX_EVAL_SETS)
@@ -148,7 +153,7 @@ class TrainingSpec(_Strict):
     max_steps: int | None = Field(
         None, ge=1, description="Cap every stage at this many optimiser steps (smoke tests)."
     )
-    seed: int = 42
+    seed: Seed = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

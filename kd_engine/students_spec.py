@@ -11,8 +11,6 @@ import itertools
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -20,9 +18,11 @@ from pydantic import (
     model_validator,
 )
 
+from kd_engine.spec_fields import SpecModel
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class _Strict(SpecModel):
+    """Base of the spec sections: see :class:`kd_engine.spec_fields.SpecModel`."""
 
 
 def _check_layer_indices(v: list[int] | None) -> list[int] | None:

@@ -1,4 +1,4 @@
-"""/v1/jobs: submit, list, read, cancel, metrics, artifacts, archive."""
+"""/v1/jobs: submit, list, read, cancel, delete, metrics, artifacts, archive."""
 
 from __future__ import annotations
 
@@ -7,19 +7,19 @@ import tarfile
 import tempfile
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from api import repository, service
 from api.deps import CeleryDep, SessionDep, SettingsDep
 from api.errors import Conflict, InvalidSpec, NotFound
+from api.params import ArtifactName, Cursor, JobId, StatusFilter
 from api.schemas import ArtifactList, ArtifactOut, JobList, JobOut, MetricsOut
 from api.storage import FILE_MODE, ObjectNotFound, artifact_storage, join_key
 from kd_engine.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-JobId = Annotated[str, Path(description="The job id (a UUID).", max_length=64)]
 
 
 @router.post("", status_code=201, response_model=JobOut)
@@ -34,11 +34,12 @@ def submit_job(
 @router.get("", response_model=JobList)
 def list_jobs(
     session: SessionDep,
-    status: Annotated[str | None, Query(description="Only jobs in this status.")] = None,
+    status: StatusFilter = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: Cursor = None,
 ) -> JobList:
-    """Jobs, newest first, with cursor pagination."""
+    """Jobs, newest first, with cursor pagination. 422 for an unknown ``status`` (the message
+    lists them) or a ``cursor`` this API did not make."""
     try:
         jobs, next_cursor = repository.list_jobs(session, status, limit, cursor)
     except ValueError as e:
@@ -54,8 +55,18 @@ def get_job(job_id: JobId, session: SessionDep, settings: SettingsDep) -> JobOut
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: JobId, session: SessionDep) -> JobOut:
-    """Cancel: a queued job at once, a running one within a few steps; 409 if finished."""
+    """Cancel: a queued job at once, a running one within a few steps; 409 if it has already
+    finished (succeeded, failed or cancelled)."""
     return JobOut.of(service.cancel(session, job_id))
+
+
+@router.delete("/{job_id}", status_code=204, response_class=Response)
+def delete_job(job_id: JobId, session: SessionDep, settings: SettingsDep) -> Response:
+    """Delete a finished job and its artifacts (204). 409 while it is queued, running or
+    cancelling (cancel it first), or while an unfinished job uses its model as
+    ``job:<id>``."""
+    service.delete(session, settings, job_id)
+    return Response(status_code=204)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
@@ -81,7 +92,7 @@ def list_artifacts(job_id: JobId, session: SessionDep) -> ArtifactList:
 
 @router.get("/{job_id}/artifacts/{name}")
 def download_artifact(
-    job_id: JobId, name: str, session: SessionDep, settings: SettingsDep
+    job_id: JobId, name: ArtifactName, session: SessionDep, settings: SettingsDep
 ) -> FileResponse:
     """One file of the job."""
     path = service.artifact_path(session, settings, job_id, name)
@@ -90,7 +101,8 @@ def download_artifact(
 
 @router.get("/{job_id}/archive")
 def download_archive(job_id: JobId, session: SessionDep, settings: SettingsDep) -> FileResponse:
-    """Every file of the job as one ``<job id>.tar.gz`` (a transformers directory)."""
+    """Every file of the job as one ``<job id>.tar.gz`` (a transformers directory; members
+    are 0644 files in a 0755 folder, owned by uid 0)."""
     job = service.get(session, job_id)
     names = [a.name for a in service.artifacts(session, job_id)]
     if job.status != "succeeded" or not names:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from kd_engine.errors import SpecError
+from kd_engine.spec_fields import SpecModel
 from kd_engine.stages import ParamGroup, Stage
 
 if TYPE_CHECKING:
@@ -27,10 +27,10 @@ if TYPE_CHECKING:
     from kd_engine.spec import TrainingSpec
 
 
-class MethodConfig(BaseModel):
-    """Base of every method's settings; ``name`` is the discriminator in the job spec."""
+class MethodConfig(SpecModel):
+    """Base of every method's settings; ``name`` is the discriminator in the job spec. Like
+    every spec section, unknown settings and strings with control characters are refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
 
 

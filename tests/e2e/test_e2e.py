@@ -141,7 +141,9 @@ def test_cancel_of_a_running_job(client: Client) -> None:
     step_at_stop = done["progress"]["step"]
     assert step_at_stop < done["progress"]["total_steps"]
     assert client.artifacts(job["id"])["items"] == []
-    assert client.cancel(job["id"])["status"] == "cancelled"  # idempotent
+    again = client.http.post(f"/v1/jobs/{job['id']}/cancel")  # finished: 409, stays cancelled
+    assert again.status_code == 409, again.text
+    assert client.job(job["id"])["status"] == "cancelled"
 
 
 def test_a_task_delivered_twice_runs_once(client: Client, stack: Stack) -> None:
@@ -167,6 +169,27 @@ def test_a_task_delivered_twice_runs_once(client: Client, stack: Stack) -> None:
     assert client.job(job["id"])["attempt"] == 1
     train_log = client.http.get(f"/v1/jobs/{job['id']}/artifacts/train_log.jsonl").text
     assert train_log.count('"stage": "prepare"') == 1
+
+
+def queue_directly(stack: Stack, spec: dict[str, Any]) -> dict[str, Any]:
+    """Store and queue a job without the API's submit checks; return it as the API shows it."""
+    import uuid
+
+    from api import repository
+    from api.db import make_engine, make_sessionmaker
+    from kd_engine.spec import JobSpec
+
+    valid = JobSpec.model_validate(spec)
+    engine = make_engine(stack.env["DISTILLERY_DATABASE_URL"])
+    with make_sessionmaker(engine)() as s:
+        job = repository.create_job(
+            s, str(uuid.uuid4()), valid.method.name, valid.model_dump(mode="json")
+        )
+        s.commit()
+        job_id = job.id
+    engine.dispose()
+    make_celery_for(stack).send_task(TASK_NAME, args=[job_id], task_id=job_id, queue="cpu")
+    return {"id": job_id}
 
 
 def make_celery_for(stack: Stack) -> Any:
@@ -304,21 +327,26 @@ def test_every_registered_method_runs_through_the_worker(
 
 
 def test_an_augmentation_job_that_cannot_fit_fails_before_training(
-    client: Client, teacher: dict[str, Any]
+    client: Client, teacher: dict[str, Any], stack: Stack
 ) -> None:
-    """The worker's memory check (kd_engine.augment.memory): (B, T, V) float32 generator
+    """The API refuses it at submit (kd_engine.memory against the queue's budget); one that
+    gets past the API anyway (queued directly here, as a job stored before the check was)
+    meets the worker's memory check (kd_engine.augment.memory): (B, T, V) float32 generator
     tensors alone at B 4096, T 512, V 30522 are 3 * 4096 * 512 * 30522 * 4 bytes (~715 GiB),
     more than any worker has; the job fails when the method binds its models, naming the
     setting, before a single training step."""
-    job = client.submit(
-        {
-            "teacher": f"job:{teacher['id']}",
-            "student": {"num_layers": 2},
-            "method": matrix_method("mate_kd"),
-            "dataset": SMALL_DATA,
-            "training": {**SMALL_TRAINING, "batch_size": 4096, "max_seq_length": 512},
-        }
-    )
+    spec = {
+        "teacher": f"job:{teacher['id']}",
+        "student": {"num_layers": 2},
+        "method": matrix_method("mate_kd"),
+        "dataset": SMALL_DATA,
+        "training": {**SMALL_TRAINING, "batch_size": 4096, "max_seq_length": 512},
+    }
+    refused = client.http.post("/v1/jobs", json=spec)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["field"] == "training.batch_size"
+    assert "limit 16.0 GiB of queue cpu" in refused.json()["error"]["message"]
+    job = queue_directly(stack, spec)
     done = client.wait(job["id"], timeout_s=300)
     assert done["status"] == "failed"
     assert done["error"].startswith("training.batch_size: mate_kd needs about "), done["error"]

@@ -142,8 +142,10 @@ def test_cancel_queued_is_immediate_and_finished_is_409(
     # a cancelled job cannot be claimed by a worker that receives it later
     with Session(create_engine(settings.database_url)) as s:
         assert repository.claim(s, job["id"], "w") is False
-    # cancelling twice is harmless; a succeeded job answers 409
-    assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    # a second cancel is a 409 like that of any finished job; the job stays cancelled
+    again = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
     other = client.post("/v1/jobs", json=FINETUNE).json()
     with Session(create_engine(settings.database_url)) as s:
         assert repository.claim(s, other["id"], "w")

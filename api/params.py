@@ -1,0 +1,42 @@
+"""Path and query parameters shared by the routes, validated before anything reaches the
+database: a control character (NUL included) or an over-long value is a 422 naming the
+parameter. A job id that is printable but not a UUID passes here and is answered 404 (no job
+can have it) without a query (see :func:`api.refs.is_job_id`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, get_args
+
+from fastapi import Path, Query
+from pydantic import AfterValidator
+
+from api.db import JOB_STATUSES
+from kd_engine.spec_fields import check_text
+
+
+def printable(value: str) -> str:
+    """``value`` if it holds no control character.
+
+    Raises:
+        ValueError: naming the character and its position.
+    """
+    return check_text(value, max_chars=len(value))
+
+
+JobId = Annotated[
+    str,
+    Path(description="The job id (a UUID).", max_length=64),
+    AfterValidator(printable),
+]
+ArtifactName = Annotated[
+    str,
+    Path(description="A file name from the job's artifact list.", max_length=255),
+    AfterValidator(printable),
+]
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+assert get_args(JobStatus) == JOB_STATUSES
+StatusFilter = Annotated[JobStatus | None, Query(description="Only jobs in this status.")]
+Cursor = Annotated[
+    str | None,
+    Query(description="next_cursor of the previous page", max_length=1024),
+]
