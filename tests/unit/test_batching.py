@@ -167,7 +167,19 @@ def whole(tokenizer: PreTrainedTokenizerBase, text: str, pair: str | None, n: in
 
 
 def test_a_long_text_gives_the_ids_of_its_whole_text(tokenizer: PreTrainedTokenizerBase) -> None:
-    words = "the movie was surprisingly good although nobody expected it to work".split()
+    words = [
+        "the",
+        "movie",
+        "was",
+        "surprisingly",
+        "good",
+        "although",
+        "nobody",
+        "expected",
+        "it",
+        "to",
+        "work",
+    ]
     long_text = " ".join(words[i % len(words)] + str(i % 7) for i in range(20_000))
     assert len(long_text) > 16 * CHARS_PER_TOKEN * 10
     examples = [Example(0, long_text, None, 0), Example(1, "short", None, 1)]

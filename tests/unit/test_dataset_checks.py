@@ -40,7 +40,9 @@ def test_a_good_job_passes_and_reports_each_file(tmp_path: Path) -> None:
     spec = DatasetSpec.model_validate(
         {"source": "file://train.csv", "eval_sets": [{"name": "o", "source": "file://ood.csv"}]}
     )
-    result = check_dataset_files(spec, lambda ref: local_path_under(ref, tmp_path), ["b", "a"], None)
+    result = check_dataset_files(
+        spec, lambda ref: local_path_under(ref, tmp_path), ["b", "a"], None
+    )
     assert sorted(result.reports) == ["dataset.eval_sets.0.source", "dataset.source"]
     assert result.regression is False and result.label_names == ["a", "b"]
 
