@@ -296,7 +296,7 @@ def _check_corpus(spec: JobSpec, settings: Settings) -> None:
 
 
 def _check_dataset_files(session: Session, spec: JobSpec, settings: Settings) -> None:
-    """Read every ``file://`` dataset of the job (:func:`check_dataset_files`, at most
+    """Read every dataset file of the job (:func:`check_dataset_files`, at most
     ``settings.dataset_check_rows`` rows each): columns, encoding, malformed lines, labels
     against each other and against a classifier teacher's, the split sizes. Runs after the
     cheaper checks; a hub teacher's labels are left to the worker.
@@ -307,8 +307,8 @@ def _check_dataset_files(session: Session, spec: JobSpec, settings: Settings) ->
     """
     ds = spec.dataset
     files = [ds.source, ds.dev_source, ds.test_source, *(es.source for es in ds.eval_sets)]
-    if not any(ref is not None and scheme_of(ref) == "file://" for ref in files):
-        return
+    if all(ref is None or scheme_of(ref) == "builtin:" for ref in files):
+        return  # built-ins only: checked by name
     config = _model_config(session, spec.teacher, settings, "teacher")
     t_task = teacher_task(config) if config is not None else None
     if config is not None:
