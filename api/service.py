@@ -17,6 +17,7 @@ from api.settings import Settings
 from api.storage import InvalidKey, artifact_storage, join_key
 from kd_engine import memory, registry
 from kd_engine.data.builtins import BUILTIN_EVAL_ONLY, BUILTIN_LABELS, BUILTIN_REGRESSION
+from kd_engine.data.checks import check_corpus_file, check_dataset_files
 from kd_engine.data.corpus import check_corpus_reference
 from kd_engine.data.loading import resolve_regression
 from kd_engine.errors import SpecError
@@ -208,7 +209,7 @@ def _check_task(spec: JobSpec, config: dict[str, object]) -> None:
         )
     for n, es in enumerate(spec.dataset.eval_sets):
         if scheme_of(es.source) != "builtin:":
-            continue  # a file's labels are checked by the worker
+            continue  # a file's labels: _check_dataset_files
         name = es.source.removeprefix("builtin:")
         if name in BUILTIN_EVAL_ONLY:
             labels = BUILTIN_LABELS["rotten_tomatoes"]  # mapped from the ratings
@@ -321,7 +322,7 @@ def _check_dataset(spec: JobSpec, settings: Settings) -> None:
                         f"unknown built-in dataset {name!r}; built-ins: {', '.join(known)}"
                     )
             else:
-                refs.dataset_file(ref, settings)
+                refs.dataset_file(ref, settings)  # its content: _check_dataset_files
         except ValueError as e:
             raise InvalidSpec(str(e), f"dataset.{field}") from None
 
@@ -339,9 +340,51 @@ def _check_corpus(spec: JobSpec, settings: Settings) -> None:
     try:
         check_corpus_reference(ref)
         if scheme_of(ref) != "builtin:":
-            refs.dataset_file(ref, settings)
+            path = refs.dataset_file(ref, settings)
+            text_column = str(getattr(spec.method, "corpus_text_column", "text"))
+            check_corpus_file(
+                path, text_column, ref.removeprefix("file://"), settings.dataset_check_rows
+            )
+    except SpecError as e:
+        raise InvalidSpec(e.reason, e.field) from None
     except ValueError as e:
         raise InvalidSpec(str(e), "method.corpus") from None
+
+
+def _check_dataset_files(session: Session, spec: JobSpec, settings: Settings) -> None:
+    """Read every dataset file of the job (:func:`check_dataset_files`, at most
+    ``settings.dataset_check_rows`` rows each): columns, encoding, malformed lines, labels
+    against each other and against a classifier teacher's, the split sizes. Runs after the
+    cheaper checks; a hub teacher's labels are left to the worker.
+
+    Raises:
+        InvalidSpec: naming the field (``dataset.source``, ``dataset.label_column``,
+            ``dataset.eval_sets.N.label_column``, ...), the file and the line.
+    """
+    ds = spec.dataset
+    files = [ds.source, ds.dev_source, ds.test_source, *(es.source for es in ds.eval_sets)]
+    if all(ref is None or scheme_of(ref) == "builtin:" for ref in files):
+        return  # built-ins only: checked by name
+    config = _model_config(session, spec.teacher, settings, "teacher")
+    t_task = teacher_task(config) if config is not None else None
+    if config is not None:
+        try:
+            regression = resolve_regression(ds.task, t_task)
+        except ValueError as e:
+            raise InvalidSpec(str(e).removeprefix("dataset.task: "), "dataset.task") from None
+    else:
+        regression = None if ds.task == "auto" else ds.task == "regression"
+    labels = classifier_label_names(config) if config and t_task == "classification" else None
+    try:
+        check_dataset_files(
+            ds,
+            lambda ref: refs.dataset_file(ref, settings),
+            labels,
+            regression,
+            settings.dataset_check_rows,
+        )
+    except SpecError as e:
+        raise InvalidSpec(e.reason, e.field) from None
 
 
 def submit(session: Session, celery: Celery, settings: Settings, spec: JobSpec) -> Job:
@@ -354,6 +397,7 @@ def submit(session: Session, celery: Celery, settings: Settings, spec: JobSpec) 
     _check_dataset(spec, settings)
     _check_corpus(spec, settings)
     _check_teacher(session, spec, settings)
+    _check_dataset_files(session, spec, settings)
     job = repository.create_job(
         session, str(uuid.uuid4()), spec.method.name, spec.model_dump(mode="json")
     )

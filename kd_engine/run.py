@@ -22,6 +22,7 @@ from kd_engine.data import TransferSet, load_eval_sets, load_transfer_set, relab
 from kd_engine.data.batching import encode, encode_corpus
 from kd_engine.data.corpus import load_corpus
 from kd_engine.data.loading import PathResolver, resolve_regression
+from kd_engine.data.split_artifact import write_split_file
 from kd_engine.evaluation import (
     count_parameters,
     latency_per_example,
@@ -125,7 +126,9 @@ def run_job(
     is the exported student; each earlier one is written as ``<hop name>.tar.gz`` (a
     transformers directory ``<hop name>/``).
 
-    Writes the student (config.json, model.safetensors, tokenizer files), ``metrics.json`` (the
+    Writes ``split.json`` first (the rows of each split and eval set:
+    :mod:`kd_engine.data.split_artifact`), then the student (config.json, model.safetensors,
+    tokenizer files), ``metrics.json`` (the
     student's metrics, and ``hops``: one report per hop) and ``train_log.jsonl`` (one JSON record
     per progress event and epoch). ``student_path`` is the local checkpoint (or hub id) of a
     ``pretrained`` student, ``generator_path`` that of the masked-LM generator named by the
@@ -165,6 +168,7 @@ def run_job(
     data = relabel(data, names)
     # Read before training, so that a bad eval set fails the job at once.
     eval_sets = load_eval_sets(spec.dataset, resolve, data.label_names, data.regression)
+    write_split_file(out_dir, spec.dataset, data, eval_sets)
     tokenizer = load_tokenizer(teacher_path)
     pad_id = int(tokenizer.pad_token_id or 0)
     # A new classifier head and a fresh student are drawn at random: seed first, so that

@@ -79,7 +79,7 @@ class DatasetSpec(_Strict):
     """Where the transfer set comes from and how to read it.
 
     ``source`` is ``builtin:<name>`` (rotten_tomatoes, trec6, sms_spam, vader_movies: columns
-    and splits are fixed), ``file://<path>`` (a .csv or .jsonl under the data root), or
+    and splits are fixed), ``file://<path>`` (a .csv, .jsonl or .parquet under the data root), or
     ``hf://<id>``. Without ``dev_source``/``test_source`` the file is split with ``split_seed``
     (stratified by label for classification).
 

@@ -25,21 +25,89 @@ class Encoded:
         return len(self.labels)
 
 
+CHARS_PER_TOKEN = 32
+"""Characters of a text the tokenizer first sees per token of ``max_length``.
+
+A text is never tokenised whole: a 10 MB text would produce millions of tokens (and their
+offsets) only for all but ``max_length`` of them to be dropped (a worker was seen at 2.2 GB).
+It is first cut to ``max_length * CHARS_PER_TOKEN`` characters (4,096 for 128 tokens), at the
+last whitespace of the second half of that prefix so that no word is cut in two. Why the result
+is the same: pre-tokenisation splits at whitespace, so the whole words of the prefix give the
+whole text's first tokens; and a token nearly always covers fewer than 32 characters (an
+English word piece about 4-5, no token is made of less than one character), so the prefix
+yields ``max_length`` tokens and the truncation keeps the same ones. A prefix that yields
+fewer (long runs of whitespace, words over 100 characters that become one ``[UNK]``) is
+tokenised again with twice the characters, until its tokens fill ``max_length`` or it is the
+whole text. The work is proportional to ``max_length``, not to the text's length.
+
+One exception to exactness: a prefix whose second half holds no whitespace (a very long URL or
+base64 blob; not CJK, whose characters BERT-like tokenizers split one by one) is cut hard, and
+the one word it cuts may be split into other word pieces than in the whole text; this matters
+only when that word's pieces are among the first ``max_length`` tokens."""
+
+
+def clip_text(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, at the last whitespace of the second half
+    of the cut when there is one (the text itself, not a copy, when it is short enough)."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    for i in range(limit - 1, limit // 2, -1):
+        if cut[i].isspace():
+            return cut[:i]
+    return cut
+
+
+def _tokenize(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    pairs: list[str] | None,
+    max_length: int,
+) -> tuple[list[list[int]], list[list[int]] | None]:
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    types = enc.get("token_type_ids")
+    return list(enc["input_ids"]), list(types) if types is not None else None
+
+
 def encode(examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
-    """Tokenise a split once, truncating to ``max_length`` tokens (pairs: longest first)."""
-    texts = [e.text for e in examples]
-    pairs = [e.text_pair for e in examples]
-    has_pairs = any(p is not None for p in pairs)
-    enc = tokenizer(
-        texts,
-        [p or "" for p in pairs] if has_pairs else None,
-        truncation=True,
-        max_length=max_length,
+    """Tokenise a split once, truncating to ``max_length`` tokens (pairs: longest first).
+
+    Each text reaches the tokenizer cut to ``max_length * CHARS_PER_TOKEN`` characters (see
+    :data:`CHARS_PER_TOKEN`: the ids are those of the whole text, the cost bounded by
+    ``max_length``)."""
+    has_pairs = any(e.text_pair is not None for e in examples)
+    limit = max_length * CHARS_PER_TOKEN
+
+    def clipped(e: Example, chars: int) -> tuple[str, str | None]:
+        pair = clip_text(e.text_pair or "", chars) if has_pairs else None
+        return clip_text(e.text, chars), pair
+
+    cut = [clipped(e, limit) for e in examples]
+    input_ids, token_types = _tokenize(
+        tokenizer,
+        [t for t, _ in cut],
+        [p or "" for _, p in cut] if has_pairs else None,
+        max_length,
     )
-    token_types = enc.get("token_type_ids")
+    for i, e in enumerate(examples):
+        chars = limit
+        text, pair = cut[i]
+        # A cut text whose prefix filled fewer than max_length tokens: more of it, until
+        # the tokens fill max_length or the whole text is used.
+        while len(input_ids[i]) < max_length and (
+            len(text) < len(e.text) or (pair is not None and len(pair) < len(e.text_pair or ""))
+        ):
+            chars *= 2
+            text, pair = clipped(e, chars)
+            ids, types = _tokenize(
+                tokenizer, [text], [pair or ""] if has_pairs else None, max_length
+            )
+            input_ids[i] = ids[0]
+            if token_types is not None and types is not None:
+                token_types[i] = types[0]
     return Encoded(
-        input_ids=list(enc["input_ids"]),
-        token_type_ids=list(token_types) if token_types is not None else None,
+        input_ids=input_ids,
+        token_type_ids=token_types,
         labels=[e.label for e in examples],
         ids=[e.id for e in examples],
     )

@@ -11,7 +11,7 @@ References, as for a dataset ``source``:
   to the transfer set's one-sentence reviews (18.5 words). Sentences, because Minimax-kNN
   retrieves sentences (its authors' bank is SentAugment's CommonCrawl sentences). None of them
   is a review of the labelled set.
-- ``file://<path>``: a ``.csv`` or ``.jsonl`` file (under the data root) whose
+- ``file://<path>``: a ``.csv``, ``.jsonl`` or ``.parquet`` file (under the data root) whose
   ``text_column`` holds one text per row (no labels needed; rows are used as they are).
 - any other scheme goes to the job's resolver, which refuses what the server does not allow
   (``hf://`` dataset references, as for ``dataset.source``).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -10,11 +9,15 @@ from typing import Any, Literal
 from kd_engine.data.builtins import BUILTIN_REGRESSION, load_builtin, load_builtin_eval
 from kd_engine.data.examples import Example, TransferSet
 from kd_engine.data.files import column, label_order, read_rows
+from kd_engine.data.inspect import finite_number, is_integer_label
 from kd_engine.data.splits import split_off, subset
 from kd_engine.references import scheme_of
 from kd_engine.spec import DatasetSpec, EvalSetSpec, Task
 
 PathResolver = Callable[[str], Path]
+FILE_ID_BASE = {"train": 0, "dev": 10_000_000, "test": 20_000_000}
+"""Example ids of a file dataset: the row number in its file plus the base of the file it
+comes from (``source``, ``dev_source``, ``test_source``); files hold at most 5,000,000 rows."""
 
 
 def resolve_regression(
@@ -46,21 +49,9 @@ def looks_like_regression(values: list[str]) -> bool:
     (``3.8``, ``2.0``): the rule of ``dataset.task`` ``auto`` with a base-encoder teacher."""
     if not values:
         return False
-    for v in values:
-        try:
-            if not math.isfinite(float(v)):
-                return False
-        except ValueError:
-            return False
-    return any(not _is_int(v) for v in values)
-
-
-def _is_int(value: str) -> bool:
-    try:
-        int(value)
-    except ValueError:
+    if any(finite_number(v) is None for v in values):
         return False
-    return True
+    return any(not is_integer_label(v) for v in values)
 
 
 def _score(value: str, where: str, row: int) -> float:
@@ -69,11 +60,8 @@ def _score(value: str, where: str, row: int) -> float:
     Raises:
         ValueError: not a finite number (names ``where`` and the row).
     """
-    try:
-        score = float(value)
-    except ValueError:
-        score = math.nan
-    if not math.isfinite(score):
+    score = finite_number(value)
+    if score is None:
         raise ValueError(
             f"{where}: row {row} has label {value!r}, which is not a finite number "
             "(a regression dataset needs one number per example)"
@@ -120,9 +108,9 @@ def _from_file(spec: DatasetSpec, resolve: PathResolver, regression: bool | None
             out.append(Example(offset + i, t, p, index[lab]))
         return out
 
-    train = build("train", 0)
-    dev = build("dev", 10_000_000) if "dev" in raw else None
-    test = build("test", 20_000_000) if "test" in raw else None
+    train = build("train", FILE_ID_BASE["train"])
+    dev = build("dev", FILE_ID_BASE["dev"]) if "dev" in raw else None
+    test = build("test", FILE_ID_BASE["test"]) if "test" in raw else None
     dev_fraction = spec.dev_fraction  # of the whole train file
     if test is None:
         train, test = split_off(train, spec.test_fraction, spec.split_seed)

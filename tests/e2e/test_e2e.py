@@ -93,7 +93,11 @@ def test_finetune_then_vanilla_kd_downloads_a_student_that_loads(
         "metrics.json",
         "train_log.jsonl",
         "tokenizer.json",
+        "split.json",
     } <= set(listing)
+    split = client.http.get(listing["split.json"]["url"]).json()
+    assert split["splits"]["test"]["source"] == "builtin:rotten_tomatoes"
+    assert len(split["splits"]["test"]["rows"]) == SMALL_DATA["max_eval_examples"]
     blob = client.http.get(listing["model.safetensors"]["url"]).content
     assert len(blob) == listing["model.safetensors"]["size_bytes"]
     assert hashlib.sha256(blob).hexdigest() == listing["model.safetensors"]["sha256"]
@@ -209,23 +213,27 @@ def test_bad_spec_is_422_over_real_http(stack: Stack) -> None:
     assert r.json()["error"]["field"] == "method.temperature"
 
 
-def test_a_job_with_bad_data_fails_with_a_reason(client: Client, stack: Stack) -> None:
+def test_bad_data_is_refused_at_submit_with_a_reason(stack: Stack) -> None:
+    """A data problem is a 422 at submit (the file is read then), never a job that fails
+    after its wait in the queue."""
     data_root = Path(stack.env["DISTILLERY_DATA_ROOT"])
     (data_root / "wrong_columns.csv").write_text(
         "review,sentiment\n" + "".join(f"text {i},{i % 2}\n" for i in range(40))
     )
-    job = client.submit(
-        {
+    r = httpx.post(
+        f"{stack.base_url}/v1/jobs",
+        json={
             "teacher": "builtin:minilm-l6",
             "method": {"name": "finetune"},
             "dataset": {"source": "file://wrong_columns.csv"},
             "training": SMALL_TRAINING,
-        }
+        },
     )
-    done = client.wait(job["id"], timeout_s=300)
-    assert done["status"] == "failed"
-    assert "no column 'text'" in done["error"]
-    assert "Traceback" not in done["error"]
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["field"] == "dataset.text_column"
+    assert "no column 'text'" in err["message"]
+    assert "'review', 'sentiment'" in err["message"]
 
 
 SMALL_AUGMENTATION = {

@@ -238,7 +238,8 @@ def test_submit_with_broker_down_is_503_and_the_job_says_why(settings: Settings)
 def test_file_dataset_under_the_data_root_is_accepted(
     client: TestClient, settings: Settings
 ) -> None:
-    (settings.data_root / "reviews.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    rows = "".join(f"review {i},{'pos' if i % 2 else 'neg'}\n" for i in range(20))
+    (settings.data_root / "reviews.csv").write_text("text,label\n" + rows)
     r = client.post("/v1/jobs", json={**FINETUNE, "dataset": {"source": "file://reviews.csv"}})
     assert r.status_code == 201, r.text
     r = client.post("/v1/jobs", json={**FINETUNE, "dataset": {"source": "file://missing.csv"}})

@@ -7,7 +7,15 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kd_engine.data import Example, TransferSet
-from kd_engine.data.batching import Encoded, batches, collate, encode, num_batches
+from kd_engine.data.batching import (
+    CHARS_PER_TOKEN,
+    Encoded,
+    batches,
+    clip_text,
+    collate,
+    encode,
+    num_batches,
+)
 
 PAD = 0
 
@@ -138,3 +146,78 @@ def test_encode_respects_max_length(
     enc = encode(examples, tokenizer, max_length)
     assert all(len(s) <= max_length for s in enc.input_ids)
     assert any(len(s) == max_length for s in enc.input_ids)
+
+
+class CountingTokenizer:
+    """The real tokenizer, recording the characters of every text it is given (a spy: the
+    tokenisation is the real one)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.longest = 0
+
+    def __call__(self, texts: list[str], pairs: list[str] | None = None, **kw: object) -> object:
+        self.longest = max([self.longest, *(len(t) for t in [*texts, *(pairs or [])])])
+        return self.tokenizer(texts, pairs, **kw)
+
+
+def whole(tokenizer: PreTrainedTokenizerBase, text: str, pair: str | None, n: int) -> list[int]:
+    """The ids of the whole text, tokenised in one piece and truncated by the tokenizer."""
+    return list(tokenizer(text, pair, truncation=True, max_length=n)["input_ids"])
+
+
+def test_a_long_text_gives_the_ids_of_its_whole_text(tokenizer: PreTrainedTokenizerBase) -> None:
+    words = [
+        "the",
+        "movie",
+        "was",
+        "surprisingly",
+        "good",
+        "although",
+        "nobody",
+        "expected",
+        "it",
+        "to",
+        "work",
+    ]
+    long_text = " ".join(words[i % len(words)] + str(i % 7) for i in range(20_000))
+    assert len(long_text) > 16 * CHARS_PER_TOKEN * 10
+    examples = [Example(0, long_text, None, 0), Example(1, "short", None, 1)]
+    enc = encode(examples, tokenizer, max_length=16)
+    assert enc.input_ids[0] == whole(tokenizer, long_text, None, 16)
+    assert enc.input_ids[1] == whole(tokenizer, "short", None, 16)
+    # Pairs, both cut (kept short here: the whole pair, truncated by the fast tokenizer,
+    # yields one overflow encoding per pair of windows, which is what the cut avoids).
+    first, pair = long_text[:3000], "a second text " * 200
+    pairs = encode([Example(0, first, pair, 0)], tokenizer, max_length=16)
+    assert pairs.input_ids[0] == whole(tokenizer, first, pair, 16)
+    full = tokenizer(first, pair, truncation=True, max_length=16)["token_type_ids"]
+    assert pairs.token_type_ids == [full]
+
+
+def test_a_huge_text_reaches_the_tokenizer_cut(tokenizer: PreTrainedTokenizerBase) -> None:
+    huge = "word " * 2_000_000  # 10 MB
+    spy = CountingTokenizer(tokenizer)
+    enc = encode([Example(0, huge, None, 0)], spy, max_length=32)  # type: ignore[arg-type]
+    assert spy.longest <= 32 * CHARS_PER_TOKEN
+    assert enc.input_ids[0] == [tokenizer.cls_token_id, *[tokenizer.vocab["word"]] * 30, 102]
+
+
+def test_a_prefix_of_mostly_whitespace_is_extended(tokenizer: PreTrainedTokenizerBase) -> None:
+    """A prefix with too few tokens (a long run of spaces, a word the tokenizer turns into
+    one [UNK]) is tokenised again with more characters: the ids still match the whole text."""
+    spaced = "start" + " " * 50_000 + " ".join(f"w{i}" for i in range(20_000))
+    unk = " ".join("x" * 150 for _ in range(200))  # each 150-character word is one [UNK]
+    spy = CountingTokenizer(tokenizer)
+    examples = [Example(0, spaced, None, 0), Example(1, unk, None, 0)]
+    enc = encode(examples, spy, max_length=16)  # type: ignore[arg-type]
+    assert enc.input_ids[0] == whole(tokenizer, spaced, None, 16)
+    assert enc.input_ids[1] == whole(tokenizer, unk, None, 16)
+    assert enc.input_ids[1][1:-1] == [tokenizer.unk_token_id] * 14
+    assert spy.longest < len(spaced)  # extended, not handed over whole
+
+
+def test_clip_text_cuts_at_whitespace() -> None:
+    assert clip_text("short", 10) == "short"
+    assert clip_text("aaaa bbbb cccc", 12) == "aaaa bbbb"
+    assert clip_text("a" * 20, 8) == "a" * 8  # no whitespace in the second half: a hard cut

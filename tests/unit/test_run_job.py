@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kd_engine.data import Example, load_transfer_set
 from kd_engine.data.batching import encode
+from kd_engine.data.split_artifact import SPLIT_FILE
 from kd_engine.evaluation import agreement, classification_metrics, predict_logits
 from kd_engine.references import local_path_under
 from kd_engine.run import LOG_FILE, METRICS_FILE, RunResult, run_job
@@ -81,6 +82,7 @@ def test_finetune_writes_the_student_and_reports(teacher_run: RunResult) -> None
         "tokenizer_config.json",
         METRICS_FILE,
         LOG_FILE,
+        SPLIT_FILE,
     ):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.bin"))
@@ -242,6 +244,13 @@ def test_file_dataset_is_relabelled_to_the_teacher_order(
     )
     # The file's own order would be sorted (fresh, rotten); the teacher's is kept.
     assert result.metrics["labels"] == ["rotten", "fresh"]
+    # split.json: the test rows are the test file's rows, train and dev share the train file.
+    split = json.loads((tmp_path / "out" / "split.json").read_text(encoding="utf-8"))
+    assert split["splits"]["test"] == {"source": "file://test.csv", "rows": list(range(32))}
+    train, dev = split["splits"]["train"], split["splits"]["dev"]
+    assert train["source"] == dev["source"] == "file://train.csv"
+    assert sorted(train["rows"] + dev["rows"]) == list(range(24))
+    assert len(dev["rows"]) == result.metrics["data"]["dev"]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "rotten", "1": "fresh"}
     # The teacher's accuracy on the file's test rows, computed from label names directly.
