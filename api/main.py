@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.db import make_engine, make_sessionmaker
-from api.routers import health, jobs
+from api.routers import health, jobs, keys
 from api.settings import Settings, get_settings
 from worker.celery_app import make_celery
 
@@ -31,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     errors.install(app)
     app.include_router(jobs.router)
+    app.include_router(keys.router)
     app.include_router(health.router)
     return app
 

@@ -14,18 +14,33 @@ from sqlalchemy.orm import Session
 from api.db import Artifact, Job, utcnow
 
 
-def create_job(session: Session, job_id: str, method: str, spec: dict[str, Any]) -> Job:
-    """Insert a queued job (not committed)."""
+def create_job(
+    session: Session, job_id: str, method: str, spec: dict[str, Any], *, tenant_id: str
+) -> Job:
+    """Insert a queued job of ``tenant_id`` (not committed)."""
     now = utcnow()
-    job = Job(id=job_id, status="queued", method=method, spec=spec, created_at=now, updated_at=now)
+    job = Job(
+        id=job_id,
+        tenant_id=tenant_id,
+        status="queued",
+        method=method,
+        spec=spec,
+        created_at=now,
+        updated_at=now,
+    )
     session.add(job)
     session.flush()
     return job
 
 
 def get_job(session: Session, job_id: str) -> Job | None:
-    """The job, or None."""
+    """The job whoever owns it, or None. For the worker; the API uses :func:`get_tenant_job`."""
     return session.get(Job, job_id)
+
+
+def get_tenant_job(session: Session, job_id: str, *, tenant_id: str) -> Job | None:
+    """The job if ``tenant_id`` owns it, else None (another tenant's job looks missing)."""
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
 
 
 def encode_cursor(job: Job) -> str:
@@ -49,10 +64,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def list_jobs(
-    session: Session, status: str | None, limit: int, cursor: str | None
+    session: Session, status: str | None, limit: int, cursor: str | None, *, tenant_id: str
 ) -> tuple[list[Job], str | None]:
-    """A page of jobs, newest first, and the cursor of the next page (None at the end)."""
-    q = select(Job)
+    """A page of the tenant's jobs, newest first, and the cursor of the next page (None at
+    the end)."""
+    q = select(Job).where(Job.tenant_id == tenant_id)
     if status:
         q = q.where(Job.status == status)
     if cursor:

@@ -8,7 +8,7 @@ from pathlib import Path
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from api import refs, repository
+from api import idempotency, quotas, refs, repository
 from api.db import FINISHED, Artifact, Job, utcnow
 from api.errors import Conflict, InvalidSpec, NotFound, Unavailable
 from api.queue import BrokerUnavailable, enqueue
@@ -32,15 +32,18 @@ from kd_engine.spec import FromTeacherStudent, JobSpec, PretrainedStudent
 
 
 def _model_config(
-    session: Session, ref: str, settings: Settings, field: str
+    session: Session, ref: str, settings: Settings, field: str, tenant_id: str
 ) -> dict[str, object] | None:
     """The config.json of a model reference (None for a hub id, which the worker checks).
+    A ``job:`` reference must name a succeeded job of ``tenant_id``; another tenant's job is
+    refused exactly like a missing one.
 
     Raises:
-        InvalidSpec: an unknown or unfinished job, a path outside the root, no checkpoint.
+        InvalidSpec: an unknown (or another tenant's) or unfinished job, a path outside the
+            root, no checkpoint.
     """
     if ref.startswith("job:"):
-        other = repository.get_job(session, ref.removeprefix("job:"))
+        other = repository.get_tenant_job(session, ref.removeprefix("job:"), tenant_id=tenant_id)
         if other is None:
             raise InvalidSpec(f"{ref!r}: no such job", field)
         if other.status != "succeeded":
@@ -55,7 +58,11 @@ def _model_config(
 
 
 def _student_config(
-    session: Session, spec: JobSpec, settings: Settings, teacher_config: dict[str, object]
+    session: Session,
+    spec: JobSpec,
+    settings: Settings,
+    teacher_config: dict[str, object],
+    tenant_id: str,
 ) -> dict[str, object] | None:
     """The config of a pretrained student, checked to share the teacher's vocabulary and to
     have the layers its ``layers`` / ``num_layers`` choose (None for a hub student).
@@ -65,7 +72,7 @@ def _student_config(
     """
     if not isinstance(spec.student, PretrainedStudent):
         return None
-    config = _model_config(session, spec.student.model, settings, "student.model")
+    config = _model_config(session, spec.student.model, settings, "student.model", tenant_id)
     if config is None:
         return None
     if config.get("vocab_size") != teacher_config.get("vocab_size"):
@@ -84,7 +91,11 @@ def _student_config(
 
 
 def _check_generator(
-    session: Session, spec: JobSpec, settings: Settings, teacher_config: dict[str, object] | None
+    session: Session,
+    spec: JobSpec,
+    settings: Settings,
+    teacher_config: dict[str, object] | None,
+    tenant_id: str,
 ) -> None:
     """``method.generator`` of an augmentation method (any method whose settings have a
     ``generator``): a known reference (a ``job:`` one to a succeeded job) and, when its
@@ -98,7 +109,7 @@ def _check_generator(
     if not isinstance(ref, str):
         return
     field = "method.generator"
-    config = _model_config(session, ref, settings, field)
+    config = _model_config(session, ref, settings, field, tenant_id)
     if config is None:
         return
     archs = config.get("architectures")
@@ -118,9 +129,9 @@ def _check_generator(
         )
 
 
-def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
-    config = _model_config(session, spec.teacher, settings, "teacher")
-    _check_generator(session, spec, settings, config)
+def _check_teacher(session: Session, spec: JobSpec, settings: Settings, tenant_id: str) -> None:
+    config = _model_config(session, spec.teacher, settings, "teacher", tenant_id)
+    _check_generator(session, spec, settings, config, tenant_id)
     if config is None:
         return
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
@@ -152,7 +163,7 @@ def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
                 f"{student.num_layers} is more than the teacher's {n_layers} layers",
                 "student.num_layers",
             )
-    _check_fit(spec, config, _student_config(session, spec, settings, config))
+    _check_fit(spec, config, _student_config(session, spec, settings, config, tenant_id))
     _check_task(spec, config)
 
 
@@ -288,20 +299,65 @@ def _check_corpus(spec: JobSpec, settings: Settings) -> None:
         raise InvalidSpec(str(e), "method.corpus") from None
 
 
-def submit(session: Session, celery: Celery, settings: Settings, spec: JobSpec) -> Job:
-    """Validate references, persist a queued job, commit, then enqueue it.
+SUBMIT_ROUTE = "POST /v1/jobs"
+
+
+def submit(
+    session: Session,
+    celery: Celery,
+    settings: Settings,
+    spec: JobSpec,
+    *,
+    tenant_id: str,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Validate references, check the tenant's quotas, persist a queued job of ``tenant_id``,
+    commit, then enqueue it. With an ``idempotency_key`` already used for the same spec, the
+    earlier job is returned instead and nothing is created or queued. Returns the job and
+    whether it is that earlier one (replayed).
 
     Raises:
-        InvalidSpec: a reference does not exist or does not fit the method (422).
+        InvalidSpec: a reference does not exist (or is another tenant's job) or does not fit
+            the method; the idempotency key was used with another spec (422).
+        QuotaExceeded: the tenant has its maximum of active jobs or of stored bytes (429).
         Unavailable: the broker is down; the job is kept as failed with that reason (503).
     """
+    stored_spec = spec.model_dump(mode="json")
+    request_sha256 = idempotency.body_sha256(stored_spec)
+    if idempotency_key is not None:
+        earlier = idempotency.find(
+            session,
+            tenant_id,
+            SUBMIT_ROUTE,
+            idempotency_key,
+            request_sha256,
+            settings.idempotency_ttl_s,
+        )
+        if earlier is not None:
+            return get(session, earlier, tenant_id=tenant_id), True
     _check_dataset(spec, settings)
     _check_corpus(spec, settings)
-    _check_teacher(session, spec, settings)
-    job = repository.create_job(
-        session, str(uuid.uuid4()), spec.method.name, spec.model_dump(mode="json")
+    _check_teacher(session, spec, settings, tenant_id)
+
+    def create() -> str:
+        quotas.check_active_jobs(session, tenant_id, settings)
+        quotas.check_stored_bytes(session, tenant_id, settings)
+        job_id = str(uuid.uuid4())
+        repository.create_job(session, job_id, spec.method.name, stored_spec, tenant_id=tenant_id)
+        return job_id
+
+    outcome = idempotency.create_once(
+        session,
+        tenant_id=tenant_id,
+        route=SUBMIT_ROUTE,
+        key=idempotency_key,
+        request_sha256=request_sha256,
+        ttl_s=settings.idempotency_ttl_s,
+        create=create,
     )
-    session.commit()
+    job = get(session, outcome.resource_id, tenant_id=tenant_id)
+    if outcome.replayed:
+        return job, True
     try:
         enqueue(celery, job.id, settings.queue)
     except BrokerUnavailable as e:
@@ -315,35 +371,36 @@ def submit(session: Session, celery: Celery, settings: Settings, spec: JobSpec) 
         )
         session.commit()
         raise Unavailable("the broker is unavailable; the job was not queued") from None
-    return job
+    return job, False
 
 
-def get(session: Session, job_id: str, settings: Settings | None = None) -> Job:
-    """The job; with ``settings``, a running job whose heartbeat is too old is failed first
-    (its worker was lost).
+def get(session: Session, job_id: str, settings: Settings | None = None, *, tenant_id: str) -> Job:
+    """The job of ``tenant_id``; with ``settings``, a running job whose heartbeat is too old is
+    failed first (its worker was lost).
 
     Raises:
-        NotFound: no such job.
+        NotFound: no such job, or another tenant's (the same answer).
     """
+    job = repository.get_tenant_job(session, job_id, tenant_id=tenant_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
     if settings is not None and repository.fail_stale(
         session, settings.heartbeat_timeout_s, job_id
     ):
         session.commit()
-    job = repository.get_job(session, job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id!r}")
+        session.refresh(job)
     return job
 
 
-def cancel(session: Session, job_id: str) -> Job:
-    """Cancel a job: queued -> cancelled at once; running -> cancelling (the worker stops
-    within a few steps); cancelling stays as it is.
+def cancel(session: Session, job_id: str, *, tenant_id: str) -> Job:
+    """Cancel a job of ``tenant_id``: queued -> cancelled at once; running -> cancelling (the
+    worker stops within a few steps); cancelling stays as it is.
 
     Raises:
-        NotFound: no such job.
+        NotFound: no such job (or another tenant's).
         Conflict: the job has already finished.
     """
-    job = get(session, job_id)
+    job = get(session, job_id, tenant_id=tenant_id)
     now = utcnow()
     if repository.transition(
         session, job_id, ("queued",), "cancelled", finished_at=now
@@ -357,23 +414,26 @@ def cancel(session: Session, job_id: str) -> Job:
     return job
 
 
-def artifacts(session: Session, job_id: str) -> list[Artifact]:
-    """The job's stored files (empty until it succeeds).
+def artifacts(session: Session, job_id: str, *, tenant_id: str) -> list[Artifact]:
+    """The stored files of a job of ``tenant_id`` (empty until it succeeds).
 
     Raises:
-        NotFound: no such job.
+        NotFound: no such job (or another tenant's).
     """
-    get(session, job_id)
+    get(session, job_id, tenant_id=tenant_id)
     return repository.list_artifacts(session, job_id)
 
 
-def artifact_path(session: Session, settings: Settings, job_id: str, name: str) -> Path:
-    """The local file of one artifact; only names recorded for the job are served.
+def artifact_path(
+    session: Session, settings: Settings, job_id: str, name: str, *, tenant_id: str
+) -> Path:
+    """The local file of one artifact of a job of ``tenant_id``; only names recorded for the
+    job are served.
 
     Raises:
-        NotFound: no such job or no such file.
+        NotFound: no such job (or another tenant's) or no such file.
     """
-    known = {a.name for a in artifacts(session, job_id)}
+    known = {a.name for a in artifacts(session, job_id, tenant_id=tenant_id)}
     if name not in known:
         raise NotFound(f"job {job_id} has no artifact {name!r}")
     path = refs.job_dir(settings, job_id) / name
