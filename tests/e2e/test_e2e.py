@@ -52,7 +52,7 @@ def stack(
 
 @pytest.fixture(scope="module")
 def client(stack: Stack) -> Client:
-    return Client(stack.base_url)
+    return Client(stack.base_url, stack.api_key)
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +176,7 @@ def make_celery_for(stack: Stack) -> Any:
 def test_bad_spec_is_422_over_real_http(stack: Stack) -> None:
     r = httpx.post(
         f"{stack.base_url}/v1/jobs",
+        headers={"Authorization": f"Bearer {stack.api_key}"},
         json={
             "teacher": "builtin:minilm-l6",
             "method": {"name": "vanilla_kd", "temperature": 0},
