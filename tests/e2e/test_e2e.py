@@ -187,6 +187,15 @@ def test_bad_spec_is_422_over_real_http(stack: Stack) -> None:
     assert r.json()["error"]["field"] == "method.temperature"
 
 
+def test_no_key_or_a_wrong_key_is_401_over_real_http(stack: Stack) -> None:
+    for headers in ({}, {"Authorization": f"Bearer {stack.api_key[:-4]}AAAA"}):
+        r = httpx.get(f"{stack.base_url}/v1/jobs", headers=headers)
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["code"] == "unauthorized"
+    assert httpx.get(f"{stack.base_url}/healthz").status_code == 200
+
+
 def test_a_job_with_bad_data_fails_with_a_reason(client: Client, stack: Stack) -> None:
     data_root = Path(stack.env["DISTILLERY_DATA_ROOT"])
     (data_root / "wrong_columns.csv").write_text(
