@@ -314,7 +314,8 @@ def submit(
     """Validate references, check the tenant's quotas, persist a queued job of ``tenant_id``,
     commit, then enqueue it. With an ``idempotency_key`` already used for the same spec, the
     earlier job is returned instead and nothing is created or queued. Returns the job and
-    whether it is that earlier one (replayed).
+    whether it is that earlier one (replayed). A job that could not be queued is kept as
+    failed and its idempotency key forgotten, so that a retry with the key submits anew.
 
     Raises:
         InvalidSpec: a reference does not exist (or is another tenant's job) or does not fit
@@ -369,6 +370,7 @@ def submit(
             error=f"the job could not be queued (broker unavailable: {e}); submit it again",
             finished_at=utcnow(),
         )
+        idempotency.forget(session, tenant_id, SUBMIT_ROUTE, idempotency_key)
         session.commit()
         raise Unavailable("the broker is unavailable; the job was not queued") from None
     return job, False

@@ -156,6 +156,24 @@ def test_keys_belong_to_a_tenant_and_expire(
     assert db.scalar(select(func.count()).select_from(IdempotencyKey)) == 2  # bob's + new
 
 
+def test_a_submit_the_broker_refused_can_be_retried_with_its_key(
+    settings: Settings, db: Session
+) -> None:
+    key = make_key(db, "alice")
+    headers = {**auth(key), "Idempotency-Key": "k"}
+    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(down), headers=headers) as c:
+        assert c.post("/v1/jobs", json=FINETUNE).status_code == 503
+    with TestClient(create_app(settings), headers=headers) as c:
+        r = c.post("/v1/jobs", json=FINETUNE)
+        assert r.status_code == 201
+        assert "idempotent-replayed" not in r.headers
+        assert r.json()["status"] == "queued"
+        assert c.post("/v1/jobs", json=FINETUNE).json()["id"] == r.json()["id"]
+    assert jobs_in_db(db) == 2  # the failed one and the queued one
+    assert queued(settings) == [r.json()["id"]]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
