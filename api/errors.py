@@ -25,12 +25,21 @@ class DomainError(Exception):
 
     status = 400
     code = "bad_request"
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, field: str | None = None, details: Any = None) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
         self.details = details
+
+
+class Unauthorized(DomainError):
+    """No API key, or a malformed, unknown or revoked one (401)."""
+
+    status = 401
+    code = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012 (read-only)
 
 
 class NotFound(DomainError):
@@ -52,6 +61,14 @@ class InvalidSpec(DomainError):
 
     status = 422
     code = "invalid_spec"
+
+
+class QuotaExceeded(DomainError):
+    """A tenant's quota forbids the request (429); ``details`` holds ``limit`` and
+    ``current``."""
+
+    status = 429
+    code = "quota_exceeded"
 
 
 class Unavailable(DomainError):
@@ -116,7 +133,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
         return JSONResponse(
-            _body(exc.code, exc.message, exc.field, exc.details), status_code=exc.status
+            _body(exc.code, exc.message, exc.field, exc.details),
+            status_code=exc.status,
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)

@@ -11,24 +11,42 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from api.db import FINISHED, Artifact, Job, utcnow
+from api.db import FINISHED, Artifact, IdempotencyKey, Job, utcnow
 from api.refs import is_job_id
 
 
-def create_job(session: Session, job_id: str, method: str, spec: dict[str, Any]) -> Job:
-    """Insert a queued job (not committed)."""
+def create_job(
+    session: Session, job_id: str, method: str, spec: dict[str, Any], *, tenant_id: str
+) -> Job:
+    """Insert a queued job of ``tenant_id`` (not committed)."""
     now = utcnow()
-    job = Job(id=job_id, status="queued", method=method, spec=spec, created_at=now, updated_at=now)
+    job = Job(
+        id=job_id,
+        tenant_id=tenant_id,
+        status="queued",
+        method=method,
+        spec=spec,
+        created_at=now,
+        updated_at=now,
+    )
     session.add(job)
     session.flush()
     return job
 
 
 def get_job(session: Session, job_id: str) -> Job | None:
-    """The job, or None (at once, without a query, when ``job_id`` is not a job id)."""
+    """The job whoever owns it, or None. For the worker; the API uses :func:`get_tenant_job`."""
     if not is_job_id(job_id):
         return None
     return session.get(Job, job_id)
+
+
+def get_tenant_job(session: Session, job_id: str, *, tenant_id: str) -> Job | None:
+    """The job if ``tenant_id`` owns it, else None (another tenant's job looks missing; at once,
+    without a query, when ``job_id`` is not a job id)."""
+    if not is_job_id(job_id):
+        return None
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
 
 
 def encode_cursor(job: Job) -> str:
@@ -66,10 +84,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def list_jobs(
-    session: Session, status: str | None, limit: int, cursor: str | None
+    session: Session, status: str | None, limit: int, cursor: str | None, *, tenant_id: str
 ) -> tuple[list[Job], str | None]:
-    """A page of jobs, newest first, and the cursor of the next page (None at the end)."""
-    q = select(Job)
+    """A page of the tenant's jobs, newest first, and the cursor of the next page (None at
+    the end)."""
+    q = select(Job).where(Job.tenant_id == tenant_id)
     if status:
         q = q.where(Job.status == status)
     if cursor:
@@ -184,7 +203,8 @@ def jobs_using_model(session: Session, job_id: str) -> list[str]:
 
 
 def delete_finished(session: Session, job_id: str) -> bool:
-    """Delete a finished job's row (its artifact rows cascade). False when the job is missing
+    """Delete a finished job's row, its artifact rows and the idempotency keys that name it
+    (a retry with such a key then submits anew). False when the job is missing
     or no longer finished. Not committed."""
     res = session.execute(
         delete(Job)
@@ -196,6 +216,11 @@ def delete_finished(session: Session, job_id: str) -> bool:
     session.execute(  # the foreign key cascades too; explicit for a database without it
         delete(Artifact)
         .where(Artifact.job_id == job_id)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(  # a replay of its Idempotency-Key would name a job that is gone
+        delete(IdempotencyKey)
+        .where(IdempotencyKey.resource_id == job_id)
         .execution_options(synchronize_session=False)
     )
     return True

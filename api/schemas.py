@@ -6,9 +6,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from api.db import Artifact, Job
+from api.db import ApiKey, Artifact, Job
+from api.tenants import KEY_NAME_MAX, check_key_name
 
 
 class ProgressOut(BaseModel):
@@ -138,3 +139,51 @@ class Health(BaseModel):
     status: str
     database: str
     broker: str
+
+
+class KeyCreate(BaseModel):
+    """A new API key: an optional label (at most 100 characters) to tell keys apart."""
+
+    name: str = Field("", max_length=KEY_NAME_MAX, description="A label, e.g. 'ci' or 'alice'.")
+
+    model_config = {"extra": "forbid"}
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_key_name(v)
+
+
+class KeyOut(BaseModel):
+    """An API key as listed: never its secret or hash. ``prefix`` is how the key starts."""
+
+    id: str
+    prefix: str = Field(description="The key's first characters (dk_ and 8 more).")
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    @classmethod
+    def of(cls, k: ApiKey) -> KeyOut:
+        """Build from the ORM row."""
+        return cls(
+            id=k.id,
+            prefix=k.prefix,
+            name=k.name,
+            created_at=k.created_at,
+            revoked_at=k.revoked_at,
+            last_used_at=k.last_used_at,
+        )
+
+
+class KeyCreated(KeyOut):
+    """A key just created, with the key itself: shown this once, stored only as a hash."""
+
+    key: str = Field(description="Send as 'Authorization: Bearer <key>'. Shown only once.")
+
+
+class KeyList(BaseModel):
+    """The tenant's keys, oldest first."""
+
+    items: list[KeyOut]

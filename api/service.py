@@ -9,7 +9,7 @@ from pathlib import Path
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from api import refs, repository
+from api import idempotency, quotas, refs, repository
 from api.db import FINISHED, Artifact, Job, utcnow
 from api.errors import Conflict, InvalidSpec, NotFound, Unavailable
 from api.queue import BrokerUnavailable, enqueue
@@ -37,15 +37,18 @@ log = logging.getLogger("distillery.api")
 
 
 def _model_config(
-    session: Session, ref: str, settings: Settings, field: str
+    session: Session, ref: str, settings: Settings, field: str, tenant_id: str
 ) -> dict[str, object] | None:
     """The config.json of a model reference (None for a hub id, which the worker checks).
+    A ``job:`` reference must name a succeeded job of ``tenant_id``; another tenant's job is
+    refused exactly like a missing one.
 
     Raises:
-        InvalidSpec: an unknown or unfinished job, a path outside the root, no checkpoint.
+        InvalidSpec: an unknown (or another tenant's) or unfinished job, a path outside the
+            root, no checkpoint.
     """
     if ref.startswith("job:"):
-        other = repository.get_job(session, ref.removeprefix("job:"))
+        other = repository.get_tenant_job(session, ref.removeprefix("job:"), tenant_id=tenant_id)
         if other is None:
             raise InvalidSpec(f"{ref!r}: no such job", field)
         if other.status != "succeeded":
@@ -60,7 +63,11 @@ def _model_config(
 
 
 def _student_config(
-    session: Session, spec: JobSpec, settings: Settings, teacher_config: dict[str, object]
+    session: Session,
+    spec: JobSpec,
+    settings: Settings,
+    teacher_config: dict[str, object],
+    tenant_id: str,
 ) -> dict[str, object] | None:
     """The config of a pretrained student, checked to share the teacher's vocabulary and to
     have the layers its ``layers`` / ``num_layers`` choose (None for a hub student).
@@ -70,7 +77,7 @@ def _student_config(
     """
     if not isinstance(spec.student, PretrainedStudent):
         return None
-    config = _model_config(session, spec.student.model, settings, "student.model")
+    config = _model_config(session, spec.student.model, settings, "student.model", tenant_id)
     if config is None:
         return None
     if config.get("vocab_size") != teacher_config.get("vocab_size"):
@@ -89,7 +96,11 @@ def _student_config(
 
 
 def _check_generator(
-    session: Session, spec: JobSpec, settings: Settings, teacher_config: dict[str, object] | None
+    session: Session,
+    spec: JobSpec,
+    settings: Settings,
+    teacher_config: dict[str, object] | None,
+    tenant_id: str,
 ) -> None:
     """``method.generator`` of an augmentation method (any method whose settings have a
     ``generator``): a known reference (a ``job:`` one to a succeeded job) and, when its
@@ -103,7 +114,7 @@ def _check_generator(
     if not isinstance(ref, str):
         return
     field = "method.generator"
-    config = _model_config(session, ref, settings, field)
+    config = _model_config(session, ref, settings, field, tenant_id)
     if config is None:
         return
     archs = config.get("architectures")
@@ -123,9 +134,9 @@ def _check_generator(
         )
 
 
-def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
-    config = _model_config(session, spec.teacher, settings, "teacher")
-    _check_generator(session, spec, settings, config)
+def _check_teacher(session: Session, spec: JobSpec, settings: Settings, tenant_id: str) -> None:
+    config = _model_config(session, spec.teacher, settings, "teacher", tenant_id)
+    _check_generator(session, spec, settings, config, tenant_id)
     if config is None:
         return
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
@@ -157,7 +168,7 @@ def _check_teacher(session: Session, spec: JobSpec, settings: Settings) -> None:
                 f"{student.num_layers} is more than the teacher's {n_layers} layers",
                 "student.num_layers",
             )
-    student_config = _student_config(session, spec, settings, config)
+    student_config = _student_config(session, spec, settings, config, tenant_id)
     _check_fit(spec, config, student_config)
     _check_memory(spec, settings, config, student_config)
     _check_task(spec, config)
@@ -351,7 +362,9 @@ def _check_corpus(spec: JobSpec, settings: Settings) -> None:
         raise InvalidSpec(str(e), "method.corpus") from None
 
 
-def _check_dataset_files(session: Session, spec: JobSpec, settings: Settings) -> None:
+def _check_dataset_files(
+    session: Session, spec: JobSpec, settings: Settings, tenant_id: str
+) -> None:
     """Read every dataset file of the job (:func:`check_dataset_files`, at most
     ``settings.dataset_check_rows`` rows each): columns, encoding, malformed lines, labels
     against each other and against a classifier teacher's, the split sizes. Runs after the
@@ -365,7 +378,7 @@ def _check_dataset_files(session: Session, spec: JobSpec, settings: Settings) ->
     files = [ds.source, ds.dev_source, ds.test_source, *(es.source for es in ds.eval_sets)]
     if all(ref is None or scheme_of(ref) == "builtin:" for ref in files):
         return  # built-ins only: checked by name
-    config = _model_config(session, spec.teacher, settings, "teacher")
+    config = _model_config(session, spec.teacher, settings, "teacher", tenant_id)
     t_task = teacher_task(config) if config is not None else None
     if config is not None:
         try:
@@ -387,21 +400,67 @@ def _check_dataset_files(session: Session, spec: JobSpec, settings: Settings) ->
         raise InvalidSpec(e.reason, e.field) from None
 
 
-def submit(session: Session, celery: Celery, settings: Settings, spec: JobSpec) -> Job:
-    """Validate references, persist a queued job, commit, then enqueue it.
+SUBMIT_ROUTE = "POST /v1/jobs"
+
+
+def submit(
+    session: Session,
+    celery: Celery,
+    settings: Settings,
+    spec: JobSpec,
+    *,
+    tenant_id: str,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Validate references, check the tenant's quotas, persist a queued job of ``tenant_id``,
+    commit, then enqueue it. With an ``idempotency_key`` already used for the same spec, the
+    earlier job is returned instead and nothing is created or queued. Returns the job and
+    whether it is that earlier one (replayed). A job that could not be queued is kept as
+    failed and its idempotency key forgotten, so that a retry with the key submits anew.
 
     Raises:
-        InvalidSpec: a reference does not exist or does not fit the method (422).
+        InvalidSpec: a reference does not exist (or is another tenant's job) or does not fit
+            the method; the idempotency key was used with another spec (422).
+        QuotaExceeded: the tenant has its maximum of active jobs or of stored bytes (429).
         Unavailable: the broker is down; the job is kept as failed with that reason (503).
     """
+    stored_spec = spec.model_dump(mode="json")
+    request_sha256 = idempotency.body_sha256(stored_spec)
+    if idempotency_key is not None:
+        earlier = idempotency.find(
+            session,
+            tenant_id,
+            SUBMIT_ROUTE,
+            idempotency_key,
+            request_sha256,
+            settings.idempotency_ttl_s,
+        )
+        if earlier is not None:
+            return get(session, earlier, tenant_id=tenant_id), True
     _check_dataset(spec, settings)
     _check_corpus(spec, settings)
-    _check_teacher(session, spec, settings)
-    _check_dataset_files(session, spec, settings)
-    job = repository.create_job(
-        session, str(uuid.uuid4()), spec.method.name, spec.model_dump(mode="json")
+    _check_teacher(session, spec, settings, tenant_id)
+    _check_dataset_files(session, spec, settings, tenant_id)
+
+    def create() -> str:
+        quotas.check_active_jobs(session, tenant_id, settings)
+        quotas.check_stored_bytes(session, tenant_id, settings)
+        job_id = str(uuid.uuid4())
+        repository.create_job(session, job_id, spec.method.name, stored_spec, tenant_id=tenant_id)
+        return job_id
+
+    outcome = idempotency.create_once(
+        session,
+        tenant_id=tenant_id,
+        route=SUBMIT_ROUTE,
+        key=idempotency_key,
+        request_sha256=request_sha256,
+        ttl_s=settings.idempotency_ttl_s,
+        create=create,
     )
-    session.commit()
+    job = get(session, outcome.resource_id, tenant_id=tenant_id)
+    if outcome.replayed:
+        return job, True
     try:
         enqueue(celery, job.id, settings.queue)
     except BrokerUnavailable as e:
@@ -413,40 +472,40 @@ def submit(session: Session, celery: Celery, settings: Settings, spec: JobSpec) 
             error=f"the job could not be queued (broker unavailable: {e}); submit it again",
             finished_at=utcnow(),
         )
+        idempotency.forget(session, tenant_id, SUBMIT_ROUTE, idempotency_key)
         session.commit()
         raise Unavailable("the broker is unavailable; the job was not queued") from None
-    return job
+    return job, False
 
 
-def get(session: Session, job_id: str, settings: Settings | None = None) -> Job:
-    """The job; with ``settings``, a running job whose heartbeat is too old is failed first
-    (its worker was lost).
+def get(session: Session, job_id: str, settings: Settings | None = None, *, tenant_id: str) -> Job:
+    """The job of ``tenant_id``; with ``settings``, a running job whose heartbeat is too old is
+    failed first (its worker was lost).
 
     Raises:
-        NotFound: no such job (at once, without a query, for an id that is not a UUID).
+        NotFound: no such job, or another tenant's (the same answer).
     """
-    if not refs.is_job_id(job_id):
+    job = repository.get_tenant_job(session, job_id, tenant_id=tenant_id)
+    if job is None:
         raise NotFound(f"no job {job_id!r}")
     if settings is not None and repository.fail_stale(
         session, settings.heartbeat_timeout_s, job_id
     ):
         session.commit()
-    job = repository.get_job(session, job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id!r}")
+        session.refresh(job)
     return job
 
 
-def cancel(session: Session, job_id: str) -> Job:
-    """Cancel a job: queued -> cancelled at once; running -> cancelling (the worker stops
-    within a few steps); cancelling stays as it is.
+def cancel(session: Session, job_id: str, *, tenant_id: str) -> Job:
+    """Cancel a job of ``tenant_id``: queued -> cancelled at once; running -> cancelling (the
+    worker stops within a few steps); cancelling stays as it is.
 
     Raises:
-        NotFound: no such job.
+        NotFound: no such job (or another tenant's).
         Conflict: the job had already finished (succeeded, failed or cancelled) before this
             request.
     """
-    job = get(session, job_id)
+    job = get(session, job_id, tenant_id=tenant_id)
     now = utcnow()
     if repository.transition(
         session, job_id, ("queued",), "cancelled", finished_at=now
@@ -465,15 +524,15 @@ def _finished_verb(status: str) -> str:
     return "been cancelled" if status == "cancelled" else status
 
 
-def delete(session: Session, settings: Settings, job_id: str) -> None:
+def delete(session: Session, settings: Settings, job_id: str, *, tenant_id: str) -> None:
     """Delete a finished job: its row, its artifact rows and its artifact directory.
 
     Raises:
-        NotFound: no such job.
+        NotFound: no such job (or another tenant's).
         Conflict: the job is queued, running or cancelling (cancel it first), or its model is
             named as ``job:<id>`` by a job that has not finished (the message names it).
     """
-    job = get(session, job_id)
+    job = get(session, job_id, tenant_id=tenant_id)
     if job.status not in FINISHED:
         raise Conflict(
             f"job {job_id} is {job.status}; cancel it first (POST /v1/jobs/{job_id}/cancel) and "
@@ -501,23 +560,26 @@ def remove_artifacts(settings: Settings, job_id: str) -> None:
         log.exception("job %s: could not remove its artifacts", job_id)
 
 
-def artifacts(session: Session, job_id: str) -> list[Artifact]:
-    """The job's stored files (empty until it succeeds).
+def artifacts(session: Session, job_id: str, *, tenant_id: str) -> list[Artifact]:
+    """The stored files of a job of ``tenant_id`` (empty until it succeeds).
 
     Raises:
-        NotFound: no such job.
+        NotFound: no such job (or another tenant's).
     """
-    get(session, job_id)
+    get(session, job_id, tenant_id=tenant_id)
     return repository.list_artifacts(session, job_id)
 
 
-def artifact_path(session: Session, settings: Settings, job_id: str, name: str) -> Path:
-    """The local file of one artifact; only names recorded for the job are served.
+def artifact_path(
+    session: Session, settings: Settings, job_id: str, name: str, *, tenant_id: str
+) -> Path:
+    """The local file of one artifact of a job of ``tenant_id``; only names recorded for the
+    job are served.
 
     Raises:
-        NotFound: no such job or no such file.
+        NotFound: no such job (or another tenant's) or no such file.
     """
-    known = {a.name for a in artifacts(session, job_id)}
+    known = {a.name for a in artifacts(session, job_id, tenant_id=tenant_id)}
     if name not in known:
         raise NotFound(f"job {job_id} has no artifact {name!r}")
     store = artifact_storage(settings)

@@ -81,6 +81,23 @@ class Settings(BaseSettings):
             "file is checked on this prefix and read whole by the worker."
         ),
     )
+    default_max_active_jobs: int | None = Field(
+        None,
+        ge=0,
+        description="Queued + running + cancelling jobs a tenant may have (None: unlimited); "
+        "a tenant's own max_active_jobs overrides it.",
+    )
+    default_max_stored_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Bytes a tenant may store (job artifacts; None: unlimited) before a submit "
+        "is refused; a tenant's own max_stored_bytes overrides it.",
+    )
+    idempotency_ttl_s: int = Field(
+        24 * 3600,
+        ge=1,
+        description="Seconds an Idempotency-Key is remembered; after that it may be reused.",
+    )
 
 
 @lru_cache(maxsize=1)

@@ -24,10 +24,12 @@ class ApiError(Exception):
 
 
 class Client:
-    """Submit, watch and download jobs over HTTP."""
+    """Submit, watch and download jobs over HTTP; ``api_key`` is sent as
+    ``Authorization: Bearer <key>`` with every request."""
 
-    def __init__(self, base_url: str, timeout_s: float = 60.0) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=timeout_s)
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url, timeout=timeout_s, headers=headers)
 
     def _json(self, r: httpx.Response) -> Any:
         if r.status_code >= 400:
@@ -38,9 +40,10 @@ class Client:
             raise ApiError(r.status_code, body)
         return r.json()
 
-    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """POST /v1/jobs."""
-        return dict(self._json(self.http.post("/v1/jobs", json=spec)))
+    def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST /v1/jobs (with an ``Idempotency-Key`` header when given)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return dict(self._json(self.http.post("/v1/jobs", json=spec, headers=headers)))
 
     def job(self, job_id: str) -> dict[str, Any]:
         """GET /v1/jobs/{id}."""

@@ -140,7 +140,7 @@ def main(
             f"stack up: API {stack.base_url} (OpenAPI at {stack.base_url}/docs), "
             f"logs in {stack.log_dir}"
         )
-        client = Client(stack.base_url)
+        client = Client(stack.base_url, stack.api_key)
         teacher_id = _find_teacher(client, _stored(teacher_spec))
         if teacher_id:
             console.print(f"teacher: reusing job {teacher_id}")

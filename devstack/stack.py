@@ -20,7 +20,13 @@ from pathlib import Path
 
 import httpx
 
+from api import tenants
+from api.db import make_engine, make_sessionmaker
+
 ROOT = Path(__file__).resolve().parent.parent
+DEVSTACK_TENANT = "default"
+"""The tenant the embedded stack's key belongs to: the one migration 0002 gives jobs made
+before tenants existed, so an older demo database keeps its jobs."""
 
 
 def free_port() -> int:
@@ -38,6 +44,7 @@ class Stack:
     env: dict[str, str]
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     log_dir: Path = Path()
+    api_key: str = ""
 
     def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
         """Start (another) Celery worker process."""
@@ -75,6 +82,31 @@ def _terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
         proc.wait(timeout=10)
     except ProcessLookupError:
         pass
+
+
+def bootstrap_key(database_url: str, key_file: Path, tenant: str = DEVSTACK_TENANT) -> str:
+    """The API key of the stack: the one kept in ``key_file`` while it still authenticates,
+    else a new key of ``tenant`` (created if missing), written to ``key_file`` (mode 0600).
+    The database must be migrated."""
+    engine = make_engine(database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            if key_file.is_file():
+                kept = key_file.read_text().strip()
+                try:
+                    tenants.authenticate(session, kept)
+                    return kept
+                except tenants.AuthError:
+                    pass  # revoked, or the database was replaced: make a new one
+            owner = tenants.ensure_tenant(session, tenant)
+            _, key = tenants.create_key(session, owner.id, "devstack")
+            session.commit()
+    finally:
+        engine.dispose()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    return key
 
 
 def _wait_healthy(
@@ -126,12 +158,15 @@ def running_stack(
     extra_env: dict[str, str] | None = None,
     workers: int = 1,
     startup_timeout_s: float = 120.0,
+    port: int | None = None,
 ) -> Iterator[Stack]:
-    """Run migrations, then start redis (unless ``broker_url`` is given), uvicorn and
-    ``workers`` Celery workers; yield the :class:`Stack`; stop everything on exit.
+    """Run migrations, make sure there is an API key (:func:`bootstrap_key`, kept in
+    ``workdir/api_key``), then start redis (unless ``broker_url`` is given), uvicorn (on
+    ``port``, default a free one) and ``workers`` Celery workers; yield the :class:`Stack`;
+    stop everything on exit.
 
     ``workdir`` holds the SQLite file (unless ``database_url`` is given), the artifacts, the
-    models, data and uploads roots, and one log file per process.
+    models, data and uploads roots, the API key and one log file per process.
     """
     workdir = workdir.resolve()
     log_dir = workdir / "logs"
@@ -165,7 +200,8 @@ def running_stack(
             check=True,
             capture_output=True,
         )
-        port = free_port()
+        api_key = bootstrap_key(env["DISTILLERY_DATABASE_URL"], workdir / "api_key")
+        port = port or free_port()
         base_url = f"http://127.0.0.1:{port}"
         procs["api"] = _spawn(
             [
@@ -181,7 +217,7 @@ def running_stack(
             env,
             log_dir / "api.log",
         )
-        stack = Stack(base_url=base_url, env=env, processes=procs, log_dir=log_dir)
+        stack = Stack(base_url=base_url, env=env, processes=procs, log_dir=log_dir, api_key=api_key)
         for i in range(workers):
             stack.start_worker(f"worker{i + 1}" if workers > 1 else "worker")
         _wait_healthy(base_url, procs, log_dir, startup_timeout_s)

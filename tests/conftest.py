@@ -38,7 +38,12 @@ def pg_url() -> str:
     _alembic("downgrade", "base")
     engine = create_engine(PG_URL)
     with engine.begin() as conn:  # a database left by an older run without alembic's table
-        conn.execute(text("DROP TABLE IF EXISTS artifacts, jobs, alembic_version CASCADE"))
+        conn.execute(
+            text(
+                "DROP TABLE IF EXISTS artifacts, jobs, idempotency_keys, api_keys, tenants, "
+                "alembic_version CASCADE"
+            )
+        )
     engine.dispose()
     _alembic("upgrade", "head")
     return PG_URL
@@ -51,7 +56,9 @@ def clean_db(pg_url: str) -> Iterator[str]:
 
     def wipe() -> None:
         with engine.begin() as conn:
-            conn.execute(text("TRUNCATE artifacts, jobs CASCADE"))
+            conn.execute(
+                text("TRUNCATE artifacts, jobs, idempotency_keys, api_keys, tenants CASCADE")
+            )
 
     wipe()
     yield pg_url

@@ -7,11 +7,12 @@ import tarfile
 import tempfile
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from api import repository, service
+from api import idempotency, repository, service
+from api.auth import CallerDep
 from api.deps import CeleryDep, SessionDep, SettingsDep
 from api.errors import Conflict, InvalidSpec, NotFound
 from api.params import ArtifactName, Cursor, JobId, StatusFilter
@@ -20,20 +21,42 @@ from api.storage import FILE_MODE, ObjectNotFound, artifact_storage, join_key
 from kd_engine.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias=idempotency.HEADER,
+        description="Any string of up to 255 characters (a UUID is a good choice): a retry "
+        "with the same key and body returns the first job instead of creating another.",
+    ),
+]
 
 
 @router.post("", status_code=201, response_model=JobOut)
 def submit_job(
-    spec: JobSpec, session: SessionDep, settings: SettingsDep, celery: CeleryDep
+    spec: JobSpec,
+    session: SessionDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    caller: CallerDep,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobOut:
-    """Submit a job. 201 with the queued job; 422 names the bad field; 503 if the broker is
-    down."""
-    return JobOut.of(service.submit(session, celery, settings, spec))
+    """Submit a job. 201 with the queued job; 422 names the bad field; 429 when a quota of the
+    tenant is reached; 503 if the broker is down. A repeat with the same ``Idempotency-Key``
+    and body answers 201 with the first job and the header ``Idempotent-Replayed: true``."""
+    key = idempotency.check_key(idempotency_key)
+    job, replayed = service.submit(
+        session, celery, settings, spec, tenant_id=caller.tenant_id, idempotency_key=key
+    )
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobOut.of(job)
 
 
 @router.get("", response_model=JobList)
 def list_jobs(
     session: SessionDep,
+    caller: CallerDep,
     status: StatusFilter = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     cursor: Cursor = None,
@@ -41,38 +64,42 @@ def list_jobs(
     """Jobs, newest first, with cursor pagination. 422 for an unknown ``status`` (the message
     lists them) or a ``cursor`` this API did not make."""
     try:
-        jobs, next_cursor = repository.list_jobs(session, status, limit, cursor)
+        jobs, next_cursor = repository.list_jobs(
+            session, status, limit, cursor, tenant_id=caller.tenant_id
+        )
     except ValueError as e:
         raise InvalidSpec(str(e), "cursor") from None
     return JobList(items=[JobOut.of(j) for j in jobs], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: JobId, session: SessionDep, settings: SettingsDep) -> JobOut:
+def get_job(job_id: JobId, session: SessionDep, settings: SettingsDep, caller: CallerDep) -> JobOut:
     """Status, progress, timestamps and error reason of a job."""
-    return JobOut.of(service.get(session, job_id, settings))
+    return JobOut.of(service.get(session, job_id, settings, tenant_id=caller.tenant_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: JobId, session: SessionDep) -> JobOut:
+def cancel_job(job_id: JobId, session: SessionDep, caller: CallerDep) -> JobOut:
     """Cancel: a queued job at once, a running one within a few steps; 409 if it has already
     finished (succeeded, failed or cancelled)."""
-    return JobOut.of(service.cancel(session, job_id))
+    return JobOut.of(service.cancel(session, job_id, tenant_id=caller.tenant_id))
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response)
-def delete_job(job_id: JobId, session: SessionDep, settings: SettingsDep) -> Response:
+def delete_job(
+    job_id: JobId, session: SessionDep, settings: SettingsDep, caller: CallerDep
+) -> Response:
     """Delete a finished job and its artifacts (204). 409 while it is queued, running or
     cancelling (cancel it first), or while an unfinished job uses its model as
     ``job:<id>``."""
-    service.delete(session, settings, job_id)
+    service.delete(session, settings, job_id, tenant_id=caller.tenant_id)
     return Response(status_code=204)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
-def job_metrics(job_id: JobId, session: SessionDep) -> MetricsOut:
+def job_metrics(job_id: JobId, session: SessionDep, caller: CallerDep) -> MetricsOut:
     """Per-epoch train loss and dev metrics so far; final test metrics once succeeded."""
-    job = service.get(session, job_id)
+    job = service.get(session, job_id, tenant_id=caller.tenant_id)
     metrics = dict(job.metrics or {})
     epochs = metrics.pop("epochs", [])
     return MetricsOut(
@@ -84,27 +111,31 @@ def job_metrics(job_id: JobId, session: SessionDep) -> MetricsOut:
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)
-def list_artifacts(job_id: JobId, session: SessionDep) -> ArtifactList:
+def list_artifacts(job_id: JobId, session: SessionDep, caller: CallerDep) -> ArtifactList:
     """The job's files with size (bytes) and sha256; empty until the job succeeds."""
-    items = [ArtifactOut.of(a) for a in service.artifacts(session, job_id)]
+    items = [
+        ArtifactOut.of(a) for a in service.artifacts(session, job_id, tenant_id=caller.tenant_id)
+    ]
     return ArtifactList(job_id=job_id, items=items, archive_url=f"/v1/jobs/{job_id}/archive")
 
 
 @router.get("/{job_id}/artifacts/{name}")
 def download_artifact(
-    job_id: JobId, name: ArtifactName, session: SessionDep, settings: SettingsDep
+    job_id: JobId, name: ArtifactName, session: SessionDep, settings: SettingsDep, caller: CallerDep
 ) -> FileResponse:
     """One file of the job."""
-    path = service.artifact_path(session, settings, job_id, name)
+    path = service.artifact_path(session, settings, job_id, name, tenant_id=caller.tenant_id)
     return FileResponse(path, filename=name, media_type="application/octet-stream")
 
 
 @router.get("/{job_id}/archive")
-def download_archive(job_id: JobId, session: SessionDep, settings: SettingsDep) -> FileResponse:
+def download_archive(
+    job_id: JobId, session: SessionDep, settings: SettingsDep, caller: CallerDep
+) -> FileResponse:
     """Every file of the job as one ``<job id>.tar.gz`` (a transformers directory; members
     are 0644 files in a 0755 folder, owned by uid 0)."""
-    job = service.get(session, job_id)
-    names = [a.name for a in service.artifacts(session, job_id)]
+    job = service.get(session, job_id, tenant_id=caller.tenant_id)
+    names = [a.name for a in service.artifacts(session, job_id, tenant_id=caller.tenant_id)]
     if job.status != "succeeded" or not names:
         raise Conflict(f"job {job_id} is {job.status}; the archive exists once it succeeds")
     store = artifact_storage(settings)

@@ -52,7 +52,7 @@ def stack(
 
 @pytest.fixture(scope="module")
 def client(stack: Stack) -> Client:
-    return Client(stack.base_url)
+    return Client(stack.base_url, stack.api_key)
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +203,7 @@ def make_celery_for(stack: Stack) -> Any:
 def test_bad_spec_is_422_over_real_http(stack: Stack) -> None:
     r = httpx.post(
         f"{stack.base_url}/v1/jobs",
+        headers={"Authorization": f"Bearer {stack.api_key}"},
         json={
             "teacher": "builtin:minilm-l6",
             "method": {"name": "vanilla_kd", "temperature": 0},
@@ -211,6 +212,15 @@ def test_bad_spec_is_422_over_real_http(stack: Stack) -> None:
     )
     assert r.status_code == 422
     assert r.json()["error"]["field"] == "method.temperature"
+
+
+def test_no_key_or_a_wrong_key_is_401_over_real_http(stack: Stack) -> None:
+    for headers in ({}, {"Authorization": f"Bearer {stack.api_key[:-4]}AAAA"}):
+        r = httpx.get(f"{stack.base_url}/v1/jobs", headers=headers)
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["code"] == "unauthorized"
+    assert httpx.get(f"{stack.base_url}/healthz").status_code == 200
 
 
 def test_bad_data_is_refused_at_submit_with_a_reason(stack: Stack) -> None:

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
-from api import repository
+from api import repository, tenants
 from api.db import Job
 from api.main import create_app
 from api.settings import Settings
@@ -41,8 +41,28 @@ def settings(clean_db: str, redis_url: str, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
+def api_key(settings: Settings) -> str:
+    """A key of a fresh tenant ``test`` (made like ``python -m api.admin create-key``)."""
+    return make_key(settings, "test")
+
+
+def make_key(settings: Settings, tenant: str) -> str:
+    """A new key of ``tenant`` (the tenant is created if missing)."""
+    engine = create_engine(settings.database_url)
+    with Session(engine) as s:
+        _, key = tenants.create_key(s, tenants.ensure_tenant(s, tenant).id, "tests")
+        s.commit()
+    engine.dispose()
+    return key
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def client(settings: Settings, api_key: str) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), headers=auth(api_key)) as c:
         yield c
 
 
@@ -223,9 +243,11 @@ def test_healthz_is_503_when_the_broker_is_down(settings: Settings) -> None:
     assert r.json()["database"] == "ok"
 
 
-def test_submit_with_broker_down_is_503_and_the_job_says_why(settings: Settings) -> None:
+def test_submit_with_broker_down_is_503_and_the_job_says_why(
+    settings: Settings, api_key: str
+) -> None:
     down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
-    with TestClient(create_app(down)) as c:
+    with TestClient(create_app(down), headers=auth(api_key)) as c:
         r = c.post("/v1/jobs", json=FINETUNE)
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "unavailable"

@@ -51,9 +51,9 @@ def settings(clean_db: str, redis_url: str, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    """The app; every request of these tests goes through it (one place to add headers)."""
-    with TestClient(create_app(settings)) as c:
+def client(settings: Settings, key_headers: dict[str, str]) -> Iterator[TestClient]:
+    """The app, with a key of tenant ``test``; every request of these tests goes through it."""
+    with TestClient(create_app(settings), headers=key_headers) as c:
         yield c
 
 
@@ -239,7 +239,9 @@ def test_a_corpus_without_its_column_is_422(client: TestClient, settings: Settin
     assert client.post("/v1/jobs", json=body).status_code == 201
 
 
-def test_only_a_prefix_of_a_long_file_is_read_at_submit(settings: Settings, tmp_path: Path) -> None:
+def test_only_a_prefix_of_a_long_file_is_read_at_submit(
+    settings: Settings, tmp_path: Path, key_headers: dict[str, str]
+) -> None:
     """Above ``dataset_check_rows`` rows the file is checked on its prefix (the worker reads
     it whole); a problem inside the prefix is still a 422."""
     short = settings.model_copy(update={"dataset_check_rows": 25})
@@ -247,7 +249,7 @@ def test_only_a_prefix_of_a_long_file_is_read_at_submit(settings: Settings, tmp_
     data = ("text,label\n" + rows).encode() + b"caf\xe9,pos\n"
     (settings.data_root / "long.csv").write_bytes(data)
     (settings.data_root / "early.csv").write_bytes(b"text,label\ncaf\xe9,pos\n" + rows.encode())
-    with TestClient(create_app(short)) as c:
+    with TestClient(create_app(short), headers=key_headers) as c:
         assert post(c, source="file://long.csv").status_code == 201
         r = post(c, source="file://early.csv")
     assert r.status_code == 422

@@ -32,8 +32,6 @@ FINETUNE: dict[str, Any] = {
     "method": {"name": "finetune"},
     "dataset": {"source": "builtin:rotten_tomatoes"},
 }
-DEFAULT_HEADERS: dict[str, str] = {}
-"""Headers every request of the ``client`` fixture sends (one place to add authentication)."""
 
 
 @pytest.fixture
@@ -53,8 +51,8 @@ def settings(clean_db: str, redis_url: str, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings), headers=DEFAULT_HEADERS) as c:
+def client(settings: Settings, key_headers: dict[str, str]) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), headers=key_headers) as c:
         yield c
 
 
@@ -520,11 +518,13 @@ def test_a_job_that_cannot_fit_the_queue_is_422_with_the_estimate(
     assert err["field"] == "student"
 
 
-def test_the_memory_budget_is_per_queue(client: TestClient, settings: Settings) -> None:
+def test_the_memory_budget_is_per_queue(
+    client: TestClient, settings: Settings, key_headers: dict[str, str]
+) -> None:
     big = {**FINETUNE, "training": {"batch_size": 4096, "max_seq_length": 512}}
     assert error_of(client.post("/v1/jobs", json=big), 422)["field"] == "training.batch_size"
     gpu = settings.model_copy(update={"queue": "gpu", "queue_memory_bytes": {"gpu": 10**13}})
-    with TestClient(create_app(gpu), headers=DEFAULT_HEADERS) as c:
+    with TestClient(create_app(gpu), headers=key_headers) as c:
         assert c.post("/v1/jobs", json=big).status_code == 201
 
 

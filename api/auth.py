@@ -1,0 +1,60 @@
+"""Who is calling: the ``Authorization: Bearer <key>`` header as a FastAPI dependency.
+
+Every route but ``/healthz`` and the docs takes :data:`CallerDep`; a request without a key, or
+with a malformed, unknown or revoked one, is a 401 with the JSON error body and a
+``WWW-Authenticate: Bearer`` header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api import tenants
+from api.deps import SessionDep
+from api.errors import Unauthorized
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key: `Authorization: Bearer dk_...` (python -m api.admin create-key, "
+    "or POST /v1/keys).",
+)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated caller: its tenant and the id of the key it used."""
+
+    tenant_id: str
+    key_id: str
+
+
+def get_caller(
+    request: Request,
+    session: SessionDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Caller:
+    """The caller of this request.
+
+    Raises:
+        Unauthorized: no ``Authorization: Bearer`` header, or a malformed, unknown or revoked
+            key (401).
+    """
+    header = request.headers.get("authorization")
+    if not header:
+        raise Unauthorized("missing API key: send the header 'Authorization: Bearer <key>'")
+    scheme, _, key = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("the Authorization header must read 'Bearer <key>'")
+    try:
+        row = tenants.authenticate(session, key.strip())
+    except tenants.AuthError as e:
+        raise Unauthorized(str(e)) from None
+    return Caller(tenant_id=row.tenant_id, key_id=row.id)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]

