@@ -1,7 +1,11 @@
-"""Fixtures shared by the API tests: an API key of a fresh tenant (as ``python -m api.admin
-create-key`` makes one). Each module defines its own ``settings`` fixture."""
+"""Fixtures shared by the API tests: the app's settings on the test database and broker with
+temporary roots, a database session, and an API key of a fresh tenant (as ``python -m api.admin
+create-key`` makes one)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine
@@ -9,6 +13,32 @@ from sqlalchemy.orm import Session
 
 from api import tenants
 from api.settings import Settings
+
+
+@pytest.fixture
+def settings(clean_db: str, redis_url: str, tmp_path: Path) -> Settings:
+    """Settings on the clean test database and the test broker, with empty artifacts, models
+    and data roots under ``tmp_path``."""
+    for d in ("artifacts", "models", "data"):
+        (tmp_path / d).mkdir()
+    return Settings(
+        database_url=clean_db,
+        broker_url=redis_url,
+        queue="cpu",
+        artifacts_root=tmp_path / "artifacts",
+        models_root=tmp_path / "models",
+        data_root=tmp_path / "data",
+        cache_dir=tmp_path / "cache",
+    )
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Session]:
+    """A session on the test database (closed after the test)."""
+    engine = create_engine(settings.database_url)
+    with Session(engine) as s:
+        yield s
+    engine.dispose()
 
 
 def new_key(database_url: str, tenant: str) -> str:

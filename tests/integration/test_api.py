@@ -26,21 +26,6 @@ FINETUNE = {
 
 
 @pytest.fixture
-def settings(clean_db: str, redis_url: str, tmp_path: Path) -> Settings:
-    for d in ("artifacts", "models", "data"):
-        (tmp_path / d).mkdir()
-    return Settings(
-        database_url=clean_db,
-        broker_url=redis_url,
-        queue="cpu",
-        artifacts_root=tmp_path / "artifacts",
-        models_root=tmp_path / "models",
-        data_root=tmp_path / "data",
-        cache_dir=tmp_path / "cache",
-    )
-
-
-@pytest.fixture
 def api_key(settings: Settings) -> str:
     """A key of a fresh tenant ``test`` (made like ``python -m api.admin create-key``)."""
     return make_key(settings, "test")

@@ -35,19 +35,9 @@ FINETUNE: dict[str, Any] = {
 
 
 @pytest.fixture
-def settings(clean_db: str, redis_url: str, tmp_path: Path) -> Settings:
-    for d in ("artifacts", "models", "data"):
-        (tmp_path / d).mkdir()
-    return Settings(
-        database_url=clean_db,
-        broker_url=redis_url,
-        queue="cpu",
-        artifacts_root=tmp_path / "artifacts",
-        models_root=tmp_path / "models",
-        data_root=tmp_path / "data",
-        cache_dir=tmp_path / "cache",
-        max_json_body_bytes=64 * 1024,
-    )
+def settings(settings: Settings) -> Settings:
+    """The shared settings with a 64 KiB JSON body limit (the limit's tests stay small)."""
+    return settings.model_copy(update={"max_json_body_bytes": 64 * 1024})
 
 
 @pytest.fixture

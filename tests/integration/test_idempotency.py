@@ -10,7 +10,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import httpx
 import pytest
@@ -30,29 +29,6 @@ FINETUNE = {
     "method": {"name": "finetune"},
     "dataset": {"source": "builtin:rotten_tomatoes"},
 }
-
-
-@pytest.fixture
-def settings(clean_db: str, redis_url: str, tmp_path: Path) -> Settings:
-    for d in ("artifacts", "models", "data"):
-        (tmp_path / d).mkdir()
-    return Settings(
-        database_url=clean_db,
-        broker_url=redis_url,
-        queue="cpu",
-        artifacts_root=tmp_path / "artifacts",
-        models_root=tmp_path / "models",
-        data_root=tmp_path / "data",
-        cache_dir=tmp_path / "cache",
-    )
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[Session]:
-    engine = create_engine(settings.database_url)
-    with Session(engine) as s:
-        yield s
-    engine.dispose()
 
 
 def make_key(db: Session, tenant: str) -> str:
