@@ -35,12 +35,12 @@ def upload_file(
         str, Form(max_length=256, description="A dataset's text column.")
     ] = "text",
     label_column: Annotated[
-        str,
-        Form(
-            max_length=256,
-            description="A dataset's label column; empty for an unlabelled file (a corpus).",
-        ),
+        str, Form(max_length=256, description="A dataset's label column.")
     ] = "label",
+    unlabelled: Annotated[
+        bool,
+        Form(description="true for a dataset without labels (a corpus for method.corpus)."),
+    ] = False,
     text_pair_column: Annotated[
         str, Form(max_length=256, description="A dataset's second text column, if any.")
     ] = "",
@@ -57,7 +57,7 @@ def upload_file(
     key = idempotency.check_key(idempotency_key)
     columns = files.DatasetColumns(
         text=files.clean_column(text_column, "text_column") or "text",
-        label=files.clean_column(label_column, "label_column"),
+        label=None if unlabelled else files.clean_column(label_column, "label_column") or "label",
         text_pair=files.clean_column(text_pair_column, "text_pair_column"),
     )
     row, replayed = files.create(

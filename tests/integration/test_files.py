@@ -399,3 +399,15 @@ def test_jobs_table_untouched_by_refused_uploads(client: TestClient, settings: S
     with Session(engine) as s:
         assert s.scalar(select(func.count()).select_from(Job)) == 0
     engine.dispose()
+
+
+def test_an_unlabelled_corpus_and_other_columns(client: TestClient) -> None:
+    content = b"body\n" + b"".join(f"sentence {i}\n".encode() for i in range(12))
+    r = upload(client, "corpus.csv", content, text_column="body", unlabelled="true")
+    assert r.status_code == 201, r.text
+    report = r.json()["report"]
+    assert report["label_column"] is None and report["labels"] is None
+    assert report["text_column"] == "body" and report["rows"] == 12
+    # without unlabelled=true the label column is required
+    r = upload(client, "corpus.csv", content, text_column="body")
+    assert r.status_code == 422 and r.json()["error"]["field"] == "label_column"
