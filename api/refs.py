@@ -147,7 +147,7 @@ def dataset_file(ref: str, settings: Settings) -> Path:
         return _upload_dataset_file(ref, settings)
     if scheme != "file://":
         raise ValueError(
-            f"{ref!r}: datasets are builtin:<name>, file://<path> or an upload's id file-<id>"
+            f"{ref!r}: datasets are builtin:<name> or file://<path>, or an upload's id file-<id>"
         )
     path = local_path_under(ref, settings.data_root)
     if not path.is_file():
