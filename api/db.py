@@ -139,6 +139,31 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
 
 
+FILE_KINDS = ("dataset", "model")
+
+
+class File(Base):
+    """An uploaded dataset or model of a tenant. ``size_bytes`` is what it stores (a model:
+    its unpacked files), ``sha256`` that of the uploaded file as received; ``report`` is the
+    DatasetReport or ModelReport found when it arrived. Jobs name it by its id."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(16))
+    filename: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="ready")
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL and a busy timeout so api and worker share it."""
     if url.startswith("sqlite"):

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from api import errors, limits
 from api.db import make_engine, make_sessionmaker
-from api.routers import health, jobs, keys
+from api.routers import files, health, jobs, keys
 from api.settings import Settings, get_settings
 from worker.celery_app import make_celery
 
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     limits.install(app, settings.max_json_body_bytes)
     app.include_router(jobs.router)
+    app.include_router(files.router)
     app.include_router(keys.router)
     app.include_router(health.router)
     return app

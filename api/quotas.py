@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.db import Artifact, Job, Tenant
+from api.db import Artifact, File, Job, Tenant
 from api.errors import QuotaExceeded
 from api.settings import Settings
 
@@ -47,15 +47,17 @@ def active_jobs(session: Session, tenant_id: str) -> int:
 
 
 def stored_bytes(session: Session, tenant_id: str) -> int:
-    """Bytes the tenant stores (the sum of its jobs' artifacts' ``size_bytes``). The single
-    place that counts a tenant's storage: add any new kind of stored file (uploads) here."""
-    q = (
+    """Bytes the tenant stores: its jobs' artifacts' ``size_bytes`` plus its uploaded files'
+    (a model upload counts its unpacked files). The single place that counts a tenant's
+    storage: add any new kind of stored file here."""
+    artifacts = (
         select(func.coalesce(func.sum(Artifact.size_bytes), 0))
         .select_from(Artifact)
         .join(Job, Job.id == Artifact.job_id)
         .where(Job.tenant_id == tenant_id)
     )
-    return int(session.scalar(q) or 0)
+    uploads = select(func.coalesce(func.sum(File.size_bytes), 0)).where(File.tenant_id == tenant_id)
+    return int(session.scalar(artifacts) or 0) + int(session.scalar(uploads) or 0)
 
 
 def _tenant(session: Session, tenant_id: str) -> Tenant:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from api.db import ApiKey, Artifact, Job
+from api.db import ApiKey, Artifact, File, Job
 from api.tenants import KEY_NAME_MAX, check_key_name
 
 
@@ -187,3 +187,44 @@ class KeyList(BaseModel):
     """The tenant's keys, oldest first."""
 
     items: list[KeyOut]
+
+
+class FileOut(BaseModel):
+    """An uploaded file. Jobs name it by its ``id`` (``file-<32 hex>``) in ``teacher``,
+    ``student.model``, ``method.generator`` (a model) or ``dataset.source``, ``dev_source``,
+    ``test_source``, ``eval_sets.N.source``, ``method.corpus`` (a dataset)."""
+
+    id: str = Field(description="The file's id, also its reference in a job spec.")
+    purpose: str = Field(description="dataset or model")
+    filename: str = Field(description="The uploaded file's name (without folders).")
+    size_bytes: int = Field(
+        description="Bytes stored: the dataset file, or a model's unpacked files."
+    )
+    sha256: str = Field(description="sha256 (hex) of the uploaded file as received.")
+    status: str = Field(description="ready")
+    created_at: datetime
+    report: dict[str, Any] = Field(
+        description="What the checks found: a dataset's encoding, format, columns, rows, "
+        "labels with counts (or label_stats), text_length; a model's model_type, "
+        "architectures, task, label_names, layers, parameters, files."
+    )
+
+    @classmethod
+    def of(cls, f: File) -> FileOut:
+        """The API view of a file row."""
+        return cls(
+            id=f.id,
+            purpose=f.kind,
+            filename=f.filename,
+            size_bytes=f.size_bytes,
+            sha256=f.sha256,
+            status=f.status,
+            created_at=f.created_at,
+            report=f.report,
+        )
+
+
+class FileList(BaseModel):
+    """The tenant's uploaded files, newest first."""
+
+    items: list[FileOut]

@@ -9,7 +9,7 @@ from pathlib import Path
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from api import idempotency, quotas, refs, repository
+from api import files, idempotency, quotas, refs, repository
 from api.db import FINISHED, Artifact, Job, utcnow
 from api.errors import Conflict, InvalidSpec, NotFound, Unavailable
 from api.queue import BrokerUnavailable, enqueue
@@ -36,17 +36,28 @@ from kd_engine.spec import FromTeacherStudent, JobSpec, PretrainedStudent
 log = logging.getLogger("distillery.api")
 
 
+def scheme_of_or_none(ref: str) -> str | None:
+    """The scheme of ``ref``, or None when it has no known one (refused later, by name)."""
+    try:
+        return scheme_of(ref)
+    except ValueError:
+        return None
+
+
 def _model_config(
     session: Session, ref: str, settings: Settings, field: str, tenant_id: str
 ) -> dict[str, object] | None:
     """The config.json of a model reference (None for a hub id, which the worker checks).
-    A ``job:`` reference must name a succeeded job of ``tenant_id``; another tenant's job is
-    refused exactly like a missing one.
+    A ``job:`` reference must name a succeeded job of ``tenant_id``, a ``file-<id>`` one an
+    uploaded model of ``tenant_id``; another tenant's job or file is refused exactly like a
+    missing one.
 
     Raises:
         InvalidSpec: an unknown (or another tenant's) or unfinished job, a path outside the
             root, no checkpoint.
     """
+    if scheme_of_or_none(ref) == "file-":
+        files.check_reference(session, ref, field, "model", tenant_id)
     if ref.startswith("job:"):
         other = repository.get_tenant_job(session, ref.removeprefix("job:"), tenant_id=tenant_id)
         if other is None:
@@ -302,7 +313,7 @@ def _check_memory(
     )
 
 
-def _check_dataset(spec: JobSpec, settings: Settings) -> None:
+def _check_dataset(session: Session, spec: JobSpec, settings: Settings, tenant_id: str) -> None:
     ds = spec.dataset
     checks: list[tuple[str, str | None]] = [
         ("source", ds.source),
@@ -333,12 +344,14 @@ def _check_dataset(spec: JobSpec, settings: Settings) -> None:
                         f"unknown built-in dataset {name!r}; built-ins: {', '.join(known)}"
                     )
             else:
+                if scheme_of(ref) == "file-":
+                    files.check_reference(session, ref, f"dataset.{field}", "dataset", tenant_id)
                 refs.dataset_file(ref, settings)  # its content: _check_dataset_files
         except ValueError as e:
             raise InvalidSpec(str(e), f"dataset.{field}") from None
 
 
-def _check_corpus(spec: JobSpec, settings: Settings) -> None:
+def _check_corpus(session: Session, spec: JobSpec, settings: Settings, tenant_id: str) -> None:
     """The unlabelled corpus a method names (``minimax_knn``'s ``method.corpus``): a built-in
     corpus, or a file under the data root like a dataset source.
 
@@ -350,6 +363,8 @@ def _check_corpus(spec: JobSpec, settings: Settings) -> None:
         return
     try:
         check_corpus_reference(ref)
+        if scheme_of(ref) == "file-":
+            files.check_reference(session, ref, "method.corpus", "dataset", tenant_id)
         if scheme_of(ref) != "builtin:":
             path = refs.dataset_file(ref, settings)
             text_column = str(getattr(spec.method, "corpus_text_column", "text"))
@@ -437,8 +452,8 @@ def submit(
         )
         if earlier is not None:
             return get(session, earlier, tenant_id=tenant_id), True
-    _check_dataset(spec, settings)
-    _check_corpus(spec, settings)
+    _check_dataset(session, spec, settings, tenant_id)
+    _check_corpus(session, spec, settings, tenant_id)
     _check_teacher(session, spec, settings, tenant_id)
     _check_dataset_files(session, spec, settings, tenant_id)
 

@@ -90,8 +90,9 @@ class Settings(BaseSettings):
     default_max_stored_bytes: int | None = Field(
         None,
         ge=0,
-        description="Bytes a tenant may store (job artifacts; None: unlimited) before a submit "
-        "is refused; a tenant's own max_stored_bytes overrides it.",
+        description="Bytes a tenant may store (job artifacts and uploaded files; None: "
+        "unlimited) before a submit or an upload is refused; a tenant's own "
+        "max_stored_bytes overrides it.",
     )
     idempotency_ttl_s: int = Field(
         24 * 3600,

@@ -45,6 +45,47 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return dict(self._json(self.http.post("/v1/jobs", json=spec, headers=headers)))
 
+    def upload(
+        self,
+        path: Path,
+        purpose: str,
+        idempotency_key: str | None = None,
+        **form: str,
+    ) -> dict[str, Any]:
+        """POST /v1/files: upload the file at ``path`` (streamed from disk) as a ``dataset`` or
+        a ``model`` archive; ``form`` adds form fields (``text_column``, ``label_column``,
+        ``text_pair_column``). Returns the file with its ``report``; its ``id`` is its
+        reference in a job spec.
+
+        Raises:
+            ApiError: 413 too large, 422 a bad file (the message names the line or member),
+                429 over the stored-bytes quota.
+        """
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        with path.open("rb") as f:
+            r = self.http.post(
+                "/v1/files",
+                files={"file": (path.name, f)},
+                data={"purpose": purpose, **form},
+                headers=headers,
+            )
+        return dict(self._json(r))
+
+    def files(self, purpose: str | None = None) -> list[dict[str, Any]]:
+        """GET /v1/files: the tenant's uploads, newest first."""
+        params = {"purpose": purpose} if purpose else None
+        return list(self._json(self.http.get("/v1/files", params=params))["items"])
+
+    def delete_file(self, file_id: str) -> None:
+        """DELETE /v1/files/{id}.
+
+        Raises:
+            ApiError: 404 no such file, 409 a job that has not finished names it.
+        """
+        r = self.http.delete(f"/v1/files/{file_id}")
+        if r.status_code != 204:
+            self._json(r)
+
     def job(self, job_id: str) -> dict[str, Any]:
         """GET /v1/jobs/{id}."""
         return dict(self._json(self.http.get(f"/v1/jobs/{job_id}")))

@@ -2,8 +2,10 @@
 
 Schemes: ``builtin:<name>`` (shipped in a wheel), ``file://<path>`` (only under a configured
 root, so a job cannot read arbitrary server files), ``job:<id>`` (the model an earlier job
-produced; resolved by the caller, who knows where artifacts live) and ``hf://<repo id>``
-(only when the operator allows hub access). Nothing here fetches URLs.
+produced; resolved by the caller, who knows where artifacts live), ``file-<32 hex>`` (a file
+uploaded with ``POST /v1/files``: the reference is the upload's id itself; resolved by the
+caller, who knows where uploads live) and ``hf://<repo id>`` (only when the operator allows
+hub access). Nothing here fetches URLs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     ),
 }
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "distillery"
-SCHEMES = ("builtin:", "file://", "job:", "hf://")
+SCHEMES = ("builtin:", "file://", "job:", "file-", "hf://")
+UPLOAD_SCHEME = "file-"
+"""The prefix of an upload's id, which is also its reference (``file-<32 hex>``)."""
 
 
 def scheme_of(ref: str) -> str:

@@ -40,7 +40,7 @@ def pg_url() -> str:
     with engine.begin() as conn:  # a database left by an older run without alembic's table
         conn.execute(
             text(
-                "DROP TABLE IF EXISTS artifacts, jobs, idempotency_keys, api_keys, tenants, "
+                "DROP TABLE IF EXISTS files, artifacts, jobs, idempotency_keys, api_keys, tenants, "
                 "alembic_version CASCADE"
             )
         )
@@ -57,7 +57,7 @@ def clean_db(pg_url: str) -> Iterator[str]:
     def wipe() -> None:
         with engine.begin() as conn:
             conn.execute(
-                text("TRUNCATE artifacts, jobs, idempotency_keys, api_keys, tenants CASCADE")
+                text("TRUNCATE files, artifacts, jobs, idempotency_keys, api_keys, tenants CASCADE")
             )
 
     wipe()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from api.settings import Settings
 from devstack.client import Client
 from devstack.stack import Stack, running_stack
 from kd_engine import registry
+from kd_engine.references import builtin_model_path
 from worker.celery_app import TASK_NAME, make_celery
 
 pytestmark = pytest.mark.e2e
@@ -398,3 +400,57 @@ def test_a_cnn_student_through_the_worker_loads_after_download(
     with torch.inference_mode():
         logits = model(**tok(["a fine film"], return_tensors="pt")).logits
     assert logits.shape == (1, 2)
+
+
+def test_uploaded_teacher_and_csv_distil_over_real_http(client: Client, tmp_path: Path) -> None:
+    """A team's own teacher (a 1-layer MiniLM classifier saved as safetensors, tar.gz) and CSV
+    (with a BOM) uploaded with POST /v1/files, named as file-<id> in a job, distilled by the
+    worker; the student downloads and loads."""
+    labels = ["neg", "pos"]
+    wheel = builtin_model_path("minilm-l6")
+    teacher_dir = tmp_path / "teacher"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(
+        wheel,
+        num_hidden_layers=1,
+        num_labels=2,
+        id2label=dict(enumerate(labels)),
+        label2id={x: i for i, x in enumerate(labels)},
+    ).save_pretrained(teacher_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(wheel).save_pretrained(teacher_dir)
+    archive = tmp_path / "teacher.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        tar.add(teacher_dir, arcname="teacher")
+    csv_path = tmp_path / "reviews.csv"
+    lines = ["text,label"] + [
+        f"review {i} was {'awful' if i % 2 else 'great'},{labels[(i + 1) % 2]}" for i in range(48)
+    ]
+    csv_path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode())
+
+    model = client.upload(archive, "model")
+    assert model["report"]["label_names"] == labels
+    data = client.upload(csv_path, "dataset")
+    assert data["report"]["encoding"] == "utf-8-sig"
+    assert data["report"]["labels"] == {"neg": 24, "pos": 24}
+    assert {f["id"] for f in client.files()} >= {model["id"], data["id"]}
+
+    job = client.submit(
+        {
+            "teacher": model["id"],
+            "student": {"num_layers": 1},
+            "method": {"name": "vanilla_kd"},
+            "dataset": {"source": data["id"]},
+            "training": SMALL_TRAINING,
+        }
+    )
+    done = client.wait(job["id"], timeout_s=600)
+    assert done["status"] == "succeeded", done["error"]
+    split = client.http.get(f"/v1/jobs/{job['id']}/artifacts/split.json").json()
+    assert split["splits"]["test"]["source"] == data["id"]
+    student_dir = client.download_archive(job["id"], tmp_path / "student")
+    student = AutoModelForSequenceClassification.from_pretrained(student_dir)
+    assert student.config.num_hidden_layers == 1
+    assert student.config.id2label == dict(enumerate(labels))
+    # the job has finished: its files may go
+    client.delete_file(data["id"])
+    assert data["id"] not in {f["id"] for f in client.files()}
