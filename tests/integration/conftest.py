@@ -17,9 +17,9 @@ from api.settings import Settings
 
 @pytest.fixture
 def settings(clean_db: str, redis_url: str, tmp_path: Path) -> Settings:
-    """Settings on the clean test database and the test broker, with empty artifacts, models
-    and data roots under ``tmp_path``."""
-    for d in ("artifacts", "models", "data"):
+    """Settings on the clean test database and the test broker, with empty artifacts, models,
+    data and uploads roots under ``tmp_path``."""
+    for d in ("artifacts", "models", "data", "uploads"):
         (tmp_path / d).mkdir()
     return Settings(
         database_url=clean_db,
@@ -28,6 +28,7 @@ def settings(clean_db: str, redis_url: str, tmp_path: Path) -> Settings:
         artifacts_root=tmp_path / "artifacts",
         models_root=tmp_path / "models",
         data_root=tmp_path / "data",
+        uploads_root=tmp_path / "uploads",
         cache_dir=tmp_path / "cache",
     )
 

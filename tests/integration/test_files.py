@@ -54,22 +54,6 @@ def parquet_bytes(data: list[dict[str, str]]) -> bytes:
 
 
 @pytest.fixture
-def settings(clean_db: str, redis_url: str, tmp_path: Path) -> Settings:
-    for d in ("artifacts", "models", "data", "uploads"):
-        (tmp_path / d).mkdir()
-    return Settings(
-        database_url=clean_db,
-        broker_url=redis_url,
-        queue="cpu",
-        artifacts_root=tmp_path / "artifacts",
-        models_root=tmp_path / "models",
-        data_root=tmp_path / "data",
-        uploads_root=tmp_path / "uploads",
-        cache_dir=tmp_path / "cache",
-    )
-
-
-@pytest.fixture
 def client(settings: Settings, key_headers: dict[str, str]) -> Iterator[TestClient]:
     with TestClient(create_app(settings), headers=key_headers) as c:
         yield c
