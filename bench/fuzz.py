@@ -6,7 +6,8 @@ Run by hand (PostgreSQL and Redis must answer; the database is migrated to head 
         --broker-url redis://127.0.0.1:6379/7 --per-operation 400 --stateful-examples 300
 
 It builds ``api.main.create_app`` with the given database and broker and temporary roots, makes a
-fresh API key, loads ``/openapi.json`` from the app (so every route the app has is fuzzed,
+fresh API key, submits ``--seed-job-count`` valid jobs (half then cancelled) so that cases meet
+real jobs, loads ``/openapi.json`` from the app (so every route the app has is fuzzed,
 including ones added later) and runs
 
 * stateless cases: for every operation, ``--per-operation`` positive and as many negative
@@ -56,6 +57,7 @@ class Tally:
     conformance: list[dict[str, Any]] = field(default_factory=list)
     generation_errors: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    modes: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     seconds: dict[str, float] = field(default_factory=dict)
 
     def total(self, phase: str | None = None) -> int:
@@ -69,6 +71,7 @@ class Tally:
             "cases_total": self.total(),
             "cases_by_phase": {p: self.total(p) for p in self.cases},
             "cases_by_phase_and_operation": {p: dict(c) for p, c in self.cases.items()},
+            "cases_by_phase_and_generation_mode": {p: dict(c) for p, c in self.modes.items()},
             "status_codes": {str(k): v for k, v in sorted(self.statuses.items())},
             "status_codes_by_phase": {
                 p: {str(k): v for k, v in sorted(c.items())}
@@ -142,6 +145,34 @@ def operations_of(schema: Any) -> list[Any]:
     return found
 
 
+SEED_SPEC: dict[str, Any] = {
+    "teacher": "builtin:minilm-l6",
+    "method": {"name": "finetune"},
+    "dataset": {"source": "builtin:rotten_tomatoes"},
+}
+
+
+def seed_jobs(app: Any, keys: KeyHolder, count: int) -> list[str]:
+    """Submit ``count`` valid jobs (queued only: no worker runs) and cancel every other one,
+    so that list, get, cancel, delete and metrics cases meet real jobs. Returns their ids.
+
+    Raises:
+        RuntimeError: the app refused a valid job.
+    """
+    from fastapi.testclient import TestClient
+
+    ids = []
+    with TestClient(app, headers=keys.headers()) as client:
+        for i in range(count):
+            r = client.post("/v1/jobs", json=SEED_SPEC)
+            if r.status_code != 201:
+                raise RuntimeError(f"seed job refused: {r.status_code} {r.text}")
+            ids.append(r.json()["id"])
+            if i % 2:
+                client.post(f"/v1/jobs/{ids[-1]}/cancel")
+    return ids
+
+
 def migrate(database_url: str) -> None:
     """``alembic upgrade head`` on ``database_url`` (as tests/conftest.py does)."""
     subprocess.run(
@@ -194,6 +225,9 @@ class Recorder:
         self.tally.statuses[status] += 1
         self.tally.statuses_by_operation[label][status] += 1
         self.tally.statuses_by_phase[phase][status] += 1
+        meta = getattr(case, "meta", None)
+        mode = getattr(getattr(meta, "generation", None), "mode", None)
+        self.tally.modes[phase][str(getattr(mode, "value", mode))] += 1
         self.keys.after(case, response)
         failed = status >= 500 or self._fails(case, response, self.not_a_server_error)
         if failed:
@@ -263,6 +297,9 @@ def _stateless_test(
     return hseed(seed)(one) if seed is not None else one
 
 
+STATEFUL_ROUND = 25  # sequences per hypothesis run of the state machine
+
+
 def run_stateful(schema: Any, recorder: Recorder, examples: int, steps: int) -> None:
     """``examples`` state-machine sequences of up to ``steps`` calls each."""
     from hypothesis import HealthCheck, Phase, settings
@@ -276,16 +313,25 @@ def run_stateful(schema: Any, recorder: Recorder, examples: int, steps: int) -> 
         def validate_response(self, response: Any, case: Any, *a: Any, **kw: Any) -> None:
             recorder.record("stateful", case, response)
 
-    Machine.run(
-        settings=settings(
-            max_examples=examples,
-            stateful_step_count=steps,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-            phases=[Phase.generate],
-        )
-    )
+    done = 0
+    while done < examples:  # in rounds, so that one hypothesis error does not end the phase
+        chunk = min(STATEFUL_ROUND, examples - done)
+        done += chunk
+        try:
+            Machine.run(
+                settings=settings(
+                    max_examples=chunk,
+                    stateful_step_count=steps,
+                    deadline=None,
+                    database=None,
+                    suppress_health_check=list(HealthCheck),
+                    phases=[Phase.generate],
+                )
+            )
+        except Exception as exc:  # e.g. hypothesis' "flaky precondition" as the DB state moves
+            recorder.tally.generation_errors.append(
+                {"phase": "stateful", "operation": "*", "error": str(exc)[:2000]}
+            )
 
 
 def main(
@@ -304,6 +350,9 @@ def main(
     conformance: Annotated[
         bool, typer.Option(help="Also check 2xx answers against their response schema.")
     ] = True,
+    seed_job_count: Annotated[
+        int, typer.Option(help="Valid jobs submitted first (half of them cancelled).")
+    ] = 6,
     seed: Annotated[
         int | None, typer.Option(help="Hypothesis seed (default: derandomized).")
     ] = None,
@@ -324,6 +373,7 @@ def main(
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         operations = [op.label for op in operations_of(schema)]
         recorder = Recorder(tally, keys, conformance)
+        seeded = seed_jobs(app, keys, seed_job_count)
         try:
             t0 = time.monotonic()
             run_stateless(schema, recorder, per_operation, seed)
@@ -344,7 +394,9 @@ def main(
             "stateful_examples": stateful_examples,
             "stateful_steps": stateful_steps,
             "seed": seed,
+            "seed_jobs": seed_job_count,
         },
+        "seeded_job_ids": seeded,
         **tally.as_dict(),
     }
     out.write_text(json.dumps(summary, indent=2))
