@@ -256,8 +256,54 @@ class Recorder:
         return ""
 
 
-def run_stateless(schema: Any, recorder: Recorder, per_operation: int, seed: int | None) -> None:
-    """``per_operation`` positive and ``per_operation`` negative cases for every operation."""
+REF_FIELDS = ("teacher", "model", "source", "dev_source", "test_source")
+
+
+def reference_pool(seeded: list[str]) -> list[str]:
+    """References a generated body's reference fields are replaced with: every built-in model and
+    dataset, seeded jobs, and references that must be refused (missing, outside the root,
+    unknown scheme, NUL)."""
+    from kd_engine.data.builtins import BUILTIN_DATASETS
+    from kd_engine.references import BUILTIN_MODELS
+
+    return [
+        *(f"builtin:{m}" for m in BUILTIN_MODELS),
+        *(f"builtin:{d}" for d in BUILTIN_DATASETS),
+        *(f"job:{j}" for j in seeded),
+        "job:00000000-0000-0000-0000-000000000000",
+        "file://missing.csv",
+        "file://../../etc/passwd",
+        "file:///etc/passwd",
+        "hf://bert-base-uncased",
+        "builtin:",
+        "job:",
+        "builtin:minilm-l6\x00",
+    ]
+
+
+def patch_references(body: Any, draw: Callable[[], str]) -> Any:
+    """``body`` with every string under a reference field (REF_FIELDS) replaced by ``draw()``."""
+    if isinstance(body, dict):
+        return {
+            k: draw() if k in REF_FIELDS and isinstance(v, str) else patch_references(v, draw)
+            for k, v in body.items()
+        }
+    if isinstance(body, list):
+        return [patch_references(v, draw) for v in body]
+    return body
+
+
+def run_stateless(
+    schema: Any,
+    recorder: Recorder,
+    per_operation: int,
+    seed: int | None,
+    references: list[str] | None = None,
+) -> None:
+    """``per_operation`` positive and ``per_operation`` negative cases for every operation; with
+    ``references``, also ``per_operation`` positive cases of every POST with a body, the strings
+    under its reference fields (REF_FIELDS, at any depth) drawn from ``references`` so that cases
+    get past the reference check into the deeper checks (model, dataset, fit)."""
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
 
@@ -273,13 +319,36 @@ def run_stateless(schema: Any, recorder: Recorder, per_operation: int, seed: int
                 recorder.tally.generation_errors.append(
                     {"phase": phase, "operation": operation.label, "error": str(exc)[:2000]}
                 )
+        if references and _has_reference_field(operation):
+            phase = "stateless-positive-references"
+            test = _stateless_test(
+                operation, GenerationMode.POSITIVE, phase, recorder, per_operation, seed, references
+            )
+            try:
+                test()
+            except Exception as exc:
+                recorder.tally.generation_errors.append(
+                    {"phase": phase, "operation": operation.label, "error": str(exc)[:2000]}
+                )
+
+
+def _has_reference_field(operation: Any) -> bool:
+    """A POST with a request body (its reference fields, if any, get patched)."""
+    return operation.method.upper() == "POST" and "requestBody" in operation.definition.raw
 
 
 def _stateless_test(
-    operation: Any, mode: Any, phase: str, recorder: Recorder, examples: int, seed: int | None
+    operation: Any,
+    mode: Any,
+    phase: str,
+    recorder: Recorder,
+    examples: int,
+    seed: int | None,
+    references: list[str] | None = None,
 ) -> Callable[[], None]:
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hseed
+    from hypothesis import strategies as st
 
     @settings(
         max_examples=examples,
@@ -289,8 +358,10 @@ def _stateless_test(
         suppress_health_check=list(HealthCheck),
         phases=[Phase.explicit, Phase.generate],
     )
-    @given(case=operation.as_strategy(generation_mode=mode))
-    def one(case: Any) -> None:
+    @given(case=operation.as_strategy(generation_mode=mode), data=st.data())
+    def one(case: Any, data: Any) -> None:
+        if references and isinstance(case.body, dict):
+            case.body = patch_references(case.body, lambda: data.draw(st.sampled_from(references)))
         response = case.call(headers=recorder.keys.headers())
         recorder.record(phase, case, response)
 
@@ -376,7 +447,7 @@ def main(
         seeded = seed_jobs(app, keys, seed_job_count)
         try:
             t0 = time.monotonic()
-            run_stateless(schema, recorder, per_operation, seed)
+            run_stateless(schema, recorder, per_operation, seed, reference_pool(seeded))
             tally.seconds["stateless"] = round(time.monotonic() - t0, 1)
             if stateful_examples:
                 t0 = time.monotonic()
