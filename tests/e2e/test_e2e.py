@@ -23,7 +23,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from api.settings import Settings
 from devstack.client import Client
-from devstack.stack import Stack, running_stack
+from devstack.stack import DEVSTACK_TENANT, Stack, running_stack
 from kd_engine import registry
 from kd_engine.references import builtin_model_path
 from worker.celery_app import TASK_NAME, make_celery
@@ -178,18 +178,24 @@ def test_a_task_delivered_twice_runs_once(client: Client, stack: Stack) -> None:
 
 
 def queue_directly(stack: Stack, spec: dict[str, Any]) -> dict[str, Any]:
-    """Store and queue a job without the API's submit checks; return it as the API shows it."""
+    """Store and queue a job of the stack's tenant (DEVSTACK_TENANT, whose key the client sends)
+    without the API's submit checks; return it as the API shows it."""
     import uuid
 
-    from api import repository
+    from api import repository, tenants
     from api.db import make_engine, make_sessionmaker
     from kd_engine.spec import JobSpec
 
     valid = JobSpec.model_validate(spec)
     engine = make_engine(stack.env["DISTILLERY_DATABASE_URL"])
     with make_sessionmaker(engine)() as s:
+        tenant_id = tenants.ensure_tenant(s, DEVSTACK_TENANT).id
         job = repository.create_job(
-            s, str(uuid.uuid4()), valid.method.name, valid.model_dump(mode="json")
+            s,
+            str(uuid.uuid4()),
+            valid.method.name,
+            valid.model_dump(mode="json"),
+            tenant_id=tenant_id,
         )
         s.commit()
         job_id = job.id
@@ -234,6 +240,7 @@ def test_bad_data_is_refused_at_submit_with_a_reason(stack: Stack) -> None:
     )
     r = httpx.post(
         f"{stack.base_url}/v1/jobs",
+        headers={"Authorization": f"Bearer {stack.api_key}"},
         json={
             "teacher": "builtin:minilm-l6",
             "method": {"name": "finetune"},
