@@ -5,9 +5,7 @@ docs/reliability.md has the long run (stateless and stateful)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 import redis
 import schemathesis
 
@@ -23,22 +21,6 @@ from bench.fuzz import (
 )
 
 PER_OPERATION = 12  # x 2 generation modes x every operation (+ POSTs): ~330 cases, ~30 s
-
-
-@pytest.fixture
-def settings(clean_db: str, redis_url: str, tmp_path: Path) -> Settings:
-    for d in ("artifacts", "models", "data", "uploads"):
-        (tmp_path / d).mkdir()
-    return Settings(
-        database_url=clean_db,
-        broker_url=redis_url,
-        queue="cpu",
-        artifacts_root=tmp_path / "artifacts",
-        models_root=tmp_path / "models",
-        data_root=tmp_path / "data",
-        uploads_root=tmp_path / "uploads",
-        cache_dir=tmp_path / "cache",
-    )
 
 
 def test_fuzz_every_operation_without_a_server_error(settings: Settings) -> None:
