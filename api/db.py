@@ -22,7 +22,20 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+JOB_STATUSES = (
+    "waiting",
+    "queued",
+    "running",
+    "pausing",
+    "paused",
+    "cancelling",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
+"""``waiting``: for a job it depends on (``job:<id>`` teacher or student) to succeed;
+``pausing``: asked to pause, its worker checkpoints and stops; ``paused``: holds no worker
+until resumed."""
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -162,6 +175,24 @@ class File(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),)
+
+
+class JobEvent(Base):
+    """One entry of a job's event log (``GET /v1/jobs/{id}/events``): ``id`` orders the events
+    of a job (and of all jobs); ``type`` is one of :data:`api.events.EVENT_TYPES`, ``level``
+    ``info``, ``warning`` or ``error``; ``data`` is the event's JSON details."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    level: Mapped[str] = mapped_column(String(16))
+    type: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
 
 
 def make_engine(url: str) -> Engine:

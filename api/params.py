@@ -33,7 +33,17 @@ ArtifactName = Annotated[
     Path(description="A file name from the job's artifact list.", max_length=255),
     AfterValidator(printable),
 ]
-JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+JobStatus = Literal[
+    "waiting",
+    "queued",
+    "running",
+    "pausing",
+    "paused",
+    "cancelling",
+    "succeeded",
+    "failed",
+    "cancelled",
+]
 assert get_args(JobStatus) == JOB_STATUSES
 StatusFilter = Annotated[JobStatus | None, Query(description="Only jobs in this status.")]
 Cursor = Annotated[

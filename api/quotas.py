@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.db import Artifact, File, Job, Tenant
+from api.db import FINISHED, JOB_STATUSES, Artifact, File, Job, Tenant
 from api.errors import QuotaExceeded
 from api.settings import Settings
 
-ACTIVE_STATUSES = ("queued", "running", "cancelling")
+ACTIVE_STATUSES = tuple(s for s in JOB_STATUSES if s not in FINISHED)
+"""Statuses that count against ``max_active_jobs``: every one but the final ones."""
 
 
 @dataclass(frozen=True)

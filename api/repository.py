@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from api import events
 from api.db import FINISHED, Artifact, IdempotencyKey, Job, utcnow
 from api.refs import is_job_id
 
@@ -175,9 +176,10 @@ def fail_stale(session: Session, older_than_s: int, job_id: str | None = None) -
     ids = list(session.scalars(q))
     reason = f"the worker was lost (no heartbeat for {older_than_s} s); submit the job again"
     for stale in ids:
-        transition(
+        if transition(
             session, stale, ("running", "cancelling"), "failed", finished_at=utcnow(), error=reason
-        )
+        ):
+            events.record(session, stale, "failed", reason, level="error")
     return ids
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from api import files, idempotency, quotas, refs, repository
+from api import events, files, idempotency, quotas, refs, repository
 from api.db import FINISHED, Artifact, Job, utcnow
 from api.errors import Conflict, InvalidSpec, NotFound, Unavailable
 from api.queue import BrokerUnavailable, enqueue
@@ -462,6 +462,13 @@ def submit(
         quotas.check_stored_bytes(session, tenant_id, settings)
         job_id = str(uuid.uuid4())
         repository.create_job(session, job_id, spec.method.name, stored_spec, tenant_id=tenant_id)
+        events.record(
+            session,
+            job_id,
+            "queued",
+            f"{spec.method.name} job queued",
+            data={"method": spec.method.name},
+        )
         return job_id
 
     outcome = idempotency.create_once(
@@ -486,6 +493,13 @@ def submit(
             "failed",
             error=f"the job could not be queued (broker unavailable: {e}); submit it again",
             finished_at=utcnow(),
+        )
+        events.record(
+            session,
+            job.id,
+            "failed",
+            "the broker is unavailable; the job was not queued",
+            level="error",
         )
         idempotency.forget(session, tenant_id, SUBMIT_ROUTE, idempotency_key)
         session.commit()
@@ -522,9 +536,13 @@ def cancel(session: Session, job_id: str, *, tenant_id: str) -> Job:
     """
     job = get(session, job_id, tenant_id=tenant_id)
     now = utcnow()
-    if repository.transition(
-        session, job_id, ("queued",), "cancelled", finished_at=now
-    ) or repository.transition(session, job_id, ("running",), "cancelling"):
+    if repository.transition(session, job_id, ("queued",), "cancelled", finished_at=now):
+        events.record(session, job_id, "cancelled", "cancelled while queued")
+        session.commit()
+        session.refresh(job)
+        return job
+    if repository.transition(session, job_id, ("running",), "cancelling"):
+        events.record(session, job_id, "cancelling", "cancel requested; the worker stops soon")
         session.commit()
         session.refresh(job)
         return job

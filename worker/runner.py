@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import refs, repository
+from api import events, refs, repository
 from api.db import make_engine, make_sessionmaker, utcnow
 from api.settings import Settings
 from api.storage import artifact_storage
@@ -31,11 +31,15 @@ def sessions_for(database_url: str) -> sessionmaker[Session]:
     return make_sessionmaker(make_engine(database_url))
 
 
-def _finish(sm: sessionmaker[Session], job_id: str, status: str, **values: Any) -> None:
+def _finish(
+    sm: sessionmaker[Session], job_id: str, status: str, message: str, **values: Any
+) -> None:
     with sm() as s:
-        repository.transition(
+        if repository.transition(
             s, job_id, ("running", "cancelling"), status, finished_at=utcnow(), **values
-        )
+        ):
+            level = "error" if status == "failed" else "info"
+            events.record(s, job_id, status, message, level=level)
         s.commit()
 
 
@@ -65,7 +69,7 @@ def _publish(
             "hop": len(metrics.get("hops") or []),
             "num_hops": len(metrics.get("hops") or []),
         }
-        repository.transition(
+        if repository.transition(
             s,
             job_id,
             ("running", "cancelling"),
@@ -73,6 +77,35 @@ def _publish(
             finished_at=utcnow(),
             metrics=metrics,
             progress=done,
+        ):
+            events.record(
+                s,
+                job_id,
+                "succeeded",
+                "the student is ready to download",
+                data={"test": metrics.get("test", {}), "artifacts": [f[0] for f in files]},
+            )
+        s.commit()
+
+
+_LOGGED_EVENTS = ("stage", "epoch", "warning")
+"""Training-log records that also become job events."""
+
+
+def _log_event(sm: sessionmaker[Session], job_id: str, record: dict[str, object]) -> None:
+    """Record a training-log record (a stage beginning, an epoch's dev metrics, a warning) as
+    a job event."""
+    kind = str(record["event"])
+    data = {k: v for k, v in record.items() if k != "event"}
+    if kind == "stage":
+        message = f"stage {record.get('stage')}"
+    elif kind == "epoch":
+        message = f"epoch {record.get('epoch')} ({record.get('stage')}): dev {record.get('dev')}"
+    else:
+        message = str(record.get("message", ""))
+    with sm() as s:
+        events.record(
+            s, job_id, kind, message, level="warning" if kind == "warning" else "info", data=data
         )
         s.commit()
 
@@ -101,11 +134,19 @@ def execute(job_id: str, settings: Settings) -> str:
             s.rollback()
             log.info("job %s: not claimable (already taken, finished or cancelled)", job_id)
             return "skipped"
-        s.commit()
         job = repository.get_job(s, job_id)
         if job is None:  # deleted between the claim and this read
+            s.rollback()
             return "skipped"
         spec_data, attempt = job.spec, job.attempt
+        events.record(
+            s,
+            job_id,
+            "started",
+            f"attempt {attempt} started on {socket.gethostname()}",
+            data={"attempt": attempt, "worker": socket.gethostname()},
+        )
+        s.commit()
     tmp = settings.artifacts_root.resolve() / ".partial" / f"{job_id}-{attempt}"
     shutil.rmtree(tmp, ignore_errors=True)
     epochs: list[dict[str, Any]] = []
@@ -125,8 +166,11 @@ def execute(job_id: str, settings: Settings) -> str:
             s.commit()
 
     def on_log(record: dict[str, object]) -> None:
-        if record.get("event") == "epoch":
+        kind = record.get("event")
+        if kind == "epoch":
             epochs.append({k: v for k, v in record.items() if k != "event"})
+        if kind in _LOGGED_EVENTS:
+            _log_event(sm, job_id, record)
 
     hooks = TrainHooks(
         on_progress=on_progress,
@@ -159,17 +203,18 @@ def execute(job_id: str, settings: Settings) -> str:
         log.info("job %s: succeeded", job_id)
         return "succeeded"
     except Cancelled:
-        _finish(sm, job_id, "cancelled")
+        _finish(sm, job_id, "cancelled", "cancelled by request; the worker stopped")
         log.info("job %s: cancelled", job_id)
         return "cancelled"
     except ValueError as e:
         reason = _user_reason(e) if isinstance(e, ValidationError) else str(e)
         log.warning("job %s: failed: %s", job_id, reason)
-        _finish(sm, job_id, "failed", error=reason)
+        _finish(sm, job_id, "failed", reason, error=reason)
         return "failed"
     except Exception as e:
         log.exception("job %s: failed", job_id)
-        _finish(sm, job_id, "failed", error=_user_reason(e))
+        reason = _user_reason(e)
+        _finish(sm, job_id, "failed", reason, error=reason)
         return "failed"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
