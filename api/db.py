@@ -195,6 +195,19 @@ class JobEvent(Base):
     __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
 
 
+class JobDependency(Base):
+    """Job ``job_id`` waits for job ``depends_on`` (named as ``job:<depends_on>`` in its spec)
+    to succeed. ``depends_on`` has no foreign key: a dependency deleted later must not take
+    the row with it (the waiting job then fails naming it)."""
+
+    __tablename__ = "job_dependencies"
+
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    depends_on: Mapped[str] = mapped_column(String(36), primary_key=True, index=True)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL and a busy timeout so api and worker share it."""
     if url.startswith("sqlite"):

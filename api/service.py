@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import uuid
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from api import events, files, idempotency, quotas, refs, repository
+from api import dependencies, events, files, idempotency, quotas, refs, repository
 from api.db import FINISHED, Artifact, Job, utcnow
 from api.errors import Conflict, InvalidSpec, NotFound, Unavailable
 from api.queue import BrokerUnavailable, enqueue
@@ -31,7 +33,7 @@ from kd_engine.models.loading import (
 )
 from kd_engine.models.shapes import planned_student_shape, shape_from_config
 from kd_engine.references import scheme_of
-from kd_engine.spec import FromTeacherStudent, JobSpec, PretrainedStudent
+from kd_engine.spec import DatasetSpec, FromTeacherStudent, JobSpec, PretrainedStudent
 
 log = logging.getLogger("distillery.api")
 
@@ -42,6 +44,15 @@ def scheme_of_or_none(ref: str) -> str | None:
         return scheme_of(ref)
     except ValueError:
         return None
+
+
+PENDING_DEPENDENCY = ("waiting", "queued", "running", "pausing", "paused")
+"""Statuses of a job that another job may name as ``job:<id>`` before it has finished (the new
+job then waits for it); ``cancelling``, ``failed`` and ``cancelled`` jobs are refused."""
+
+_DEFERRING: ContextVar[bool] = ContextVar("distillery_deferring", default=False)
+"""True while :func:`submit` validates a spec: a ``job:`` reference to an unfinished job (see
+:data:`PENDING_DEPENDENCY`) is then accepted like a hub id, its checks left for the release."""
 
 
 def _model_config(
@@ -62,6 +73,8 @@ def _model_config(
         other = repository.get_tenant_job(session, ref.removeprefix("job:"), tenant_id=tenant_id)
         if other is None:
             raise InvalidSpec(f"{ref!r}: no such job", field)
+        if other.status in PENDING_DEPENDENCY and _DEFERRING.get():
+            return None  # a dependency: checked when it succeeds (api.dependencies)
         if other.status != "succeeded":
             raise InvalidSpec(
                 f"{ref!r} is {other.status}; a model reference needs a succeeded job", field
@@ -415,6 +428,62 @@ def _check_dataset_files(
         raise InvalidSpec(e.reason, e.field) from None
 
 
+def validate_references(
+    session: Session, spec: JobSpec, settings: Settings, tenant_id: str
+) -> None:
+    """Every check of a spec's references and files at submit: datasets, corpus, teacher
+    (with the student, generator, fit, memory and task checks) and the dataset files' content.
+    Run again by :func:`api.dependencies.release_waiting` once a waiting job's dependencies
+    have succeeded (then with no reference deferred).
+
+    Raises:
+        InvalidSpec: naming the field and the reason.
+    """
+    _check_dataset(session, spec, settings, tenant_id)
+    _check_corpus(session, spec, settings, tenant_id)
+    _check_teacher(session, spec, settings, tenant_id)
+    _check_dataset_files(session, spec, settings, tenant_id)
+
+
+def ignored_dataset_fields(ds: DatasetSpec) -> dict[str, str]:
+    """The ``dataset`` settings that the job would ignore, each with why: with a built-in
+    ``source`` its columns and split fractions (built-ins have fixed columns and splits);
+    ``test_fraction`` beside a ``test_source``; ``dev_fraction`` beside a ``dev_source``.
+    (``split_seed`` is never ignored: it also seeds the subsets.)"""
+    out: dict[str, str] = {}
+    if scheme_of_or_none(ds.source) == "builtin:":
+        why = "a built-in dataset has fixed columns and splits"
+        for name in ("text_column", "text_pair_column", "label_column"):
+            out[name] = why
+        out["dev_fraction"] = out["test_fraction"] = why
+        return out
+    if ds.test_source is not None:
+        out["test_fraction"] = "dataset.test_source is the test split (nothing is split off)"
+    if ds.dev_source is not None:
+        out["dev_fraction"] = "dataset.dev_source is the dev split (nothing is split off)"
+    return out
+
+
+def spec_to_store(spec: JobSpec) -> dict[str, Any]:
+    """The spec as stored and shown (JSON), without the ``dataset`` settings it ignores
+    (:func:`ignored_dataset_fields`), so that it never shows a setting that played no part.
+
+    Raises:
+        InvalidSpec: such a setting was given explicitly (naming ``dataset.<name>``): it would
+            be ignored, so it is refused rather than silently dropped.
+    """
+    ignored = ignored_dataset_fields(spec.dataset)
+    for name, why in ignored.items():
+        if name in spec.dataset.model_fields_set:
+            raise InvalidSpec(
+                f"{why}; this setting would be ignored: leave it out", f"dataset.{name}"
+            )
+    stored = spec.model_dump(mode="json")
+    for name in ignored:
+        stored["dataset"].pop(name, None)
+    return stored
+
+
 SUBMIT_ROUTE = "POST /v1/jobs"
 
 
@@ -439,7 +508,7 @@ def submit(
         QuotaExceeded: the tenant has its maximum of active jobs or of stored bytes (429).
         Unavailable: the broker is down; the job is kept as failed with that reason (503).
     """
-    stored_spec = spec.model_dump(mode="json")
+    stored_spec = spec_to_store(spec)
     request_sha256 = idempotency.body_sha256(stored_spec)
     if idempotency_key is not None:
         earlier = idempotency.find(
@@ -452,16 +521,32 @@ def submit(
         )
         if earlier is not None:
             return get(session, earlier, tenant_id=tenant_id), True
-    _check_dataset(session, spec, settings, tenant_id)
-    _check_corpus(session, spec, settings, tenant_id)
-    _check_teacher(session, spec, settings, tenant_id)
-    _check_dataset_files(session, spec, settings, tenant_id)
+    pending = dependencies.check_references(session, spec, tenant_id)
+    token = _DEFERRING.set(bool(pending))
+    try:
+        validate_references(session, spec, settings, tenant_id)
+    finally:
+        _DEFERRING.reset(token)
 
     def create() -> str:
         quotas.check_active_jobs(session, tenant_id, settings)
         quotas.check_stored_bytes(session, tenant_id, settings)
         job_id = str(uuid.uuid4())
-        repository.create_job(session, job_id, spec.method.name, stored_spec, tenant_id=tenant_id)
+        row = repository.create_job(
+            session, job_id, spec.method.name, stored_spec, tenant_id=tenant_id
+        )
+        if pending:
+            row.status = "waiting"
+            session.flush()
+            dependencies.add_dependencies(session, job_id, pending)
+            events.record(
+                session,
+                job_id,
+                "waiting",
+                f"{spec.method.name} job waiting for job {', '.join(pending)} to succeed",
+                data={"method": spec.method.name, "depends_on": pending},
+            )
+            return job_id
         events.record(
             session,
             job_id,
@@ -483,6 +568,9 @@ def submit(
     job = get(session, outcome.resource_id, tenant_id=tenant_id)
     if outcome.replayed:
         return job, True
+    if job.status == "waiting":  # not sent; released here if its dependency just finished
+        dependencies.release_waiting(session, settings, celery, only=[job.id])
+        return get(session, job.id, tenant_id=tenant_id), False
     try:
         enqueue(celery, job.id, settings.queue)
     except BrokerUnavailable as e:
@@ -525,9 +613,17 @@ def get(session: Session, job_id: str, settings: Settings | None = None, *, tena
     return job
 
 
-def cancel(session: Session, job_id: str, *, tenant_id: str) -> Job:
-    """Cancel a job of ``tenant_id``: queued -> cancelled at once; running -> cancelling (the
-    worker stops within a few steps); cancelling stays as it is.
+def cancel(
+    session: Session,
+    job_id: str,
+    *,
+    tenant_id: str,
+    settings: Settings | None = None,
+    celery: Celery | None = None,
+) -> Job:
+    """Cancel a job of ``tenant_id``: waiting or queued -> cancelled at once (with
+    ``settings`` and ``celery``, the jobs waiting for it then fail naming it); running ->
+    cancelling (the worker stops within a few steps); cancelling stays as it is.
 
     Raises:
         NotFound: no such job (or another tenant's).
@@ -536,9 +632,13 @@ def cancel(session: Session, job_id: str, *, tenant_id: str) -> Job:
     """
     job = get(session, job_id, tenant_id=tenant_id)
     now = utcnow()
-    if repository.transition(session, job_id, ("queued",), "cancelled", finished_at=now):
-        events.record(session, job_id, "cancelled", "cancelled while queued")
+    was = job.status
+    if repository.transition(session, job_id, ("waiting", "queued"), "cancelled", finished_at=now):
+        where = "waiting" if was == "waiting" else "queued"
+        events.record(session, job_id, "cancelled", f"cancelled while {where}")
         session.commit()
+        if settings is not None and celery is not None:
+            dependencies.release_after(session, settings, celery, job_id)
         session.refresh(job)
         return job
     if repository.transition(session, job_id, ("running",), "cancelling"):

@@ -11,16 +11,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from celery import Celery
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import events, refs, repository
+from api import dependencies, events, refs, repository
 from api.db import make_engine, make_sessionmaker, utcnow
 from api.settings import Settings
 from api.storage import artifact_storage
 from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, PretrainedStudent
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
+from worker.celery_app import make_celery
 
 log = logging.getLogger("distillery.worker")
 
@@ -218,6 +220,26 @@ def execute(job_id: str, settings: Settings) -> str:
         return "failed"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        release_dependents(settings, job_id)
+
+
+_CELERY_APPS: dict[str, Celery] = {}
+
+
+def release_dependents(settings: Settings, job_id: str) -> list[str]:
+    """Once job ``job_id`` has reached a final state, move the jobs waiting for it on
+    (:func:`api.dependencies.release_after`: queued and enqueued when it succeeded, failed
+    naming it otherwise). Returns their ids; an error is logged, not raised (the reconciler's
+    pass releases them later)."""
+    app = _CELERY_APPS.get(settings.broker_url)
+    if app is None:
+        app = _CELERY_APPS.setdefault(settings.broker_url, make_celery(settings))
+    try:
+        with sessions_for(settings.database_url)() as s:
+            return dependencies.release_after(s, settings, app, job_id)
+    except Exception:
+        log.exception("job %s: could not release the jobs waiting for it", job_id)
+        return []
 
 
 def reap_stale(settings: Settings) -> list[str]:

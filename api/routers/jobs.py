@@ -79,10 +79,20 @@ def get_job(job_id: JobId, session: SessionDep, settings: SettingsDep, caller: C
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: JobId, session: SessionDep, caller: CallerDep) -> JobOut:
-    """Cancel: a queued job at once, a running one within a few steps; 409 if it has already
-    finished (succeeded, failed or cancelled)."""
-    return JobOut.of(service.cancel(session, job_id, tenant_id=caller.tenant_id))
+def cancel_job(
+    job_id: JobId,
+    session: SessionDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    caller: CallerDep,
+) -> JobOut:
+    """Cancel: a waiting or queued job at once (jobs waiting for it then fail), a running one
+    within a few steps; 409 if it has already finished (succeeded, failed or cancelled)."""
+    return JobOut.of(
+        service.cancel(
+            session, job_id, tenant_id=caller.tenant_id, settings=settings, celery=celery
+        )
+    )
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response)

@@ -118,14 +118,14 @@ def test_kd_from_a_base_encoder_is_rejected_with_the_fix(client: TestClient) -> 
     assert "run a finetune job" in r.json()["error"]["message"]
 
 
-def test_kd_from_an_unfinished_job_is_rejected(client: TestClient) -> None:
+def test_kd_from_an_unfinished_job_waits_for_it(client: TestClient) -> None:
     teacher = client.post("/v1/jobs", json=FINETUNE).json()
     r = client.post(
         "/v1/jobs",
         json={**FINETUNE, "teacher": f"job:{teacher['id']}", "method": {"name": "vanilla_kd"}},
     )
-    assert r.status_code == 422
-    assert "queued" in r.json()["error"]["message"]
+    assert r.status_code == 201, r.text
+    assert r.json()["status"] == "waiting"  # tests/integration/test_dependencies.py: the rest
 
 
 def test_unknown_job_is_404_json(client: TestClient) -> None:
@@ -515,14 +515,19 @@ def test_a_generator_from_a_job_needs_a_succeeded_job_with_a_masked_lm(
         assert repository.claim(s, done["id"], "w")
         assert repository.transition(s, done["id"], ("running",), "succeeded")
         s.commit()
-    for job, status in ((queued, "queued"), (failed, "failed")):
-        r = client.post(
-            "/v1/jobs", json=mate_kd_body(classifier_teacher, generator=f"job:{job['id']}")
-        )
-        assert r.status_code == 422, r.text
-        err = r.json()["error"]
-        assert err["field"] == "method.generator", err
-        assert f"is {status}" in err["message"], err
+    r = client.post(
+        "/v1/jobs", json=mate_kd_body(classifier_teacher, generator=f"job:{failed['id']}")
+    )
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["field"] == "method.generator", err
+    assert "is failed" in err["message"], err
+    # a queued generator job: this one waits for it (its checks run when it succeeds)
+    r = client.post(
+        "/v1/jobs", json=mate_kd_body(classifier_teacher, generator=f"job:{queued['id']}")
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["status"] == "waiting"
     # A succeeded job's model is its student: a sequence classifier, not a masked LM.
     store = settings.artifacts_root / done["id"]
     store.mkdir()
@@ -535,7 +540,7 @@ def test_a_generator_from_a_job_needs_a_succeeded_job_with_a_masked_lm(
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"] == "method.generator"
     assert "not a masked-LM checkpoint" in r.json()["error"]["message"]
-    assert count_jobs(settings) == 3
+    assert count_jobs(settings) == 4
 
 
 def test_progress_shows_the_adversarial_phase(client: TestClient, settings: Settings) -> None:
