@@ -144,12 +144,43 @@ def test_cancel_of_a_running_job(client: Client) -> None:
     assert client.cancel(job["id"])["status"] == "cancelling"
     done = client.wait(job["id"], timeout_s=120, poll_s=0.5)
     assert done["status"] == "cancelled"
-    step_at_stop = done["progress"]["step"]
-    assert step_at_stop < done["progress"]["total_steps"]
+    step_at_stop = done["progress"]["step"]  # the last step reported, not reset
+    assert 0 < step_at_stop < done["progress"]["total_steps"]
     assert client.artifacts(job["id"])["items"] == []
     again = client.http.post(f"/v1/jobs/{job['id']}/cancel")  # finished: 409, stays cancelled
     assert again.status_code == 409, again.text
     assert client.job(job["id"])["status"] == "cancelled"
+
+
+def test_a_teacher_and_its_student_submitted_at_once_run_in_order(client: Client) -> None:
+    """The student names ``job:<teacher id>`` before the teacher has run: it waits, the worker
+    queues it when the teacher succeeds, and it then runs to success."""
+    small = {**SMALL_TRAINING, "max_steps": 2}
+    teacher = client.submit(
+        {
+            "teacher": "builtin:minilm-l6",
+            "student": {"num_layers": 2},
+            "method": {"name": "finetune"},
+            "dataset": SMALL_DATA,
+            "training": small,
+        }
+    )
+    student = client.submit(
+        {
+            "teacher": f"job:{teacher['id']}",
+            "student": {"num_layers": 1},
+            "method": {"name": "vanilla_kd"},
+            "dataset": SMALL_DATA,
+            "training": small,
+        }
+    )
+    assert student["status"] == "waiting"
+    done = client.wait(student["id"], timeout_s=900)
+    assert done["status"] == "succeeded", done["error"]
+    first = client.job(teacher["id"])
+    assert first["status"] == "succeeded"
+    assert first["finished_at"] <= done["started_at"]
+    assert done["progress"]["stage"] == "done" and done["progress"]["step"] == 2
 
 
 def test_a_task_delivered_twice_runs_once(client: Client, stack: Stack) -> None:
