@@ -48,7 +48,10 @@ class JobOut(BaseModel):
     """A job as the API shows it."""
 
     id: str
-    status: str = Field(description="queued, running, cancelling, succeeded, failed, cancelled")
+    status: str = Field(
+        description="waiting (for a job it names as job:<id>), queued, running, cancelling, "
+        "succeeded, failed, cancelled"
+    )
     method: str
     spec: dict[str, Any]
     attempt: int
