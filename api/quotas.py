@@ -42,7 +42,7 @@ def limits(tenant: Tenant, settings: Settings) -> Limits:
 
 
 def active_jobs(session: Session, tenant_id: str) -> int:
-    """The tenant's queued, running and cancelling jobs."""
+    """The tenant's unfinished jobs (:data:`ACTIVE_STATUSES`: waiting ones included)."""
     q = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
     return int(session.scalar(q) or 0)
 
@@ -80,8 +80,8 @@ def check_active_jobs(session: Session, tenant_id: str, settings: Settings) -> N
     current = active_jobs(session, tenant_id)
     if current >= limit:
         raise QuotaExceeded(
-            f"the tenant has {current} active jobs (queued, running or cancelling) and may "
-            f"have {limit}; wait for one to finish or cancel one",
+            f"the tenant has {current} active jobs (waiting, queued, running, paused or "
+            f"cancelling) and may have {limit}; wait for one to finish or cancel one",
             None,
             {"quota": "max_active_jobs", "limit": limit, "current": current},
         )
