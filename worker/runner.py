@@ -247,4 +247,6 @@ def reap_stale(settings: Settings) -> list[str]:
     with sessions_for(settings.database_url)() as s:
         ids = repository.fail_stale(s, settings.heartbeat_timeout_s)
         s.commit()
+    for job_id in ids:  # the jobs waiting for a lost one fail, naming it
+        release_dependents(settings, job_id)
     return ids

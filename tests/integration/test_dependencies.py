@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from sqlalchemy import create_engine, update
 from sqlalchemy.orm import Session
 
 from api import dependencies, events, repository, tenants
-from api.db import Job, make_sessionmaker
+from api.db import Job, make_sessionmaker, utcnow
 from api.main import create_app
 from api.settings import Settings
 from kd_engine.references import builtin_model_path
@@ -158,6 +159,26 @@ def test_a_waiting_job_fails_naming_its_dependency_when_that_does_not_succeed(
     assert chained["status"] == "failed"
     assert f"dependency job:{student['id']} failed" in chained["error"]
     assert queued_job_ids(settings) == [teacher["id"]]
+
+
+def test_a_teacher_whose_worker_was_lost_fails_the_jobs_waiting_for_it(
+    client: TestClient, settings: Settings
+) -> None:
+    from worker.runner import reap_stale
+
+    teacher = client.post("/v1/jobs", json={**FINETUNE, **SMALL}).json()
+    student = client.post("/v1/jobs", json=student_of(teacher["id"])).json()
+    with Session(create_engine(settings.database_url)) as s:
+        assert repository.claim(s, teacher["id"], "w")
+        s.execute(
+            update(Job)
+            .where(Job.id == teacher["id"])
+            .values(heartbeat_at=utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 5))
+        )
+        s.commit()
+    assert reap_stale(settings) == [teacher["id"]]
+    error = client.get(f"/v1/jobs/{student['id']}").json()["error"]
+    assert f"dependency job:{teacher['id']} failed" in error
 
 
 def test_a_deleted_dependency_fails_the_waiting_job(client: TestClient, settings: Settings) -> None:
