@@ -44,7 +44,6 @@ def enqueue(celery: Celery, job_id: str, queue: str, timeout_s: float = 10.0) ->
                     "interval_start": 0.2,
                     "interval_step": 0.5,
                     "interval_max": 1.0,
-                    "timeout": timeout_s,
                 },
             )
         except BaseException as e:  # reported to the caller's thread
