@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -262,6 +263,21 @@ def _sessions(database_url: str) -> sessionmaker[Session]:
         if database_url not in _SESSIONS:
             _SESSIONS[database_url] = make_sessionmaker(make_engine(database_url))
         return _SESSIONS[database_url]
+
+
+def _forget_pools_in_child() -> None:
+    """After a fork (a prefork pool child): drop the parent's pools without closing their
+    connections, which the parent still uses."""
+    global _SESSIONS_LOCK
+    _SESSIONS_LOCK = threading.Lock()
+    for sm in _SESSIONS.values():
+        bind = sm.kw.get("bind")
+        if bind is not None:
+            bind.dispose(close=False)
+    _SESSIONS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
 def reconcile_once(
