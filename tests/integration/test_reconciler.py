@@ -363,3 +363,44 @@ def test_the_visibility_timeout_applies_on_the_redis_transport(rsettings: Settin
         assert channel.socket_connect_timeout == cfg.broker_publish_timeout_s
     assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
     assert app.conf.worker_prefetch_multiplier == 1
+
+
+def test_a_pass_with_the_broker_down_reports_it_and_changes_nothing(
+    rsettings: Settings, sessions: Session
+) -> None:
+    job_id = new_job(sessions)
+    start(sessions, job_id, "w1")
+    age(sessions, job_id, 60)
+    down = rsettings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    report = reconcile_once(down)
+    assert not report.acquired and report.errors
+    assert row(sessions, job_id).status == "running"
+
+
+def test_the_operator_command_runs_one_pass(rsettings: Settings, sessions: Session) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job_id = new_job(sessions)
+    start(sessions, job_id, "w1")
+    age(sessions, job_id, 60)
+    env = {
+        **os.environ,
+        "DISTILLERY_DATABASE_URL": rsettings.database_url,
+        "DISTILLERY_BROKER_URL": rsettings.broker_url,
+        "DISTILLERY_HEARTBEAT_TIMEOUT_S": "5",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.reconciler", "--once"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert json.loads(out.stdout)["retried"] == [job_id]
+    assert row(sessions, job_id).status == "queued"
+    assert queued_ids(rsettings) == [job_id]
