@@ -199,6 +199,9 @@ def execute(job_id: str, settings: Settings) -> str:
             student,
             generator,
         )
+        if beat.lost:  # stalled past the heartbeat timeout: another attempt owns the job now
+            log.warning("job %s: attempt %d lost its claim; not published", job_id, attempt)
+            return "lost"
         _publish(sm, settings, job_id, tmp, result.metrics)
         log.info("job %s: succeeded", job_id)
         return "succeeded"
