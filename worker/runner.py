@@ -23,6 +23,7 @@ from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, PretrainedStudent
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
 from worker.celery_app import make_celery
+from worker.heartbeat import Heartbeat
 
 log = logging.getLogger("distillery.worker")
 
@@ -128,9 +129,6 @@ def execute(job_id: str, settings: Settings) -> str:
     """Run job ``job_id`` if it can be claimed; return the final status, or ``skipped`` when
     another delivery already claimed it (or it was cancelled while queued)."""
     sm = sessions_for(settings.database_url)
-    reaped = reap_stale(settings)
-    if reaped:
-        log.warning("failed %d job(s) whose worker was lost: %s", len(reaped), reaped)
     with sm() as s:
         if not repository.claim(s, job_id, socket.gethostname()):
             s.rollback()
@@ -174,12 +172,14 @@ def execute(job_id: str, settings: Settings) -> str:
         if kind in _LOGGED_EVENTS:
             _log_event(sm, job_id, record)
 
+    beat = Heartbeat(sm, job_id, attempt, settings.heartbeat_interval_s)
     hooks = TrainHooks(
         on_progress=on_progress,
-        should_stop=lambda: status["value"] != "running",
+        should_stop=lambda: status["value"] != "running" or beat.lost,
         log=on_log,
         every=settings.progress_every_steps,
     )
+    beat.start()
     try:
         spec = JobSpec.model_validate(spec_data)
         teacher = refs.model_location(spec.teacher, settings)
@@ -201,10 +201,16 @@ def execute(job_id: str, settings: Settings) -> str:
             student,
             generator,
         )
+        if beat.lost:  # stalled past the heartbeat timeout: another attempt owns the job now
+            log.warning("job %s: attempt %d lost its claim; not published", job_id, attempt)
+            return "lost"
         _publish(sm, settings, job_id, tmp, result.metrics)
         log.info("job %s: succeeded", job_id)
         return "succeeded"
     except Cancelled:
+        if beat.lost:  # re-queued by the reconciler after a stall: another attempt owns it
+            log.warning("job %s: attempt %d lost its claim; stopped", job_id, attempt)
+            return "lost"
         _finish(sm, job_id, "cancelled", "cancelled by request; the worker stopped")
         log.info("job %s: cancelled", job_id)
         return "cancelled"
@@ -219,6 +225,7 @@ def execute(job_id: str, settings: Settings) -> str:
         _finish(sm, job_id, "failed", reason, error=reason)
         return "failed"
     finally:
+        beat.stop()
         shutil.rmtree(tmp, ignore_errors=True)
         release_dependents(settings, job_id)
 
@@ -240,13 +247,3 @@ def release_dependents(settings: Settings, job_id: str) -> list[str]:
     except Exception:
         log.exception("job %s: could not release the jobs waiting for it", job_id)
         return []
-
-
-def reap_stale(settings: Settings) -> list[str]:
-    """Fail running jobs whose worker stopped sending heartbeats; return their ids."""
-    with sessions_for(settings.database_url)() as s:
-        ids = repository.fail_stale(s, settings.heartbeat_timeout_s)
-        s.commit()
-    for job_id in ids:  # the jobs waiting for a lost one fail, naming it
-        release_dependents(settings, job_id)
-    return ids

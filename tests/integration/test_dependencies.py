@@ -164,7 +164,7 @@ def test_a_waiting_job_fails_naming_its_dependency_when_that_does_not_succeed(
 def test_a_teacher_whose_worker_was_lost_fails_the_jobs_waiting_for_it(
     client: TestClient, settings: Settings
 ) -> None:
-    from worker.runner import reap_stale
+    from worker.reconciler import reconcile_once
 
     teacher = client.post("/v1/jobs", json={**FINETUNE, **SMALL}).json()
     student = client.post("/v1/jobs", json=student_of(teacher["id"])).json()
@@ -176,7 +176,8 @@ def test_a_teacher_whose_worker_was_lost_fails_the_jobs_waiting_for_it(
             .values(heartbeat_at=utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 5))
         )
         s.commit()
-    assert reap_stale(settings) == [teacher["id"]]
+    report = reconcile_once(settings.model_copy(update={"max_attempts": 1}))
+    assert report.failed == [teacher["id"]] and report.released == [student["id"]], report
     error = client.get(f"/v1/jobs/{student['id']}").json()["error"]
     assert f"dependency job:{teacher['id']} failed" in error
 
@@ -297,8 +298,15 @@ def test_a_failed_or_cancelled_job_keeps_its_last_progress(
         assert repository.claim(s, job["id"], "w")
         repository.heartbeat(s, job["id"], progress)
         s.commit()
-        assert repository.fail_stale(s, -1, job["id"]) == [job["id"]]
+        s.execute(
+            update(Job)
+            .where(Job.id == job["id"])
+            .values(heartbeat_at=utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 5))
+        )
         s.commit()
+    from worker.reconciler import reconcile_once
+
+    assert reconcile_once(settings.model_copy(update={"max_attempts": 1})).failed == [job["id"]]
     done = client.get(f"/v1/jobs/{job['id']}").json()
     assert done["status"] == "failed" and done["progress"]["step"] == 7
 
