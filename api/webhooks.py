@@ -12,7 +12,8 @@ process (``python -m api.webhooks_dispatch``); several may run at once (rows are
 
 SSRF: an endpoint's URL must be http(s) and its host must resolve to public addresses only,
 unless the operator allows it (settings ``webhook_allowed_hosts``, ``webhook_allow_private``);
-checked at creation (422 naming ``url``) and again before every attempt (DNS rebinding).
+checked at creation (422 naming ``url``) and again before every attempt, which connects to
+the address checked (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ CLAIM_BATCH = 50
 MAX_ERROR_CHARS = 500
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 class UrlRefused(ValueError):
     """A webhook URL the SSRF policy refuses; the message says why."""
 
@@ -97,7 +101,7 @@ def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
 # --- SSRF policy -------------------------------------------------------------------------
 
 
-def _non_public_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+def _non_public_reason(ip: IPAddress) -> str | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     for attr, what in (
@@ -115,7 +119,7 @@ def _non_public_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str
     return None
 
 
-def _resolve(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def _resolve(host: str, port: int) -> list[IPAddress]:
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
@@ -133,10 +137,11 @@ def _resolve(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv
     return out
 
 
-def check_url(url: str, settings: Settings) -> None:
+def check_url(url: str, settings: Settings) -> list[IPAddress]:
     """Check ``url`` against the SSRF policy: http or https, a host, and (unless allowed by
     ``webhook_allowed_hosts`` or ``webhook_allow_private``) every address the host resolves to
-    public. Resolves the host (DNS).
+    public. Resolves the host (DNS); returns the addresses it checked (a request is then sent
+    to one of them, so that the name cannot resolve elsewhere in between).
 
     Raises:
         UrlRefused: the reason (the scheme, an unresolvable host, a host outside the
@@ -155,8 +160,7 @@ def check_url(url: str, settings: Settings) -> None:
     allowed = settings.webhook_allowed_hosts
     names = {a.lower().rstrip(".") for a in allowed if not _is_network(a)}
     if allowed and host.lower().rstrip(".") in names:
-        _resolve(host, port)
-        return
+        return _resolve(host, port)
     addresses = _resolve(host, port)
     if allowed:
         networks = [ipaddress.ip_network(a, strict=False) for a in allowed if _is_network(a)]
@@ -165,9 +169,9 @@ def check_url(url: str, settings: Settings) -> None:
                 raise UrlRefused(
                     f"the host {host!r} ({ip}) is not in the operator's webhook_allowed_hosts"
                 )
-        return
+        return addresses
     if settings.webhook_allow_private:
-        return
+        return addresses
     for ip in addresses:
         reason = _non_public_reason(ip)
         if reason is not None:
@@ -176,6 +180,7 @@ def check_url(url: str, settings: Settings) -> None:
                 "addresses only (the operator can allow others: webhook_allowed_hosts, "
                 "webhook_allow_private)"
             )
+    return addresses
 
 
 def _is_network(value: str) -> bool:
@@ -357,7 +362,7 @@ def _attempt(
 ) -> tuple[int | None, str | None, float | None]:
     """Send one attempt: (status code, error, response time in ms)."""
     try:
-        check_url(endpoint.url, settings)
+        addresses = check_url(endpoint.url, settings)
     except UrlRefused as e:
         return None, f"refused: {e}", None
     ts = int(time.time())
@@ -368,10 +373,25 @@ def _attempt(
         "webhook-timestamp": str(ts),
         "webhook-signature": sign(endpoint.secret, msg_id, ts, body),
     }
+    # Connect to the address just checked (not to a new DNS answer): the URL's host is
+    # replaced by it; Host and, for https, the TLS server name (SNI, certificate check) stay
+    # the URL's host.
+    url = httpx.URL(endpoint.url)
+    extensions: dict[str, Any] = {}
+    if url.host not in {str(a) for a in addresses}:
+        headers["host"] = url.netloc.decode("ascii").rpartition("@")[2]
+        if url.scheme == "https":
+            extensions["sni_hostname"] = url.host
+        ip = min(addresses, key=lambda a: a.version)  # IPv4 first, as most hosts listen there
+        url = url.copy_with(host=str(ip))
     start = time.perf_counter()
     try:
-        with client.stream("POST", endpoint.url, content=body.encode(), headers=headers) as r:
-            code = r.status_code
+        request = client.build_request(
+            "POST", url, content=body.encode(), headers=headers, extensions=extensions
+        )
+        response = client.send(request, stream=True)  # the body is not read
+        code = response.status_code
+        response.close()
     except httpx.HTTPError as e:
         ms = (time.perf_counter() - start) * 1000
         return None, f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS], ms

@@ -541,6 +541,22 @@ def test_the_address_is_checked_again_at_delivery_time(
     assert d["status_code"] is None
 
 
+def test_a_named_host_is_sent_to_the_address_checked_with_its_own_host_header(
+    client: TestClient, settings: Settings
+) -> None:
+    with Receiver([200]) as rx:
+        port = rx.server.server_address[1]
+        hook = create_private_hook(settings, client, f"http://localhost:{port}/hook?x=1")
+        rx.secret = hook["secret"]
+        job = submit(client)
+        client.post(f"/v1/jobs/{job}/cancel")
+        assert deliver_due(quiet(settings, webhook_allow_private=True)) == 1
+    (req,) = rx.requests
+    assert req["valid"] and req["headers"]["host"] == f"localhost:{port}"
+    (d,) = client.get(f"/v1/webhooks/{hook['id']}/deliveries").json()["items"]
+    assert d["state"] == "succeeded"
+
+
 def test_concurrent_dispatchers_send_each_delivery_once(
     client: TestClient, settings: Settings
 ) -> None:
