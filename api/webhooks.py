@@ -416,8 +416,13 @@ def deliver_due(settings: Settings, sessions: sessionmaker[Session] | None = Non
         sessions = make_sessionmaker(engine)
     sent = 0
     try:
+        # No connection reuse: connections are made to checked addresses, and one to the same
+        # address for another host name must not be shared (its TLS name would be the first's).
         with httpx.Client(
-            timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False
+            timeout=settings.webhook_timeout_s,
+            follow_redirects=False,
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
         ) as client:
             while True:
                 with sessions() as session:
