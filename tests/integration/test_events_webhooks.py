@@ -606,3 +606,32 @@ def test_the_dispatcher_process_delivers(client: TestClient, settings: Settings)
         )
     assert len(rx.requests) == 1 and rx.requests[0]["valid"]
     assert json.loads(rx.requests[0]["body"])["data"]["job_id"] == job
+
+
+def test_a_job_failed_by_the_worker_is_delivered_as_job_failed(
+    client: TestClient, settings: Settings
+) -> None:
+    """The worker's own transition (running -> failed, its dataset gone after submit) records
+    ``failed``; the endpoint gets ``job.failed`` with the reason."""
+    from worker.runner import execute
+
+    body = "text,label\n" + "".join(f"tweet {i},{['neg', 'pos'][i % 2]}\n" for i in range(30))
+    (settings.data_root / "gone.csv").write_text(body, encoding="utf-8")
+    spec = {**FINETUNE, "dataset": {"source": "file://gone.csv"}}
+    with Receiver([200]) as rx:
+        hook = create_private_hook(settings, client, rx.url, ["job.failed", "job.succeeded"])
+        rx.secret = hook["secret"]
+        r = client.post("/v1/jobs", json=spec)
+        assert r.status_code == 201, r.text
+        job = r.json()["id"]
+        (settings.data_root / "gone.csv").unlink()
+        assert execute(job, settings) == "failed"
+        assert deliver_due(quiet(settings, webhook_allow_private=True)) == 1
+    (req,) = rx.requests
+    assert req["valid"]
+    payload = json.loads(req["body"])
+    assert payload["type"] == "job.failed" and payload["data"]["status"] == "failed"
+    assert payload["data"]["event"]["level"] == "error"
+    assert payload["data"]["event"]["message"] == client.get(f"/v1/jobs/{job}").json()["error"]
+    types = [e["type"] for e in client.get(f"/v1/jobs/{job}/events").json()["events"]]
+    assert types[0] == "queued" and types[1] == "started" and types[-1] == "failed"
