@@ -271,6 +271,21 @@ def test_the_stream_sends_events_live_resumes_and_ends_after_the_final_one(
         assert r.status_code == 422 and r.json()["error"]["field"] == "Last-Event-ID"
 
 
+def test_a_client_that_goes_away_ends_its_stream(settings: Settings, key: str) -> None:
+    """A stream of a job that never finishes, dropped by its client: the server stops it (and
+    shuts down promptly, which it would not with a stream still running)."""
+    live_settings = quiet(settings, events_stream_poll_s=0.05, events_stream_keepalive_s=0.1)
+    t0 = time.monotonic()
+    with Live(live_settings) as url:
+        with httpx.Client(base_url=url, headers=auth(key), timeout=30) as h:
+            job = submit(h)
+            with h.stream("GET", f"/v1/jobs/{job}/events/stream") as r:
+                first = next(m for m in read_sse(r) if "comment" not in m)
+                assert first["event"] == "queued"
+        time.sleep(0.5)  # the server notices within a poll
+    assert time.monotonic() - t0 < 25
+
+
 # --- webhook endpoints -------------------------------------------------------------------
 
 
