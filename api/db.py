@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -206,6 +207,80 @@ class JobDependency(Base):
         String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
     )
     depends_on: Mapped[str] = mapped_column(String(36), primary_key=True, index=True)
+
+
+WEBHOOK_EVENT_TYPES = ("job.succeeded", "job.failed", "job.cancelled", "job.checkpoint")
+"""The event types a webhook endpoint can subscribe to."""
+DELIVERY_STATES = ("pending", "succeeded", "failed")
+
+
+class WebhookEndpoint(Base):
+    """A tenant's webhook endpoint: ``url`` receives a signed POST (Standard Webhooks) for each
+    event of ``events`` (a subset of :data:`WEBHOOK_EVENT_TYPES`) of the tenant's jobs.
+    ``secret`` (``whsec_<base64>``) signs them; the API shows it once, at creation."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str]] = mapped_column(JSON)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One message to one endpoint (the outbox): created ``pending`` in the transaction of the
+    job event it reports; the dispatcher sends it at ``next_attempt_at`` and retries with
+    backoff until it is ``succeeded`` or, after the last attempt, ``failed``. ``msg_id`` is the
+    ``webhook-id`` header (the same on every attempt); ``body`` the exact JSON sent."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    msg_id: Mapped[str] = mapped_column(String(64), unique=True)
+    endpoint_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    job_id: Mapped[str] = mapped_column(String(36))
+    event_id: Mapped[int] = mapped_column(BigInteger)
+    event_type: Mapped[str] = mapped_column(String(32))
+    body: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (
+        Index("ix_webhook_deliveries_endpoint_id", "endpoint_id", "id"),
+        Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+    )
+
+
+class WebhookAttempt(Base):
+    """One HTTP attempt of a delivery: its number (1, 2, ...), the response's status code or
+    the error (timeout, refused address, ...), and the response time in milliseconds."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+        index=True,
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    response_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 def make_engine(url: str) -> Engine:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api import webhooks
 from api.db import JobEvent, utcnow
 
 EVENT_TYPES = (
@@ -49,7 +50,9 @@ def record(
     data: dict[str, Any] | None = None,
 ) -> JobEvent:
     """Add an event to job ``job_id``'s log (flushed, not committed: the caller commits it
-    with the change it reports).
+    with the change it reports). An event sent as a webhook (succeeded, failed, cancelled,
+    checkpoint) also gets its pending deliveries, in the same transaction (the outbox: see
+    :func:`api.webhooks.enqueue`).
 
     Raises:
         ValueError: ``type_`` is not one of :data:`EVENT_TYPES` or ``level`` not one of
@@ -69,15 +72,23 @@ def record(
     )
     session.add(event)
     session.flush()
+    webhooks.enqueue(session, event)
     return event
 
 
 def list_events(
-    session: Session, job_id: str, *, after: int | None = None, limit: int = 100
+    session: Session,
+    job_id: str,
+    *,
+    after: int | None = None,
+    limit: int = 100,
+    type_: str | None = None,
 ) -> list[JobEvent]:
     """Job ``job_id``'s events with ``id > after`` (all when None), oldest first, at most
-    ``limit``."""
+    ``limit``; only those of type ``type_`` when given."""
     q = select(JobEvent).where(JobEvent.job_id == job_id)
     if after is not None:
         q = q.where(JobEvent.id > after)
+    if type_ is not None:
+        q = q.where(JobEvent.type == type_)
     return list(session.scalars(q.order_by(JobEvent.id).limit(limit)))

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import transformers
 from fastapi import FastAPI
 
-from api import errors, limits
+from api import errors, limits, webhooks
 from api.db import make_engine, make_sessionmaker
+from api.routers import events as events_router
 from api.routers import files, health, jobs, keys
+from api.routers import webhooks as webhooks_router
 from api.settings import Settings, get_settings
 from worker.celery_app import make_celery
 
@@ -19,7 +23,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=logging.INFO)
     transformers.logging.set_verbosity_error()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The webhook dispatcher thread (unless it runs as its own process).
+        dispatcher = None
+        if settings.webhook_dispatcher_in_api:
+            dispatcher = webhooks.Dispatcher(settings, app.state.sessionmaker)
+            dispatcher.start()
+        try:
+            yield
+        finally:
+            if dispatcher is not None:
+                dispatcher.stop()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Distillery",
         version="1.0",
         description="Knowledge distillation as a service: submit a job, watch it, download the "
@@ -34,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(keys.router)
+    app.include_router(events_router.router)
+    app.include_router(webhooks_router.router)
     app.include_router(health.router)
     return app
 

@@ -134,6 +134,48 @@ class Settings(BaseSettings):
         description="Seconds an Idempotency-Key is remembered; after that it may be reused.",
     )
 
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description='Webhook URL allow-list, as JSON such as ["hooks.example.com", '
+        '"10.1.0.0/16"]: when set, an endpoint\'s host must be one of these names or resolve '
+        "into one of these networks (and then may be private); when empty, any host resolving "
+        "to public addresses only.",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow webhook URLs resolving to private, loopback, link-local or other "
+        "non-public addresses (only for a trusted, internal deployment).",
+    )
+    webhook_max_attempts: int = Field(
+        8, ge=1, description="Attempts of a webhook delivery before it is marked failed."
+    )
+    webhook_retry_base_s: float = Field(
+        10.0,
+        gt=0,
+        description="Delay (seconds) before a delivery's 2nd attempt; doubled for each further "
+        "attempt, capped at webhook_retry_max_s.",
+    )
+    webhook_retry_max_s: float = Field(
+        3600.0, gt=0, description="Longest delay (seconds) between two attempts of a delivery."
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, description="Timeout (seconds) of one webhook HTTP request."
+    )
+    webhook_poll_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between two passes of the webhook dispatcher."
+    )
+    webhook_dispatcher_in_api: bool = Field(
+        True,
+        description="Run the webhook dispatcher as a thread of each API process (set False "
+        "when it runs as its own process: python -m api.webhooks_dispatch).",
+    )
+    events_stream_poll_s: float = Field(
+        0.5, gt=0, description="Seconds between two database reads of an event stream (SSE)."
+    )
+    events_stream_keepalive_s: float = Field(
+        15.0, gt=0, description="Seconds of silence after which an event stream sends a comment."
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

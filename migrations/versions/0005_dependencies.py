@@ -1,6 +1,6 @@
 """job_dependencies: a waiting job and the jobs it waits for
 
-Revision ID: 0007_dependencies
+Revision ID: 0005_dependencies
 Revises: 0004_events
 Create Date: 2026-11-23
 """
@@ -8,7 +8,7 @@ Create Date: 2026-11-23
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007_dependencies"
+revision = "0005_dependencies"
 down_revision = "0004_events"
 branch_labels = None
 depends_on = None

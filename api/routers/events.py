@@ -1,0 +1,176 @@
+"""/v1/jobs/{id}/events: a job's event log, as pages and as a live Server-Sent Events stream."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal, get_args
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from api import service
+from api.auth import CallerDep
+from api.db import FINISHED, Job
+from api.deps import SessionDep, SettingsDep
+from api.errors import InvalidSpec
+from api.events import EVENT_TYPES, list_events
+from api.params import JobId
+from api.webhooks import event_dict
+
+router = APIRouter(prefix="/v1/jobs", tags=["events"])
+
+EventType = Literal[
+    "queued",
+    "waiting",
+    "started",
+    "stage",
+    "epoch",
+    "checkpoint",
+    "warning",
+    "retried",
+    "pausing",
+    "paused",
+    "resumed",
+    "cancelling",
+    "succeeded",
+    "failed",
+    "cancelled",
+]
+assert set(get_args(EventType)) == set(EVENT_TYPES)
+FINAL_EVENTS = ("succeeded", "failed", "cancelled")
+STREAM_BATCH = 200
+
+After = Annotated[
+    int | None,
+    Query(ge=0, le=2**63 - 1, description="Only events with an id above this one."),
+]
+
+
+class EventOut(BaseModel):
+    """One event: ``id`` orders a job's events; ``time`` (ISO 8601, UTC); ``level`` info,
+    warning or error; ``type`` one of the event types; ``data`` its details."""
+
+    id: int
+    time: str
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any]
+
+
+class EventList(BaseModel):
+    """A page of events, oldest first; ``next_after`` is the ``after`` of the next page, or
+    null when this page is the last (so far)."""
+
+    events: list[EventOut]
+    next_after: int | None = Field(None)
+
+
+@router.get("/{job_id}/events", response_model=EventList)
+def job_events(
+    job_id: JobId,
+    session: SessionDep,
+    caller: CallerDep,
+    after: After = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    type: Annotated[EventType | None, Query(description="Only events of this type.")] = None,
+) -> EventList:
+    """The job's events with ``id > after``, oldest first, at most ``limit`` (1..500); only
+    those of ``type`` when given. 404 for no such job (or another tenant's); 422 names a bad
+    parameter."""
+    service.get(session, job_id, tenant_id=caller.tenant_id)
+    rows = list_events(session, job_id, after=after, limit=limit + 1, type_=type)
+    next_after = rows[limit - 1].id if len(rows) > limit else None
+    return EventList(
+        events=[EventOut(**event_dict(e)) for e in rows[:limit]], next_after=next_after
+    )
+
+
+def sse_message(event: dict[str, Any]) -> str:
+    """One Server-Sent Event: ``id:`` the event id, ``event:`` its type, ``data:`` its JSON."""
+    return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "The event stream."}},
+)
+def stream_job_events(
+    job_id: JobId,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    after: After = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            max_length=32,
+            description="Resume after this event id (sent by an EventSource reconnecting); "
+            "wins over ?after.",
+        ),
+    ] = None,
+) -> StreamingResponse:
+    """The job's events as Server-Sent Events (``text/event-stream``), from ``Last-Event-ID``
+    or ``after`` (default: the first), then live as they happen; a comment line every
+    ``events_stream_keepalive_s`` of silence; the stream ends after a final event
+    (succeeded, failed, cancelled), or at once when the job has finished and its final event
+    was already sent. 404 for no such job (or another tenant's)."""
+    service.get(session, job_id, tenant_id=caller.tenant_id)
+    start = after
+    if last_event_id is not None and last_event_id.strip():
+        try:
+            start = int(last_event_id.strip())
+        except ValueError:
+            raise InvalidSpec(
+                "Last-Event-ID: must be an event id (an integer)", "Last-Event-ID"
+            ) from None
+        if start < 0:
+            raise InvalidSpec("Last-Event-ID: must be 0 or more", "Last-Event-ID")
+    session.close()  # the stream reads with short sessions of its own; hold no connection
+    sessions = request.app.state.sessionmaker
+
+    def fetch(cursor: int | None) -> tuple[str | None, list[dict[str, Any]]]:
+        # The status first: a final status is committed with its final event, so the events
+        # read after it include that event.
+        with sessions() as s:
+            status = s.scalar(select(Job.status).where(Job.id == job_id))
+            rows = list_events(s, job_id, after=cursor, limit=STREAM_BATCH)
+            return status, [event_dict(e) for e in rows]
+
+    async def body() -> AsyncIterator[str]:
+        cursor = start
+        quiet_since = time.monotonic()
+        yield f"retry: {int(settings.events_stream_poll_s * 1000) + 1000}\n\n"
+        while True:
+            status, events = await anyio.to_thread.run_sync(fetch, cursor)
+            for e in events:
+                yield sse_message(e)
+                cursor = e["id"]
+                if e["type"] in FINAL_EVENTS:
+                    return
+            if events:
+                quiet_since = time.monotonic()
+                if len(events) == STREAM_BATCH:
+                    continue
+            if status is None or (status in FINISHED and len(events) < STREAM_BATCH):
+                return  # deleted, or finished with its final event already sent
+            if time.monotonic() - quiet_since >= settings.events_stream_keepalive_s:
+                yield ": keep-alive\n\n"
+                quiet_since = time.monotonic()
+            if await request.is_disconnected():
+                return
+            await anyio.sleep(settings.events_stream_poll_s)
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
