@@ -195,6 +195,32 @@ class JobEvent(Base):
     __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
 
 
+class JobCheckpoint(Base):
+    """A training checkpoint of a job, stored under ``<job id>/checkpoints/<name>/`` of the
+    artifact store (not an artifact: the ``artifacts`` table lists the final output only).
+    ``step`` of ``total_steps`` (optimizer steps of the stage ``stage``, hop ``hop``);
+    ``reason`` is ``interval``, ``stage_end`` or ``pause``; ``dev`` the last dev metrics;
+    ``size_bytes`` its stored size; ``attempt`` the attempt that saved it."""
+
+    __tablename__ = "job_checkpoints"
+
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer)
+    total_steps: Mapped[int] = mapped_column(Integer)
+    hop: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(16))
+    dev: Mapped[dict[str, Any]] = mapped_column(JSON)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    attempt: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_job_checkpoints_job_created", "job_id", "created_at"),)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL and a busy timeout so api and worker share it."""
     if url.startswith("sqlite"):
