@@ -165,7 +165,9 @@ def _hop_hooks(job: Job, index: int) -> TrainHooks:
     def log(record: dict[str, object]) -> None:
         hooks.log(record if n == 1 else {**record, "hop": job.hops[index].name})
 
-    return TrainHooks(on_progress, hooks.should_stop, log, hooks.every)
+    return TrainHooks(
+        on_progress, hooks.should_stop, log, hooks.every, hooks.on_checkpoint, hooks.should_pause
+    )
 
 
 def run_hop(

@@ -18,6 +18,7 @@ import transformers
 from transformers import PreTrainedModel
 
 from kd_engine import registry
+from kd_engine.checkpoint import CheckpointPolicy
 from kd_engine.data import TransferSet, load_eval_sets, load_transfer_set, relabel
 from kd_engine.data.batching import encode, encode_corpus
 from kd_engine.data.corpus import load_corpus
@@ -117,6 +118,8 @@ def run_job(
     hooks: TrainHooks | None = None,
     student_path: Path | str | None = None,
     generator_path: Path | str | None = None,
+    checkpoints: CheckpointPolicy | None = None,
+    resume_from: Path | None = None,
 ) -> RunResult:
     """Train and export the student of ``spec`` into ``out_dir``.
 
@@ -137,9 +140,18 @@ def run_job(
     encoded like the transfer set. An augmentation method also writes
     ``augmented_samples.jsonl`` (original and augmented texts).
 
+    ``checkpoints`` makes the loop write checkpoints (:mod:`kd_engine.checkpoint`) and call
+    ``hooks.on_checkpoint`` with each; ``hooks.should_pause`` then pauses the job (a ``pause``
+    checkpoint, then :class:`~kd_engine.checkpoint.Paused`). ``resume_from`` is a local
+    checkpoint directory written by a run of the same spec: the run continues from it (finished
+    hops are not retrained) and ends with the same student, metrics and artifacts as an
+    uninterrupted run (bit for bit on the CPU). ``out_dir`` may be fresh.
+
     Raises:
-        ValueError: a problem with the job a user can fix (message names it).
+        ValueError: a problem with the job a user can fix (message names it), or
+            ``resume_from`` is not a checkpoint of this spec.
         kd_engine.trainer.Cancelled: the job was cancelled through ``hooks.should_stop``.
+        kd_engine.checkpoint.Paused: the job paused through ``hooks.should_pause``.
     """
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -157,7 +169,9 @@ def run_job(
         user_progress(Progress(name, 0, 0, 0, {}, hop=hop, num_hops=num_hops))
         log({"event": "stage", "stage": name})
 
-    hooks = TrainHooks(user_progress, hooks.should_stop, log, hooks.every)
+    hooks = TrainHooks(
+        user_progress, hooks.should_stop, log, hooks.every, hooks.on_checkpoint, hooks.should_pause
+    )
     device = pick_device(spec.training.device)
     stage("prepare")
     method_cls = registry.get(spec.method.name).method_cls

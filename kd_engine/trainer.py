@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from kd_engine.checkpoint import SavedCheckpoint
 from kd_engine.data.batching import Encoded, batches, num_batches
 from kd_engine.evaluation import model_inputs, predict_logits, task_metrics
 from kd_engine.methods.base import Method, StepOutputs
@@ -76,13 +77,22 @@ class Progress:
 
 @dataclass
 class TrainHooks:
-    """Callbacks from the loop: progress every ``every`` steps, cancel check at the same time,
-    one log record per event (JSON-serialisable dicts)."""
+    """Callbacks from the loop: progress every ``every`` steps, cancel and pause checks at the
+    same time, one log record per event (JSON-serialisable dicts), and one call per checkpoint
+    written (:class:`~kd_engine.checkpoint.SavedCheckpoint`, when the run has a
+    :class:`~kd_engine.checkpoint.CheckpointPolicy`).
+
+    ``should_pause`` returning True makes the loop write a checkpoint (reason ``pause``) and
+    raise :class:`~kd_engine.checkpoint.Paused`; a run without a checkpoint policy cannot pause
+    (the check is skipped).
+    """
 
     on_progress: Callable[[Progress], None] = lambda p: None
     should_stop: Callable[[], bool] = lambda: False
     log: Callable[[dict[str, object]], None] = lambda r: None
     every: int = 5
+    on_checkpoint: Callable[[SavedCheckpoint], None] = lambda c: None
+    should_pause: Callable[[], bool] = lambda: False
 
 
 @dataclass
