@@ -200,7 +200,9 @@ class JobCheckpoint(Base):
     artifact store (not an artifact: the ``artifacts`` table lists the final output only).
     ``step`` of ``total_steps`` (optimizer steps of the stage ``stage``, hop ``hop``);
     ``reason`` is ``interval``, ``stage_end`` or ``pause``; ``dev`` the last dev metrics;
-    ``size_bytes`` its stored size; ``attempt`` the attempt that saved it."""
+    ``size_bytes`` its stored size; ``files`` the ``[path, size_bytes, sha256]`` of each of
+    its files (relative to its folder; checked before a resume); ``attempt`` the attempt that
+    saved it."""
 
     __tablename__ = "job_checkpoints"
 
@@ -215,6 +217,7 @@ class JobCheckpoint(Base):
     reason: Mapped[str] = mapped_column(String(16))
     dev: Mapped[dict[str, Any]] = mapped_column(JSON)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    files: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     attempt: Mapped[int] = mapped_column(Integer)
 
