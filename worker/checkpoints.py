@@ -139,7 +139,7 @@ def fetch_latest(
             shutil.copytree(source, dest)
             _verify(dest, files)
             info = read_checkpoint_info(dest)
-        except (ValueError, OSError, StorageError) as e:
+        except (ValueError, KeyError, TypeError, OSError, StorageError) as e:
             skipped.append(name)
             warn(sm, job_id, f"checkpoint {name} cannot be loaded ({e}); trying an older one")
             continue

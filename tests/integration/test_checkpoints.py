@@ -9,9 +9,11 @@ import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -160,13 +162,12 @@ def test_pause_of_another_tenants_job_is_404(client: TestClient, settings: Setti
 
 def fake_student(directory: Path, seed: int) -> None:
     """A tiny real BERT classifier saved as a transformers directory."""
-    import torch
-
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=16, max_position_embeddings=16, num_labels=2,
-    )  # fmt: skip
+    shape: dict[str, Any] = {
+        "vocab_size": 50, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 16, "max_position_embeddings": 16, "num_labels": 2,
+    }  # fmt: skip
+    config = BertConfig(**shape)
     BertForSequenceClassification(config).save_pretrained(directory)
 
 
@@ -174,7 +175,11 @@ def local_checkpoint(root: Path, name: str, step: int, reason: str = "interval")
     """A checkpoint folder as the KD loop leaves it: a manifest and a ``student/`` directory."""
     path = root / name
     fake_student(path / "student", step)
-    (path / "manifest.json").write_text(json.dumps({"name": name, "step": step}))
+    manifest = {
+        "format": 1, "name": name, "step": step, "total_steps": 40, "hop": 1, "num_hops": 1,
+        "stage": "train", "stage_index": 1, "reason": reason, "dev": {"accuracy": step / 100},
+    }  # fmt: skip
+    (path / "manifest.json").write_text(json.dumps(manifest))
     return SavedCheckpoint(
         path, name, step, 40, 1, 1, "train", 1, reason, {"accuracy": step / 100}, path / "student"
     )
@@ -250,3 +255,45 @@ def test_checkpoints_are_stored_kept_listed_downloaded_and_scoped(
     assert client.get(f"/v1/jobs/{job_id}/checkpoints").json()["items"] == []
     assert store.list_keys(checkpoints.checkpoint_key(job_id)) == []
     assert store.exists(f"{job_id}/model.safetensors")
+
+
+def test_resume_falls_back_from_a_corrupt_checkpoint_then_to_a_fresh_start(
+    client: TestClient, settings: Settings, sm: sessionmaker[Session], tmp_path: Path
+) -> None:
+    settings = settings.model_copy(update={"checkpoints_keep": 3})
+    job_id = client.post("/v1/jobs", json=FINETUNE).json()["id"]
+    claim(sm, job_id)
+    staging = settings.artifacts_root / ".partial"
+    for step in (10, 20, 30):
+        worker_checkpoints.store(
+            sm, settings, job_id, 1, local_checkpoint(staging, f"step-{step:08d}", step)
+        )
+    store = artifact_storage(settings)
+    newest = store.local_path(checkpoints.checkpoint_key(job_id, "step-00000030"))
+    weights = newest / "student" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # one flipped bit pattern in the middle: same size
+    weights.write_bytes(bytes(blob))
+
+    got = worker_checkpoints.fetch_latest(sm, settings, job_id, tmp_path / "resume")
+    assert got is not None
+    assert got.info.name == "step-00000020" and got.info.step == 20
+    assert (got.directory / "student" / "model.safetensors").is_file()
+    with sm() as s:
+        warnings = [e.message for e in events.list_events(s, job_id) if e.type == "warning"]
+    assert len(warnings) == 1
+    assert "step-00000030" in warnings[0] and "checksum" in warnings[0]
+
+    # the older ones lose a file / their manifest: nothing loads, the job starts afresh
+    (
+        store.local_path(checkpoints.checkpoint_key(job_id, "step-00000020")) / "manifest.json"
+    ).unlink()
+    (
+        store.local_path(checkpoints.checkpoint_key(job_id, "step-00000010")) / "manifest.json"
+    ).write_text("{}")
+    assert worker_checkpoints.fetch_latest(sm, settings, job_id, tmp_path / "resume") is None
+    assert not (tmp_path / "resume").exists()
+    with sm() as s:
+        warnings = [e.message for e in events.list_events(s, job_id) if e.type == "warning"]
+    assert len(warnings) == 1 + 3 + 1
+    assert "starts afresh" in warnings[-1]
