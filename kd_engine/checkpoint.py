@@ -79,7 +79,8 @@ class SavedCheckpoint:
         total_steps: optimiser steps the hop will take.
         hop, num_hops: 1-based position of the hop, and how many the job trains (1 and 1 for a
             single-model job).
-        stage: the name of the stage it was taken in; stage_index its 1-based position.
+        stage: the name of the stage it was taken in (for ``stage_end``, the stage that ended);
+            stage_index its 1-based position.
         reason: ``interval`` (every_steps / every_seconds), ``stage_end`` or ``pause``.
         dev: the latest dev metrics (empty if none yet).
         student_dir: ``path/"student"``: a transformers directory (config.json,
@@ -335,7 +336,8 @@ class Checkpointer:
             "hop": self.hop,
             "num_hops": self.num_hops,
             "stage": state.stage_name,
-            "stage_index": state.stage_index + 1,
+            # 1-based: the stage under way, or (a stage-end checkpoint) the one that ended
+            "stage_index": state.stage_index + 1 if state.mid_stage else state.stage_index,
             "reason": reason,
             "dev": state.dev,
             "time": time.time(),
