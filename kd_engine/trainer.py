@@ -574,7 +574,7 @@ class _Loop:
                 if ckpt is not None and stage_step < n_steps:
                     if reported and hooks.should_pause():
                         self._checkpoint(snapshot(True, micro + 1), "pause")
-                    elif ckpt.due(stage_step):
+                    elif ckpt.due(self.step):
                         self._checkpoint(snapshot(True, micro + 1), "interval")
                 if stage_step >= n_steps:
                     break
