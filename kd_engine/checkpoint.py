@@ -156,7 +156,7 @@ def checkpoint_name(hop: int, num_hops: int, step: int) -> str:
     return f"step-{step:08d}" if num_hops == 1 else f"hop{hop}-step-{step:08d}"
 
 
-def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+def write_atomically(final: Path, write: Callable[[Path], object]) -> Path:
     """Run ``write(tmp)`` on a fresh hidden directory next to ``final``, then rename it to
     ``final`` (replacing an older one of that name). If ``write`` raises, the temporary
     directory is removed and nothing named ``final`` appears. Returns ``final``."""
