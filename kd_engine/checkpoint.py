@@ -55,7 +55,8 @@ class CheckpointPolicy:
         directory: local directory; each checkpoint is a subdirectory named
             ``step-{step:08d}`` for a single-model job and ``hop{hop}-step-{step:08d}`` for a
             chain (``step`` counts optimiser steps within the hop).
-        every_steps: write one every N optimiser steps (of the hop); None = never by count.
+        every_steps: write one after every N-th optimiser step of the hop (steps N, 2N, ...);
+            None = never by count.
         every_seconds: write one when this many wall-clock seconds have passed since the last
             one (or the start), checked after each optimiser step; None = never by time.
         at_stage_end: write one when a stage ends (not after the last stage of the last hop:
@@ -79,7 +80,8 @@ class SavedCheckpoint:
         total_steps: optimiser steps the hop will take.
         hop, num_hops: 1-based position of the hop, and how many the job trains (1 and 1 for a
             single-model job).
-        stage: the name of the stage it was taken in; stage_index its 1-based position.
+        stage: the name of the stage it was taken in (for ``stage_end``, the stage that ended);
+            stage_index its 1-based position.
         reason: ``interval`` (every_steps / every_seconds), ``stage_end`` or ``pause``.
         dev: the latest dev metrics (empty if none yet).
         student_dir: ``path/"student"``: a transformers directory (config.json,
@@ -154,7 +156,7 @@ def checkpoint_name(hop: int, num_hops: int, step: int) -> str:
     return f"step-{step:08d}" if num_hops == 1 else f"hop{hop}-step-{step:08d}"
 
 
-def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+def write_atomically(final: Path, write: Callable[[Path], object]) -> Path:
     """Run ``write(tmp)`` on a fresh hidden directory next to ``final``, then rename it to
     ``final`` (replacing an older one of that name). If ``write`` raises, the temporary
     directory is removed and nothing named ``final`` appears. Returns ``final``."""
@@ -307,11 +309,11 @@ class Checkpointer:
     teacher_taught: bool = False
     last_time: float = field(default_factory=time.monotonic)
 
-    def due(self, stage_step: int) -> bool:
-        """Whether an ``interval`` checkpoint is due after stage step ``stage_step`` (by count
-        or by time)."""
+    def due(self, step: int) -> bool:
+        """Whether an ``interval`` checkpoint is due after optimiser step ``step`` of the hop
+        (by count or by time)."""
         p = self.policy
-        if p.every_steps and stage_step % p.every_steps == 0:
+        if p.every_steps and step % p.every_steps == 0:
             return True
         return bool(p.every_seconds) and time.monotonic() - self.last_time >= float(
             p.every_seconds or 0
@@ -335,7 +337,8 @@ class Checkpointer:
             "hop": self.hop,
             "num_hops": self.num_hops,
             "stage": state.stage_name,
-            "stage_index": state.stage_index + 1,
+            # 1-based: the stage under way, or (a stage-end checkpoint) the one that ended
+            "stage_index": state.stage_index + 1 if state.mid_stage else state.stage_index,
             "reason": reason,
             "dev": state.dev,
             "time": time.time(),
@@ -440,7 +443,9 @@ def load_checkpoint(path: Path, spec: JobSpec, num_hops: int) -> Resume:
             modules[int(head[len("module") :])][key] = v
     best = path / "best.safetensors"
     restore = path / "restore.safetensors"
-    extra = torch.load(path / "state.pt", weights_only=True)
+    # map_location: a checkpoint written on a GPU resumes on the CPU too (the optimiser state
+    # moves to its parameters' device when loaded).
+    extra = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     loop = LoopState(
         **m["loop"],
         data_generator=extra["data_generator"],

@@ -357,7 +357,7 @@ class _Loop:
         modules = [m for g in self.groups[1:] for m in g.modules]
         result = dataclasses.asdict(self.result)
         result["seconds"] = time.perf_counter() - self.started
-        stage = self.stages[min(index, len(self.stages) - 1)]
+        stage = self.stages[index if mid_stage else index - 1]  # a stage-end: the one ended
         return LoopState(
             stage_index=index,
             mid_stage=mid_stage,
@@ -574,7 +574,7 @@ class _Loop:
                 if ckpt is not None and stage_step < n_steps:
                     if reported and hooks.should_pause():
                         self._checkpoint(snapshot(True, micro + 1), "pause")
-                    elif ckpt.due(stage_step):
+                    elif ckpt.due(self.step):
                         self._checkpoint(snapshot(True, micro + 1), "interval")
                 if stage_step >= n_steps:
                     break
