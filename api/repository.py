@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from api import events
 from api.db import FINISHED, Artifact, IdempotencyKey, Job, utcnow
 from api.refs import is_job_id
 
@@ -165,23 +164,6 @@ def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
     return list(
         session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name))
     )
-
-
-def fail_stale(session: Session, older_than_s: int, job_id: str | None = None) -> list[str]:
-    """Fail running/cancelling jobs (all, or just ``job_id``) whose last heartbeat is older
-    than ``older_than_s`` seconds: their worker was lost. Returns their ids. Not committed."""
-    limit = utcnow() - timedelta(seconds=older_than_s)
-    q = select(Job.id).where(Job.status.in_(("running", "cancelling")), Job.heartbeat_at < limit)
-    if job_id is not None:
-        q = q.where(Job.id == job_id)
-    ids = list(session.scalars(q))
-    reason = f"the worker was lost (no heartbeat for {older_than_s} s); submit the job again"
-    for stale in ids:
-        if transition(
-            session, stale, ("running", "cancelling"), "failed", finished_at=utcnow(), error=reason
-        ):
-            events.record(session, stale, "failed", reason, level="error")
-    return ids
 
 
 def _mentions(value: Any, needle: str) -> bool:

@@ -438,7 +438,9 @@ def submit(
         InvalidSpec: a reference does not exist (or is another tenant's job) or does not fit
             the method; the idempotency key was used with another spec (422).
         QuotaExceeded: the tenant has its maximum of active jobs or of stored bytes (429).
-        Unavailable: the broker is down; the job is kept as failed with that reason (503).
+        Unavailable: the broker is down or did not answer within
+            ``settings.broker_publish_timeout_s``; the job is kept as failed with that reason
+            (503), never left queued without a message.
     """
     stored_spec = spec.model_dump(mode="json")
     request_sha256 = idempotency.body_sha256(stored_spec)
@@ -485,7 +487,7 @@ def submit(
     if outcome.replayed:
         return job, True
     try:
-        enqueue(celery, job.id, settings.queue)
+        enqueue(celery, job.id, settings.queue, settings.broker_publish_timeout_s)
     except BrokerUnavailable as e:
         repository.transition(
             session,
@@ -508,9 +510,9 @@ def submit(
     return job, False
 
 
-def get(session: Session, job_id: str, settings: Settings | None = None, *, tenant_id: str) -> Job:
-    """The job of ``tenant_id``; with ``settings``, a running job whose heartbeat is too old is
-    failed first (its worker was lost).
+def get(session: Session, job_id: str, *, tenant_id: str) -> Job:
+    """The job of ``tenant_id``, as stored (reading never changes it: a job whose worker was
+    lost is re-queued or failed by the reconciler, :mod:`worker.reconciler`).
 
     Raises:
         NotFound: no such job, or another tenant's (the same answer).
@@ -518,11 +520,6 @@ def get(session: Session, job_id: str, settings: Settings | None = None, *, tena
     job = repository.get_tenant_job(session, job_id, tenant_id=tenant_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
-    if settings is not None and repository.fail_stale(
-        session, settings.heartbeat_timeout_s, job_id
-    ):
-        session.commit()
-        session.refresh(job)
     return job
 
 

@@ -48,8 +48,42 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         48 * 3600, description="Redis redelivery timeout (seconds); above the longest job."
     )
-    heartbeat_timeout_s: int = Field(
-        900, description="A running job with no heartbeat for this long is failed by the reaper."
+    heartbeat_timeout_s: float = Field(
+        900,
+        gt=0,
+        description="A running (cancelling, pausing) job with no heartbeat for this long has "
+        "lost its worker: the reconciler re-queues it (or fails it when out of attempts).",
+    )
+    heartbeat_interval_s: float = Field(
+        30,
+        gt=0,
+        description="Seconds between the heartbeats a worker writes for its running job, from "
+        "a timer thread independent of training progress; well below heartbeat_timeout_s.",
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Attempts a job gets when its worker is lost (killed, machine gone); the "
+        "last lost attempt fails the job. A job failing for its own reason is never retried.",
+    )
+    reconcile_interval_s: float = Field(
+        60,
+        gt=0,
+        description="Seconds between reconciler passes (run by every worker's main process, "
+        "one pass at a time across workers under a Redis lock).",
+    )
+    requeue_grace_s: float = Field(
+        60,
+        gt=0,
+        description="A queued job whose message the broker does not hold (in the queue or "
+        "delivered and unacknowledged) for this long is sent again; above "
+        "broker_publish_timeout_s.",
+    )
+    broker_publish_timeout_s: float = Field(
+        10,
+        gt=0,
+        description="Longest wait (seconds) to publish a job to the broker (connect, send, "
+        "answer); a broker that does not answer in time fails the submit with 503.",
     )
     progress_every_steps: int = Field(
         5, description="Training steps between progress writes and cancel checks."

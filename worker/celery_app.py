@@ -1,7 +1,8 @@
 """The Celery application, shared by the API (to send tasks) and the worker (to run them).
 
 Long GPU tasks: late acks, reject on worker loss, prefetch 1, JSON only, a visibility timeout
-above the longest job. Importing this module does not import torch.
+above the longest job, socket timeouts so that a silent broker fails a publish (see
+docs/production.md). Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ def make_celery(settings: Settings) -> Celery:
         worker_max_tasks_per_child=1,
         worker_hijack_root_logger=False,
         task_default_queue=settings.queue,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            # Must be here: the Redis transport's own default is 1 h (a longer job would be
+            # delivered again while it runs).
+            "visibility_timeout": settings.visibility_timeout_s,
+            # A broker that accepts TCP but never answers must not hang a publish forever.
+            "socket_timeout": settings.broker_publish_timeout_s,
+            "socket_connect_timeout": settings.broker_publish_timeout_s,
+        },
+        broker_connection_timeout=settings.broker_publish_timeout_s,
         broker_connection_retry_on_startup=True,
     )
     return app

@@ -23,6 +23,7 @@ from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, PretrainedStudent
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
 from worker import checkpoints as saved_checkpoints
+from worker.heartbeat import Heartbeat
 
 log = logging.getLogger("distillery.worker")
 
@@ -130,9 +131,6 @@ def execute(job_id: str, settings: Settings) -> str:
     """Run job ``job_id`` if it can be claimed; return the final status, or ``skipped`` when
     another delivery already claimed it (or it was cancelled while queued)."""
     sm = sessions_for(settings.database_url)
-    reaped = reap_stale(settings)
-    if reaped:
-        log.warning("failed %d job(s) whose worker was lost: %s", len(reaped), reaped)
     with sm() as s:
         if not repository.claim(s, job_id, socket.gethostname()):
             s.rollback()
@@ -182,9 +180,12 @@ def execute(job_id: str, settings: Settings) -> str:
         if kind in _LOGGED_EVENTS:
             _log_event(sm, job_id, record)
 
+    beat = Heartbeat(sm, job_id, attempt, settings.heartbeat_interval_s)
     stored_names: set[str] = set()
 
     def on_checkpoint(saved: SavedCheckpoint) -> None:
+        if beat.lost:  # another attempt owns the job now: its checkpoints are not ours to add
+            return
         try:
             saved_checkpoints.store(sm, settings, job_id, attempt, saved)
             stored_names.add(saved.name)
@@ -194,12 +195,13 @@ def execute(job_id: str, settings: Settings) -> str:
 
     hooks = TrainHooks(
         on_progress=on_progress,
-        should_stop=lambda: status["value"] not in ("running", "pausing"),
+        should_stop=lambda: status["value"] not in ("running", "pausing") or beat.lost,
         log=on_log,
         every=settings.progress_every_steps,
         on_checkpoint=on_checkpoint,
         should_pause=lambda: status["value"] == "pausing",
     )
+    beat.start()
     try:
         spec = JobSpec.model_validate(spec_data)
         teacher = refs.model_location(spec.teacher, settings)
@@ -223,6 +225,9 @@ def execute(job_id: str, settings: Settings) -> str:
             checkpoints=saved_checkpoints.policy(settings, ckpt_dir),
             resume_from=resume.directory if resume is not None else None,
         )
+        if beat.lost:  # stalled past the heartbeat timeout: another attempt owns the job now
+            log.warning("job %s: attempt %d lost its claim; not published", job_id, attempt)
+            return "lost"
         _publish(sm, settings, job_id, tmp, result.metrics)
         saved_checkpoints.discard_all(sm, settings, job_id)
         log.info("job %s: succeeded", job_id)
@@ -237,6 +242,9 @@ def execute(job_id: str, settings: Settings) -> str:
         log.info("job %s: %s", job_id, final)
         return final
     except Cancelled:
+        if beat.lost:  # re-queued by the reconciler after a stall: another attempt owns it
+            log.warning("job %s: attempt %d lost its claim; stopped", job_id, attempt)
+            return "lost"
         _finish(sm, job_id, "cancelled", "cancelled by request; the worker stopped")
         log.info("job %s: cancelled", job_id)
         return "cancelled"
@@ -251,15 +259,8 @@ def execute(job_id: str, settings: Settings) -> str:
         _finish(sm, job_id, "failed", reason, error=reason)
         return "failed"
     finally:
+        beat.stop()
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         if resume is not None:
             shutil.rmtree(resume.directory, ignore_errors=True)
-
-
-def reap_stale(settings: Settings) -> list[str]:
-    """Fail running jobs whose worker stopped sending heartbeats; return their ids."""
-    with sessions_for(settings.database_url)() as s:
-        ids = repository.fail_stale(s, settings.heartbeat_timeout_s)
-        s.commit()
-    return ids

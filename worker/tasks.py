@@ -9,7 +9,7 @@ import transformers
 from celery.signals import worker_ready
 
 from api.settings import get_settings
-from worker import runner
+from worker import reconciler, runner
 from worker.celery_app import TASK_NAME, app
 
 log = logging.getLogger("distillery.worker")
@@ -23,7 +23,9 @@ def run_job(job_id: str) -> str:
 
 
 @worker_ready.connect
-def _reap_on_start(**_: Any) -> None:
-    reaped = runner.reap_stale(get_settings())
-    if reaped:
-        log.warning("failed %d job(s) whose worker was lost: %s", len(reaped), reaped)
+def _start_reconciler(**_: Any) -> None:
+    """In the worker's main process (not a pool child): a reconciler pass every
+    ``reconcile_interval_s`` seconds, one at a time across workers (a Redis lock)."""
+    settings = get_settings()
+    reconciler.start_thread(settings)
+    log.info("reconciler started (a pass every %g s)", settings.reconcile_interval_s)

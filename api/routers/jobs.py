@@ -82,9 +82,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: JobId, session: SessionDep, settings: SettingsDep, caller: CallerDep) -> JobOut:
+def get_job(job_id: JobId, session: SessionDep, caller: CallerDep) -> JobOut:
     """Status, progress, timestamps and error reason of a job."""
-    return JobOut.of(service.get(session, job_id, settings, tenant_id=caller.tenant_id))
+    return JobOut.of(service.get(session, job_id, tenant_id=caller.tenant_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -254,7 +254,7 @@ def test_file_dataset_under_the_data_root_is_accepted(
     assert "does not exist" in r.json()["error"]["message"]
 
 
-def test_a_running_job_without_heartbeat_is_failed_as_lost(
+def test_a_running_job_without_heartbeat_is_requeued_by_the_reconciler_not_by_a_read(
     client: TestClient, settings: Settings
 ) -> None:
     from datetime import timedelta
@@ -270,9 +270,13 @@ def test_a_running_job_without_heartbeat_is_failed_as_lost(
         old = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 5)
         s.execute(Job.__table__.update().where(Job.id == job["id"]).values(heartbeat_at=old))
         s.commit()
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"  # reads only
+    from worker.reconciler import reconcile_once
+
+    report = reconcile_once(settings)
+    assert report.retried == [job["id"]]
     lost = client.get(f"/v1/jobs/{job['id']}").json()
-    assert lost["status"] == "failed"
-    assert "worker was lost" in lost["error"]
+    assert (lost["status"], lost["attempt"], lost["error"]) == ("queued", 1, None)
     assert client.get(f"/v1/jobs/{fresh['id']}").json()["status"] == "running"
 
 
