@@ -1,7 +1,7 @@
-"""End to end, durable jobs: a real Celery worker checkpoints a job, is SIGKILLed mid-job, the
-job is re-queued and a new worker resumes it from its newest checkpoint, ending with weights
-equal bit for bit to an uninterrupted run's; and a job paused over HTTP frees its worker, then
-resumes to the same weights."""
+"""End to end, durable jobs: a real Celery worker checkpoints a job and is SIGKILLed mid-job;
+the reconciler of a new worker re-queues the job and that worker resumes it from its newest
+checkpoint, ending with weights equal bit for bit to an uninterrupted run's. And a job paused
+over HTTP frees its worker, then resumes to the same weights."""
 
 from __future__ import annotations
 
@@ -15,16 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from api import events, queue, repository
+from api import events
 from api.db import make_engine, make_sessionmaker
-from api.settings import Settings
 from devstack.client import Client
 from devstack.stack import Stack, running_stack
-from worker.celery_app import make_celery
 
 pytestmark = pytest.mark.e2e
 
 CHECKPOINT_EVERY = 8
+HEARTBEAT_TIMEOUT_S = 10
 SPEC: dict[str, Any] = {
     "teacher": "builtin:minilm-l3",
     "method": {"name": "finetune"},
@@ -51,6 +50,9 @@ def stack(
             "DISTILLERY_PROGRESS_EVERY_STEPS": "1",
             "DISTILLERY_CHECKPOINT_EVERY_STEPS": str(CHECKPOINT_EVERY),
             "DISTILLERY_CHECKPOINTS_KEEP": "2",
+            "DISTILLERY_HEARTBEAT_INTERVAL_S": "1",
+            "DISTILLERY_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
+            "DISTILLERY_RECONCILE_INTERVAL_S": "2",
         },
     ) as s:
         yield s
@@ -117,15 +119,8 @@ def test_a_sigkilled_worker_s_job_resumes_from_its_checkpoint_bit_for_bit(
     listed = client.http.get(f"/v1/jobs/{job_id}/checkpoints").json()["items"]
     newest = listed[-1]
 
-    # re-queue it as the reconciler would (this branch has no reconciler yet)
-    engine = make_engine(stack.env["DISTILLERY_DATABASE_URL"])
-    with make_sessionmaker(engine)() as s:
-        assert repository.transition(s, job_id, ("running",), "queued", worker=None)
-        events.record(s, job_id, "retried", "its worker was lost; queued again")
-        s.commit()
-    engine.dispose()
-    celery = make_celery(Settings(broker_url=stack.env["DISTILLERY_BROKER_URL"]))
-    queue.enqueue(celery, job_id, "cpu")
+    # a new worker: its reconciler re-queues the job once its heartbeat is HEARTBEAT_TIMEOUT_S
+    # old, and a worker resumes it from its newest checkpoint
     stack.start_worker("worker2")
 
     done = client.wait(job_id, timeout_s=900, poll_s=0.5)
@@ -146,7 +141,9 @@ def test_a_sigkilled_worker_s_job_resumes_from_its_checkpoint_bit_for_bit(
         f"{newest['total_steps']}"
     )
     types = [t for t, _, _ in log]
+    assert types.count("retried") == 1
     assert types.index("retried") < types.index("resumed") < types.index("succeeded")
+    assert [d.get("attempt") for t, _, d in log if t == "started"] == [1, 2]
     # checkpoints are gone once it succeeded; the artifacts are the final output only
     assert client.http.get(f"/v1/jobs/{job_id}/checkpoints").json()["items"] == []
     names = {a["name"] for a in client.artifacts(job_id)["items"]}
