@@ -283,6 +283,35 @@ class WebhookAttempt(Base):
     response_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class JobCheckpoint(Base):
+    """A training checkpoint of a job, stored under ``<job id>/checkpoints/<name>/`` of the
+    artifact store (not an artifact: the ``artifacts`` table lists the final output only).
+    ``step`` of ``total_steps`` (optimizer steps of the stage ``stage``, hop ``hop``);
+    ``reason`` is ``interval``, ``stage_end`` or ``pause``; ``dev`` the last dev metrics;
+    ``size_bytes`` its stored size; ``files`` the ``[path, size_bytes, sha256]`` of each of
+    its files (relative to its folder; checked before a resume); ``attempt`` the attempt that
+    saved it."""
+
+    __tablename__ = "job_checkpoints"
+
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer)
+    total_steps: Mapped[int] = mapped_column(Integer)
+    hop: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(16))
+    dev: Mapped[dict[str, Any]] = mapped_column(JSON)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    files: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    attempt: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_job_checkpoints_job_created", "job_id", "created_at"),)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL and a busy timeout so api and worker share it."""
     if url.startswith("sqlite"):

@@ -33,6 +33,11 @@ ArtifactName = Annotated[
     Path(description="A file name from the job's artifact list.", max_length=255),
     AfterValidator(printable),
 ]
+CheckpointName = Annotated[
+    str,
+    Path(description="A checkpoint name from the job's checkpoint list.", max_length=128),
+    AfterValidator(printable),
+]
 JobStatus = Literal[
     "waiting",
     "queued",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api import checkpoints
 from api.db import FINISHED, JOB_STATUSES, Artifact, File, Job, Tenant
 from api.errors import QuotaExceeded
 from api.settings import Settings
@@ -49,8 +50,9 @@ def active_jobs(session: Session, tenant_id: str) -> int:
 
 def stored_bytes(session: Session, tenant_id: str) -> int:
     """Bytes the tenant stores: its jobs' artifacts' ``size_bytes`` plus its uploaded files'
-    (a model upload counts its unpacked files). The single place that counts a tenant's
-    storage: add any new kind of stored file here."""
+    (a model upload counts its unpacked files) plus its jobs' checkpoints' (at most
+    ``checkpoints_keep`` per job, removed when the job succeeds or is deleted). The single
+    place that counts a tenant's storage: add any new kind of stored file here."""
     artifacts = (
         select(func.coalesce(func.sum(Artifact.size_bytes), 0))
         .select_from(Artifact)
@@ -58,7 +60,8 @@ def stored_bytes(session: Session, tenant_id: str) -> int:
         .where(Job.tenant_id == tenant_id)
     )
     uploads = select(func.coalesce(func.sum(File.size_bytes), 0)).where(File.tenant_id == tenant_id)
-    return int(session.scalar(artifacts) or 0) + int(session.scalar(uploads) or 0)
+    saved = int(session.scalar(checkpoints.tenant_bytes_query(tenant_id)) or 0)
+    return int(session.scalar(artifacts) or 0) + int(session.scalar(uploads) or 0) + saved
 
 
 def _tenant(session: Session, tenant_id: str) -> Tenant:

@@ -133,7 +133,8 @@ def claim(session: Session, job_id: str, worker: str) -> bool:
 def heartbeat(
     session: Session, job_id: str, progress: dict[str, Any], metrics: dict[str, Any] | None = None
 ) -> str | None:
-    """Record progress and a heartbeat on a running job; return its current status."""
+    """Record progress and a heartbeat on a running (or pausing, cancelling) job; return its
+    current status."""
     values: dict[str, Any] = {
         "progress": progress,
         "heartbeat_at": utcnow(),
@@ -143,7 +144,7 @@ def heartbeat(
         values["metrics"] = metrics
     session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(("running", "cancelling")))
+        .where(Job.id == job_id, Job.status.in_(("running", "pausing", "cancelling")))
         .values(**values)
         .execution_options(synchronize_session=False)
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from api.db import ApiKey, Artifact, File, Job
+from api.db import ApiKey, Artifact, File, Job, JobCheckpoint
 from api.tenants import KEY_NAME_MAX, check_key_name
 
 
@@ -49,8 +49,8 @@ class JobOut(BaseModel):
 
     id: str
     status: str = Field(
-        description="waiting (for a job it names as job:<id>), queued, running, cancelling, "
-        "succeeded, failed, cancelled"
+        description="waiting (for a job it names as job:<id>), queued, running, pausing, paused, "
+        "cancelling, succeeded, failed, cancelled"
     )
     method: str
     spec: dict[str, Any]
@@ -87,6 +87,9 @@ class JobOut(BaseModel):
                 "artifacts": f"{base}/artifacts",
                 "archive": f"{base}/archive",
                 "cancel": f"{base}/cancel",
+                "pause": f"{base}/pause",
+                "resume": f"{base}/resume",
+                "checkpoints": f"{base}/checkpoints",
             },
         )
 
@@ -115,6 +118,50 @@ class ArtifactOut(BaseModel):
             sha256=a.sha256,
             url=f"/v1/jobs/{a.job_id}/artifacts/{a.name}",
         )
+
+
+class CheckpointOut(BaseModel):
+    """A training checkpoint of a job: where it was taken (``step`` of ``total_steps``
+    optimiser steps of hop ``hop``, in stage ``stage``), why (``interval``, ``stage_end`` or
+    ``pause``), the dev metrics then, its stored size in bytes, and the URL of its student as
+    a .tar.gz (a transformers directory that loads like the final student)."""
+
+    name: str
+    step: int
+    total_steps: int
+    hop: int
+    stage: str
+    reason: str
+    dev: dict[str, Any]
+    size_bytes: int
+    attempt: int
+    created_at: datetime
+    archive_url: str
+
+    @classmethod
+    def of(cls, c: JobCheckpoint) -> CheckpointOut:
+        """Build from the ORM row."""
+        return cls(
+            name=c.name,
+            step=c.step,
+            total_steps=c.total_steps,
+            hop=c.hop,
+            stage=c.stage,
+            reason=c.reason,
+            dev=c.dev,
+            size_bytes=c.size_bytes,
+            attempt=c.attempt,
+            created_at=c.created_at,
+            archive_url=f"/v1/jobs/{c.job_id}/checkpoints/{c.name}/archive",
+        )
+
+
+class CheckpointList(BaseModel):
+    """A job's checkpoints, oldest first (the newest ``checkpoints_keep`` are kept while it
+    runs; none once it has succeeded)."""
+
+    job_id: str
+    items: list[CheckpointOut]
 
 
 class ArtifactList(BaseModel):

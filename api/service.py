@@ -11,13 +11,14 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from api import dependencies, events, files, idempotency, quotas, refs, repository
-from api.db import FINISHED, Artifact, Job, utcnow
+from api import checkpoints, dependencies, events, files, idempotency, quotas, refs, repository
+from api.db import FINISHED, Artifact, Job, JobCheckpoint, utcnow
 from api.errors import Conflict, InvalidSpec, NotFound, Unavailable
 from api.queue import BrokerUnavailable, enqueue
 from api.settings import Settings
 from api.storage import InvalidKey, artifact_storage, join_key
 from kd_engine import memory, registry
+from kd_engine.checkpoint import STUDENT_DIR
 from kd_engine.data.builtins import BUILTIN_EVAL_ONLY, BUILTIN_LABELS, BUILTIN_REGRESSION
 from kd_engine.data.checks import check_corpus_file, check_dataset_files
 from kd_engine.data.corpus import check_corpus_reference
@@ -618,9 +619,9 @@ def cancel(
     settings: Settings | None = None,
     celery: Celery | None = None,
 ) -> Job:
-    """Cancel a job of ``tenant_id``: waiting or queued -> cancelled at once (with
-    ``settings`` and ``celery``, the jobs waiting for it then fail naming it); running ->
-    cancelling (the worker stops within a few steps); cancelling stays as it is.
+    """Cancel a job of ``tenant_id``: waiting, queued or paused -> cancelled at once (with
+    ``settings`` and ``celery``, the jobs waiting for it then fail naming it); running or
+    pausing -> cancelling (the worker stops within a few steps); cancelling stays as it is.
 
     Raises:
         NotFound: no such job (or another tenant's).
@@ -630,15 +631,17 @@ def cancel(
     job = get(session, job_id, tenant_id=tenant_id)
     now = utcnow()
     was = job.status
-    if repository.transition(session, job_id, ("waiting", "queued"), "cancelled", finished_at=now):
-        where = "waiting" if was == "waiting" else "queued"
+    if repository.transition(
+        session, job_id, ("waiting", "queued", "paused"), "cancelled", finished_at=now
+    ):
+        where = was if was in ("waiting", "paused") else "queued"
         events.record(session, job_id, "cancelled", f"cancelled while {where}")
         session.commit()
         if settings is not None and celery is not None:
             dependencies.release_after(session, settings, celery, job_id)
         session.refresh(job)
         return job
-    if repository.transition(session, job_id, ("running",), "cancelling"):
+    if repository.transition(session, job_id, ("running", "pausing"), "cancelling"):
         events.record(session, job_id, "cancelling", "cancel requested; the worker stops soon")
         session.commit()
         session.refresh(job)
@@ -720,3 +723,104 @@ def artifact_path(
     if not store.exists(key):
         raise NotFound(f"artifact {name!r} of job {job_id} is missing from the store")
     return store.local_path(key)
+
+
+def pause(session: Session, job_id: str, *, tenant_id: str) -> Job:
+    """Pause a job of ``tenant_id``: queued -> paused at once (its queued task is skipped
+    when a worker receives it); running -> pausing (the worker writes a ``pause`` checkpoint
+    at its next check, then sets it paused and is free for other jobs).
+
+    Raises:
+        NotFound: no such job (or another tenant's).
+        Conflict: the job is in any other status (``details.status`` names it).
+    """
+    job = get(session, job_id, tenant_id=tenant_id)
+    if repository.transition(session, job_id, ("queued",), "paused"):
+        events.record(session, job_id, "paused", "paused while queued; resume it to queue it again")
+    elif repository.transition(session, job_id, ("running",), "pausing"):
+        events.record(
+            session, job_id, "pausing", "pause requested; the worker checkpoints and stops soon"
+        )
+    else:
+        session.rollback()
+        session.refresh(job)
+        raise Conflict(
+            f"job {job_id} is {job.status}; only a queued or running job can be paused",
+            details={"status": job.status},
+        )
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def resume(
+    session: Session, celery: Celery, settings: Settings, job_id: str, *, tenant_id: str
+) -> Job:
+    """Resume a paused job of ``tenant_id``: paused -> queued, and queued again on the broker;
+    the worker that claims it continues from its newest checkpoint (from the start when it
+    has none, e.g. paused while queued).
+
+    Raises:
+        NotFound: no such job (or another tenant's).
+        Conflict: the job is not paused (``details.status`` names its status).
+        Unavailable: the broker is down; the job stays paused (503).
+    """
+    job = get(session, job_id, tenant_id=tenant_id)
+    if not repository.transition(session, job_id, ("paused",), "queued"):
+        session.rollback()
+        session.refresh(job)
+        raise Conflict(
+            f"job {job_id} is {job.status}; only a paused job can be resumed",
+            details={"status": job.status},
+        )
+    events.record(
+        session, job_id, "queued", "resumed by request; queued again", data={"resume": True}
+    )
+    session.commit()
+    try:
+        enqueue(celery, job_id, settings.queue)
+    except BrokerUnavailable:
+        if repository.transition(session, job_id, ("queued",), "paused"):
+            events.record(
+                session,
+                job_id,
+                "paused",
+                "the broker is unavailable; the job was not queued and stays paused",
+                level="warning",
+            )
+        session.commit()
+        raise Unavailable(
+            "the broker is unavailable; the job stays paused, resume it again later"
+        ) from None
+    session.refresh(job)
+    return job
+
+
+def job_checkpoints(session: Session, job_id: str, *, tenant_id: str) -> list[JobCheckpoint]:
+    """The checkpoints of a job of ``tenant_id``, oldest first.
+
+    Raises:
+        NotFound: no such job (or another tenant's).
+    """
+    get(session, job_id, tenant_id=tenant_id)
+    return checkpoints.list_checkpoints(session, job_id)
+
+
+def checkpoint_student_files(
+    session: Session, settings: Settings, job_id: str, name: str, *, tenant_id: str
+) -> list[tuple[str, str]]:
+    """``(key, relative path)`` of each stored file of the ``student/`` folder of checkpoint
+    ``name`` of a job of ``tenant_id``, sorted.
+
+    Raises:
+        NotFound: no such job (or another tenant's), no such checkpoint, or its files are gone.
+    """
+    get(session, job_id, tenant_id=tenant_id)
+    row = checkpoints.get_checkpoint(session, job_id, name)
+    if row is None:
+        raise NotFound(f"job {job_id} has no checkpoint {name!r}")
+    prefix = join_key(checkpoints.checkpoint_key(job_id, name), STUDENT_DIR)
+    keys = artifact_storage(settings).list_keys(prefix)
+    if not keys:
+        raise NotFound(f"checkpoint {name!r} of job {job_id} is missing from the store")
+    return [(k, k.removeprefix(prefix + "/")) for k in keys]

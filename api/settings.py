@@ -88,6 +88,25 @@ class Settings(BaseSettings):
     progress_every_steps: int = Field(
         5, description="Training steps between progress writes and cancel checks."
     )
+    checkpoint_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Optimizer steps between periodic checkpoints of a running job (None: "
+        "by time only). A checkpoint is also written at the end of every stage and on pause.",
+    )
+    checkpoint_every_s: float | None = Field(
+        600.0,
+        gt=0,
+        description="Seconds between periodic checkpoints of a running job (None: by steps "
+        "only). A job lost with its worker resumes from its latest checkpoint, so this bounds "
+        "the training time lost.",
+    )
+    checkpoints_keep: int = Field(
+        2,
+        ge=1,
+        description="Checkpoints kept per job in the artifact store (the newest); older ones "
+        "are deleted as new ones arrive. A corrupt newest one falls back to the one before.",
+    )
     max_json_body_bytes: int = Field(
         1024**2,
         ge=1,

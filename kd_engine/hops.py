@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kd_engine import registry
 from kd_engine.augment.samples import SAMPLES_FILE, decode_samples, write_samples
+from kd_engine.checkpoint import Checkpointer, Resume
 from kd_engine.data.batching import Encoded
 from kd_engine.evaluation import count_parameters, predict_logits, task_metrics
 from kd_engine.export import save_archive
@@ -119,6 +120,8 @@ class Job:
     teacher_taught: bool = False
     generator_path: str | None = None
     corpus: Encoded | None = None
+    checkpointer: Checkpointer | None = None
+    resume: Resume | None = None
 
     def shape(self, model: PreTrainedModel) -> ModelShape:
         """The shape of a built model (for the method bound to it)."""
@@ -165,7 +168,9 @@ def _hop_hooks(job: Job, index: int) -> TrainHooks:
     def log(record: dict[str, object]) -> None:
         hooks.log(record if n == 1 else {**record, "hop": job.hops[index].name})
 
-    return TrainHooks(on_progress, hooks.should_stop, log, hooks.every)
+    return TrainHooks(
+        on_progress, hooks.should_stop, log, hooks.every, hooks.on_checkpoint, hooks.should_pause
+    )
 
 
 def run_hop(
@@ -175,9 +180,13 @@ def run_hop(
     method's stages) and evaluate it on the test split; an intermediate hop's model is also
     written as an artifact, ``<hop name>.tar.gz``.
 
+    With ``job.checkpointer`` the hop's training writes checkpoints; with ``job.resume`` of
+    this hop it continues from that checkpoint.
+
     Raises:
         kd_engine.errors.SpecError: the built models do not fit the hop's method.
         kd_engine.trainer.Cancelled: the job was cancelled.
+        kd_engine.checkpoint.Paused: the job paused.
     """
     hop, spec, n = job.hops[index], job.spec, len(job.hops)
     prefix = _hop_prefix(job.hops, index)
@@ -208,6 +217,9 @@ def run_hop(
             training=spec.training,
         )
     )
+    if job.checkpointer is not None:
+        job.checkpointer.hop = index + 1
+    resume = job.resume
     result = train(
         student,
         kd_teacher,
@@ -218,6 +230,8 @@ def run_hop(
         job.pad_id,
         job.device,
         _hop_hooks(job, index),
+        checkpointer=job.checkpointer,
+        resume=resume.loop if resume is not None and resume.hop == index + 1 else None,
     )
 
     job.stage(prefix + "evaluate", hop=index + 1, num_hops=n)

@@ -7,6 +7,7 @@ resolution (which local directory a model reference means) is the caller's: it p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -18,6 +19,14 @@ import transformers
 from transformers import PreTrainedModel
 
 from kd_engine import registry
+from kd_engine.checkpoint import (
+    Checkpointer,
+    CheckpointPolicy,
+    FinishedHop,
+    Resume,
+    load_checkpoint,
+    spec_hash,
+)
 from kd_engine.data import TransferSet, load_eval_sets, load_transfer_set, relabel
 from kd_engine.data.batching import encode, encode_corpus
 from kd_engine.data.corpus import load_corpus
@@ -30,7 +39,7 @@ from kd_engine.evaluation import (
     weights_bytes,
 )
 from kd_engine.export import save_student, write_json
-from kd_engine.hops import HopRun, Job, run_hop, student_shape
+from kd_engine.hops import HopRun, Job, build_student, run_hop, student_shape
 from kd_engine.methods.chain import ChainMethod, plan_hops
 from kd_engine.models.loading import (
     REGRESSION_OUTPUT,
@@ -47,6 +56,7 @@ from kd_engine.spec import JobSpec
 from kd_engine.trainer import (
     Progress,
     TrainHooks,
+    TrainResult,
     pick_device,
     seed_everything,
     selection_metric,
@@ -109,6 +119,19 @@ def _ensemble(logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([x.softmax(-1) for x in logits]).mean(0).log()
 
 
+def _finished_hops(job: Job, resume: Resume) -> tuple[PreTrainedModel | None, list[HopRun]]:
+    """The hops a checkpoint had finished: their runs, and the last one's model (rebuilt from
+    the checkpoint's weights: the next hop's teacher in a chain), or None."""
+    runs = [HopRun(TrainResult(**f.result), f.test_logits, f.report) for f in resume.finished]
+    job.teacher_taught = resume.teacher_taught
+    if resume.previous is None or not runs:
+        return None, runs
+    hop = job.hops[len(runs) - 1]
+    model = build_student(hop.student or job.spec.student, job.teacher, job.names, job.student_path)
+    model.load_state_dict(resume.previous)
+    return model, runs
+
+
 def run_job(
     spec: JobSpec,
     teacher_path: Path | str,
@@ -117,6 +140,8 @@ def run_job(
     hooks: TrainHooks | None = None,
     student_path: Path | str | None = None,
     generator_path: Path | str | None = None,
+    checkpoints: CheckpointPolicy | None = None,
+    resume_from: Path | None = None,
 ) -> RunResult:
     """Train and export the student of ``spec`` into ``out_dir``.
 
@@ -137,9 +162,18 @@ def run_job(
     encoded like the transfer set. An augmentation method also writes
     ``augmented_samples.jsonl`` (original and augmented texts).
 
+    ``checkpoints`` makes the loop write checkpoints (:mod:`kd_engine.checkpoint`) and call
+    ``hooks.on_checkpoint`` with each; ``hooks.should_pause`` then pauses the job (a ``pause``
+    checkpoint, then :class:`~kd_engine.checkpoint.Paused`). ``resume_from`` is a local
+    checkpoint directory written by a run of the same spec: the run continues from it (finished
+    hops are not retrained) and ends with the same student, metrics and artifacts as an
+    uninterrupted run (bit for bit on the CPU). ``out_dir`` may be fresh.
+
     Raises:
-        ValueError: a problem with the job a user can fix (message names it).
+        ValueError: a problem with the job a user can fix (message names it), or
+            ``resume_from`` is not a checkpoint of this spec.
         kd_engine.trainer.Cancelled: the job was cancelled through ``hooks.should_stop``.
+        kd_engine.checkpoint.Paused: the job paused through ``hooks.should_pause``.
     """
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -157,7 +191,9 @@ def run_job(
         user_progress(Progress(name, 0, 0, 0, {}, hop=hop, num_hops=num_hops))
         log({"event": "stage", "stage": name})
 
-    hooks = TrainHooks(user_progress, hooks.should_stop, log, hooks.every)
+    hooks = TrainHooks(
+        user_progress, hooks.should_stop, log, hooks.every, hooks.on_checkpoint, hooks.should_pause
+    )
     device = pick_device(spec.training.device)
     stage("prepare")
     method_cls = registry.get(spec.method.name).method_cls
@@ -228,11 +264,35 @@ def run_job(
 
     runs: list[HopRun] = []
     student: PreTrainedModel | None = None
-    for index in range(len(hops)):
+    first = 0
+    if resume_from is not None:
+        resume = load_checkpoint(resume_from, spec, len(hops))
+        job.resume, first = resume, resume.hop - 1
+        student, runs = _finished_hops(job, resume)
+        resume.restore_out_dir(out_dir)
+        log({"event": "resumed", "checkpoint": resume.path.name, "step": resume.loop.step})
+    if checkpoints is not None:
+        job.checkpointer = Checkpointer(
+            policy=checkpoints,
+            spec_hash=spec_hash(spec),
+            tokenizer=tokenizer,
+            out_dir=out_dir,
+            num_hops=len(hops),
+            finished=list(job.resume.finished) if job.resume is not None else [],
+            previous=student,
+            teacher_taught=job.teacher_taught,
+        )
+    for index in range(first, len(hops)):
         # The previous hop's model teaches this one; the one before it is released.
         previous = (student, runs[-1]) if student is not None else None
         student, run = run_hop(job, index, previous)
         runs.append(run)
+        if job.checkpointer is not None:
+            job.checkpointer.finished.append(
+                FinishedHop(dataclasses.asdict(run.result), run.test_logits, run.report)
+            )
+            job.checkpointer.previous = student
+            job.checkpointer.teacher_taught = job.teacher_taught
     assert student is not None  # a plan has at least one hop
     final = runs[-1]
     result, many = final.result, len(hops) > 1

@@ -13,6 +13,7 @@ with them. Deterministic for a given seed on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -23,6 +24,14 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from kd_engine.checkpoint import (
+    Checkpointer,
+    LoopState,
+    Paused,
+    SavedCheckpoint,
+    rng_state,
+    set_rng_state,
+)
 from kd_engine.data.batching import Encoded, batches, num_batches
 from kd_engine.evaluation import model_inputs, predict_logits, task_metrics
 from kd_engine.methods.base import Method, StepOutputs
@@ -76,13 +85,22 @@ class Progress:
 
 @dataclass
 class TrainHooks:
-    """Callbacks from the loop: progress every ``every`` steps, cancel check at the same time,
-    one log record per event (JSON-serialisable dicts)."""
+    """Callbacks from the loop: progress every ``every`` steps, cancel and pause checks at the
+    same time, one log record per event (JSON-serialisable dicts), and one call per checkpoint
+    written (:class:`~kd_engine.checkpoint.SavedCheckpoint`, when the run has a
+    :class:`~kd_engine.checkpoint.CheckpointPolicy`).
+
+    ``should_pause`` returning True makes the loop write a checkpoint (reason ``pause``) and
+    raise :class:`~kd_engine.checkpoint.Paused`; a run without a checkpoint policy cannot pause
+    (the check is skipped).
+    """
 
     on_progress: Callable[[Progress], None] = lambda p: None
     should_stop: Callable[[], bool] = lambda: False
     log: Callable[[dict[str, object]], None] = lambda r: None
     every: int = 5
+    on_checkpoint: Callable[[SavedCheckpoint], None] = lambda c: None
+    should_pause: Callable[[], bool] = lambda: False
 
 
 @dataclass
@@ -177,9 +195,19 @@ def train(
     pad_id: int,
     device: torch.device,
     hooks: TrainHooks | None = None,
+    checkpointer: Checkpointer | None = None,
+    resume: LoopState | None = None,
 ) -> TrainResult:
     """Train ``student`` in place with ``method``'s stages; on return it holds the weights of
     the best evaluation of a stage that may select (the last weights if none may).
+
+    With a ``checkpointer`` the loop writes checkpoints as its policy says (after an optimiser
+    step, never the last of a stage; at stage ends) and calls ``hooks.on_checkpoint`` with
+    each; ``hooks.should_pause`` (checked with ``should_stop``) then writes one (reason
+    ``pause``) and raises :class:`~kd_engine.checkpoint.Paused`. ``resume`` is the state of a
+    checkpoint of this hop: the student, the method (built, bound and seeded as for a fresh
+    run) and the loop continue from it, so that the result equals an uninterrupted run's (bit
+    for bit on the CPU).
 
     For a method that needs attention maps, both models run with an attention implementation
     that reports them (probabilities, or scores when ``method.attention_scores``) during
@@ -187,6 +215,8 @@ def train(
 
     Raises:
         Cancelled: ``hooks.should_stop()`` returned True.
+        kd_engine.checkpoint.Paused: ``hooks.should_pause()`` returned True (after the
+            checkpoint was written).
         ValueError: the loss became NaN or infinite (with the stage and step), or the
             selection metric is not one the task reports.
     """
@@ -196,7 +226,9 @@ def train(
         else (lambda: None)
     )
     try:
-        return _Loop(student, teacher, method, train_data, dev_data, cfg, pad_id, device, hooks)()
+        loop = _Loop(student, teacher, method, train_data, dev_data, cfg, pad_id, device, hooks)
+        loop.checkpointer, loop.resume = checkpointer, resume
+        return loop()
     finally:
         restore()
 
@@ -238,6 +270,9 @@ class _Loop:
         self.step = self.epoch = 0
         self.generator_block = 0  # generator (max-step) blocks run so far
         self.started = time.perf_counter()
+        self.checkpointer: Checkpointer | None = None
+        self.resume: LoopState | None = None
+        self.dev: dict[str, float] = {}  # the latest dev metrics
 
     def __call__(self) -> TrainResult:
         seed_everything(self.cfg.seed)
@@ -247,12 +282,16 @@ class _Loop:
                 module.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device).eval()  # type: ignore[arg-type]
-        for warning in self.result.warnings:
-            self.hooks.log({"event": "warning", "message": warning})
         generator = torch.Generator().manual_seed(self.cfg.seed)
         self.method.prepare(self.train_data)
-        for index, stage in enumerate(self.stages):
-            self._run_stage(index, stage, generator)
+        first = 0
+        if self.resume is None:
+            for warning in self.result.warnings:
+                self.hooks.log({"event": "warning", "message": warning})
+        else:
+            first = self._load(self.resume, generator)
+        for index in range(first, len(self.stages)):
+            self._run_stage(index, self.stages[index], generator)
         if self.best_state is not None:
             self.student.load_state_dict(self.best_state)
         self.result.seconds = time.perf_counter() - self.started
@@ -285,24 +324,112 @@ class _Loop:
         factor = lr_factor(schedule, int(warmup_ratio * total), total)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
+    def _load(self, r: LoopState, generator: torch.Generator) -> int:
+        """Restore the weights and the loop's counters of checkpoint state ``r``; returns the
+        index of the stage to run first. What belongs to a stage under way (optimiser, method
+        state, RNG) is restored by :meth:`_run_stage`."""
+        self.student.load_state_dict(r.student)
+        modules = [m for g in self.groups[1:] for m in g.modules]
+        if len(modules) != len(r.modules):
+            raise ValueError("resume_from: the checkpoint's method modules do not match")
+        for module, state in zip(modules, r.modules, strict=True):
+            module.load_state_dict(state)
+        self.step, self.epoch = r.step, r.epoch
+        self.generator_block = r.generator_block
+        self.result = TrainResult(**r.result)
+        self.best_state, self.restore_state = r.best_state, r.restore_state
+        self.restore_score = r.restore_score
+        self.started = time.perf_counter() - r.seconds
+        self.dev = dict(r.dev)
+        generator.set_state(r.data_generator)
+        return r.stage_index
+
+    def _snapshot(
+        self,
+        index: int,
+        mid_stage: bool,
+        generator_state: torch.Tensor,
+        optimizer: torch.optim.Optimizer | None,
+        scheduler: torch.optim.lr_scheduler.LambdaLR | None,
+        counters: dict[str, object],
+    ) -> LoopState:
+        """The loop's state now, for a checkpoint (``counters``: the stage's own)."""
+        modules = [m for g in self.groups[1:] for m in g.modules]
+        result = dataclasses.asdict(self.result)
+        result["seconds"] = time.perf_counter() - self.started
+        stage = self.stages[index if mid_stage else index - 1]  # a stage-end: the one ended
+        return LoopState(
+            stage_index=index,
+            mid_stage=mid_stage,
+            stage_name=stage.name,
+            step=self.step,
+            epoch=self.epoch,
+            generator_block=self.generator_block,
+            restore_score=self.restore_score,
+            seconds=time.perf_counter() - self.started,
+            total_steps=self.total,
+            dev=dict(self.dev),
+            result=result,
+            data_generator=generator_state,
+            student=self.student.state_dict(),
+            modules=[m.state_dict() for m in modules],
+            best_state=self.best_state,
+            restore_state=self.restore_state,
+            optimizer=optimizer.state_dict() if optimizer is not None else None,
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+            method_extra=self.method.extra_state(),
+            rng=rng_state(),
+            **counters,  # type: ignore[arg-type]
+        )
+
+    def _checkpoint(self, state: LoopState, reason: str) -> SavedCheckpoint:
+        assert self.checkpointer is not None
+        saved = self.checkpointer.write(state, self.student, reason)
+        self.hooks.log(
+            {"event": "checkpoint", "name": saved.name, "step": saved.step, "reason": reason}
+        )
+        self.hooks.on_checkpoint(saved)
+        if reason == "pause":
+            raise Paused(saved)
+        return saved
+
     def _run_stage(self, index: int, stage: Stage, generator: torch.Generator) -> None:
         cfg, hooks, method = self.cfg, self.hooks, self.method
+        r, self.resume = self.resume, None
         n_steps = self.steps[index]
         trains = set(stage.trains) if stage.trains is not None else {g.name for g in self.groups}
         active = [g for g in self.groups if g.name in trains]
         frozen = [p for g in self.groups if g.name not in trains for p in g.parameters()]
         for p in frozen:
             p.requires_grad_(False)
+        if r is not None and not r.mid_stage:  # a stage-end checkpoint: the stage begins now
+            method.load_extra_state(r.method_extra)
+            set_rng_state(r.rng)
         method.begin_stage(stage)
-        self.generator_block = 0
+        if r is None or not r.mid_stage:
+            self.generator_block = 0
         optimizer, scheduler = self._optimizer(stage, active)
         clip = [(g.parameters(), g.max_grad_norm or cfg.max_grad_norm) for g in active]
-        hooks.log({"event": "stage", "stage": stage.name, "index": index + 1, "steps": n_steps})
+        if r is None or not r.mid_stage:
+            hooks.log({"event": "stage", "stage": stage.name, "index": index + 1, "steps": n_steps})
         stage_started = time.perf_counter()
         position = {"stage_index": index + 1, "num_stages": len(self.stages)}
         stage_step, stage_epoch = 0, 0
         stage_best: dict[str, float] = {}
         n_batches = num_batches(len(self.train_data), cfg.batch_size)
+        skip, epoch_start = 0, generator.get_state()
+        sums: dict[str, float] = {}
+        n_micro = 0
+        if r is not None and r.mid_stage:
+            assert r.optimizer is not None and r.scheduler is not None
+            optimizer.load_state_dict(r.optimizer)
+            scheduler.load_state_dict(r.scheduler)
+            method.load_extra_state(r.method_extra)
+            stage_step, stage_epoch = r.stage_step, r.stage_epoch
+            stage_best = dict(r.stage_best)
+            sums, n_micro, skip = dict(r.sums), r.n_micro, r.micro_next
+            set_rng_state(r.rng)
+        ckpt = self.checkpointer
 
         def evaluate(sums: dict[str, float], n_micro: int, at: str) -> None:
             dev = task_metrics(
@@ -352,15 +479,35 @@ class _Loop:
                 self.best_state = _state(self.student)
             if score > self.restore_score:
                 self.restore_score, self.restore_state = score, _state(self.student)
+            self.dev = dict(dev)
+
+        def snapshot(mid_stage: bool, micro_next: int) -> LoopState:
+            counters = {
+                "stage_step": stage_step,
+                "stage_epoch": stage_epoch,
+                "micro_next": micro_next,
+                "n_micro": n_micro,
+                "sums": dict(sums),
+                "stage_best": dict(stage_best),
+            }
+            if mid_stage:
+                return self._snapshot(index, True, epoch_start, optimizer, scheduler, counters)
+            return self._snapshot(index + 1, False, generator.get_state(), None, None, counters)
 
         while stage_step < n_steps:
-            self.epoch += 1
-            stage_epoch += 1
-            sums: dict[str, float] = {}
-            n_micro = 0
+            if skip:  # resuming within this epoch: its counters and sums are restored
+                generator.set_state(epoch_start := r.data_generator)  # type: ignore[union-attr]
+            else:
+                self.epoch += 1
+                stage_epoch += 1
+                sums = {}
+                n_micro = 0
+                epoch_start = generator.get_state()
             for micro, batch in enumerate(
                 batches(self.train_data, cfg.batch_size, self.pad_id, generator)
             ):
+                if micro < skip:  # consumed before the checkpoint
+                    continue
                 if micro % cfg.grad_accumulation_steps == 0:
                     self._generator_steps(stage_step, batch, position, n_steps, stage_epoch)
                 method.start_step(self.epoch, self.step)
@@ -385,7 +532,8 @@ class _Loop:
                 optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 stage_step += 1
-                if stage_step % hooks.every == 0 or stage_step == n_steps:
+                reported = stage_step % hooks.every == 0 or stage_step == n_steps
+                if reported:
                     losses = {k: v / n_micro for k, v in sums.items()}
                     hooks.on_progress(
                         Progress(
@@ -423,8 +571,14 @@ class _Loop:
                     and micro + 1 < n_batches
                 ):
                     evaluate(sums, n_micro, "step")
+                if ckpt is not None and stage_step < n_steps:
+                    if reported and hooks.should_pause():
+                        self._checkpoint(snapshot(True, micro + 1), "pause")
+                    elif ckpt.due(self.step):
+                        self._checkpoint(snapshot(True, micro + 1), "interval")
                 if stage_step >= n_steps:
                     break
+            skip = 0
             if stage.evaluates:
                 evaluate(sums, n_micro, "epoch_end")
             if hooks.should_stop():
@@ -453,6 +607,13 @@ class _Loop:
         }
         self.result.stages.append(summary)
         hooks.log({"event": "stage_end", **summary})
+        if ckpt is None:
+            return
+        last = index == len(self.stages) - 1 and ckpt.hop == ckpt.num_hops
+        if not last and hooks.should_pause():
+            self._checkpoint(snapshot(False, 0), "pause")
+        elif not last and ckpt.policy.at_stage_end:
+            self._checkpoint(snapshot(False, 0), "stage_end")
 
     def _generator_steps(
         self,

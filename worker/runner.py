@@ -15,13 +15,15 @@ from celery import Celery
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import dependencies, events, refs, repository
+from api import checkpoints, dependencies, events, refs, repository
 from api.db import make_engine, make_sessionmaker, utcnow
 from api.settings import Settings
-from api.storage import artifact_storage
+from api.storage import StorageError, artifact_storage
+from kd_engine.checkpoint import Paused, SavedCheckpoint
 from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, PretrainedStudent
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
+from worker import checkpoints as saved_checkpoints
 from worker.celery_app import make_celery
 from worker.heartbeat import Heartbeat
 
@@ -39,7 +41,7 @@ def _finish(
 ) -> None:
     with sm() as s:
         if repository.transition(
-            s, job_id, ("running", "cancelling"), status, finished_at=utcnow(), **values
+            s, job_id, ("running", "pausing", "cancelling"), status, finished_at=utcnow(), **values
         ):
             level = "error" if status == "failed" else "info"
             events.record(s, job_id, status, message, level=level)
@@ -51,7 +53,9 @@ def _publish(
 ) -> None:
     """Publish the finished output to the artifact store (replacing an earlier attempt's),
     record its top-level files, mark the job succeeded."""
-    stored = artifact_storage(settings).put_dir(refs.job_key(job_id), tmp)
+    stored = artifact_storage(settings).put_dir(
+        refs.job_key(job_id), tmp, keep=(checkpoints.CHECKPOINTS_DIR,)
+    )
     files = [
         (name, o.size, o.sha256)
         for o in stored
@@ -75,7 +79,7 @@ def _publish(
         if repository.transition(
             s,
             job_id,
-            ("running", "cancelling"),
+            ("running", "pausing", "cancelling"),
             "succeeded",
             finished_at=utcnow(),
             metrics=metrics,
@@ -149,6 +153,19 @@ def execute(job_id: str, settings: Settings) -> str:
         s.commit()
     tmp = settings.artifacts_root.resolve() / ".partial" / f"{job_id}-{attempt}"
     shutil.rmtree(tmp, ignore_errors=True)
+    ckpt_dir = tmp.with_name(f"{tmp.name}-checkpoints")
+    # The heartbeat starts before the checkpoint download: a large one is not a lost worker.
+    beat = Heartbeat(sm, job_id, attempt, settings.heartbeat_interval_s)
+    beat.start()
+    try:
+        resume = saved_checkpoints.fetch_latest(
+            sm, settings, job_id, tmp.with_name(f"{tmp.name}-resume")
+        )
+    except BaseException:
+        beat.stop()
+        raise
+    if resume is not None:
+        saved_checkpoints.record_resumed(sm, job_id, attempt, resume.info)
     epochs: list[dict[str, Any]] = []
     status = {"value": "running"}
 
@@ -172,14 +189,26 @@ def execute(job_id: str, settings: Settings) -> str:
         if kind in _LOGGED_EVENTS:
             _log_event(sm, job_id, record)
 
-    beat = Heartbeat(sm, job_id, attempt, settings.heartbeat_interval_s)
+    stored_names: set[str] = set()
+
+    def on_checkpoint(saved: SavedCheckpoint) -> None:
+        if beat.lost:  # another attempt owns the job now: its checkpoints are not ours to add
+            return
+        try:
+            saved_checkpoints.store(sm, settings, job_id, attempt, saved)
+            stored_names.add(saved.name)
+        except (StorageError, OSError) as e:  # training goes on; a resume uses an older one
+            log.exception("job %s: checkpoint %s not stored", job_id, saved.name)
+            saved_checkpoints.warn(sm, job_id, f"checkpoint {saved.name} not stored: {e}")
+
     hooks = TrainHooks(
         on_progress=on_progress,
-        should_stop=lambda: status["value"] != "running" or beat.lost,
+        should_stop=lambda: status["value"] not in ("running", "pausing") or beat.lost,
         log=on_log,
         every=settings.progress_every_steps,
+        on_checkpoint=on_checkpoint,
+        should_pause=lambda: status["value"] == "pausing",
     )
-    beat.start()
     try:
         spec = JobSpec.model_validate(spec_data)
         teacher = refs.model_location(spec.teacher, settings)
@@ -200,13 +229,25 @@ def execute(job_id: str, settings: Settings) -> str:
             hooks,
             student,
             generator,
+            checkpoints=saved_checkpoints.policy(settings, ckpt_dir),
+            resume_from=resume.directory if resume is not None else None,
         )
         if beat.lost:  # stalled past the heartbeat timeout: another attempt owns the job now
             log.warning("job %s: attempt %d lost its claim; not published", job_id, attempt)
             return "lost"
         _publish(sm, settings, job_id, tmp, result.metrics)
+        saved_checkpoints.discard_all(sm, settings, job_id)
         log.info("job %s: succeeded", job_id)
         return "succeeded"
+    except Paused as p:
+        if p.checkpoint.name not in stored_names and p.checkpoint.path.is_dir():
+            on_checkpoint(p.checkpoint)
+        final = saved_checkpoints.settle_paused(sm, job_id, p.checkpoint)
+        if final == "cancelling":
+            _finish(sm, job_id, "cancelled", "cancelled by request while pausing")
+            final = "cancelled"
+        log.info("job %s: %s", job_id, final)
+        return final
     except Cancelled:
         if beat.lost:  # re-queued by the reconciler after a stall: another attempt owns it
             log.warning("job %s: attempt %d lost its claim; stopped", job_id, attempt)
@@ -227,6 +268,9 @@ def execute(job_id: str, settings: Settings) -> str:
     finally:
         beat.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if resume is not None:
+            shutil.rmtree(resume.directory, ignore_errors=True)
         release_dependents(settings, job_id)
 
 

@@ -1,4 +1,5 @@
-"""/v1/jobs: submit, list, read, cancel, delete, metrics, artifacts, archive."""
+"""/v1/jobs: submit, list, read, cancel, pause, resume, delete, metrics, artifacts, archive,
+checkpoints."""
 
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ from api import idempotency, repository, service
 from api.auth import CallerDep
 from api.deps import CeleryDep, SessionDep, SettingsDep
 from api.errors import Conflict, InvalidSpec, NotFound
-from api.params import ArtifactName, Cursor, JobId, StatusFilter
-from api.schemas import ArtifactList, ArtifactOut, JobList, JobOut, MetricsOut
+from api.params import ArtifactName, CheckpointName, Cursor, JobId, StatusFilter
+from api.schemas import (
+    ArtifactList,
+    ArtifactOut,
+    CheckpointList,
+    CheckpointOut,
+    JobList,
+    JobOut,
+    MetricsOut,
+)
 from api.storage import FILE_MODE, ObjectNotFound, artifact_storage, join_key
 from kd_engine.spec import JobSpec
 
@@ -170,5 +179,68 @@ def download_archive(
         tmp_name,
         media_type="application/gzip",
         filename=f"{job_id}.tar.gz",
+        background=BackgroundTask(os.unlink, tmp_name),
+    )
+
+
+@router.post("/{job_id}/pause", response_model=JobOut)
+def pause_job(job_id: JobId, session: SessionDep, caller: CallerDep) -> JobOut:
+    """Pause: a queued job at once (``paused``); a running one becomes ``pausing``, and its
+    worker writes a checkpoint within a few steps, sets it ``paused`` and moves on to other
+    jobs. 409 in any other status (``error.details.status`` names it)."""
+    return JobOut.of(service.pause(session, job_id, tenant_id=caller.tenant_id))
+
+
+@router.post("/{job_id}/resume", response_model=JobOut)
+def resume_job(
+    job_id: JobId, session: SessionDep, settings: SettingsDep, celery: CeleryDep, caller: CallerDep
+) -> JobOut:
+    """Resume a paused job: it is queued again and continues from its newest checkpoint.
+    409 if it is not paused; 503 if the broker is down (it stays paused)."""
+    return JobOut.of(service.resume(session, celery, settings, job_id, tenant_id=caller.tenant_id))
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(job_id: JobId, session: SessionDep, caller: CallerDep) -> CheckpointList:
+    """The job's stored checkpoints, oldest first: step, stage, hop, reason, dev metrics,
+    size (bytes), and the URL of each one's student archive."""
+    rows = service.job_checkpoints(session, job_id, tenant_id=caller.tenant_id)
+    return CheckpointList(job_id=job_id, items=[CheckpointOut.of(c) for c in rows])
+
+
+@router.get("/{job_id}/checkpoints/{name}/archive")
+def download_checkpoint_archive(
+    job_id: JobId,
+    name: CheckpointName,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+) -> FileResponse:
+    """The student of one checkpoint as ``<job id>-<name>.tar.gz`` (a transformers directory
+    under ``<job id>-<name>/``; 0644 files, owned by uid 0). 404 for an unknown checkpoint
+    (or one removed since the listing)."""
+    files = service.checkpoint_student_files(
+        session, settings, job_id, name, tenant_id=caller.tenant_id
+    )
+    store = artifact_storage(settings)
+    folder = f"{job_id}-{name}"
+    fd, tmp_name = tempfile.mkstemp(suffix=".tar.gz")
+    os.close(fd)
+    try:
+        with tarfile.open(tmp_name, mode="w:gz") as tar:
+            for key, rel in files:
+                info = tarfile.TarInfo(f"{folder}/{rel}")
+                info.size, info.mode = store.size(key), FILE_MODE
+                with store.open(key) as f:
+                    tar.addfile(info, f)
+    except BaseException as e:
+        os.unlink(tmp_name)
+        if isinstance(e, ObjectNotFound):
+            raise NotFound(f"checkpoint {name!r} of job {job_id} was removed meanwhile") from None
+        raise
+    return FileResponse(
+        tmp_name,
+        media_type="application/gzip",
+        filename=f"{folder}.tar.gz",
         background=BackgroundTask(os.unlink, tmp_name),
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -270,13 +270,15 @@ class Storage(ABC):
         """
 
     @abstractmethod
-    def put_dir(self, prefix: str, source: Path) -> list[StoredObject]:
+    def put_dir(self, prefix: str, source: Path, keep: Sequence[str] = ()) -> list[StoredObject]:
         """Publish the regular files of the local directory ``source`` (recursively) under
-        ``prefix``, replacing whatever was under it; ``source`` is consumed (moved or removed).
+        ``prefix``, replacing whatever was under it except the sub-prefixes ``keep`` (names
+        relative to ``prefix``, such as ``checkpoints``: what is under them stays, and
+        ``source``'s own files there are dropped); ``source`` is consumed (moved or removed).
         Files whose relative paths are not valid keys are not published.
 
         Returns:
-            The published objects (key, size in bytes, sha256), sorted by key.
+            The published objects (key, size in bytes, sha256), sorted by key (not those kept).
 
         Raises:
             InvalidKey: a bad prefix.

@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,6 +18,7 @@ from api.storage.base import (
     ObjectWriter,
     Storage,
     StoredObject,
+    join_key,
     validate_key,
 )
 
@@ -144,12 +146,25 @@ class LocalStorage(Storage):
         shutil.rmtree(path)
         return count
 
-    def put_dir(self, prefix: str, source: Path) -> list[StoredObject]:
+    def put_dir(self, prefix: str, source: Path, keep: Sequence[str] = ()) -> list[StoredObject]:
         """See :meth:`Storage.put_dir`. ``source`` is renamed into place when it lies on the
         same filesystem (the worker stages under the root for this), else copied and removed.
-        Published files get mode 0644 and folders 0755."""
+        Published files get mode 0644 and folders 0755. Kept sub-prefixes are moved aside (a
+        hidden folder of the root) and back."""
         final = self._path(prefix)
         source = Path(source)
+        kept: list[tuple[str, Path]] = []
+        aside = None
+        for sub in keep:
+            held = self._path(join_key(prefix, sub))
+            shutil.rmtree(source / sub, ignore_errors=True)
+            if held.is_dir():
+                if aside is None:
+                    self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+                    aside = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
+                target = aside / str(len(kept))
+                held.replace(target)
+                kept.append((sub, target))
         if final.exists():
             shutil.rmtree(final)
         final.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
@@ -164,9 +179,17 @@ class LocalStorage(Storage):
                 file = Path(dirpath) / name
                 if file.is_file() and not file.is_symlink():
                     os.chmod(file, FILE_MODE)
+        for sub, held in kept:
+            dest = self._path(join_key(prefix, sub))
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            held.replace(dest)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        kept_prefixes = tuple(f"{prefix}/{sub}/" for sub in keep)
         return [
             StoredObject(key, (self.root / key).stat().st_size, sha256_file(self.root / key))
             for key in self.list_keys(prefix)
+            if not key.startswith(kept_prefixes)
         ]
 
     def local_path(self, key: str) -> Path:

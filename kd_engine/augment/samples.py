@@ -30,6 +30,15 @@ class SampleKeeper:
         else:
             self._last.append(record)
 
+    def state(self) -> dict[str, object]:
+        """The kept records (for a checkpoint)."""
+        return {"first": list(self._first), "last": list(self._last)}
+
+    def load_state(self, state: dict[str, object]) -> None:
+        """Restore what :meth:`state` returned."""
+        self._first = list(state["first"])  # type: ignore[call-overload]
+        self._last = deque(state["last"], maxlen=self.kept)  # type: ignore[call-overload]
+
     def records(self) -> list[dict[str, object]]:
         """The kept records, first ones first."""
         return [*self._first, *self._last]

@@ -30,7 +30,7 @@ distilroberta-base or BERT-mini).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
@@ -251,6 +251,38 @@ class AdversarialMethod(Method):
     def start_step(self, epoch: int, step: int) -> None:
         """Count the stage's student steps (for the samples' ``stage_step``)."""
         self._stage_step = step
+
+    def extra_state(self) -> dict[str, Any]:
+        """The method's random source, the generator's pending batch order, its own optimiser
+        (max steps), the kept samples and the stage step (the generator's weights are a
+        parameter group, saved with the others)."""
+        return {
+            "rng": self.rng.get_state() if self.rng is not None else None,
+            "stream": list(self._stream),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "samples": self.samples.state(),
+            "stage_step": self._stage_step,
+            "n_generator": self.n_generator,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned (after :meth:`bind` and :meth:`prepare`).
+
+        Raises:
+            RuntimeError: bind() has not run.
+        """
+        generator, _ = self._bound()
+        if state["rng"] is not None:
+            self.rng = torch.Generator()
+            self.rng.set_state(state["rng"])
+        self._stream = [int(i) for i in state["stream"]]
+        if state["optimizer"] is not None:
+            params = list(generator.parameters())
+            self.optimizer = torch.optim.AdamW(params, lr=self.config.generator_learning_rate)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.samples.load_state(state["samples"])
+        self._stage_step = int(state["stage_step"])
+        self.n_generator = int(state["n_generator"])
 
     def adversarial(self) -> bool:
         """Whether the current stage alternates generator and student steps."""

@@ -31,7 +31,7 @@ per method, not per stage).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
@@ -110,6 +110,15 @@ class AnnealingClock:
             epoch - self._first_epoch + 1, self.tau_max, self.epochs_per_temperature
         )
         return self.temperature
+
+    def state(self) -> dict[str, int | None]:
+        """The clock's state, for a checkpoint."""
+        return {"temperature": self.temperature, "first_epoch": self._first_epoch}
+
+    def load_state(self, state: dict[str, int | None]) -> None:
+        """Restore what :meth:`state` returned."""
+        self.temperature = int(state["temperature"] or self.tau_max)
+        self._first_epoch = state["first_epoch"]
 
     def factor(self) -> float:
         """Phi(T) of the current temperature (:func:`annealing_factor`)."""
@@ -192,6 +201,14 @@ class AnnealingKD(Method):
         if self.stage is None or self.stage.loss != ANNEALING:
             return
         self.clock.tick(epoch)
+
+    def extra_state(self) -> dict[str, Any]:
+        """The annealing clock (temperature and the stage's first epoch)."""
+        return {"clock": self.clock.state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the annealing clock."""
+        self.clock.load_state(state["clock"])
 
     def stage_label(self) -> str:
         """``annealing T=5/7`` in stage I, the stage's name in stage II."""

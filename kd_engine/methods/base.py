@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
@@ -234,6 +234,17 @@ class Method(ABC):
         (the hop's ``method_report``) and the training log (a ``method_report`` record): an
         augmentation method's corpus and candidate counts. Empty for most methods."""
         return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """The method's own state that is not a parameter of :meth:`param_groups` and changes
+        during training (RNG generators, memory banks, schedules, counters), for a checkpoint.
+        Values are tensors, plain Python data (JSON-like), or nested dicts/lists of them.
+        Default: nothing."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027
+        """Restore what :meth:`extra_state` returned (called on resume after :meth:`bind` and
+        :meth:`prepare`, before the loop continues). Default: nothing."""
 
     def param_groups(self) -> list[ParamGroup]:
         """The method's own trainable modules (projections, probes) as named groups; the loop

@@ -73,7 +73,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
@@ -395,6 +395,30 @@ class CoDIR(Method):
             self.head.student.weight.device,
         )
         self.pending_ids = None
+
+    def extra_state(self) -> dict[str, Any]:
+        """The memory banks (both (N, u)), their normalisers and the negatives' generator."""
+        memory = self.memory
+        if memory is None:
+            return {}
+        return {
+            "student": memory.student.detach().cpu().clone(),
+            "teacher": memory.teacher.detach().cpu().clone(),
+            "generator": memory.generator.get_state(),
+            "z_student": memory.z_student,
+            "z_teacher": memory.z_teacher,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the banks (after :meth:`prepare`, which builds them)."""
+        memory = self.memory
+        if memory is None or not state:
+            return
+        device = memory.student.device
+        memory.student = state["student"].to(device)
+        memory.teacher = state["teacher"].to(device)
+        memory.generator.set_state(state["generator"])
+        memory.z_student, memory.z_teacher = state["z_student"], state["z_teacher"]
 
     def start_batch(self, batch: dict[str, torch.Tensor]) -> None:
         """Remember the batch's ``example_ids`` for the next :meth:`loss`."""

@@ -24,7 +24,7 @@ where it is added.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -124,6 +124,15 @@ class CombinedKD(AdversarialMethod):
         super().start_step(epoch, step)
         if self.adversarial():
             self.clock.tick(epoch)
+
+    def extra_state(self) -> dict[str, Any]:
+        """The adversarial state (:meth:`AdversarialMethod.extra_state`) and the clock."""
+        return {**super().extra_state(), "clock": self.clock.state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+        super().load_extra_state(state)
+        self.clock.load_state(state["clock"])
 
     def stage_label(self) -> str:
         """``combined annealing T=5/10`` in stage I."""

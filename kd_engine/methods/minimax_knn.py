@@ -65,7 +65,7 @@ settings.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
@@ -294,6 +294,16 @@ class MinimaxKNN(Method):
             )
 
     # --- the loop's hooks ---------------------------------------------------------------
+
+    def extra_state(self) -> dict[str, Any]:
+        """The job's epoch and step last seen and the kept samples (the neighbour index is
+        rebuilt from the data by :meth:`prepare`)."""
+        return {"epoch": self.epoch, "step": self.step, "samples": self.samples.state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.samples.load_state(state["samples"])
 
     def start_step(self, epoch: int, step: int) -> None:
         """Keep the job's epoch (1-based) and step: augmentation starts at an epoch."""

@@ -47,7 +47,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
@@ -261,6 +261,14 @@ class RAILKD(Method):
         if draw != self.draw:
             self.layers = draw_teacher_layers(self.pool, len(self.student_layers), self.seed, draw)
             self.draw = draw
+
+    def extra_state(self) -> dict[str, Any]:
+        """The current draw (its number and teacher layers; both follow from the seed)."""
+        return {"draw": self.draw, "layers": list(self.layers)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the current draw."""
+        self.draw, self.layers = int(state["draw"]), [int(i) for i in state["layers"]]
 
     def start_step(self, epoch: int, step: int) -> None:
         """Draw new teacher layers at the start of each epoch, or every N steps."""

@@ -1,0 +1,211 @@
+"""The worker's side of checkpoints: store each one the KD loop writes in the artifact store
+(and the ``job_checkpoints`` table, with a ``checkpoint`` event), keep the newest
+``checkpoints_keep``, fetch the newest loadable one to resume from, and settle a paused job.
+
+Checkpoints are staged under ``<artifacts root>/.partial/`` (same filesystem as the store, so
+publishing one is a rename) and live in the store under ``<job id>/checkpoints/<name>/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import checkpoints, events, repository
+from api.settings import Settings
+from api.storage import ObjectNotFound, StorageError, artifact_storage, sha256_file
+from kd_engine.checkpoint import CheckpointPolicy, SavedCheckpoint, read_checkpoint_info
+
+log = logging.getLogger("distillery.worker")
+
+
+def policy(settings: Settings, directory: Path) -> CheckpointPolicy:
+    """The checkpoint policy of this worker's settings, writing into ``directory``."""
+    return CheckpointPolicy(
+        directory=directory,
+        every_steps=settings.checkpoint_every_steps,
+        every_seconds=settings.checkpoint_every_s,
+        at_stage_end=True,
+    )
+
+
+def store(
+    sm: sessionmaker[Session], settings: Settings, job_id: str, attempt: int, saved: SavedCheckpoint
+) -> None:
+    """Publish the local checkpoint ``saved`` (consumed: its local folder is gone after) under
+    ``<job id>/checkpoints/<name>/``, record its row and a ``checkpoint`` event in one
+    transaction, then delete the checkpoints beyond the newest ``checkpoints_keep`` (rows and
+    files).
+
+    Raises:
+        StorageError, OSError: the store refused it (the caller decides whether that is fatal).
+    """
+    store_ = artifact_storage(settings)
+    prefix = checkpoints.checkpoint_key(job_id, saved.name)
+    stored = store_.put_dir(prefix, saved.path)
+    files = [(o.key.removeprefix(prefix + "/"), o.size, o.sha256) for o in stored]
+    with sm() as s:
+        row = checkpoints.add(
+            s,
+            job_id,
+            name=saved.name,
+            step=saved.step,
+            total_steps=saved.total_steps,
+            hop=saved.hop,
+            stage=saved.stage,
+            reason=saved.reason,
+            dev=dict(saved.dev),
+            files=files,
+            attempt=attempt,
+        )
+        hop = f" (hop {saved.hop}/{saved.num_hops})" if saved.num_hops > 1 else ""
+        events.record(
+            s,
+            job_id,
+            "checkpoint",
+            f"checkpoint {saved.name} saved at step {saved.step} of {saved.total_steps}{hop} "
+            f"({saved.reason})",
+            data={
+                "name": saved.name,
+                "step": saved.step,
+                "total_steps": saved.total_steps,
+                "hop": saved.hop,
+                "num_hops": saved.num_hops,
+                "stage": saved.stage,
+                "reason": saved.reason,
+                "size_bytes": row.size_bytes,
+            },
+        )
+        old = checkpoints.beyond_keep(s, job_id, settings.checkpoints_keep)
+        checkpoints.remove(s, job_id, old)
+        s.commit()
+    shutil.rmtree(saved.path, ignore_errors=True)
+    for name in old:
+        store_.delete_prefix(checkpoints.checkpoint_key(job_id, name))
+
+
+def discard_all(sm: sessionmaker[Session], settings: Settings, job_id: str) -> int:
+    """Delete every checkpoint of the job (rows, then files); how many. Used once it
+    succeeded: its final student is published and nothing will resume it."""
+    with sm() as s:
+        count = checkpoints.remove(s, job_id)
+        s.commit()
+    try:
+        artifact_storage(settings).delete_prefix(checkpoints.checkpoint_key(job_id))
+    except (StorageError, OSError):
+        log.exception("job %s: could not remove its checkpoints", job_id)
+    return count
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A checkpoint fetched to resume from: its local copy and what it says."""
+
+    directory: Path
+    info: SavedCheckpoint
+
+
+def _verify(directory: Path, files: list[list[object]]) -> None:
+    """Raise ValueError unless every recorded file is there with its size and sha256."""
+    for rel, size, digest in files:
+        path = directory / str(rel)
+        if not path.is_file():
+            raise ValueError(f"{rel} is missing")
+        if path.stat().st_size != size or sha256_file(path) != digest:
+            raise ValueError(f"{rel} does not match the stored checksum")
+
+
+def fetch_latest(
+    sm: sessionmaker[Session], settings: Settings, job_id: str, dest: Path
+) -> Resume | None:
+    """Copy the newest loadable checkpoint of the job into ``dest`` (emptied first) and return
+    it; None when the job has none that loads. A checkpoint that is missing, truncated, altered
+    or without a readable manifest is skipped for the one before it, with a ``warning`` event
+    naming it (and one more when none is left: the job starts afresh)."""
+    store_ = artifact_storage(settings)
+    with sm() as s:
+        rows = [(r.name, r.files) for r in checkpoints.list_checkpoints(s, job_id)]
+    skipped = []
+    for name, files in reversed(rows):
+        shutil.rmtree(dest, ignore_errors=True)
+        try:
+            source = store_.local_path(checkpoints.checkpoint_key(job_id, name))
+            if not source.is_dir():
+                raise ObjectNotFound(f"checkpoint {name} is missing from the store")
+            shutil.copytree(source, dest)
+            _verify(dest, files)
+            info = read_checkpoint_info(dest)
+        except (ValueError, KeyError, TypeError, OSError, StorageError) as e:
+            skipped.append(name)
+            warn(sm, job_id, f"checkpoint {name} cannot be loaded ({e}); trying an older one")
+            continue
+        return Resume(dest, info)
+    shutil.rmtree(dest, ignore_errors=True)
+    if skipped:
+        warn(
+            sm,
+            job_id,
+            f"no checkpoint could be loaded ({', '.join(skipped)}); training starts afresh",
+        )
+    return None
+
+
+def warn(sm: sessionmaker[Session], job_id: str, message: str) -> None:
+    """Log ``message`` and record it as a ``warning`` event of the job."""
+    log.warning("job %s: %s", job_id, message)
+    with sm() as s:
+        events.record(s, job_id, "warning", message, level="warning")
+        s.commit()
+
+
+def record_resumed(
+    sm: sessionmaker[Session], job_id: str, attempt: int, info: SavedCheckpoint
+) -> None:
+    """A ``resumed`` event: which checkpoint, at which step."""
+    hop = f" (hop {info.hop}/{info.num_hops})" if info.num_hops > 1 else ""
+    with sm() as s:
+        events.record(
+            s,
+            job_id,
+            "resumed",
+            f"resumed from checkpoint {info.name} at step {info.step} of {info.total_steps}{hop}",
+            data={
+                "checkpoint": info.name,
+                "step": info.step,
+                "total_steps": info.total_steps,
+                "hop": info.hop,
+                "num_hops": info.num_hops,
+                "stage": info.stage,
+                "attempt": attempt,
+            },
+        )
+        s.commit()
+
+
+def settle_paused(sm: sessionmaker[Session], job_id: str, saved: SavedCheckpoint) -> str:
+    """After the loop paused: pausing -> paused (the job holds no worker), with a ``paused``
+    event; return the status. A cancel that arrived meanwhile leaves it cancelling (the caller
+    then finishes it as cancelled)."""
+    with sm() as s:
+        if repository.transition(s, job_id, ("pausing",), "paused", worker=None):
+            events.record(
+                s,
+                job_id,
+                "paused",
+                f"paused at step {saved.step} of {saved.total_steps} (checkpoint {saved.name}); "
+                "the worker is free",
+                data={
+                    "checkpoint": saved.name,
+                    "step": saved.step,
+                    "total_steps": saved.total_steps,
+                },
+            )
+            s.commit()
+            return "paused"
+        s.rollback()
+        job = repository.get_job(s, job_id)
+        return job.status if job is not None else "missing"
