@@ -101,6 +101,33 @@ def discard_all(sm: sessionmaker[Session], settings: Settings, job_id: str) -> i
     return count
 
 
+STUDENT_DIR = "student/"
+"""The folder of a checkpoint that holds its student (a transformers directory)."""
+
+
+def keep_students(sm: sessionmaker[Session], settings: Settings, job_id: str) -> int:
+    """Once the job succeeded, strip each kept checkpoint to its ``student/`` folder: the
+    training state, optimiser, RNG states and output copies only a resume needs are deleted,
+    the row stays listed with its new size and its student stays downloadable (``/archive``).
+    Returns the bytes freed. A file the store cannot delete is left (and logged)."""
+    store_ = artifact_storage(settings)
+    freed = 0
+    with sm() as s:
+        for row in checkpoints.list_checkpoints(s, job_id):
+            prefix = checkpoints.checkpoint_key(job_id, row.name)
+            kept = [f for f in row.files if str(f[0]).startswith(STUDENT_DIR)]
+            for path, size, _ in (f for f in row.files if f not in kept):
+                try:
+                    store_.delete(f"{prefix}/{path}")
+                    freed += int(size)
+                except (StorageError, OSError):
+                    log.exception("job %s: could not remove %s/%s", job_id, prefix, path)
+            row.files = kept
+            row.size_bytes = sum(int(f[1]) for f in kept)
+        s.commit()
+    return freed
+
+
 @dataclass(frozen=True)
 class Resume:
     """A checkpoint fetched to resume from: its local copy and what it says."""

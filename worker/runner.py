@@ -236,7 +236,7 @@ def execute(job_id: str, settings: Settings) -> str:
             log.warning("job %s: attempt %d lost its claim; not published", job_id, attempt)
             return "lost"
         _publish(sm, settings, job_id, tmp, result.metrics)
-        saved_checkpoints.discard_all(sm, settings, job_id)
+        saved_checkpoints.keep_students(sm, settings, job_id)
         log.info("job %s: succeeded", job_id)
         return "succeeded"
     except Paused as p:

@@ -250,7 +250,24 @@ def test_checkpoints_are_stored_kept_listed_downloaded_and_scoped(
     published = store.put_dir(job_id, out, keep=(checkpoints.CHECKPOINTS_DIR,))
     assert {o.key for o in published} == {f"{job_id}/config.json", f"{job_id}/model.safetensors"}
     assert store.list_keys(checkpoints.checkpoint_key(job_id)) == keys
-    # once it succeeded they are all removed
+    # once it succeeded, each keeps its student only: still listed and downloadable
+    manifest_bytes = store.size(
+        f"{checkpoints.checkpoint_key(job_id, 'step-00000030')}/manifest.json"
+    )
+    assert worker_checkpoints.keep_students(sm, settings, job_id) >= 2 * manifest_bytes
+    cut = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["items"]
+    assert [c["name"] for c in cut] == ["step-00000020", "step-00000030"]
+    assert cut[-1]["size_bytes"] == newest["size_bytes"] - manifest_bytes
+    left = store.list_keys(checkpoints.checkpoint_key(job_id, "step-00000030"))
+    assert left and all("/step-00000030/student/" in k for k in left)
+    again = client.get(newest["archive_url"])
+    assert again.status_code == 200, again.text
+    with tarfile.open(fileobj=io.BytesIO(again.content), mode="r:gz") as tar:
+        member = tar.extractfile(f"{folder}/model.safetensors")
+        assert member is not None and member.read() == blob
+    with sm() as s:  # the tenant's stored bytes shrink with them
+        assert quotas.stored_bytes(s, tenant_id) == sum(c["size_bytes"] for c in cut)
+    # discard_all removes them all
     assert worker_checkpoints.discard_all(sm, settings, job_id) == 2
     assert client.get(f"/v1/jobs/{job_id}/checkpoints").json()["items"] == []
     assert store.list_keys(checkpoints.checkpoint_key(job_id)) == []
