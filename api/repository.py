@@ -100,18 +100,35 @@ def list_jobs(
 
 
 def transition(
-    session: Session, job_id: str, from_statuses: tuple[str, ...], to_status: str, **values: Any
+    session: Session,
+    job_id: str,
+    from_statuses: tuple[str, ...],
+    to_status: str,
+    *,
+    on_attempt: int | None = None,
+    **values: Any,
 ) -> bool:
     """Set ``status = to_status`` (and ``values``) only if the status is one of
-    ``from_statuses``. Returns whether the row changed. Not committed."""
+    ``from_statuses`` and, with ``on_attempt``, the job is still on that attempt (a worker that
+    stalled past its heartbeat timeout, whose job was re-queued and claimed again, must not
+    finish the new attempt's job). Returns whether the row changed. Not committed."""
     now = utcnow()
+    where = [Job.id == job_id, Job.status.in_(from_statuses)]
+    if on_attempt is not None:
+        where.append(Job.attempt == on_attempt)
     res = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(from_statuses))
+        .where(*where)
         .values(status=to_status, updated_at=now, **values)
         .execution_options(synchronize_session=False)
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def owns(session: Session, job_id: str, attempt: int) -> bool:
+    """Whether job ``job_id`` is still running (or pausing, cancelling) on ``attempt``."""
+    status = session.scalar(select(Job.status).where(Job.id == job_id, Job.attempt == attempt))
+    return status in ("running", "pausing", "cancelling")
 
 
 def claim(session: Session, job_id: str, worker: str) -> bool:

@@ -37,11 +37,23 @@ def sessions_for(database_url: str) -> sessionmaker[Session]:
 
 
 def _finish(
-    sm: sessionmaker[Session], job_id: str, status: str, message: str, **values: Any
+    sm: sessionmaker[Session],
+    job_id: str,
+    status: str,
+    message: str,
+    attempt: int | None = None,
+    **values: Any,
 ) -> None:
+    """Set the job's final ``status`` with its event, if it is still on ``attempt``."""
     with sm() as s:
         if repository.transition(
-            s, job_id, ("running", "pausing", "cancelling"), status, finished_at=utcnow(), **values
+            s,
+            job_id,
+            ("running", "pausing", "cancelling"),
+            status,
+            on_attempt=attempt,
+            finished_at=utcnow(),
+            **values,
         ):
             level = "error" if status == "failed" else "info"
             events.record(s, job_id, status, message, level=level)
@@ -49,10 +61,20 @@ def _finish(
 
 
 def _publish(
-    sm: sessionmaker[Session], settings: Settings, job_id: str, tmp: Path, metrics: dict[str, Any]
-) -> None:
+    sm: sessionmaker[Session],
+    settings: Settings,
+    job_id: str,
+    tmp: Path,
+    metrics: dict[str, Any],
+    attempt: int | None = None,
+) -> bool:
     """Publish the finished output to the artifact store (replacing an earlier attempt's),
-    record its top-level files, mark the job succeeded."""
+    record its top-level files, mark the job succeeded; with ``attempt``, only while the job
+    is still on that attempt. Returns whether it was published."""
+    if attempt is not None:
+        with sm() as s:
+            if not repository.owns(s, job_id, attempt):
+                return False
     stored = artifact_storage(settings).put_dir(
         refs.job_key(job_id), tmp, keep=(checkpoints.CHECKPOINTS_DIR,)
     )
@@ -76,23 +98,28 @@ def _publish(
             "hop": len(metrics.get("hops") or []),
             "num_hops": len(metrics.get("hops") or []),
         }
-        if repository.transition(
+        published = repository.transition(
             s,
             job_id,
             ("running", "pausing", "cancelling"),
             "succeeded",
+            on_attempt=attempt,
             finished_at=utcnow(),
             metrics=metrics,
             progress=done,
-        ):
-            events.record(
-                s,
-                job_id,
-                "succeeded",
-                "the student is ready to download",
-                data={"test": metrics.get("test", {}), "artifacts": [f[0] for f in files]},
-            )
+        )
+        if not published:  # cancelled meanwhile, or another attempt owns it: keep its rows
+            s.rollback()
+            return False
+        events.record(
+            s,
+            job_id,
+            "succeeded",
+            "the student is ready to download",
+            data={"test": metrics.get("test", {}), "artifacts": [f[0] for f in files]},
+        )
         s.commit()
+    return True
 
 
 _LOGGED_EVENTS = ("stage", "epoch", "warning")
@@ -235,7 +262,9 @@ def execute(job_id: str, settings: Settings) -> str:
         if beat.lost:  # stalled past the heartbeat timeout: another attempt owns the job now
             log.warning("job %s: attempt %d lost its claim; not published", job_id, attempt)
             return "lost"
-        _publish(sm, settings, job_id, tmp, result.metrics)
+        if not _publish(sm, settings, job_id, tmp, result.metrics, attempt):
+            log.warning("job %s: attempt %d no longer owns the job; not published", job_id, attempt)
+            return "lost"
         saved_checkpoints.keep_students(sm, settings, job_id)
         log.info("job %s: succeeded", job_id)
         return "succeeded"
@@ -244,7 +273,7 @@ def execute(job_id: str, settings: Settings) -> str:
             on_checkpoint(p.checkpoint)
         final = saved_checkpoints.settle_paused(sm, job_id, p.checkpoint)
         if final == "cancelling":
-            _finish(sm, job_id, "cancelled", "cancelled by request while pausing")
+            _finish(sm, job_id, "cancelled", "cancelled by request while pausing", attempt)
             final = "cancelled"
         log.info("job %s: %s", job_id, final)
         return final
@@ -252,18 +281,18 @@ def execute(job_id: str, settings: Settings) -> str:
         if beat.lost:  # re-queued by the reconciler after a stall: another attempt owns it
             log.warning("job %s: attempt %d lost its claim; stopped", job_id, attempt)
             return "lost"
-        _finish(sm, job_id, "cancelled", "cancelled by request; the worker stopped")
+        _finish(sm, job_id, "cancelled", "cancelled by request; the worker stopped", attempt)
         log.info("job %s: cancelled", job_id)
         return "cancelled"
     except ValueError as e:
         reason = _user_reason(e) if isinstance(e, ValidationError) else str(e)
         log.warning("job %s: failed: %s", job_id, reason)
-        _finish(sm, job_id, "failed", reason, error=reason)
+        _finish(sm, job_id, "failed", reason, attempt, error=reason)
         return "failed"
     except Exception as e:
         log.exception("job %s: failed", job_id)
         reason = _user_reason(e)
-        _finish(sm, job_id, "failed", reason, error=reason)
+        _finish(sm, job_id, "failed", reason, attempt, error=reason)
         return "failed"
     finally:
         beat.stop()

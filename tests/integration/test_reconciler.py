@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import redis
@@ -404,3 +405,30 @@ def test_the_operator_command_runs_one_pass(rsettings: Settings, sessions: Sessi
     assert json.loads(out.stdout)["retried"] == [job_id]
     assert row(sessions, job_id).status == "queued"
     assert queued_ids(rsettings) == [job_id]
+
+
+def test_a_stalled_attempt_cannot_finish_or_publish_the_job_of_the_next_attempt(
+    rsettings: Settings, sessions: Session, tmp_path: Path
+) -> None:
+    from worker.runner import _finish, _publish, sessions_for
+
+    sm = sessions_for(rsettings.database_url)
+    job_id = new_job(sessions)
+    assert start(sessions, job_id, "w1") == 1
+    age(sessions, job_id, rsettings.heartbeat_timeout_s + 5)
+    assert reconcile_once(rsettings).retried == [job_id]
+    assert start(sessions, job_id, "w2") == 2
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    # attempt 1 wakes up: neither its failure nor its output lands on attempt 2's job
+    _finish(sm, job_id, "failed", "stale", 1, error="stale")
+    assert not _publish(sm, rsettings, job_id, out, {}, 1)
+    job = row(sessions, job_id)
+    assert (job.status, job.attempt, job.error) == ("running", 2, None)
+    assert repository.list_artifacts(sessions, job_id) == []
+    assert "succeeded" not in event_types(sessions, job_id)
+    # attempt 2 finishes it
+    assert _publish(sm, rsettings, job_id, out, {}, 2)
+    assert row(sessions, job_id).status == "succeeded"
+    assert [a.name for a in repository.list_artifacts(sessions, job_id)] == ["metrics.json"]
