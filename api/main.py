@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import transformers
 from fastapi import FastAPI
 
-from api import errors, limits, webhooks
+from api import errors, limits, metrics, webhooks
 from api.db import make_engine, make_sessionmaker
 from api.routers import events as events_router
 from api.routers import files, health, jobs, keys
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     errors.install(app)
     limits.install(app, settings.max_json_body_bytes)
+    metrics.install(app, settings, app.state.sessionmaker)
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(keys.router)

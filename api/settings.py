@@ -194,6 +194,12 @@ class Settings(BaseSettings):
     events_stream_keepalive_s: float = Field(
         15.0, gt=0, description="Seconds of silence after which an event stream sends a comment."
     )
+    metrics_token: str | None = Field(
+        None,
+        description="When set, GET /metrics wants 'Authorization: Bearer <this token>' (the "
+        "Prometheus scrape config's bearer_token); unset, /metrics is open: serve it on an "
+        "internal network only.",
+    )
 
 
 @lru_cache(maxsize=1)
