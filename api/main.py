@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import transformers
 from fastapi import FastAPI
 
-from api import errors, limits, metrics, webhooks
+from api import errors, limits, logs, metrics, webhooks
 from api.db import make_engine, make_sessionmaker
 from api.routers import events as events_router
 from api.routers import files, health, jobs, keys
@@ -21,7 +20,7 @@ from worker.celery_app import make_celery
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app for ``settings`` (default: from the environment)."""
     settings = settings or get_settings()
-    logging.basicConfig(level=logging.INFO)
+    logs.configure(settings.log_format)
     transformers.logging.set_verbosity_error()
 
     @asynccontextmanager
@@ -51,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     limits.install(app, settings.max_json_body_bytes)
     metrics.install(app, settings, app.state.sessionmaker)
+    logs.install(app)
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(keys.router)

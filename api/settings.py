@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -193,6 +194,11 @@ class Settings(BaseSettings):
     )
     events_stream_keepalive_s: float = Field(
         15.0, gt=0, description="Seconds of silence after which an event stream sends a comment."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Logs of the API and the workers: text, or json (one object per line with "
+        "time, level, logger, job_id, message) for a log shipper.",
     )
     metrics_token: str | None = Field(
         None,

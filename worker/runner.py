@@ -15,7 +15,7 @@ from celery import Celery
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import checkpoints, dependencies, events, refs, repository
+from api import checkpoints, dependencies, events, logs, refs, repository
 from api.db import make_engine, make_sessionmaker, utcnow
 from api.settings import Settings
 from api.storage import StorageError, artifact_storage
@@ -158,7 +158,13 @@ def _user_reason(exc: BaseException) -> str:
 
 def execute(job_id: str, settings: Settings) -> str:
     """Run job ``job_id`` if it can be claimed; return the final status, or ``skipped`` when
-    another delivery already claimed it (or it was cancelled while queued)."""
+    another delivery already claimed it (or it was cancelled while queued). Every log record
+    of the run names the job (``job_id``: :mod:`api.logs`)."""
+    with logs.bound_job(job_id):
+        return _execute(job_id, settings)
+
+
+def _execute(job_id: str, settings: Settings) -> str:
     sm = sessions_for(settings.database_url)
     with sm() as s:
         if not repository.claim(s, job_id, socket.gethostname()):

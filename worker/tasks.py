@@ -6,8 +6,9 @@ import logging
 from typing import Any
 
 import transformers
-from celery.signals import worker_ready
+from celery.signals import setup_logging, worker_ready
 
+from api import logs
 from api.settings import get_settings
 from worker import reconciler, runner
 from worker.celery_app import TASK_NAME, app
@@ -29,3 +30,13 @@ def _start_reconciler(**_: Any) -> None:
     settings = get_settings()
     reconciler.start_thread(settings)
     log.info("reconciler started (a pass every %g s)", settings.reconcile_interval_s)
+
+
+@setup_logging.connect
+def _configure_logging(loglevel: Any = None, **_: Any) -> None:
+    """Celery leaves logging to us (a receiver of ``setup_logging`` replaces its own set-up):
+    text or JSON lines by ``DISTILLERY_LOG_FORMAT``, each with the job id."""
+    level = loglevel if isinstance(loglevel, int) else logging.getLevelName(str(loglevel).upper())
+    if not isinstance(level, int):  # an unknown name
+        level = logging.INFO
+    logs.configure(get_settings().log_format, level)
