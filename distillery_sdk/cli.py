@@ -228,23 +228,28 @@ def _report_final(client: Client, job: Job) -> int:
 
 
 def _print_metrics(final: dict[str, Any]) -> None:
-    rows = {k: v for k, v in final.items() if isinstance(v, dict)}
-    scalars = {
-        k: v for k, v in final.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    """The test metrics of the student (and of the teacher, for a KD job) with their size and
+    speed, then the teacher agreement and where the best dev score was."""
+    rows: dict[str, dict[str, Any]] = {
+        "student": {**(final.get("test") or {}), **(final.get("student") or {})},
     }
-    if rows:
-        names = sorted(
-            {k for r in rows.values() for k, v in r.items() if isinstance(v, int | float)}
-        )
-        table = Table(title="test metrics")
-        table.add_column("model")
-        for n in names:
-            table.add_column(n, justify="right")
-        for model, r in rows.items():
-            table.add_row(model, *(_fmt(r.get(n)) for n in names))
-        console.print(table)
-    for k, v in scalars.items():
-        console.print(f"{k}: {_fmt(v)}")
+    if final.get("teacher_test") or final.get("teacher"):
+        rows["teacher"] = {**(final.get("teacher_test") or {}), **(final.get("teacher") or {})}
+    names = [
+        n
+        for n in dict.fromkeys(k for r in rows.values() for k in r)
+        if any(isinstance(r.get(n), int | float) for r in rows.values())
+    ]
+    table = Table(title="test metrics")
+    table.add_column("model")
+    for n in names:
+        table.add_column(n, justify="right")
+    for model, r in rows.items():
+        table.add_row(model, *(_fmt(r.get(n)) for n in names))
+    console.print(table)
+    for k in ("teacher_agreement", "best_epoch", "best_stage", "train_seconds"):
+        if final.get(k) is not None:
+            console.print(f"{k}: {_fmt(final[k])}")
 
 
 def _fmt(v: Any) -> str:
