@@ -239,6 +239,44 @@ def cli(stack: Stack, *args: str, api_key: str | None = None) -> subprocess.Comp
     )
 
 
+def test_cli_job_file_and_key_commands_without_a_worker(
+    client: Client, stack: Stack, tmp_path: Path
+) -> None:
+    job = client.submit(SPEC)
+    paused = cli(stack, "pause", job.id)
+    assert paused.returncode == 0 and f"job {job.id} paused" in paused.stdout
+    assert cli(stack, "resume", job.id).stdout.strip() == f"job {job.id} queued"
+    assert cli(stack, "cancel", job.id).stdout.strip() == f"job {job.id} cancelled"
+    again = cli(stack, "cancel", job.id)  # finished: 409 in red, exit 1
+    assert again.returncode == 1 and "conflict (HTTP 409)" in again.stderr
+    watched = cli(stack, "watch", job.id)  # cancelled: exit 1
+    assert watched.returncode == 1 and f"job {job.id} cancelled" in watched.stderr
+    listed = cli(stack, "list", "--status", "cancelled", "--limit", "200")
+    assert listed.returncode == 0 and job.id in listed.stdout
+    got = cli(stack, "get", job.id)
+    assert json.loads(got.stdout)["status"] == "cancelled"
+    assert "cancelled" in cli(stack, "events", job.id).stdout
+
+    data = tmp_path / "tiny.csv"
+    data.write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(20)))
+    uploaded = cli(stack, "files", "upload", str(data), "--kind", "dataset")
+    assert uploaded.returncode == 0, uploaded.stderr
+    file_id = uploaded.stdout.strip()
+    assert client.get_file(file_id).filename == "tiny.csv"
+    assert file_id in cli(stack, "files", "list").stdout
+    assert cli(stack, "files", "delete", file_id).returncode == 0
+    assert file_id not in [f.id for f in client.list_files()]
+
+    created = cli(stack, "keys", "create", "cli-test")
+    assert created.returncode == 0, created.stderr
+    new_key = created.stdout.strip()
+    assert cli(stack, "list", api_key=new_key).returncode == 0
+    key_id = next(k.id for k in client.list_keys() if k.name == "cli-test")
+    assert cli(stack, "keys", "revoke", key_id).returncode == 0
+    refused = cli(stack, "list", api_key=new_key)
+    assert refused.returncode == 1 and "unauthorized (HTTP 401)" in refused.stderr
+
+
 def test_cli_submit_watch_events_download_with_a_worker(
     client: Client, stack: Stack, tmp_path: Path
 ) -> None:
