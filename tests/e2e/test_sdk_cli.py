@@ -29,6 +29,7 @@ from api.routers.events import EventList as ApiEventList
 from api.routers.events import EventOut as ApiEventOut
 from devstack.stack import Stack, free_port, running_stack
 from distillery_sdk import (
+    ChecksumMismatch,
     Client,
     Conflict,
     DistilleryError,
@@ -338,6 +339,21 @@ def test_cli_submit_watch_events_download_with_a_worker(
     # the SDK's own download of the same job agrees
     paths = client.download(job_id, tmp_path / "sdk")
     assert [p.name for p in paths] == [a.name for a in listing]
+
+    # a stored file that no longer matches its listed sha256 (same size, one byte changed):
+    # the download stops with ChecksumMismatch and leaves neither the file nor a .part
+    stored = Path(stack.env["DISTILLERY_ARTIFACTS_ROOT"]) / job_id / "metrics.json"
+    blob = bytearray(stored.read_bytes())
+    blob[0] ^= 0x01
+    stored.write_bytes(bytes(blob))
+    out = tmp_path / "tampered"
+    with pytest.raises(ChecksumMismatch) as mismatch:
+        client.download(job_id, out)
+    assert mismatch.value.field == "metrics.json" and mismatch.value.code == "checksum_mismatch"
+    assert not (out / "metrics.json").exists() and not list(out.rglob("*.part"))
+    tampered = cli(stack, "download", job_id, str(tmp_path / "tampered-cli"))
+    assert tampered.returncode == 1 and "checksum_mismatch" in tampered.stderr
+    assert "Traceback" not in tampered.stderr
 
 
 def test_distillery_up_runs_the_embedded_stack_until_interrupted(tmp_path: Path) -> None:
