@@ -1,0 +1,179 @@
+"""Data-parallel training (kd_engine.distributed) on the CPU: two gloo ranks train the same job
+as one process, with real tiny MiniLM models; and the precision setting's CPU paths.
+
+Equivalence tolerance: identical step counts and schedule, final student weights within
+``WEIGHT_ATOL`` (max absolute difference) and logged losses within ``LOSS_RTOL``. The two runs
+differ only by floating-point summation order (two half-batch backward passes whose gradients
+gloo sums and halves, against one full-batch pass; rows padded to their own shard's length),
+so they agree to fp32 rounding, amplified a little by Adam over a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedModel
+
+from kd_engine import distributed
+from kd_engine.data.batching import encode
+from kd_engine.data.builtins import load_builtin
+from kd_engine.distributed import DistContext, check_supported, launch
+from kd_engine.methods.vanilla_kd import VanillaKD, VanillaKDConfig
+from kd_engine.models.loading import load_classifier, load_tokenizer
+from kd_engine.models.shapes import ModelShape
+from kd_engine.models.student import student_from_teacher
+from kd_engine.references import builtin_model_path
+from kd_engine.spec import JobSpec, TrainingSpec
+from kd_engine.trainer import TrainHooks, precision_plan, train
+
+SHAPE = ModelShape(num_layers=6, hidden_size=384, num_labels=2, num_heads=12)
+WEIGHT_ATOL = 2e-5  # observed: 7.2e-06 (largest update 2.5e-03)
+LOSS_RTOL = 1e-5
+# 21 rows in batches of 8: 8, 8, 5; the last splits 3 + 2 between two ranks (unequal shards).
+N_TRAIN, BATCH = 21, 8
+CFG = TrainingSpec(
+    epochs=2,
+    batch_size=BATCH,
+    learning_rate=1e-3,
+    warmup_ratio=0.0,
+    max_seq_length=16,
+    seed=11,
+    device="cpu",
+    eval_batch_size=16,
+)
+
+
+def _no_dropout(model: PreTrainedModel) -> PreTrainedModel:
+    # Dropout masks are random per rank: one process drawing one mask for the whole batch
+    # cannot be matched by two drawing theirs, so the equivalence is checked without dropout.
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _train_once(rank: int, out: str) -> None:
+    """Train the small job (in a rank of a launched group, or alone) and, on rank 0, save the
+    student's weights and the logged losses into ``out``."""
+    torch.set_num_threads(1)
+    path = builtin_model_path("minilm-l6")
+    tok = load_tokenizer(path)
+    data = load_builtin("rotten_tomatoes")
+    torch.manual_seed(0)
+    teacher = _no_dropout(load_classifier(path, ["rotten", "fresh"]).eval())
+    student = _no_dropout(student_from_teacher(teacher, [0, 3]))
+    init = {k: v.clone() for k, v in student.state_dict().items()}
+    losses: list[float] = []
+
+    def log(record: dict[str, object]) -> None:
+        if record.get("event") == "step":
+            losses.append(float(record["loss"]))  # type: ignore[arg-type]
+
+    result = train(
+        student,
+        teacher,
+        VanillaKD(VanillaKDConfig(), SHAPE, SHAPE),
+        encode(data.train[:N_TRAIN], tok, 16),
+        encode(data.dev[:16], tok, 16),
+        CFG,
+        0,
+        torch.device("cpu"),
+        TrainHooks(log=log, every=1),
+    )
+    torch.save(
+        {
+            "state": student.state_dict(),
+            "init": init,
+            "losses": losses,
+            "steps": [s["steps"] for s in result.stages],
+            "history": [(h["step"], h["dev"]) for h in result.history],
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
+
+
+def test_two_gloo_ranks_train_like_one_process(tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    _train_once(0, str(one))
+    launch(_train_once, 2, (str(two),))
+    assert not (two / "rank1.pt").exists()  # rank 1 stops after training (RankFinished)
+    a = torch.load(one / "rank0.pt")
+    b = torch.load(two / "rank0.pt")
+    assert a["steps"] == b["steps"] == [2 * 3]
+    assert len(a["losses"]) == len(b["losses"]) == 6
+    assert b["losses"] == pytest.approx(a["losses"], rel=LOSS_RTOL)
+    moved = max((a["state"][k] - a["init"][k]).abs().max().item() for k in a["state"])
+    assert moved > 1e-3  # it trained: the tolerance is small against the updates
+    assert [h[0] for h in a["history"]] == [h[0] for h in b["history"]]
+    diff = max((a["state"][k] - b["state"][k]).abs().max().item() for k in a["state"])
+    assert diff < WEIGHT_ATOL, f"max abs weight difference {diff}"
+    print(f"max abs weight difference {diff:.2e}, largest update {moved:.2e}")
+
+
+def test_shard_splits_rows_and_weights_partial_batches() -> None:
+    batch = {
+        "input_ids": torch.arange(15).reshape(5, 3),
+        "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]),
+        "labels": torch.arange(5),
+    }
+    s0, w0 = DistContext(0, 2).shard(batch)
+    s1, w1 = DistContext(1, 2).shard(batch)
+    assert s0["labels"].tolist() == [0, 1, 2] and w0 == pytest.approx(1.2)
+    assert s1["labels"].tolist() == [3, 4] and w1 == pytest.approx(0.8)
+    assert s1["input_ids"].shape == (2, 2)  # padding beyond the shard's longest row is cut
+    # Fewer rows than ranks: the empty rank runs one row with weight 0.
+    one = {k: v[:1] for k, v in batch.items()}
+    s, w = DistContext(1, 2).shard(one)
+    assert s["labels"].tolist() == [0] and w == 0.0
+
+
+def _spec(method: str, batch_size: int = 8) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "teacher": "builtin:minilm-l6",
+            "method": {"name": method},
+            "dataset": {"source": "builtin:rotten_tomatoes"},
+            "training": {"batch_size": batch_size, "device": "cpu"},
+        }
+    )
+
+
+def test_unsupported_multi_gpu_jobs_are_refused_naming_the_setting() -> None:
+    check_supported(_spec("tinybert"), 1)  # one rank: anything goes
+    check_supported(_spec("vanilla_kd"), 2)
+    with pytest.raises(ValueError, match=r"method.name: 'tinybert'.*DISTILLERY_WORKER_GPUS"):
+        check_supported(_spec("tinybert"), 2)
+    with pytest.raises(ValueError, match=r"training\.batch_size"):
+        check_supported(_spec("vanilla_kd", batch_size=2), 4)
+    with pytest.raises(ValueError, match="checkpoints"):
+        check_supported(_spec("vanilla_kd"), 2, checkpoints=object())
+
+
+def test_worker_gpus_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(distributed.WORKER_GPUS_ENV, raising=False)
+    assert distributed.worker_gpus() == 1
+    monkeypatch.setenv(distributed.WORKER_GPUS_ENV, "4")
+    assert distributed.worker_gpus() == 4
+    monkeypatch.setenv(distributed.WORKER_GPUS_ENV, "zero")
+    with pytest.raises(ValueError, match=distributed.WORKER_GPUS_ENV):
+        distributed.worker_gpus()
+
+
+def test_precision_plan_on_the_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert precision_plan("auto", cpu) == (None, None)
+    assert precision_plan("fp32", cpu) == (None, None)
+    assert precision_plan("bf16", cpu) == (torch.bfloat16, torch.bfloat16)
+    assert TrainingSpec().precision == "auto"
+    with pytest.raises(ValueError):
+        TrainingSpec.model_validate({"precision": "fp8"})
+
+
+def test_spec_json_round_trip() -> None:
+    spec = _spec("vanilla_kd")
+    assert json.loads(spec.model_dump_json())["training"]["precision"] == "auto"
