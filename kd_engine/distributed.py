@@ -41,6 +41,7 @@ import contextlib
 import json
 import os
 import queue as queue_mod
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -368,7 +369,11 @@ def _job_rank(
     else:
         hooks = TrainHooks(every=every)
         out = Path(tempfile.mkdtemp(prefix=f"distillery-rank{rank}-"))
-    result = run_job(spec, teacher_path, resolve, out, hooks, student_path)
+    try:
+        result = run_job(spec, teacher_path, resolve, out, hooks, student_path)
+    finally:
+        if rank != 0:
+            shutil.rmtree(out, ignore_errors=True)
     messages.put(("result", result.metrics))
 
 
