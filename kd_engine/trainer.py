@@ -208,6 +208,19 @@ def precision_plan(
     return None, None
 
 
+def teacher_inference_only(method: Method) -> bool:
+    """True when the loop's forward pass is the only use of the teacher: the method has no
+    ``bind`` (resources such as a generator), ``prepare``, ``augment`` or generator steps of
+    its own. Only then does the teacher run in half precision (``training.precision``): a
+    generator's gradients through the teacher, or embeddings a method computes with it, stay
+    fp32."""
+    cls = type(method)
+    return all(
+        getattr(cls, name) is getattr(Method, name)
+        for name in ("bind", "prepare", "augment", "generator_steps", "generator_step")
+    )
+
+
 def _as_float(out: StepOutputs) -> StepOutputs:
     """A half-precision teacher's outputs in fp32, for the losses."""
 
@@ -343,6 +356,8 @@ class _Loop:
         self.dev: dict[str, float] = {}  # the latest dev metrics
         self.dist = current()  # a data-parallel run's rank, or None
         self.autocast_dtype, self.teacher_dtype = precision_plan(cfg.precision, device)
+        if not teacher_inference_only(method):
+            self.teacher_dtype = None
         self.forward_student: torch.nn.Module = student  # DDP-wrapped on several ranks
         self.teacher_saved: dict[str, torch.Tensor] | None = None  # fp32 teacher, when halved
 

@@ -272,3 +272,14 @@ def test_run_job_distributed_trains_and_exports_from_rank_0(tmp_path: Path) -> N
     steps = [p.step for p in progress if p.stage == "train"]
     assert steps == [1, 2, 3]  # 24 rows / batch 8, once each
     assert any(r.get("event") == "done" for r in records)
+
+
+def test_the_teacher_is_halved_only_when_the_loop_alone_uses_it() -> None:
+    from kd_engine.trainer import teacher_inference_only
+
+    class Augmenting(VanillaKD):
+        def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+            return None
+
+    assert teacher_inference_only(VanillaKD(VanillaKDConfig(), SHAPE, SHAPE))
+    assert not teacher_inference_only(Augmenting(VanillaKDConfig(), SHAPE, SHAPE))
