@@ -48,7 +48,9 @@ def test_a_two_gpu_worker_runs_a_job_on_two_ranks(
     assert execute(job["id"], settings) == "succeeded"
     done = client.get(f"/v1/jobs/{job['id']}").json()
     assert done["status"] == "succeeded", done
-    assert "accuracy" in done["metrics"]["test"]
+    metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()
+    assert "accuracy" in metrics["final"]["test"]
+    assert [e["step"] for e in metrics["epochs"]] == [2]  # 16 rows / batch 8, one epoch
     names = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]}
     assert "model.safetensors" in names
     kinds = event_types(settings, job["id"])
