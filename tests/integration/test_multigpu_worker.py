@@ -4,6 +4,7 @@ CPU here; nccl with one GPU per rank on a multi-GPU machine) through the worker'
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,7 +16,7 @@ from api.main import create_app
 from api.settings import Settings
 from kd_engine.distributed import WORKER_GPUS_ENV
 
-JOB = {
+JOB: dict[str, Any] = {
     "teacher": "builtin:minilm-l6",
     "method": {"name": "finetune"},
     "dataset": {
