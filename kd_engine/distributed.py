@@ -483,4 +483,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run from the imported module, not from __main__: the ranks must share this module's
+    # context and RankFinished with kd_engine.trainer (which imports kd_engine.distributed).
+    from kd_engine.distributed import main as _main
+
+    _main()
