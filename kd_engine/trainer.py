@@ -16,6 +16,7 @@ with them. Deterministic for a given seed on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -624,7 +625,9 @@ class _Loop:
                     self._generator_steps(stage_step, batch, position, n_steps, stage_epoch)
                 method.start_step(self.epoch, self.step)
                 method.start_batch(batch)
-                res_total, parts = self._micro_step(batch, weight)
+                # On several ranks, gradients are all-reduced only on a group's last micro-batch.
+                sync = (micro + 1) % cfg.grad_accumulation_steps == 0 or micro + 1 >= n_batches
+                res_total, parts = self._micro_step(batch, weight, sync)
                 if not math.isfinite(res_total):
                     raise ValueError(
                         f"the loss became {res_total} at step {self.step} (stage "
@@ -769,7 +772,7 @@ class _Loop:
             )
 
     def _micro_step(
-        self, batch: dict[str, torch.Tensor], weight: float = 1.0
+        self, batch: dict[str, torch.Tensor], weight: float = 1.0, sync: bool = True
     ) -> tuple[float, dict[str, float]]:
         """Forward both models (and, when the method augments the batch, both on the augmented
         batch too), compute the method's loss, back-propagate; returns the loss.
@@ -777,7 +780,19 @@ class _Loop:
         Autocast and the teacher's dtype follow ``training.precision`` (:func:`precision_plan`;
         the teacher runs in inference mode, its outputs are cast to fp32 for the loss). On
         several ranks the loss is multiplied by the shard's ``weight`` before ``backward`` and
-        the returned losses are the global batch's (all-reduced)."""
+        the returned losses are the global batch's (all-reduced); without ``sync`` (not the last
+        micro-batch of an accumulation group) DDP keeps the gradients local (``no_sync``)."""
+        local = (
+            self.forward_student.no_sync()  # type: ignore[operator]
+            if self.dist is not None and not sync
+            else contextlib.nullcontext()
+        )
+        with local:  # forward and backward inside, as DDP's no_sync requires
+            return self._forward_backward(batch, weight)
+
+    def _forward_backward(
+        self, batch: dict[str, torch.Tensor], weight: float
+    ) -> tuple[float, dict[str, float]]:
         device, method = self.device, self.method
         dtype = self.autocast_dtype
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):

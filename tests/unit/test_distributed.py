@@ -55,7 +55,7 @@ def _no_dropout(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def _train_once(rank: int, out: str) -> None:
+def _train_once(rank: int, out: str, accumulation: int = 1) -> None:
     """Train the small job (in a rank of a launched group, or alone) and, on rank 0, save the
     student's weights and the logged losses into ``out``."""
     torch.set_num_threads(1)
@@ -78,7 +78,7 @@ def _train_once(rank: int, out: str) -> None:
         VanillaKD(VanillaKDConfig(), SHAPE, SHAPE),
         encode(data.train[:N_TRAIN], tok, 16),
         encode(data.dev[:16], tok, 16),
-        CFG,
+        CFG.model_copy(update={"grad_accumulation_steps": accumulation}),
         0,
         torch.device("cpu"),
         TrainHooks(log=log, every=1),
@@ -95,17 +95,21 @@ def _train_once(rank: int, out: str) -> None:
     )
 
 
-def test_two_gloo_ranks_train_like_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_two_gloo_ranks_train_like_one_process(tmp_path: Path, accumulation: int) -> None:
+    """With accumulation 2, the first micro-batch of each group backpropagates under DDP's
+    no_sync (gradients all-reduced once per optimiser step)."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    _train_once(0, str(one))
-    launch(_train_once, 2, (str(two),))
+    _train_once(0, str(one), accumulation)
+    launch(_train_once, 2, (str(two), accumulation))
     assert not (two / "rank1.pt").exists()  # rank 1 stops after training (RankFinished)
     a = torch.load(one / "rank0.pt")
     b = torch.load(two / "rank0.pt")
-    assert a["steps"] == b["steps"] == [2 * 3]
-    assert len(a["losses"]) == len(b["losses"]) == 6
+    per_epoch = 3 if accumulation == 1 else 2  # batches 8, 8, 5: groups (8, 8), (5)
+    assert a["steps"] == b["steps"] == [2 * per_epoch]
+    assert len(a["losses"]) == len(b["losses"]) == 2 * per_epoch
     assert b["losses"] == pytest.approx(a["losses"], rel=LOSS_RTOL)
     moved = max((a["state"][k] - a["init"][k]).abs().max().item() for k in a["state"])
     assert moved > 1e-3  # it trained: the tolerance is small against the updates
