@@ -155,6 +155,12 @@ class TrainingSpec(_Strict):
     )
     seed: Seed = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto: bf16 autocast and a half-precision teacher on CUDA (bf16, fp16 on "
+        "GPUs without bf16), fp32 on the CPU; fp32: everywhere; bf16: bf16 autocast and teacher "
+        "(on the CPU too, slowly).",
+    )
 
 
 class JobSpec(_Strict):

@@ -3,8 +3,11 @@
 A method declares its stages (:class:`~kd_engine.stages.Stage`); for each, the loop freezes the
 parameter groups the stage does not train, builds a fresh AdamW and LR scheduler (linear or
 constant, with warm-up) from the stage's settings, and runs its epochs or steps with dynamic
-padding, gradient accumulation, per-group gradient clipping and bf16 autocast on CUDA where
-supported. It evaluates on the dev set at epoch ends and every ``training.eval_every_steps``
+padding, gradient accumulation, per-group gradient clipping, fused AdamW on CUDA and the
+precision of ``training.precision`` (:func:`precision_plan`: bf16 autocast and a half-precision
+teacher on CUDA by default, fp32 on the CPU). In a data-parallel run (:mod:`kd_engine.distributed`)
+the student is wrapped in DistributedDataParallel and each rank trains on its slice of every
+batch. It evaluates on the dev set at epoch ends and every ``training.eval_every_steps``
 optimiser steps, keeps the best checkpoint by ``training.selection_metric`` among the stages
 that may select it (restored at the end), and between stages can restart from a stage's best
 weights. Progress reports name the stage and its position; a cooperative cancel check runs
@@ -13,6 +16,7 @@ with them. Deterministic for a given seed on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -33,6 +37,7 @@ from kd_engine.checkpoint import (
     set_rng_state,
 )
 from kd_engine.data.batching import Encoded, batches, num_batches
+from kd_engine.distributed import DistContext, RankFinished, current
 from kd_engine.evaluation import model_inputs, predict_logits, task_metrics
 from kd_engine.methods.base import Method, StepOutputs
 from kd_engine.models.attention_scores import record_attentions
@@ -174,8 +179,66 @@ def selection_metric(cfg: TrainingSpec, dev: dict[str, float]) -> str:
     return metric
 
 
+def precision_plan(
+    precision: str, device: torch.device
+) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """What ``training.precision`` means on ``device``: (autocast dtype or None for none,
+    the teacher's dtype or None to keep fp32).
+
+    * ``auto``: on CUDA, bf16 autocast when the GPU supports bf16, and the teacher (inference
+      only) in bf16, else fp16; on the CPU, fp32 (no autocast, fp32 teacher).
+    * ``fp32``: no autocast, fp32 teacher, everywhere.
+    * ``bf16``: bf16 autocast and a bf16 teacher, on CUDA (a GPU with bf16) or the CPU (slow
+      there; for tests and checks).
+
+    Raises:
+        ValueError: ``bf16`` on a GPU without bf16 support.
+    """
+    if precision == "fp32":
+        return None, None
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        if precision == "bf16" and not bf16:
+            raise ValueError(
+                "training.precision: bf16 was requested but this GPU does not support it "
+                "(use auto or fp32)"
+            )
+        return (torch.bfloat16 if bf16 else None), (torch.bfloat16 if bf16 else torch.float16)
+    if precision == "bf16":
+        return torch.bfloat16, torch.bfloat16
+    return None, None
+
+
+def teacher_inference_only(method: Method) -> bool:
+    """True when the loop's forward pass is the only use of the teacher: the method has no
+    ``bind`` (resources such as a generator), ``prepare``, ``augment`` or generator steps of
+    its own. Only then does the teacher run in half precision (``training.precision``): a
+    generator's gradients through the teacher, or embeddings a method computes with it, stay
+    fp32."""
+    cls = type(method)
+    return all(
+        getattr(cls, name) is getattr(Method, name)
+        for name in ("bind", "prepare", "augment", "generator_steps", "generator_step")
+    )
+
+
+def _as_float(out: StepOutputs) -> StepOutputs:
+    """A half-precision teacher's outputs in fp32, for the losses."""
+
+    def f(xs: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+        return tuple(x.float() for x in xs) if xs is not None else None
+
+    res = StepOutputs(out.logits.float(), f(out.hidden_states), f(out.attentions))
+    if out.augmented is not None:
+        res.augmented = _as_float(out.augmented)
+    return res
+
+
 def _forward(
-    model: PreTrainedModel, batch: dict[str, torch.Tensor], method: Method, device: torch.device
+    model: PreTrainedModel | torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    method: Method,
+    device: torch.device,
 ) -> StepOutputs:
     out = model(
         **model_inputs(batch, device),
@@ -220,17 +283,36 @@ def train(
         ValueError: the loss became NaN or infinite (with the stage and step), or the
             selection metric is not one the task reports.
     """
+    ctx = current()
+    if ctx is not None:
+        hooks = _rank_hooks(hooks or TrainHooks(), ctx)
     restore = (
         record_attentions([student, teacher], scores=method.attention_scores)
         if method.needs_attentions
         else (lambda: None)
     )
+    loop = _Loop(student, teacher, method, train_data, dev_data, cfg, pad_id, device, hooks)
     try:
-        loop = _Loop(student, teacher, method, train_data, dev_data, cfg, pad_id, device, hooks)
         loop.checkpointer, loop.resume = checkpointer, resume
-        return loop()
+        result = loop()
     finally:
+        loop.release()
         restore()
+    if ctx is not None and not ctx.is_main:
+        raise RankFinished()
+    return result
+
+
+def _rank_hooks(hooks: TrainHooks, ctx: DistContext) -> TrainHooks:
+    """Hooks of one rank of a data-parallel run: rank 0's report; its cancel check is
+    broadcast to all (every rank checks at the same points of the loop); no pause."""
+
+    def stop() -> bool:
+        return bool(ctx.broadcast(hooks.should_stop() if ctx.is_main else False))
+
+    if ctx.is_main:
+        return dataclasses.replace(hooks, should_stop=stop, should_pause=lambda: False)
+    return TrainHooks(should_stop=stop, every=hooks.every)
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -273,6 +355,12 @@ class _Loop:
         self.checkpointer: Checkpointer | None = None
         self.resume: LoopState | None = None
         self.dev: dict[str, float] = {}  # the latest dev metrics
+        self.dist = current()  # a data-parallel run's rank, or None
+        self.autocast_dtype, self.teacher_dtype = precision_plan(cfg.precision, device)
+        if not teacher_inference_only(method):
+            self.teacher_dtype = None
+        self.forward_student: torch.nn.Module = student  # DDP-wrapped on several ranks
+        self.teacher_saved: dict[str, torch.Tensor] | None = None  # fp32 teacher, when halved
 
     def __call__(self) -> TrainResult:
         seed_everything(self.cfg.seed)
@@ -281,7 +369,12 @@ class _Loop:
             for module in group.modules:
                 module.to(self.device)
         if self.teacher is not None:
+            if self.teacher_dtype is not None:  # inference only: half precision, fp32 kept
+                self.teacher_saved = _state(self.teacher)
+                self.teacher.to(dtype=self.teacher_dtype)  # type: ignore[call-arg]
             self.teacher.to(self.device).eval()  # type: ignore[arg-type]
+        if self.dist is not None:
+            self.forward_student = self.dist.wrap(self.student, self.device)
         generator = torch.Generator().manual_seed(self.cfg.seed)
         self.method.prepare(self.train_data)
         first = 0
@@ -296,6 +389,26 @@ class _Loop:
             self.student.load_state_dict(self.best_state)
         self.result.seconds = time.perf_counter() - self.started
         return self.result
+
+    def release(self) -> None:
+        """Give the teacher its fp32 weights back (when it ran in half precision)."""
+        if self.teacher is not None and self.teacher_saved is not None:
+            self.teacher.to(dtype=torch.float32)  # type: ignore[call-arg]
+            self.teacher.load_state_dict(self.teacher_saved)
+            self.teacher_saved = None
+        self.forward_student = self.student
+
+    def _dev_metrics(self) -> dict[str, float]:
+        """Dev metrics of the student (on several ranks: rank 0's, broadcast)."""
+        dev = None
+        if self.dist is None or self.dist.is_main:
+            dev = task_metrics(
+                predict_logits(
+                    self.student, self.dev_data, self.cfg.eval_batch_size, self.pad_id, self.device
+                ),
+                self.dev_data.labels,
+            )
+        return dev if self.dist is None else self.dist.broadcast(dev)  # type: ignore[return-value]
 
     def _stage_lr(self, stage: Stage) -> float:
         """The stage's peak LR: its own, else ``training.learning_rate``."""
@@ -315,7 +428,9 @@ class _Loop:
                 {"params": decay, "weight_decay": g.weight_decay, "lr": group_lr},
                 {"params": no_decay, "weight_decay": 0.0, "lr": group_lr},
             ]
-        optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], lr=lr)
+        optimizer = torch.optim.AdamW(
+            [g for g in param_groups if g["params"]], lr=lr, fused=self.device.type == "cuda"
+        )
         total = self.steps[self.stages.index(stage)]
         warmup_ratio = (
             stage.warmup_ratio if stage.warmup_ratio is not None else self.cfg.warmup_ratio
@@ -432,12 +547,7 @@ class _Loop:
         ckpt = self.checkpointer
 
         def evaluate(sums: dict[str, float], n_micro: int, at: str) -> None:
-            dev = task_metrics(
-                predict_logits(
-                    self.student, self.dev_data, cfg.eval_batch_size, self.pad_id, self.device
-                ),
-                self.dev_data.labels,
-            )
+            dev = self._dev_metrics()
             metric = selection_metric(cfg, dev)
             score = dev[metric]
             record: dict[str, object] = {
@@ -508,11 +618,16 @@ class _Loop:
             ):
                 if micro < skip:  # consumed before the checkpoint
                     continue
+                weight = 1.0
+                if self.dist is not None:  # this rank's slice of the global batch
+                    batch, weight = self.dist.shard(batch)
                 if micro % cfg.grad_accumulation_steps == 0:
                     self._generator_steps(stage_step, batch, position, n_steps, stage_epoch)
                 method.start_step(self.epoch, self.step)
                 method.start_batch(batch)
-                res_total, parts = self._micro_step(batch)
+                # On several ranks, gradients are all-reduced only on a group's last micro-batch.
+                sync = (micro + 1) % cfg.grad_accumulation_steps == 0 or micro + 1 >= n_batches
+                res_total, parts = self._micro_step(batch, weight, sync)
                 if not math.isfinite(res_total):
                     raise ValueError(
                         f"the loss became {res_total} at step {self.step} (stage "
@@ -656,12 +771,31 @@ class _Loop:
                 )
             )
 
-    def _micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    def _micro_step(
+        self, batch: dict[str, torch.Tensor], weight: float = 1.0, sync: bool = True
+    ) -> tuple[float, dict[str, float]]:
         """Forward both models (and, when the method augments the batch, both on the augmented
-        batch too), compute the method's loss, back-propagate; returns the loss."""
+        batch too), compute the method's loss, back-propagate; returns the loss.
+
+        Autocast and the teacher's dtype follow ``training.precision`` (:func:`precision_plan`;
+        the teacher runs in inference mode, its outputs are cast to fp32 for the loss). On
+        several ranks the loss is multiplied by the shard's ``weight`` before ``backward`` and
+        the returned losses are the global batch's (all-reduced); without ``sync`` (not the last
+        micro-batch of an accumulation group) DDP keeps the gradients local (``no_sync``)."""
+        local = (
+            self.forward_student.no_sync()  # type: ignore[operator]
+            if self.dist is not None and not sync
+            else contextlib.nullcontext()
+        )
+        with local:  # forward and backward inside, as DDP's no_sync requires
+            return self._forward_backward(batch, weight)
+
+    def _forward_backward(
+        self, batch: dict[str, torch.Tensor], weight: float
+    ) -> tuple[float, dict[str, float]]:
         device, method = self.device, self.method
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        dtype = self.autocast_dtype
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             t_out = None
             augmented = method.augment(batch)
             if method.uses_teacher and self.teacher is not None:
@@ -669,12 +803,18 @@ class _Loop:
                     t_out = _forward(self.teacher, batch, method, device)
                     if augmented is not None:
                         t_out.augmented = _forward(self.teacher, augmented, method, device)
-            s_out = _forward(self.student, batch, method, device)
+                    if self.teacher_dtype is not None:
+                        t_out = _as_float(t_out)
+            s_out = _forward(self.forward_student, batch, method, device)
             if augmented is not None:
-                s_out.augmented = _forward(self.student, augmented, method, device)
+                s_out.augmented = _forward(self.forward_student, augmented, method, device)
             labels = batch["labels"].to(device)
             res = method.loss(s_out, t_out, labels, batch["attention_mask"].to(device))
-        total = float(res.total.detach())
+        total, parts = float(res.total.detach()), res.parts
+        if self.dist is not None:
+            names = list(parts)
+            means = self.dist.mean_losses([total * weight, *(parts[k] * weight for k in names)])
+            total, parts = means[0], dict(zip(names, means[1:], strict=True))
         if math.isfinite(total):
-            (res.total / self.cfg.grad_accumulation_steps).backward()
-        return total, res.parts
+            (res.total * weight / self.cfg.grad_accumulation_steps).backward()
+        return total, parts

@@ -1,7 +1,9 @@
 """``python -m worker``: start a worker on the queue of this machine's device class.
 
 One worker process per GPU (solo pool); the queue is ``gpu`` when CUDA is available and
-``cpu`` otherwise, unless ``DISTILLERY_WORKER_QUEUE`` names one.
+``cpu`` otherwise, unless ``DISTILLERY_WORKER_QUEUE`` names one. A worker that runs each job on
+several GPUs (``DISTILLERY_WORKER_GPUS`` > 1, data-parallel: :mod:`kd_engine.distributed`)
+consumes ``gpu-multi``.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import sys
 
 import torch
 
+from kd_engine.distributed import worker_gpus
 from worker.celery_app import app
 
 
 def main() -> None:
     """Run the Celery worker in the foreground."""
     queue = os.environ.get("DISTILLERY_WORKER_QUEUE") or (
-        "gpu" if torch.cuda.is_available() else "cpu"
+        ("gpu-multi" if worker_gpus() > 1 else "gpu") if torch.cuda.is_available() else "cpu"
     )
     app.worker_main(
         [

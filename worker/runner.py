@@ -20,6 +20,7 @@ from api.db import make_engine, make_sessionmaker, utcnow
 from api.settings import Settings
 from api.storage import StorageError, artifact_storage
 from kd_engine.checkpoint import Paused, SavedCheckpoint
+from kd_engine.distributed import run_job_distributed, worker_gpus
 from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, PretrainedStudent
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
@@ -254,17 +255,29 @@ def _execute(job_id: str, settings: Settings) -> str:
         generator = (
             refs.model_location(generator_ref, settings) if generator_ref is not None else None
         )
-        result = run_job(
-            spec,
-            teacher,
-            lambda ref: refs.dataset_file(ref, settings),
-            tmp,
-            hooks,
-            student,
-            generator,
-            checkpoints=saved_checkpoints.policy(settings, ckpt_dir),
-            resume_from=resume.directory if resume is not None else None,
-        )
+        gpus = worker_gpus()
+        if gpus > 1:  # one job on several GPUs (DDP): no checkpoints, pause or resume
+            result = run_job_distributed(
+                spec,
+                teacher,
+                lambda ref: refs.dataset_file(ref, settings),
+                tmp,
+                gpus,
+                hooks,
+                student,
+            )
+        else:
+            result = run_job(
+                spec,
+                teacher,
+                lambda ref: refs.dataset_file(ref, settings),
+                tmp,
+                hooks,
+                student,
+                generator,
+                checkpoints=saved_checkpoints.policy(settings, ckpt_dir),
+                resume_from=resume.directory if resume is not None else None,
+            )
         if beat.lost:  # stalled past the heartbeat timeout: another attempt owns the job now
             log.warning("job %s: attempt %d lost its claim; not published", job_id, attempt)
             return "lost"
