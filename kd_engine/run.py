@@ -140,7 +140,6 @@ def _teacher_cache(
     store: CacheStore | None,
     directory: Path,
     log: Callable[[dict[str, object]], None],
-    stage: Callable[..., None],
 ) -> dict[str, Any]:
     """Set ``job.teacher_cache`` when the job uses one; returns ``metrics.json``'s report."""
     spec = job.spec
@@ -153,7 +152,6 @@ def _teacher_cache(
     ]
     if not any(eligible(registry.get(h.method.name).method_cls) for h in taught):
         return off_report("no model of this job learns from the teacher's logits alone")
-    stage("teacher cache")
     key = cache_key(
         job.teacher, job.train_enc, job.tokenizer, spec.training.max_seq_length, job.device
     )
@@ -314,7 +312,7 @@ def run_job(
 
     with tempfile.TemporaryDirectory(prefix="teacher-cache-") as cache_dir:
         # The cache is held in memory once loaded or built: its directory can go at once.
-        cache_report = _teacher_cache(job, teacher_cache_store, Path(cache_dir), log, stage)
+        cache_report = _teacher_cache(job, teacher_cache_store, Path(cache_dir), log)
 
     runs: list[HopRun] = []
     student: PreTrainedModel | None = None
