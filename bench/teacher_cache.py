@@ -63,7 +63,7 @@ def main(
         max_seq_length=max_length,
         learning_rate=1e-4,
         seed=42,
-        device=device,  # type: ignore[arg-type]
+        device=device,
     )
     pad = int(tokenizer.pad_token_id or 0)
     rows = []
