@@ -152,6 +152,8 @@ def _teacher_cache(
     ]
     if not any(eligible(registry.get(h.method.name).method_cls) for h in taught):
         return off_report("no model of this job learns from the teacher's logits alone")
+    if len(set(job.train_enc.ids)) != len(job.train_enc):  # ids could not address the rows
+        return off_report("the transfer set's example ids are not unique")
     key = cache_key(
         job.teacher, job.train_enc, job.tokenizer, spec.training.max_seq_length, job.device
     )
