@@ -81,7 +81,7 @@ def test_the_key_is_stable_and_changes_with_weights_data_tokenizer_and_length(
     assert key(twin, same_data, tokenizer, MAX_LEN) == base
     # One weight of the teacher changed.
     with torch.no_grad():
-        twin.classifier.weight[0, 0] += 1e-3
+        twin.get_parameter("classifier.weight")[0, 0] += 1e-3
     assert key(twin, train_enc, tokenizer, MAX_LEN) != base
     # The data: one example fewer, or one token changed.
     fewer = encode(rotten_tomatoes.train[:47], tokenizer, MAX_LEN)
