@@ -38,6 +38,7 @@ from kd_engine.spec import (
     PretrainedStudent,
     StudentSpec,
 )
+from kd_engine.teacher_cache import TeacherCache, eligible
 from kd_engine.trainer import Progress, TrainHooks, TrainResult, seed_everything, train
 
 
@@ -122,6 +123,7 @@ class Job:
     corpus: Encoded | None = None
     checkpointer: Checkpointer | None = None
     resume: Resume | None = None
+    teacher_cache: TeacherCache | None = None
 
     def shape(self, model: PreTrainedModel) -> ModelShape:
         """The shape of a built model (for the method bound to it)."""
@@ -232,6 +234,7 @@ def run_hop(
         _hop_hooks(job, index),
         checkpointer=job.checkpointer,
         resume=resume.loop if resume is not None and resume.hop == index + 1 else None,
+        teacher_cache=job.teacher_cache if kd_teacher is job.teacher and eligible(method) else None,
     )
 
     job.stage(prefix + "evaluate", hop=index + 1, num_hops=n)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ from kd_engine.models.loading import (
 from kd_engine.models.shapes import shape_from_config
 from kd_engine.reports import evaluate_sets, teacher_match
 from kd_engine.spec import JobSpec
+from kd_engine.teacher_cache import CacheStore, cache_key, eligible, load_or_build, off_report
 from kd_engine.trainer import (
     Progress,
     TrainHooks,
@@ -132,6 +135,45 @@ def _finished_hops(job: Job, resume: Resume) -> tuple[PreTrainedModel | None, li
     return model, runs
 
 
+def _teacher_cache(
+    job: Job,
+    store: CacheStore | None,
+    directory: Path,
+    log: Callable[[dict[str, object]], None],
+) -> dict[str, Any]:
+    """Set ``job.teacher_cache`` when the job uses one; returns ``metrics.json``'s report."""
+    spec = job.spec
+    if not spec.training.teacher_cache:
+        return off_report("training.teacher_cache is false")
+    taught = [
+        h
+        for h in job.hops
+        if h.teacher == "job" and registry.get(h.method.name).method_cls.uses_teacher
+    ]
+    if not any(eligible(registry.get(h.method.name).method_cls) for h in taught):
+        return off_report("no model of this job learns from the teacher's logits alone")
+    if len(set(job.train_enc.ids)) != len(job.train_enc):  # ids could not address the rows
+        return off_report("the transfer set's example ids are not unique")
+    key = cache_key(
+        job.teacher, job.train_enc, job.tokenizer, spec.training.max_seq_length, job.device
+    )
+    cache = load_or_build(
+        directory,
+        key,
+        job.teacher,
+        job.train_enc,
+        spec.training.eval_batch_size,
+        job.pad_id,
+        job.device,
+        store,
+    )
+    job.teacher_cache = cache
+    if cache.warning:
+        log({"event": "warning", "message": cache.warning})
+    log({"event": "teacher_cache", **cache.report()})
+    return cache.report()
+
+
 def run_job(
     spec: JobSpec,
     teacher_path: Path | str,
@@ -142,6 +184,7 @@ def run_job(
     generator_path: Path | str | None = None,
     checkpoints: CheckpointPolicy | None = None,
     resume_from: Path | None = None,
+    teacher_cache_store: CacheStore | None = None,
 ) -> RunResult:
     """Train and export the student of ``spec`` into ``out_dir``.
 
@@ -168,6 +211,13 @@ def run_job(
     checkpoint directory written by a run of the same spec: the run continues from it (finished
     hops are not retrained) and ends with the same student, metrics and artifacts as an
     uninterrupted run (bit for bit on the CPU). ``out_dir`` may be fresh.
+
+    With ``training.teacher_cache`` and a hop whose method is
+    :func:`~kd_engine.teacher_cache.eligible` taught by the job's teacher, the teacher's logits
+    on the transfer set are computed once before training (or read from
+    ``teacher_cache_store``, and kept there when built) and served to the loop by example id;
+    ``metrics.json``'s ``teacher_cache`` says ``hit``, ``built``, ``rebuilt`` or ``off`` (with
+    the reason) and the build's seconds.
 
     Raises:
         ValueError: a problem with the job a user can fix (message names it), or
@@ -262,6 +312,10 @@ def run_job(
     if len(hops) > 1:
         log({"event": "hops", "hops": [h.name for h in hops]})
 
+    with tempfile.TemporaryDirectory(prefix="teacher-cache-") as cache_dir:
+        # The cache is held in memory once loaded or built: its directory can go at once.
+        cache_report = _teacher_cache(job, teacher_cache_store, Path(cache_dir), log)
+
     runs: list[HopRun] = []
     student: PreTrainedModel | None = None
     first = 0
@@ -330,6 +384,7 @@ def run_job(
         "test": final.report["test"],
         "student": _size_and_speed(student, job.test_enc, pad_id, device),
         "hops": [run.report for run in runs],
+        "teacher_cache": cache_report,
     }
     if issubclass(method_cls, ChainMethod) and method_cls.ensemble:
         metrics["ensemble"] = {

@@ -133,7 +133,7 @@ class TrainingSpec(_Strict):
     and every ``eval_every_steps`` optimiser steps; the exported checkpoint is the best
     evaluation by ``selection_metric`` (None: ``accuracy`` for classification, ``pearson`` for
     regression; ``mcc`` for CoLA-like tasks, ``macro_f1`` for imbalanced ones) among the stages
-    that may select.
+    that may select. ``teacher_cache`` (default True): see :mod:`kd_engine.teacher_cache`.
     """
 
     epochs: int = Field(3, ge=1, le=200)
@@ -160,6 +160,16 @@ class TrainingSpec(_Strict):
         description="auto: bf16 autocast and a half-precision teacher on CUDA (bf16, fp16 on "
         "GPUs without bf16), fp32 on the CPU; fp32: everywhere; bf16: bf16 autocast and teacher "
         "(on the CPU too, slowly).",
+    )
+    teacher_cache: bool = Field(
+        True,
+        description=(
+            "For a method that needs only the teacher's logits (see docs/methods.md), compute "
+            "them once per job before training and read them by example id instead of running "
+            "the teacher on every batch (the same result up to float rounding); a worker keeps "
+            "the cache for the tenant's later jobs with the same teacher and data. False runs "
+            "the teacher live on every batch."
+        ),
     )
 
 

@@ -43,6 +43,7 @@ from kd_engine.methods.base import Method, StepOutputs
 from kd_engine.models.attention_scores import record_attentions
 from kd_engine.spec import TrainingSpec
 from kd_engine.stages import STUDENT, ParamGroup, Stage, lr_factor
+from kd_engine.teacher_cache import TeacherCache
 
 
 class Cancelled(Exception):
@@ -260,6 +261,7 @@ def train(
     hooks: TrainHooks | None = None,
     checkpointer: Checkpointer | None = None,
     resume: LoopState | None = None,
+    teacher_cache: TeacherCache | None = None,
 ) -> TrainResult:
     """Train ``student`` in place with ``method``'s stages; on return it holds the weights of
     the best evaluation of a stage that may select (the last weights if none may).
@@ -271,6 +273,11 @@ def train(
     checkpoint of this hop: the student, the method (built, bound and seeded as for a fresh
     run) and the loop continue from it, so that the result equals an uninterrupted run's (bit
     for bit on the CPU).
+
+    With a ``teacher_cache`` (:mod:`kd_engine.teacher_cache`; only for a method it is
+    :func:`~kd_engine.teacher_cache.eligible` for) the teacher's logits on each batch are read
+    from it by example id instead of a teacher forward; the teacher still runs on augmented
+    batches.
 
     For a method that needs attention maps, both models run with an attention implementation
     that reports them (probabilities, or scores when ``method.attention_scores``) during
@@ -294,6 +301,7 @@ def train(
     loop = _Loop(student, teacher, method, train_data, dev_data, cfg, pad_id, device, hooks)
     try:
         loop.checkpointer, loop.resume = checkpointer, resume
+        loop.teacher_cache = teacher_cache
         result = loop()
     finally:
         loop.release()
@@ -354,6 +362,7 @@ class _Loop:
         self.started = time.perf_counter()
         self.checkpointer: Checkpointer | None = None
         self.resume: LoopState | None = None
+        self.teacher_cache: TeacherCache | None = None
         self.dev: dict[str, float] = {}  # the latest dev metrics
         self.dist = current()  # a data-parallel run's rank, or None
         self.autocast_dtype, self.teacher_dtype = precision_plan(cfg.precision, device)
@@ -800,7 +809,11 @@ class _Loop:
             augmented = method.augment(batch)
             if method.uses_teacher and self.teacher is not None:
                 with torch.inference_mode():
-                    t_out = _forward(self.teacher, batch, method, device)
+                    if self.teacher_cache is not None:  # the frozen teacher's logits, cached
+                        ids = batch["example_ids"]
+                        t_out = StepOutputs(self.teacher_cache.logits_for(ids, device))
+                    else:
+                        t_out = _forward(self.teacher, batch, method, device)
                     if augmented is not None:
                         t_out.augmented = _forward(self.teacher, augmented, method, device)
                     if self.teacher_dtype is not None:

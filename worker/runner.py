@@ -27,6 +27,7 @@ from kd_engine.trainer import Cancelled, Progress, TrainHooks
 from worker import checkpoints as saved_checkpoints
 from worker.celery_app import make_celery
 from worker.heartbeat import Heartbeat
+from worker.teacher_caches import ArtifactCacheStore
 
 log = logging.getLogger("distillery.worker")
 
@@ -176,7 +177,7 @@ def _execute(job_id: str, settings: Settings) -> str:
         if job is None:  # deleted between the claim and this read
             s.rollback()
             return "skipped"
-        spec_data, attempt = job.spec, job.attempt
+        spec_data, attempt, tenant_id = job.spec, job.attempt, job.tenant_id
         events.record(
             s,
             job_id,
@@ -277,6 +278,7 @@ def _execute(job_id: str, settings: Settings) -> str:
                 generator,
                 checkpoints=saved_checkpoints.policy(settings, ckpt_dir),
                 resume_from=resume.directory if resume is not None else None,
+                teacher_cache_store=ArtifactCacheStore(settings, tenant_id),
             )
         if beat.lost:  # stalled past the heartbeat timeout: another attempt owns the job now
             log.warning("job %s: attempt %d lost its claim; not published", job_id, attempt)
