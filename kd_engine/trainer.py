@@ -237,6 +237,51 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+class _Losses:
+    """The losses of the micro-steps since the last read, kept as tensors so that a step does
+    not wait for the device: :meth:`flush` reads them all back in one transfer, checks that
+    each is finite (naming the stage and the step it was computed at) and adds them, in
+    order and as Python floats, to the running sums (the same sums as reading each loss at
+    its own step)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, torch.Tensor, dict[str, float | torch.Tensor]]] = []
+
+    def add(self, step: int, total: torch.Tensor, parts: dict[str, float | torch.Tensor]) -> None:
+        """Keep micro-step ``step``'s loss (a 0-d tensor) and parts (floats or 0-d tensors)."""
+        self.pending.append((step, total, parts))
+
+    def flush(self, sums: dict[str, float], stage: str) -> int:
+        """Add the pending losses to ``sums`` (``loss`` and each part); returns how many
+        micro-steps they were.
+
+        Raises:
+            ValueError: a loss was NaN or infinite (the message names the step and stage).
+        """
+        if not self.pending:
+            return 0
+        tensors = [t for _, t, _ in self.pending]
+        tensors += [
+            v for _, _, p in self.pending for v in p.values() if isinstance(v, torch.Tensor)
+        ]
+        values = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist())
+        totals = [next(values) for _ in self.pending]
+        pending, self.pending = self.pending, []
+        for (step, _, parts), total in zip(pending, totals, strict=True):
+            if not math.isfinite(total):
+                raise ValueError(
+                    f"the loss became {total} at step {step} (stage {stage!r}): lower "
+                    "training.learning_rate or check the data"
+                )
+            row = {"loss": total}
+            row.update(
+                {k: next(values) if isinstance(v, torch.Tensor) else v for k, v in parts.items()}
+            )
+            for k, v in row.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return len(pending)
+
+
 class _Loop:
     """The state of one training run (one instance per call of :func:`train`)."""
 
@@ -267,6 +312,9 @@ class _Loop:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.restore_state: dict[str, torch.Tensor] | None = None
         self.restore_score = -math.inf
+        # "best" / "restore": that state is the student's current weights, not copied yet
+        # (:meth:`_materialise` copies it, once for both, before the weights next change).
+        self._live: set[str] = set()
         self.step = self.epoch = 0
         self.generator_block = 0  # generator (max-step) blocks run so far
         self.started = time.perf_counter()
@@ -292,10 +340,25 @@ class _Loop:
             first = self._load(self.resume, generator)
         for index in range(first, len(self.stages)):
             self._run_stage(index, self.stages[index], generator)
-        if self.best_state is not None:
+        if self.best_state is not None and "best" not in self._live:
             self.student.load_state_dict(self.best_state)
+        self._live.clear()
         self.result.seconds = time.perf_counter() - self.started
         return self.result
+
+    def _materialise(self) -> None:
+        """Copy the student's weights into the best and restore states that are still its
+        current weights (one copy shared by both): an evaluation marks them, and the copy
+        is made only when the weights are about to change, so that an evaluation the training
+        does not continue past (the last one) copies nothing."""
+        if not self._live:
+            return
+        state = _state(self.student)
+        if "best" in self._live:
+            self.best_state = state
+        if "restore" in self._live:
+            self.restore_state = state
+        self._live.clear()
 
     def _stage_lr(self, stage: Stage) -> float:
         """The stage's peak LR: its own, else ``training.learning_rate``."""
@@ -354,6 +417,7 @@ class _Loop:
         counters: dict[str, object],
     ) -> LoopState:
         """The loop's state now, for a checkpoint (``counters``: the stage's own)."""
+        self._materialise()
         modules = [m for g in self.groups[1:] for m in g.modules]
         result = dataclasses.asdict(self.result)
         result["seconds"] = time.perf_counter() - self.started
@@ -420,6 +484,7 @@ class _Loop:
         skip, epoch_start = 0, generator.get_state()
         sums: dict[str, float] = {}
         n_micro = 0
+        pending = _Losses()  # losses of micro-steps not yet read back
         if r is not None and r.mid_stage:
             assert r.optimizer is not None and r.scheduler is not None
             optimizer.load_state_dict(r.optimizer)
@@ -473,12 +538,14 @@ class _Loop:
                 stage_best.clear()
                 stage_best.update(dev)
             best = self.result.best_dev.get(metric, -math.inf)
-            if stage.selects_best and (self.best_state is None or score > best):
+            first = self.best_state is None and "best" not in self._live
+            if stage.selects_best and (first or score > best):
                 self.result.best_epoch, self.result.best_step = self.epoch, self.step
                 self.result.best_stage, self.result.best_dev = stage.name, dev
-                self.best_state = _state(self.student)
+                self._live.add("best")
             if score > self.restore_score:
-                self.restore_score, self.restore_state = score, _state(self.student)
+                self.restore_score = score
+                self._live.add("restore")
             self.dev = dict(dev)
 
         def snapshot(mid_stage: bool, micro_next: int) -> LoopState:
@@ -513,20 +580,14 @@ class _Loop:
                 method.start_step(self.epoch, self.step)
                 method.start_batch(batch)
                 res_total, parts = self._micro_step(batch)
-                if not math.isfinite(res_total):
-                    raise ValueError(
-                        f"the loss became {res_total} at step {self.step} (stage "
-                        f"{stage.name!r}): lower training.learning_rate or check the data"
-                    )
-                n_micro += 1
-                for k, v in {"loss": res_total, **parts}.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                pending.add(self.step, res_total, parts)
                 # Step after every grad_accumulation_steps micro-batches, and after the epoch's
                 # last one (a partial group), so that each epoch takes the same number of steps.
                 if (micro + 1) % cfg.grad_accumulation_steps and micro + 1 < n_batches:
                     continue
                 for params, max_norm in clip:
                     torch.nn.utils.clip_grad_norm_(params, max_norm)
+                self._materialise()  # the weights are about to change
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -534,6 +595,7 @@ class _Loop:
                 stage_step += 1
                 reported = stage_step % hooks.every == 0 or stage_step == n_steps
                 if reported:
+                    n_micro += pending.flush(sums, stage.name)
                     losses = {k: v / n_micro for k, v in sums.items()}
                     hooks.on_progress(
                         Progress(
@@ -570,15 +632,23 @@ class _Loop:
                     and stage_step < n_steps
                     and micro + 1 < n_batches
                 ):
+                    n_micro += pending.flush(sums, stage.name)
                     evaluate(sums, n_micro, "step")
                 if ckpt is not None and stage_step < n_steps:
-                    if reported and hooks.should_pause():
-                        self._checkpoint(snapshot(True, micro + 1), "pause")
-                    elif ckpt.due(self.step):
-                        self._checkpoint(snapshot(True, micro + 1), "interval")
+                    reason = (
+                        "pause"
+                        if reported and hooks.should_pause()
+                        else "interval"
+                        if ckpt.due(self.step)
+                        else None
+                    )
+                    if reason is not None:
+                        n_micro += pending.flush(sums, stage.name)
+                        self._checkpoint(snapshot(True, micro + 1), reason)
                 if stage_step >= n_steps:
                     break
             skip = 0
+            n_micro += pending.flush(sums, stage.name)
             if stage.evaluates:
                 evaluate(sums, n_micro, "epoch_end")
             if hooks.should_stop():
@@ -587,7 +657,10 @@ class _Loop:
         for p in frozen:
             p.requires_grad_(True)
         if stage.restore_best:
-            if self.restore_state is not None:
+            if "restore" in self._live:  # the weights are the stage's best already
+                self._live.discard("restore")
+            elif self.restore_state is not None:
+                self._materialise()  # a best state that is the current weights: copy it first
                 self.student.load_state_dict(self.restore_state)
             self.restore_state, self.restore_score = None, -math.inf
         lr = self._stage_lr(stage)
@@ -656,9 +729,13 @@ class _Loop:
                 )
             )
 
-    def _micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    def _micro_step(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """Forward both models (and, when the method augments the batch, both on the augmented
-        batch too), compute the method's loss, back-propagate; returns the loss."""
+        batch too), compute the method's loss, back-propagate; returns the loss, detached and
+        not read back (the loop reads its losses in one go at its next report, see
+        :class:`_Losses`), and its parts."""
         device, method = self.device, self.method
         use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -674,7 +751,5 @@ class _Loop:
                 s_out.augmented = _forward(self.student, augmented, method, device)
             labels = batch["labels"].to(device)
             res = method.loss(s_out, t_out, labels, batch["attention_mask"].to(device))
-        total = float(res.total.detach())
-        if math.isfinite(total):
-            (res.total / self.cfg.grad_accumulation_steps).backward()
-        return total, res.parts
+        (res.total / self.cfg.grad_accumulation_steps).backward()
+        return res.total.detach(), res.parts
