@@ -571,7 +571,9 @@ class _Loop:
                 n_micro = 0
                 epoch_start = generator.get_state()
             for micro, batch in enumerate(
-                batches(self.train_data, cfg.batch_size, self.pad_id, generator)
+                batches(
+                    self.train_data, cfg.batch_size, self.pad_id, generator, cfg.group_by_length
+                )
             ):
                 if micro < skip:  # consumed before the checkpoint
                     continue
