@@ -17,7 +17,7 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -245,9 +245,9 @@ class _Losses:
     its own step)."""
 
     def __init__(self) -> None:
-        self.pending: list[tuple[int, torch.Tensor, dict[str, float | torch.Tensor]]] = []
+        self.pending: list[tuple[int, torch.Tensor, Mapping[str, float | torch.Tensor]]] = []
 
-    def add(self, step: int, total: torch.Tensor, parts: dict[str, float | torch.Tensor]) -> None:
+    def add(self, step: int, total: torch.Tensor, parts: Mapping[str, float | torch.Tensor]) -> None:
         """Keep micro-step ``step``'s loss (a 0-d tensor) and parts (floats or 0-d tensors)."""
         self.pending.append((step, total, parts))
 
@@ -733,7 +733,7 @@ class _Loop:
 
     def _micro_step(
         self, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+    ) -> tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]:
         """Forward both models (and, when the method augments the batch, both on the augmented
         batch too), compute the method's loss, back-propagate; returns the loss, detached and
         not read back (the loop reads its losses in one go at its next report, see
