@@ -247,7 +247,9 @@ class _Losses:
     def __init__(self) -> None:
         self.pending: list[tuple[int, torch.Tensor, Mapping[str, float | torch.Tensor]]] = []
 
-    def add(self, step: int, total: torch.Tensor, parts: Mapping[str, float | torch.Tensor]) -> None:
+    def add(
+        self, step: int, total: torch.Tensor, parts: Mapping[str, float | torch.Tensor]
+    ) -> None:
         """Keep micro-step ``step``'s loss (a 0-d tensor) and parts (floats or 0-d tensors)."""
         self.pending.append((step, total, parts))
 
