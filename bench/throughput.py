@@ -11,8 +11,9 @@ first hop of a chain) three things are measured on the method's last stage:
 - floor: the teacher forward alone (inference mode, with the hidden states / attentions the
   method asks for) and the student step alone (forward, the method's loss on the pre-computed
   teacher outputs, backward, clipping, AdamW step), timed apart over the same batches;
-  samples/s = batch / (teacher + student seconds per batch). It leaves out what a method does
-  beyond one teacher and one student pass: augmentation, generator steps, extra passes.
+  samples/s = batch / (teacher + student seconds per batch). An augmenting method's x' is
+  made beforehand, untimed, and both models' passes on x' are in the floor. It leaves out what
+  else a method does per step: making x', generator steps, memory-bank updates, hooks.
 - loop: :func:`kd_engine.trainer.train` itself, timed between its progress reports (after
   ``--warmup`` steps, over ``--steps`` steps: no evaluation, no preparation inside), with
   ``training.group_by_length`` off and, for ``vanilla_kd``, on.
