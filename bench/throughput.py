@@ -140,6 +140,8 @@ def _floor(
         t_outs.append(out)
     s_sec = 0.0
     for i, (batch, aug, t_out) in enumerate(zip(data, augmented, t_outs, strict=True)):
+        method.start_step(1, i)  # the method's per-step hooks, untimed
+        method.start_batch(batch)
         _sync(device)
         t0 = time.perf_counter()
         with _autocast(device):
