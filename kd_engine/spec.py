@@ -171,6 +171,14 @@ class TrainingSpec(_Strict):
             "the teacher live on every batch."
         ),
     )
+    group_by_length: bool = Field(
+        False,
+        description=(
+            "Batch examples of similar length together (shuffled mega-batches of 16 batches, "
+            "sorted by length, cut into batches, batches shuffled): less padding, faster "
+            "steps, slightly less random batches. Off by default (results stay as they were)."
+        ),
+    )
 
 
 class JobSpec(_Strict):

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -327,6 +327,53 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+class _Losses:
+    """The losses of the micro-steps since the last read, kept as tensors so that a step does
+    not wait for the device: :meth:`flush` reads them all back in one transfer, checks that
+    each is finite (naming the stage and the step it was computed at) and adds them, in
+    order and as Python floats, to the running sums (the same sums as reading each loss at
+    its own step)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, torch.Tensor, Mapping[str, float | torch.Tensor]]] = []
+
+    def add(
+        self, step: int, total: torch.Tensor, parts: Mapping[str, float | torch.Tensor]
+    ) -> None:
+        """Keep micro-step ``step``'s loss (a 0-d tensor) and parts (floats or 0-d tensors)."""
+        self.pending.append((step, total, parts))
+
+    def flush(self, sums: dict[str, float], stage: str) -> int:
+        """Add the pending losses to ``sums`` (``loss`` and each part); returns how many
+        micro-steps they were.
+
+        Raises:
+            ValueError: a loss was NaN or infinite (the message names the step and stage).
+        """
+        if not self.pending:
+            return 0
+        tensors = [t for _, t, _ in self.pending]
+        tensors += [
+            v for _, _, p in self.pending for v in p.values() if isinstance(v, torch.Tensor)
+        ]
+        values = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist())
+        totals = [next(values) for _ in self.pending]
+        pending, self.pending = self.pending, []
+        for (step, _, parts), total in zip(pending, totals, strict=True):
+            if not math.isfinite(total):
+                raise ValueError(
+                    f"the loss became {total} at step {step} (stage {stage!r}): lower "
+                    "training.learning_rate or check the data"
+                )
+            row = {"loss": total}
+            row.update(
+                {k: next(values) if isinstance(v, torch.Tensor) else v for k, v in parts.items()}
+            )
+            for k, v in row.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return len(pending)
+
+
 class _Loop:
     """The state of one training run (one instance per call of :func:`train`)."""
 
@@ -357,6 +404,9 @@ class _Loop:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.restore_state: dict[str, torch.Tensor] | None = None
         self.restore_score = -math.inf
+        # "best" / "restore": that state is the student's current weights, not copied yet
+        # (:meth:`_materialise` copies it, once for both, before the weights next change).
+        self._live: set[str] = set()
         self.step = self.epoch = 0
         self.generator_block = 0  # generator (max-step) blocks run so far
         self.started = time.perf_counter()
@@ -394,8 +444,9 @@ class _Loop:
             first = self._load(self.resume, generator)
         for index in range(first, len(self.stages)):
             self._run_stage(index, self.stages[index], generator)
-        if self.best_state is not None:
+        if self.best_state is not None and "best" not in self._live:
             self.student.load_state_dict(self.best_state)
+        self._live.clear()
         self.result.seconds = time.perf_counter() - self.started
         return self.result
 
@@ -418,6 +469,20 @@ class _Loop:
                 self.dev_data.labels,
             )
         return dev if self.dist is None else self.dist.broadcast(dev)  # type: ignore[return-value]
+
+    def _materialise(self) -> None:
+        """Copy the student's weights into the best and restore states that are still its
+        current weights (one copy shared by both): an evaluation marks them, and the copy
+        is made only when the weights are about to change, so that an evaluation the training
+        does not continue past (the last one) copies nothing."""
+        if not self._live:
+            return
+        state = _state(self.student)
+        if "best" in self._live:
+            self.best_state = state
+        if "restore" in self._live:
+            self.restore_state = state
+        self._live.clear()
 
     def _stage_lr(self, stage: Stage) -> float:
         """The stage's peak LR: its own, else ``training.learning_rate``."""
@@ -478,6 +543,7 @@ class _Loop:
         counters: dict[str, object],
     ) -> LoopState:
         """The loop's state now, for a checkpoint (``counters``: the stage's own)."""
+        self._materialise()
         modules = [m for g in self.groups[1:] for m in g.modules]
         result = dataclasses.asdict(self.result)
         result["seconds"] = time.perf_counter() - self.started
@@ -544,6 +610,7 @@ class _Loop:
         skip, epoch_start = 0, generator.get_state()
         sums: dict[str, float] = {}
         n_micro = 0
+        pending = _Losses()  # losses of micro-steps not yet read back
         if r is not None and r.mid_stage:
             assert r.optimizer is not None and r.scheduler is not None
             optimizer.load_state_dict(r.optimizer)
@@ -592,12 +659,14 @@ class _Loop:
                 stage_best.clear()
                 stage_best.update(dev)
             best = self.result.best_dev.get(metric, -math.inf)
-            if stage.selects_best and (self.best_state is None or score > best):
+            first = self.best_state is None and "best" not in self._live
+            if stage.selects_best and (first or score > best):
                 self.result.best_epoch, self.result.best_step = self.epoch, self.step
                 self.result.best_stage, self.result.best_dev = stage.name, dev
-                self.best_state = _state(self.student)
+                self._live.add("best")
             if score > self.restore_score:
-                self.restore_score, self.restore_state = score, _state(self.student)
+                self.restore_score = score
+                self._live.add("restore")
             self.dev = dict(dev)
 
         def snapshot(mid_stage: bool, micro_next: int) -> LoopState:
@@ -623,7 +692,9 @@ class _Loop:
                 n_micro = 0
                 epoch_start = generator.get_state()
             for micro, batch in enumerate(
-                batches(self.train_data, cfg.batch_size, self.pad_id, generator)
+                batches(
+                    self.train_data, cfg.batch_size, self.pad_id, generator, cfg.group_by_length
+                )
             ):
                 if micro < skip:  # consumed before the checkpoint
                     continue
@@ -637,20 +708,14 @@ class _Loop:
                 # On several ranks, gradients are all-reduced only on a group's last micro-batch.
                 sync = (micro + 1) % cfg.grad_accumulation_steps == 0 or micro + 1 >= n_batches
                 res_total, parts = self._micro_step(batch, weight, sync)
-                if not math.isfinite(res_total):
-                    raise ValueError(
-                        f"the loss became {res_total} at step {self.step} (stage "
-                        f"{stage.name!r}): lower training.learning_rate or check the data"
-                    )
-                n_micro += 1
-                for k, v in {"loss": res_total, **parts}.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                pending.add(self.step, res_total, parts)
                 # Step after every grad_accumulation_steps micro-batches, and after the epoch's
                 # last one (a partial group), so that each epoch takes the same number of steps.
                 if (micro + 1) % cfg.grad_accumulation_steps and micro + 1 < n_batches:
                     continue
                 for params, max_norm in clip:
                     torch.nn.utils.clip_grad_norm_(params, max_norm)
+                self._materialise()  # the weights are about to change
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -658,6 +723,7 @@ class _Loop:
                 stage_step += 1
                 reported = stage_step % hooks.every == 0 or stage_step == n_steps
                 if reported:
+                    n_micro += pending.flush(sums, stage.name)
                     losses = {k: v / n_micro for k, v in sums.items()}
                     hooks.on_progress(
                         Progress(
@@ -694,15 +760,23 @@ class _Loop:
                     and stage_step < n_steps
                     and micro + 1 < n_batches
                 ):
+                    n_micro += pending.flush(sums, stage.name)
                     evaluate(sums, n_micro, "step")
                 if ckpt is not None and stage_step < n_steps:
-                    if reported and hooks.should_pause():
-                        self._checkpoint(snapshot(True, micro + 1), "pause")
-                    elif ckpt.due(self.step):
-                        self._checkpoint(snapshot(True, micro + 1), "interval")
+                    reason = (
+                        "pause"
+                        if reported and hooks.should_pause()
+                        else "interval"
+                        if ckpt.due(self.step)
+                        else None
+                    )
+                    if reason is not None:
+                        n_micro += pending.flush(sums, stage.name)
+                        self._checkpoint(snapshot(True, micro + 1), reason)
                 if stage_step >= n_steps:
                     break
             skip = 0
+            n_micro += pending.flush(sums, stage.name)
             if stage.evaluates:
                 evaluate(sums, n_micro, "epoch_end")
             if hooks.should_stop():
@@ -711,7 +785,10 @@ class _Loop:
         for p in frozen:
             p.requires_grad_(True)
         if stage.restore_best:
-            if self.restore_state is not None:
+            if "restore" in self._live:  # the weights are the stage's best already
+                self._live.discard("restore")
+            elif self.restore_state is not None:
+                self._materialise()  # a best state that is the current weights: copy it first
                 self.student.load_state_dict(self.restore_state)
             self.restore_state, self.restore_score = None, -math.inf
         lr = self._stage_lr(stage)
@@ -782,15 +859,18 @@ class _Loop:
 
     def _micro_step(
         self, batch: dict[str, torch.Tensor], weight: float = 1.0, sync: bool = True
-    ) -> tuple[float, dict[str, float]]:
+    ) -> tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]:
         """Forward both models (and, when the method augments the batch, both on the augmented
-        batch too), compute the method's loss, back-propagate; returns the loss.
+        batch too), compute the method's loss, back-propagate; returns the loss, detached and
+        not read back (the loop reads its losses in one go at its next report, see
+        :class:`_Losses`), and its parts.
 
         Autocast and the teacher's dtype follow ``training.precision`` (:func:`precision_plan`;
         the teacher runs in inference mode, its outputs are cast to fp32 for the loss). On
         several ranks the loss is multiplied by the shard's ``weight`` before ``backward`` and
-        the returned losses are the global batch's (all-reduced); without ``sync`` (not the last
-        micro-batch of an accumulation group) DDP keeps the gradients local (``no_sync``)."""
+        the returned losses are the global batch's (all-reduced, so read back at once); without
+        ``sync`` (not the last micro-batch of an accumulation group) DDP keeps the gradients
+        local (``no_sync``)."""
         local = (
             self.forward_student.no_sync()  # type: ignore[operator]
             if self.dist is not None and not sync
@@ -801,7 +881,7 @@ class _Loop:
 
     def _forward_backward(
         self, batch: dict[str, torch.Tensor], weight: float
-    ) -> tuple[float, dict[str, float]]:
+    ) -> tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]:
         device, method = self.device, self.method
         dtype = self.autocast_dtype
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -823,11 +903,13 @@ class _Loop:
                 s_out.augmented = _forward(self.forward_student, augmented, method, device)
             labels = batch["labels"].to(device)
             res = method.loss(s_out, t_out, labels, batch["attention_mask"].to(device))
-        total, parts = float(res.total.detach()), res.parts
-        if self.dist is not None:
-            names = list(parts)
-            means = self.dist.mean_losses([total * weight, *(parts[k] * weight for k in names)])
-            total, parts = means[0], dict(zip(names, means[1:], strict=True))
-        if math.isfinite(total):
+        if self.dist is None:
+            (res.total / self.cfg.grad_accumulation_steps).backward()
+            return res.total.detach(), res.parts
+        names = list(res.parts)
+        means = self.dist.mean_losses(
+            [float(res.total.detach()) * weight, *(float(res.parts[k]) * weight for k in names)]
+        )
+        if math.isfinite(means[0]):  # every rank sees the same mean: all skip, or none
             (res.total * weight / self.cfg.grad_accumulation_steps).backward()
-        return total, parts
+        return torch.tensor(means[0]), dict(zip(names, means[1:], strict=True))

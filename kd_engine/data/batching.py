@@ -148,20 +148,53 @@ def collate(data: Encoded, rows: list[int], pad_id: int) -> dict[str, torch.Tens
     return batch
 
 
+GROUP_MEGABATCHES = 16
+"""Batches per mega-batch in length-grouped batching (:func:`batch_rows`): examples are sorted
+by length within runs of ``GROUP_MEGABATCHES * batch_size`` shuffled examples. Larger groups
+pad less but make batches less random (a batch then holds examples of nearly one length)."""
+
+
+def batch_rows(
+    data: Encoded,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    group_by_length: bool = False,
+) -> list[list[int]]:
+    """The rows of each batch of an epoch: ``ceil(N / batch_size)`` batches that hold every
+    row once.
+
+    In order without ``generator``; shuffled with it. With ``group_by_length`` (and a
+    generator) batches are length-grouped yet random: the shuffled rows are split into
+    mega-batches of :data:`GROUP_MEGABATCHES` ``* batch_size``, each sorted by length (longest
+    first; ties keep the shuffled order) and cut into batches, and the batches are shuffled.
+    Only the last batch of the epoch's order can be short. Both orders are drawn from
+    ``generator`` alone, so that an epoch's batches are fixed by its state at the epoch's start.
+    """
+    n = len(data)
+    shuffled = generator is not None
+    order = torch.randperm(n, generator=generator).tolist() if shuffled else list(range(n))
+    if generator is None or not group_by_length:
+        return [order[s : s + batch_size] for s in range(0, n, batch_size)]
+    mega = GROUP_MEGABATCHES * batch_size
+    grouped: list[list[int]] = []
+    for s in range(0, n, mega):
+        chunk = sorted(order[s : s + mega], key=lambda r: -len(data.input_ids[r]))
+        grouped += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [grouped[i] for i in torch.randperm(len(grouped), generator=generator).tolist()]
+
+
 def batches(
     data: Encoded,
     batch_size: int,
     pad_id: int,
     generator: torch.Generator | None = None,
+    group_by_length: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield padded batches; shuffled with ``generator`` when given, in order otherwise."""
-    order = (
-        torch.randperm(len(data), generator=generator).tolist()
-        if generator is not None
-        else list(range(len(data)))
-    )
-    for start in range(0, len(order), batch_size):
-        yield collate(data, order[start : start + batch_size], pad_id)
+    """Yield padded batches (:func:`collate`) of the rows :func:`batch_rows` chooses: shuffled
+    with ``generator`` when given (length-grouped with ``group_by_length``), in order
+    otherwise."""
+    for rows in batch_rows(data, batch_size, generator, group_by_length):
+        yield collate(data, rows, pad_id)
 
 
 def num_batches(n: int, batch_size: int) -> int:

@@ -9,7 +9,9 @@ from transformers import PreTrainedTokenizerBase
 from kd_engine.data import Example, TransferSet
 from kd_engine.data.batching import (
     CHARS_PER_TOKEN,
+    GROUP_MEGABATCHES,
     Encoded,
+    batch_rows,
     batches,
     clip_text,
     collate,
@@ -221,3 +223,78 @@ def test_clip_text_cuts_at_whitespace() -> None:
     assert clip_text("short", 10) == "short"
     assert clip_text("aaaa bbbb cccc", 12) == "aaaa bbbb"
     assert clip_text("a" * 20, 8) == "a" * 8  # no whitespace in the second half: a hard cut
+
+
+def varied_lengths(n: int = 300, seed: int = 0) -> Encoded:
+    rng = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 60, (n,), generator=rng).tolist()
+    return Encoded(
+        input_ids=[[101, *([7] * (k - 2)), 102] for k in lengths],
+        token_type_ids=None,
+        labels=[i % 2 for i in range(n)],
+        ids=list(range(n)),
+    )
+
+
+def grouped(data: Encoded, batch_size: int, seed: int) -> list[list[int]]:
+    return batch_rows(data, batch_size, torch.Generator().manual_seed(seed), group_by_length=True)
+
+
+def padding(data: Encoded, rows: list[list[int]]) -> int:
+    lens = [[len(data.input_ids[r]) for r in b] for b in rows]
+    return sum(max(b) * len(b) - sum(b) for b in lens)
+
+
+def test_group_by_length_uses_every_example_once_per_epoch() -> None:
+    data = varied_lengths(301)
+    rows = grouped(data, 8, seed=1)
+    assert sorted(r for b in rows for r in b) == list(range(301))
+    assert len(rows) == num_batches(301, 8)
+    assert sorted(len(b) for b in rows)[1:] == [8] * (len(rows) - 1)  # one short batch at most
+
+
+def test_group_by_length_batches_are_length_homogeneous() -> None:
+    data = varied_lengths(600)
+    g = torch.Generator().manual_seed(3)
+    plain = batch_rows(data, 16, g)
+    rows = grouped(data, 16, seed=3)
+    # Within a mega-batch (GROUP_MEGABATCHES batches) the lengths are sorted, so each batch
+    # spans a narrow range; a random batch spans nearly the whole 3..59.
+    spread = [
+        max(len(data.input_ids[r]) for r in b) - min(len(data.input_ids[r]) for r in b)
+        for b in rows
+    ]
+    plain_spread = [
+        max(len(data.input_ids[r]) for r in b) - min(len(data.input_ids[r]) for r in b)
+        for b in plain
+    ]
+    assert max(spread) <= 20  # the last, smaller mega-batch spans a wider range per batch
+    assert sum(spread) / len(spread) <= 6 < 40 <= sum(plain_spread) / len(plain_spread)
+    assert padding(data, rows) < padding(data, plain) / 4
+    assert GROUP_MEGABATCHES * 16 < 600  # more than one mega-batch is exercised
+
+
+def test_group_by_length_is_deterministic_per_seed_and_random_across_seeds() -> None:
+    data = varied_lengths(400)
+    assert grouped(data, 8, seed=5) == grouped(data, 8, seed=5)
+    assert grouped(data, 8, seed=5) != grouped(data, 8, seed=6)
+    # The batches are shuffled, not in length order.
+    first = [max(len(data.input_ids[r]) for r in b) for b in grouped(data, 8, seed=5)]
+    assert first != sorted(first, reverse=True)
+    # Batch composition differs too, not only the batch order.
+    assert {tuple(sorted(b)) for b in grouped(data, 8, seed=5)} != {
+        tuple(sorted(b)) for b in grouped(data, 8, seed=6)
+    }
+
+
+def test_group_by_length_off_keeps_the_plain_shuffle() -> None:
+    data = varied_lengths(50)
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(9)).tolist()
+    expected = [order[s : s + 8] for s in range(0, 50, 8)]
+    assert batch_rows(data, 8, torch.Generator().manual_seed(9)) == expected
+    got = [
+        b["example_ids"].tolist() for b in batches(data, 8, PAD, torch.Generator().manual_seed(9))
+    ]
+    assert got == expected
+    # In order without a generator, whatever group_by_length says.
+    assert batch_rows(data, 8, None, group_by_length=True)[0] == list(range(8))

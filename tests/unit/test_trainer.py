@@ -349,3 +349,89 @@ def test_a_nan_loss_stops_training(
 def test_constant_schedule_warms_up_then_holds() -> None:
     f = lr_factor("constant", warmup_steps=2, total_steps=6)
     assert [f(s) for s in range(7)] == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+
+
+class InfAtStep(Method):
+    """Fine-tuning whose loss becomes infinite at micro-step ``bad`` (counted from 0)."""
+
+    config_cls = FinetuneConfig
+    uses_teacher = False
+    bad = 3
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.calls = 0
+
+    def loss(
+        self,
+        student: StepOutputs,
+        teacher: StepOutputs | None,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> LossResult:
+        scale = float("inf") if self.calls == self.bad else 1.0
+        self.calls += 1
+        ce = torch.nn.functional.cross_entropy(student.logits, labels)
+        return LossResult(total=ce * scale, parts={"ce": ce.detach()})
+
+
+def test_a_non_finite_loss_read_at_the_report_names_its_own_step(
+    minilm_classifier: PreTrainedModel, encoded: dict[str, Encoded]
+) -> None:
+    """The losses are read back at reports (every 5 steps), yet the error names the step the
+    loss became infinite at (3) and its stage, and no report shows it."""
+    progress: list[Progress] = []
+    cfg = TrainingSpec(epochs=3, batch_size=2, max_seq_length=16, device="cpu")
+    with pytest.raises(ValueError, match=r"became inf at step 3 \(stage 'train'\)"):
+        train(
+            small_student(minilm_classifier),
+            None,
+            InfAtStep(FinetuneConfig(), SHAPE, SHAPE),
+            encoded["train"],
+            encoded["dev"],
+            cfg,
+            PAD,
+            CPU,
+            TrainHooks(on_progress=progress.append, every=5),
+        )
+    assert progress == []
+
+
+def test_results_do_not_depend_on_when_the_losses_are_read(
+    minilm_classifier: PreTrainedModel, encoded: dict[str, Encoded]
+) -> None:
+    """Reading the losses back at every step or every 7 steps (the report cadence) gives the
+    same weights, history, best evaluation and mean losses, bit for bit; with
+    evaluations every 2 steps, a best state that is copied lazily and gradient accumulation."""
+    cfg = TrainingSpec(
+        epochs=3,
+        batch_size=2,
+        learning_rate=1e-3,
+        max_seq_length=16,
+        eval_every_steps=2,
+        grad_accumulation_steps=2,
+        seed=5,
+        device="cpu",
+    )
+    runs = []
+    for every in (1, 7):
+        torch.manual_seed(0)
+        student = small_student(minilm_classifier)
+        result = train(
+            student,
+            minilm_classifier,
+            VanillaKD(VanillaKDConfig(), SHAPE, SHAPE),
+            encoded["train"],
+            encoded["dev"],
+            cfg,
+            PAD,
+            CPU,
+            TrainHooks(every=every),
+        )
+        runs.append((student.state_dict(), result))
+    (a, ra), (b, rb) = runs
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in ra.history]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in rb.history]
+    assert (ra.best_step, ra.best_dev) == (rb.best_step, rb.best_dev)
+    assert len(ra.history) > 3  # several evaluations, each a candidate best state
