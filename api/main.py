@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if dispatcher is not None:
                 dispatcher.stop()
+            app.state.engine.dispose()  # close the pool's connections with the app
 
     app = FastAPI(
         lifespan=lifespan,

@@ -80,6 +80,11 @@ class ServiceCollector(Collector):
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self.settings, self.sessions = settings, sessions
 
+    def describe(self) -> Iterable[Metric]:
+        """Nothing: without it, registering would run :meth:`collect` (a database query and
+        a broker connection at app creation, leaving a pooled connection open per app)."""
+        return []
+
     def queues(self) -> list[str]:
         """The queues to report: the API's and every queue with a memory budget."""
         return sorted({self.settings.queue, *self.settings.queue_memory_bytes})
