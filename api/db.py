@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     JSON,
@@ -209,7 +209,8 @@ class JobDependency(Base):
     depends_on: Mapped[str] = mapped_column(String(36), primary_key=True, index=True)
 
 
-WEBHOOK_EVENT_TYPES = ("job.succeeded", "job.failed", "job.cancelled", "job.checkpoint")
+WebhookEventType = Literal["job.succeeded", "job.failed", "job.cancelled", "job.checkpoint"]
+WEBHOOK_EVENT_TYPES: tuple[str, ...] = get_args(WebhookEventType)
 """The event types a webhook endpoint can subscribe to."""
 DELIVERY_STATES = ("pending", "succeeded", "failed")
 

@@ -8,7 +8,7 @@ lists them (``GET /v1/jobs/{id}/events``) and streams them; webhooks are deliver
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from api import webhooks
 from api.db import JobEvent, utcnow
 
-EVENT_TYPES = (
+EventType = Literal[
     "queued",
     "waiting",
     "started",
@@ -32,7 +32,8 @@ EVENT_TYPES = (
     "succeeded",
     "failed",
     "cancelled",
-)
+]
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 """Every event type. ``stage``: a training stage (or hop) began; ``epoch``: an evaluation's
 metrics; ``checkpoint``: a checkpoint was saved; ``retried``: the job was re-queued after its
 worker was lost."""

@@ -31,6 +31,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db import FINISHED, JOB_STATUSES, Job, utcnow
+from api.queue import broker_lists
 from api.settings import Settings
 
 log = logging.getLogger("distillery.metrics")
@@ -43,9 +44,6 @@ STAGE_BUCKETS_S = (10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 8640
 """Training-stage duration buckets, seconds."""
 HTTP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """HTTP latency buckets, seconds."""
-
-PRIORITY_SEP = "\x06\x16"
-"""kombu's Redis transport keeps priority ``p`` > 0 of queue ``q`` in list ``q + SEP + p``."""
 
 
 def _histogram(
@@ -66,7 +64,7 @@ def _histogram(
 
 def queue_depth(broker: redis.Redis, queue: str) -> int:
     """Messages waiting in ``queue`` (every priority list of kombu's Redis transport)."""
-    names = [queue] + [f"{queue}{PRIORITY_SEP}{p}" for p in range(1, 10)]
+    names = broker_lists(queue)
     return int(sum(int(broker.llen(n)) for n in names))
 
 

@@ -8,6 +8,15 @@ from celery import Celery
 
 from worker.celery_app import TASK_NAME
 
+PRIORITY_SEP = "\x06\x16"
+"""kombu's Redis transport keeps priority ``p`` > 0 of queue ``q`` in list ``q + SEP + p``."""
+
+
+def broker_lists(queue: str) -> list[str]:
+    """The Redis lists that hold ``queue``'s waiting messages: the queue's own and one per
+    priority 1-9 (kombu's Redis transport)."""
+    return [queue] + [f"{queue}{PRIORITY_SEP}{p}" for p in range(1, 10)]
+
 
 class BrokerUnavailable(Exception):
     """The broker did not accept the task (down, refusing, or not answering in time)."""

@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import dependencies, events, repository
 from api.db import Job, JobEvent, make_engine, make_sessionmaker, utcnow
-from api.queue import BrokerUnavailable, enqueue
+from api.queue import BrokerUnavailable, broker_lists, enqueue
 from api.settings import Settings, get_settings
 from worker.celery_app import make_celery
 
@@ -59,9 +59,6 @@ UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
 """kombu's Redis transport: hash delivery tag -> [message, exchange, routing key] of the
 messages delivered and not yet acknowledged, and a sorted set of their delivery times."""
-
-PRIORITY_SEP = "\x06\x16"
-"""kombu's Redis transport keeps priority ``p`` > 0 of queue ``q`` in list ``q + SEP + p``."""
 
 
 @dataclass
@@ -206,7 +203,7 @@ def held_job_ids(broker: redis.Redis, queue: str, delivered_after: float) -> set
     lists (every priority), or delivered and unacknowledged since ``delivered_after`` (a Unix
     time; an older delivery whose job is still queued was lost with its consumer)."""
     held: set[str] = set()
-    lists = [queue] + [f"{queue}{PRIORITY_SEP}{p}" for p in range(1, 10)]
+    lists = broker_lists(queue)
     for name in lists:
         for raw in broker.lrange(name, 0, -1):
             try:

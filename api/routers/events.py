@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request
@@ -18,30 +18,12 @@ from api.auth import CallerDep
 from api.db import FINISHED, Job
 from api.deps import SessionDep, SettingsDep
 from api.errors import InvalidSpec
-from api.events import EVENT_TYPES, list_events
+from api.events import EventType, list_events
 from api.params import JobId
 from api.webhooks import event_dict
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
-EventType = Literal[
-    "queued",
-    "waiting",
-    "started",
-    "stage",
-    "epoch",
-    "checkpoint",
-    "warning",
-    "retried",
-    "pausing",
-    "paused",
-    "resumed",
-    "cancelling",
-    "succeeded",
-    "failed",
-    "cancelled",
-]
-assert set(get_args(EventType)) == set(EVENT_TYPES)
 FINAL_EVENTS = ("succeeded", "failed", "cancelled")
 STREAM_BATCH = 200
 

@@ -26,6 +26,7 @@ from api.schemas import (
     JobOut,
     MetricsOut,
 )
+from api.settings import Settings
 from api.storage import FILE_MODE, ObjectNotFound, artifact_storage, join_key
 from kd_engine.spec import JobSpec
 
@@ -157,28 +158,46 @@ def download_archive(
     names = [a.name for a in service.artifacts(session, job_id, tenant_id=caller.tenant_id)]
     if job.status != "succeeded" or not names:
         raise Conflict(f"job {job_id} is {job.status}; the archive exists once it succeeds")
-    store = artifact_storage(settings)
     mtime = (job.finished_at or job.created_at).timestamp()
-    # Built in a temporary file (not in memory: students can be gigabytes), removed after sending.
+    members = [(join_key(job_id, name), f"{job_id}/{name}") for name in names]
+    return _tar_gz(
+        settings,
+        members,
+        f"{job_id}.tar.gz",
+        mtime,
+        f"job {job_id}: an artifact is missing from the store",
+    )
+
+
+def _tar_gz(
+    settings: Settings, members: list[tuple[str, str]], filename: str, mtime: float, missing: str
+) -> FileResponse:
+    """A ``filename`` tar.gz of the stored objects ``members`` ((key, path in the archive));
+    0644 files with ``mtime`` (Unix seconds), owned by uid 0. Built in a temporary file (not in
+    memory: students can be gigabytes), removed after sending.
+
+    Raises:
+        NotFound: an object is missing from the store (``missing`` says which).
+    """
+    store = artifact_storage(settings)
     fd, tmp_name = tempfile.mkstemp(suffix=".tar.gz")
     os.close(fd)
     try:
         with tarfile.open(tmp_name, mode="w:gz") as tar:
-            for name in names:
-                key = join_key(job_id, name)
-                info = tarfile.TarInfo(f"{job_id}/{name}")
+            for key, path in members:
+                info = tarfile.TarInfo(path)
                 info.size, info.mode, info.mtime = store.size(key), FILE_MODE, mtime
                 with store.open(key) as f:
                     tar.addfile(info, f)
     except BaseException as e:
         os.unlink(tmp_name)
         if isinstance(e, ObjectNotFound):
-            raise NotFound(f"job {job_id}: an artifact is missing from the store") from None
+            raise NotFound(missing) from None
         raise
     return FileResponse(
         tmp_name,
         media_type="application/gzip",
-        filename=f"{job_id}.tar.gz",
+        filename=filename,
         background=BackgroundTask(os.unlink, tmp_name),
     )
 
@@ -222,25 +241,11 @@ def download_checkpoint_archive(
     files = service.checkpoint_student_files(
         session, settings, job_id, name, tenant_id=caller.tenant_id
     )
-    store = artifact_storage(settings)
     folder = f"{job_id}-{name}"
-    fd, tmp_name = tempfile.mkstemp(suffix=".tar.gz")
-    os.close(fd)
-    try:
-        with tarfile.open(tmp_name, mode="w:gz") as tar:
-            for key, rel in files:
-                info = tarfile.TarInfo(f"{folder}/{rel}")
-                info.size, info.mode = store.size(key), FILE_MODE
-                with store.open(key) as f:
-                    tar.addfile(info, f)
-    except BaseException as e:
-        os.unlink(tmp_name)
-        if isinstance(e, ObjectNotFound):
-            raise NotFound(f"checkpoint {name!r} of job {job_id} was removed meanwhile") from None
-        raise
-    return FileResponse(
-        tmp_name,
-        media_type="application/gzip",
-        filename=f"{folder}.tar.gz",
-        background=BackgroundTask(os.unlink, tmp_name),
+    return _tar_gz(
+        settings,
+        [(key, f"{folder}/{rel}") for key, rel in files],
+        f"{folder}.tar.gz",
+        0.0,
+        f"checkpoint {name!r} of job {job_id} was removed meanwhile",
     )

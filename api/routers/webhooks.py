@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from api import webhooks
 from api.auth import CallerDep
-from api.db import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from api.db import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEventType
 from api.deps import SessionDep, SettingsDep
 from api.errors import InvalidSpec, NotFound
 from api.params import printable
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
-WebhookEventType = Literal["job.succeeded", "job.failed", "job.cancelled", "job.checkpoint"]
 EndpointId = Annotated[
     str,
     Path(description="The endpoint id (a UUID).", max_length=64),
