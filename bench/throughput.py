@@ -21,7 +21,8 @@ first hop of a chain) three things are measured on the method's last stage:
   TextBrewer 0.2.1's ``GeneralDistiller`` (optional: ``pip install textbrewer==0.2.1 --no-deps``;
   its ``torch.utils.tensorboard`` import is stubbed, TensorBoard is not needed).
 
-Every warm-up step is excluded. ``--profile`` prints a cProfile of the loop instead.
+Every warm-up step is excluded. ``--profile`` prints a cProfile of the loop instead. On a shared
+machine run it as ``nice -n -15 ... --threads 1`` (see :mod:`bench.kd_job`).
 """
 
 from __future__ import annotations
@@ -452,8 +453,13 @@ def main(
     ] = None,
     profile: Annotated[bool, typer.Option(help="cProfile the loop of each method.")] = False,
     out: Annotated[Path | None, typer.Option(help="Write the rows as JSON lines here.")] = None,
+    threads: Annotated[
+        int, typer.Option(help="torch intra-op threads (0: torch's default, the cores).")
+    ] = 0,
 ) -> None:
     """Measure and print the table (Markdown)."""
+    if threads:
+        torch.set_num_threads(threads)
     if steps % warmup:
         raise typer.BadParameter("--steps must be a multiple of --warmup (progress cadence)")
     names = methods or registry.names()
