@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,19 @@ MAX_PARAM_CHARS = 500
 _BATCH = 100  # MLflow's log_batch takes at most 100 params per call
 
 
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
 def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``(dotted key, leaf)`` pairs of nested mappings; lists are leaves."""
+    """``(dotted key, leaf)`` pairs of nested mappings; lists are leaves. Characters MLflow
+    refuses in a name (anything but letters, digits, ``_-. /``) become ``_``, and names are cut
+    at 250 characters."""
     if isinstance(value, Mapping):
         for k, v in value.items():
-            yield from flatten(v, f"{prefix}.{k}" if prefix else str(k))
+            name = _NAME_CHARS.sub("_", str(k))
+            yield from flatten(v, f"{prefix}.{name}" if prefix else name)
     else:
-        yield prefix, value
+        yield prefix[:250], value
 
 
 def numeric_metrics(values: Mapping[str, Any], prefix: str) -> dict[str, float]:
