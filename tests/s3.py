@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from functools import lru_cache
 from typing import Any
 
 import boto3
@@ -12,8 +13,9 @@ SECRET_KEY = "testing"
 REGION = "us-east-1"
 
 
+@lru_cache(maxsize=4)
 def client(endpoint: str) -> Any:
-    """A boto3 S3 client of the test server."""
+    """A boto3 S3 client of the test server (one per endpoint: making one takes a second)."""
     return boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint,
