@@ -22,25 +22,27 @@ from worker.runner import execute
 
 SPEC: dict[str, Any] = {
     "teacher": "builtin:minilm-l6",
+    "student": {"num_layers": 1},
     "method": {"name": "finetune"},
     "dataset": {
         "source": "builtin:rotten_tomatoes",
-        "max_train_examples": 16,
+        "max_train_examples": 8,
         "max_eval_examples": 8,
     },
-    "training": {"epochs": 2, "batch_size": 8, "max_seq_length": 16, "max_steps": 4,
+    "training": {"epochs": 2, "batch_size": 8, "max_seq_length": 16, "max_steps": 2,
                  "device": "cpu"},
 }  # fmt: skip
+ONE_STEP = {**SPEC, "training": {**SPEC["training"], "epochs": 1, "max_steps": 1}}
 
 
-def _submit(settings: Settings) -> str:
+def _submit(settings: Settings, spec: dict[str, Any] = SPEC) -> str:
     engine = create_engine(settings.database_url)
     with Session(engine) as s:
         _, key = tenants.create_key(s, tenants.ensure_tenant(s, "ml").id, "tests")
         s.commit()
     engine.dispose()
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"}) as c:
-        r = c.post("/v1/jobs", json=SPEC)
+        r = c.post("/v1/jobs", json=spec)
         assert r.status_code == 201, r.text
         return str(r.json()["id"])
 
@@ -76,7 +78,8 @@ def test_a_job_is_logged_as_an_mlflow_run(
     assert run.data.tags["distillery.tenant"]  # the tenant's id
     params = run.data.params
     assert params["method.name"] == "finetune"
-    assert params["training.batch_size"] == "8" and params["training.max_steps"] == "4"
+    assert params["training.batch_size"] == "8" and params["training.max_steps"] == "2"
+    assert params["student.num_layers"] == "1"
     assert params["dataset.source"] == "builtin:rotten_tomatoes"
     # One dev evaluation per epoch, at increasing global steps.
     dev = client.get_metric_history(run.info.run_id, "dev.accuracy")
@@ -98,7 +101,7 @@ def test_an_unreachable_mlflow_is_a_warning_not_a_failure(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing answers there
     settings = settings.model_copy(update={"mlflow_tracking_uri": f"http://127.0.0.1:{port}"})
-    job_id = _submit(settings)
+    job_id = _submit(settings, ONE_STEP)
     assert execute(job_id, settings) == "succeeded"
     warnings = [m for t, m in _events(settings, job_id) if t == "warning" and "MLflow" in m]
     assert len(warnings) == 1 and "the job goes on untracked" in warnings[0]
