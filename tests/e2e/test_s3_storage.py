@@ -97,6 +97,7 @@ def test_upload_train_and_download_through_the_bucket(
 
         spec = {
             "teacher": "builtin:minilm-l6",
+            "student": {"num_layers": 1},  # small checkpoints: fast uploads
             "method": {"name": "finetune"},
             "dataset": {"source": file_id},
             "training": TINY_TRAINING,
@@ -107,17 +108,30 @@ def test_upload_train_and_download_through_the_bucket(
         job = wait_final(client, job_id)
         assert job["status"] == "succeeded", job
 
-        # The final student and the checkpoints (stripped to their students) are in the bucket.
-        keys = s3.all_objects(s3_endpoint, bucket)
+        # The final student and the checkpoints are in the bucket; once the job succeeded the
+        # worker strips the checkpoints to their students (just after publishing: wait for it).
         job_prefix = f"{PREFIX}/artifacts/{job_id}/"
-        ours = [k.removeprefix(job_prefix) for k in keys if k.startswith(job_prefix)]
-        assert {"config.json", "model.safetensors", "metrics.json"} <= set(ours)
         checkpoints = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["items"]
         assert checkpoints, "a checkpoint every step: at least one is kept"
-        for c in checkpoints:
-            ckpt = [k for k in ours if k.startswith(f"checkpoints/{c['name']}/")]
-            assert f"checkpoints/{c['name']}/student/model.safetensors" in ckpt
-            assert all(k.startswith(f"checkpoints/{c['name']}/student/") for k in ckpt)
+        names = {c["name"] for c in checkpoints}
+
+        def job_objects() -> list[str]:
+            keys = s3.all_objects(s3_endpoint, bucket)
+            return [k.removeprefix(job_prefix) for k in keys if k.startswith(job_prefix)]
+
+        deadline = time.monotonic() + 30
+        while True:
+            ours = job_objects()
+            extra = [
+                k for k in ours if k.startswith("checkpoints/") and k.split("/")[2] != "student"
+            ]
+            if not extra or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert extra == []
+        assert {"config.json", "model.safetensors", "metrics.json"} <= set(ours)
+        for name in names:
+            assert f"checkpoints/{name}/student/model.safetensors" in ours
 
         # The archive, built by the API from the bucket: each member matches the listing and
         # the sha256 recorded on its object.
