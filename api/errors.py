@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.storage.base import InvalidKey, ObjectNotFound, StorageError, TooLarge
 from kd_engine.spec_fields import unknown_field_reason
 
 log = logging.getLogger("distillery.api")
@@ -155,6 +156,20 @@ def install(app: FastAPI) -> None:
             exc.status_code, "http_error"
         )
         return JSONResponse(_body(code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(StorageError)
+    async def _storage(_: Request, exc: StorageError) -> JSONResponse:
+        if isinstance(exc, ObjectNotFound | InvalidKey):  # a bad name cannot exist either
+            return JSONResponse(_body("not_found", str(exc)), status_code=404)
+        if isinstance(exc, TooLarge):
+            return JSONResponse(_body("too_large", str(exc)), status_code=413)
+        # The store is down or misconfigured (s3: bucket, credentials, endpoint): the message
+        # names settings and buckets, so it goes to the log and the client gets a 503.
+        log.error("storage error: %s", exc)
+        return JSONResponse(
+            _body("unavailable", "the file store is unavailable; the server log has the details"),
+            status_code=503,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -14,6 +14,7 @@ from api.routers import events as events_router
 from api.routers import files, health, jobs, keys
 from api.routers import webhooks as webhooks_router
 from api.settings import Settings, get_settings
+from api.storage import check_storage
 from worker.celery_app import make_celery
 
 
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check_storage(settings)  # s3: the bucket and credentials, before serving anything
         # The webhook dispatcher thread (unless it runs as its own process).
         dispatcher = None
         if settings.webhook_dispatcher_in_api:

@@ -61,7 +61,7 @@ def _upload_model_dir(ref: str, settings: Settings) -> Path:
     path = upload_storage(settings).local_path(upload_model_prefix(ref))
     if not (path / "config.json").is_file():
         raise ValueError(f"{ref!r} is not an uploaded model (no such upload, or a dataset)")
-    check_model_files(path, settings.uploads_root, ref)
+    check_model_files(path, path, ref)  # nothing of an upload may lead out of its own folder
     return path
 
 

@@ -16,7 +16,7 @@ from api.db import FINISHED, Artifact, Job, JobCheckpoint, utcnow
 from api.errors import Conflict, InvalidSpec, NotFound, Unavailable
 from api.queue import BrokerUnavailable, enqueue
 from api.settings import Settings
-from api.storage import InvalidKey, artifact_storage, join_key
+from api.storage import InvalidKey, StorageError, artifact_storage, join_key
 from kd_engine import memory, registry
 from kd_engine.checkpoint import STUDENT_DIR
 from kd_engine.data.builtins import BUILTIN_EVAL_ONLY, BUILTIN_LABELS, BUILTIN_REGRESSION
@@ -689,7 +689,7 @@ def remove_artifacts(settings: Settings, job_id: str) -> None:
     logged, not raised: the row is already gone and the files can be removed by hand."""
     try:
         artifact_storage(settings).delete_prefix(refs.job_key(job_id))
-    except OSError:
+    except (OSError, StorageError):
         log.exception("job %s: could not remove its artifacts", job_id)
 
 
@@ -703,14 +703,15 @@ def artifacts(session: Session, job_id: str, *, tenant_id: str) -> list[Artifact
     return repository.list_artifacts(session, job_id)
 
 
-def artifact_path(
+def artifact_key(
     session: Session, settings: Settings, job_id: str, name: str, *, tenant_id: str
-) -> Path:
-    """The local file of one artifact of a job of ``tenant_id``; only names recorded for the
+) -> str:
+    """The storage key of one artifact of a job of ``tenant_id``; only names recorded for the
     job are served.
 
     Raises:
-        NotFound: no such job (or another tenant's) or no such file.
+        NotFound: no such job (or another tenant's) or no such file (or it is gone from the
+            store).
     """
     known = {a.name for a in artifacts(session, job_id, tenant_id=tenant_id)}
     if name not in known:
@@ -722,7 +723,7 @@ def artifact_path(
         raise NotFound(f"job {job_id} has no artifact {name!r}") from None
     if not store.exists(key):
         raise NotFound(f"artifact {name!r} of job {job_id} is missing from the store")
-    return store.local_path(key)
+    return key
 
 
 def pause(session: Session, job_id: str, *, tenant_id: str) -> Job:

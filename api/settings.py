@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1 << 30
@@ -32,6 +32,49 @@ class Settings(BaseSettings):
     data_root: Path = Field(Path("var/data"), description="Root for file:// dataset references.")
     uploads_root: Path = Field(
         Path("var/uploads"), description="Where uploaded models and datasets are stored."
+    )
+    storage_backend: Literal["local", "s3"] = Field(
+        "local",
+        description="Where artifacts, uploads, checkpoints and teacher caches are stored: local "
+        "(artifacts_root / uploads_root, a folder or a shared filesystem) or s3 (an "
+        "S3-compatible bucket: s3_bucket, s3_prefix, s3_endpoint_url, s3_region).",
+    )
+    s3_bucket: str | None = Field(
+        None, description="The bucket of the s3 backend (required with storage_backend=s3)."
+    )
+    s3_prefix: str = Field(
+        "",
+        description="Key prefix inside the bucket; artifacts go under <prefix>/artifacts/ and "
+        "uploads under <prefix>/uploads/.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="Endpoint of an S3-compatible service (MinIO, Ceph, moto), such as "
+        "http://minio:9000; unset for AWS S3.",
+    )
+    s3_region: str | None = Field(None, description="The bucket's region (unset: boto3's own).")
+    s3_access_key_id: str | None = Field(
+        None,
+        description="Access key of the s3 backend; unset (or empty), boto3's credential chain "
+        "is used (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance or task "
+        "role).",
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        None, description="Secret key going with s3_access_key_id."
+    )
+    s3_multipart_threshold_bytes: int = Field(
+        64 * 1024**2,
+        ge=5 * 1024**2,
+        description="Objects of at least this many bytes are uploaded in parts (multipart, "
+        "parts of s3_multipart_chunk_bytes sent in parallel).",
+    )
+    s3_multipart_chunk_bytes: int = Field(
+        16 * 1024**2, ge=5 * 1024**2, description="Part size of a multipart upload (bytes)."
+    )
+    storage_cache_dir: Path = Field(
+        Path("var/storage-cache"),
+        description="With the s3 backend: local copies of stored objects that a process needs "
+        "as files (models, datasets, checkpoints to resume) and staged job output.",
     )
     max_upload_bytes: int = Field(
         4 * GIB, ge=1, description="Largest upload (bytes), a model archive or a dataset file."
@@ -200,12 +243,43 @@ class Settings(BaseSettings):
         description="Logs of the API and the workers: text, or json (one object per line with "
         "time, level, logger, job_id, message) for a log shipper.",
     )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="When set (http://mlflow:5000, file:///path, databricks, ...), every job "
+        "attempt is logged as an MLflow run: params, per-evaluation and test metrics, the "
+        "student as artifacts (worker/tracking.py; needs the mlflow extra). A failure to "
+        "reach MLflow is a warning event, never a failed job.",
+    )
+    mlflow_experiment: str = Field(
+        "distillery", min_length=1, description="The MLflow experiment the runs go to."
+    )
     metrics_token: str | None = Field(
         None,
         description="When set, GET /metrics wants 'Authorization: Bearer <this token>' (the "
         "Prometheus scrape config's bearer_token); unset, /metrics is open: serve it on an "
         "internal network only.",
     )
+
+    @model_validator(mode="after")
+    def _check_storage(self) -> Settings:
+        if self.storage_backend == "s3":
+            if not self.s3_bucket:
+                raise ValueError(
+                    "DISTILLERY_S3_BUCKET is required when DISTILLERY_STORAGE_BACKEND=s3"
+                )
+            secret = self.s3_secret_access_key
+            if (not self.s3_access_key_id) != (secret is None or not secret.get_secret_value()):
+                raise ValueError(
+                    "DISTILLERY_S3_ACCESS_KEY_ID and DISTILLERY_S3_SECRET_ACCESS_KEY go "
+                    "together: set both, or neither (boto3's credential chain)"
+                )
+        prefix = self.s3_prefix.strip("/")
+        if prefix and any(seg in ("", ".", "..") for seg in prefix.split("/")):
+            raise ValueError(
+                f"DISTILLERY_S3_PREFIX {self.s3_prefix!r}: '/'-separated names, without empty, "
+                "'.' or '..' parts"
+            )
+        return self
 
 
 @lru_cache(maxsize=1)

@@ -81,3 +81,27 @@ def e2e_broker_url() -> str:
     url = os.environ.get("DISTILLERY_TEST_E2E_BROKER_URL") or REDIS_URL.rsplit("/", 1)[0] + "/14"
     redis.Redis.from_url(url).flushdb()
     return url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 server on 127.0.0.1 (moto's server mode, HTTP, in a thread of this process)
+    for the tests of the s3 storage backend; any access key is accepted. Buckets are made by
+    the tests (:func:`tests.s3.new_bucket`)."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

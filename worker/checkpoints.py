@@ -2,8 +2,10 @@
 (and the ``job_checkpoints`` table, with a ``checkpoint`` event), keep the newest
 ``checkpoints_keep``, fetch the newest loadable one to resume from, and settle a paused job.
 
-Checkpoints are staged under ``<artifacts root>/.partial/`` (same filesystem as the store, so
-publishing one is a rename) and live in the store under ``<job id>/checkpoints/<name>/``.
+Checkpoints are staged under the artifact store's staging folder (for the local backend
+``<artifacts root>/.partial/``, the same filesystem, so publishing one is a rename; for s3 the
+local storage cache, uploaded from there) and live in the store under
+``<job id>/checkpoints/<name>/``.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from worker import checkpoints as saved_checkpoints
 from worker.celery_app import make_celery
 from worker.heartbeat import Heartbeat
 from worker.teacher_caches import ArtifactCacheStore
+from worker.tracking import JobTracker
 
 log = logging.getLogger("distillery.worker")
 
@@ -168,6 +169,8 @@ def execute(job_id: str, settings: Settings) -> str:
 
 def _execute(job_id: str, settings: Settings) -> str:
     sm = sessions_for(settings.database_url)
+    # Before the claim: a store that cannot be reached (s3) leaves the job queued.
+    staging = artifact_storage(settings).staging_root()
     with sm() as s:
         if not repository.claim(s, job_id, socket.gethostname()):
             s.rollback()
@@ -186,7 +189,7 @@ def _execute(job_id: str, settings: Settings) -> str:
             data={"attempt": attempt, "worker": socket.gethostname()},
         )
         s.commit()
-    tmp = settings.artifacts_root.resolve() / ".partial" / f"{job_id}-{attempt}"
+    tmp = staging / f"{job_id}-{attempt}"
     shutil.rmtree(tmp, ignore_errors=True)
     ckpt_dir = tmp.with_name(f"{tmp.name}-checkpoints")
     # The heartbeat starts before the checkpoint download: a large one is not a lost worker.
@@ -201,6 +204,16 @@ def _execute(job_id: str, settings: Settings) -> str:
         raise
     if resume is not None:
         saved_checkpoints.record_resumed(sm, job_id, attempt, resume.info)
+    tracker = JobTracker(
+        settings,
+        job_id,
+        tenant_id,
+        attempt,
+        spec_data,
+        lambda message: saved_checkpoints.warn(sm, job_id, message),
+    )
+    tracker.start()
+    outcome = "failed"
     epochs: list[dict[str, Any]] = []
     status = {"value": "running"}
 
@@ -223,6 +236,7 @@ def _execute(job_id: str, settings: Settings) -> str:
             epochs.append({k: v for k, v in record.items() if k != "event"})
         if kind in _LOGGED_EVENTS:
             _log_event(sm, job_id, record)
+        tracker.on_log(record)
 
     stored_names: set[str] = set()
 
@@ -282,12 +296,16 @@ def _execute(job_id: str, settings: Settings) -> str:
             )
         if beat.lost:  # stalled past the heartbeat timeout: another attempt owns the job now
             log.warning("job %s: attempt %d lost its claim; not published", job_id, attempt)
+            outcome = "lost"
             return "lost"
+        tracker.finished(result.metrics, tmp)  # before publishing consumes tmp
         if not _publish(sm, settings, job_id, tmp, result.metrics, attempt):
             log.warning("job %s: attempt %d no longer owns the job; not published", job_id, attempt)
+            outcome = "lost"
             return "lost"
         saved_checkpoints.keep_students(sm, settings, job_id)
         log.info("job %s: succeeded", job_id)
+        outcome = "succeeded"
         return "succeeded"
     except Paused as p:
         if p.checkpoint.name not in stored_names and p.checkpoint.path.is_dir():
@@ -297,13 +315,16 @@ def _execute(job_id: str, settings: Settings) -> str:
             _finish(sm, job_id, "cancelled", "cancelled by request while pausing", attempt)
             final = "cancelled"
         log.info("job %s: %s", job_id, final)
+        outcome = final
         return final
     except Cancelled:
         if beat.lost:  # re-queued by the reconciler after a stall: another attempt owns it
             log.warning("job %s: attempt %d lost its claim; stopped", job_id, attempt)
+            outcome = "lost"
             return "lost"
         _finish(sm, job_id, "cancelled", "cancelled by request; the worker stopped", attempt)
         log.info("job %s: cancelled", job_id)
+        outcome = "cancelled"
         return "cancelled"
     except ValueError as e:
         reason = _user_reason(e) if isinstance(e, ValidationError) else str(e)
@@ -316,6 +337,7 @@ def _execute(job_id: str, settings: Settings) -> str:
         _finish(sm, job_id, "failed", reason, attempt, error=reason)
         return "failed"
     finally:
+        tracker.end(outcome)
         beat.stop()
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)

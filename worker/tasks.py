@@ -10,6 +10,7 @@ from celery.signals import setup_logging, worker_ready
 
 from api import logs
 from api.settings import get_settings
+from api.storage import StorageError, check_storage
 from worker import reconciler, runner
 from worker.celery_app import TASK_NAME, app
 
@@ -30,6 +31,16 @@ def _start_reconciler(**_: Any) -> None:
     settings = get_settings()
     reconciler.start_thread(settings)
     log.info("reconciler started (a pass every %g s)", settings.reconcile_interval_s)
+
+
+@worker_ready.connect
+def _check_storage(**_: Any) -> None:
+    """Check the artifact and upload stores once at start (s3: bucket and credentials); a
+    failure is logged as an error naming the setting (jobs then wait in the queue)."""
+    try:
+        check_storage(get_settings())
+    except StorageError as e:
+        log.error("storage unusable: %s", e)
 
 
 @setup_logging.connect

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from api import idempotency, repository, service
@@ -27,7 +28,14 @@ from api.schemas import (
     MetricsOut,
 )
 from api.settings import Settings
-from api.storage import FILE_MODE, ObjectNotFound, artifact_storage, join_key
+from api.storage import (
+    CHUNK_BYTES,
+    FILE_MODE,
+    LocalStorage,
+    ObjectNotFound,
+    artifact_storage,
+    join_key,
+)
 from kd_engine.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -139,13 +147,33 @@ def list_artifacts(job_id: JobId, session: SessionDep, caller: CallerDep) -> Art
     return ArtifactList(job_id=job_id, items=items, archive_url=f"/v1/jobs/{job_id}/archive")
 
 
-@router.get("/{job_id}/artifacts/{name}")
+@router.get("/{job_id}/artifacts/{name}", response_model=None)
 def download_artifact(
     job_id: JobId, name: ArtifactName, session: SessionDep, settings: SettingsDep, caller: CallerDep
-) -> FileResponse:
+) -> FileResponse | StreamingResponse:
     """One file of the job."""
-    path = service.artifact_path(session, settings, job_id, name, tenant_id=caller.tenant_id)
-    return FileResponse(path, filename=name, media_type="application/octet-stream")
+    key = service.artifact_key(session, settings, job_id, name, tenant_id=caller.tenant_id)
+    store = artifact_storage(settings)
+    if isinstance(store, LocalStorage):
+        return FileResponse(
+            store.local_path(key), filename=name, media_type="application/octet-stream"
+        )
+    size = store.size(key)
+    body = store.open(key)  # streamed from the bucket, closed once sent
+
+    def chunks() -> Iterator[bytes]:
+        with body:
+            while chunk := body.read(CHUNK_BYTES):
+                yield chunk
+
+    return StreamingResponse(
+        chunks(),
+        media_type="application/octet-stream",
+        headers={
+            "content-length": str(size),
+            "content-disposition": f'attachment; filename="{name}"',
+        },
+    )
 
 
 @router.get("/{job_id}/archive")

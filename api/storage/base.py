@@ -285,6 +285,14 @@ class Storage(ABC):
         """
 
     @abstractmethod
+    def staging_root(self) -> Path:
+        """A local folder where a caller prepares a directory for :meth:`put_dir` (the worker's
+        job output and checkpoints). The local backend's is inside its root (same filesystem,
+        so publishing is a rename); a remote backend's is in its local cache. Created by the
+        caller as needed.
+        """
+
+    @abstractmethod
     def local_path(self, key: str) -> Path:
         """A local filesystem path holding the object under ``key``, or, for a prefix, a
         directory holding the objects under it (as files at their relative keys): what

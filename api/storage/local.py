@@ -192,6 +192,10 @@ class LocalStorage(Storage):
             if not key.startswith(kept_prefixes)
         ]
 
+    def staging_root(self) -> Path:
+        """See :meth:`Storage.staging_root`: ``<root>/.partial`` (hidden: never listed)."""
+        return self.root / ".partial"
+
     def local_path(self, key: str) -> Path:
         """See :meth:`Storage.local_path`: the path under the root itself."""
         return self._path(key)
