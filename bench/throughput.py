@@ -12,8 +12,9 @@ first hop of a chain) three things are measured on the method's last stage:
   method asks for) and the student step alone (forward, the method's loss on the pre-computed
   teacher outputs, backward, clipping, AdamW step), timed apart over the same batches;
   samples/s = batch / (teacher + student seconds per batch). An augmenting method's x' is
-  made beforehand, untimed, and both models' passes on x' are in the floor. It leaves out what
-  else a method does per step: making x', generator steps, memory-bank updates, hooks.
+  made beforehand (timed apart: ``augment_s``, not in the floor), and both models' passes on x'
+  are in the floor. It leaves out what else a method does per step: making x', generator
+  steps, memory-bank updates, hooks.
 - loop: :func:`kd_engine.trainer.train` itself, timed between its progress reports (after
   ``--warmup`` steps, over ``--steps`` steps: no evaluation, no preparation inside), with
   ``training.group_by_length`` off and, for ``vanilla_kd``, on.
@@ -122,7 +123,17 @@ def _floor(
     params = [p for g in active for p in g.parameters()]
     # An augmenting method's batches x' are made beforehand (untimed): the floor holds the
     # passes of both models on x and x', not the making of x'.
-    augmented = [method.augment(batch) for batch in data]
+    augmented = []
+    a_sec = 0.0
+    for i, batch in enumerate(data):
+        method.start_step(1, i)
+        method.start_batch(batch)
+        _sync(device)
+        t0 = time.perf_counter()
+        augmented.append(method.augment(batch))
+        _sync(device)
+        if i >= warmup:
+            a_sec += time.perf_counter() - t0
     t_outs: list[StepOutputs | None] = []
     t_sec = 0.0
     for i, (batch, aug) in enumerate(zip(data, augmented, strict=True)):
@@ -160,7 +171,7 @@ def _floor(
         if i >= warmup:
             s_sec += time.perf_counter() - t0
     n = len(data) - warmup
-    return {"teacher_s": t_sec / n, "student_s": s_sec / n}
+    return {"teacher_s": t_sec / n, "student_s": s_sec / n, "augment_s": a_sec / n}
 
 
 def _plain_kd(
@@ -367,6 +378,7 @@ def _measure(
             restore()
         row.update(floor)
         row["floor_sps"] = cfg.batch_size / (floor["teacher_s"] + floor["student_s"])
+        row["batch"] = cfg.batch_size
         student.load_state_dict(student_state)
         variants = [False, True] if name == "vanilla_kd" and not profile else [False]
         for grouped in variants:
@@ -420,13 +432,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of the measured rows."""
     lines = [
         "| device | method | teacher fwd ms | student step ms | floor samples/s | "
-        "`train` samples/s | ratio to floor | grouped samples/s | padding plain → grouped | "
-        "plain loop | TextBrewer |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "`train` samples/s | ratio to floor | making x' ms | ratio to floor + x' | "
+        "grouped samples/s | padding plain → grouped | plain loop | TextBrewer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['device']} | {r['method']} | error: {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['device']} | {r['method']} | error: {r['error']} |" + " |" * 10)
             continue
         grouped = r.get("loop_grouped_sps")
         pad = (
@@ -434,11 +446,16 @@ def table(rows: list[dict[str, Any]]) -> str:
             if grouped is not None
             else f"{r['loop_padding']:.0%}"
         )
+        a_s = r.get("augment_s") or 0.0
+        aug = f"{1000 * a_s:.0f}" if a_s else "–"
+        step_s = r["teacher_s"] + r["student_s"] + a_s
+        with_aug = f"{r['loop_sps'] * step_s / r['batch']:.2f}" if a_s else "–"
         lines.append(
             f"| {r['device']} | {r['method']} | {1000 * r['teacher_s']:.0f} | "
             f"{1000 * r['student_s']:.0f} | {r['floor_sps']:.1f} | {r['loop_sps']:.1f} | "
-            f"{r['loop_sps'] / r['floor_sps']:.2f} | {_fmt(grouped)} | {pad} | "
-            f"{_fmt(r.get('plain_sps'))} | {_fmt(r.get('textbrewer_sps'))} |"
+            f"{r['loop_sps'] / r['floor_sps']:.2f} | {aug} | {with_aug} | "
+            f"{_fmt(grouped)} | {pad} | {_fmt(r.get('plain_sps'))} | "
+            f"{_fmt(r.get('textbrewer_sps'))} |"
         )
     return "\n".join(lines)
 
