@@ -189,7 +189,7 @@ def jobs_page(
             session, status, PAGE_SIZE, cursor, tenant_id=caller.tenant_id
         )
     except ValueError as e:
-        raise DomainError(str(e), "cursor") from None
+        raise InvalidSpec(str(e), "cursor") from None
     return page(
         request,
         "jobs.html",
@@ -239,7 +239,7 @@ def parse_spec_text(text: str) -> dict[str, Any]:
     """A pasted job spec (JSON, or YAML) as a mapping.
 
     Raises:
-        DomainError: not JSON or YAML, or not a mapping (field ``spec``, 422).
+        InvalidSpec: not JSON or YAML, or not a mapping (field ``spec``, 422).
     """
     try:
         data = json.loads(text)
@@ -249,14 +249,13 @@ def parse_spec_text(text: str) -> dict[str, Any]:
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            raise _spec_error(f"neither JSON nor YAML{where}: {getattr(e, 'problem', e)}") from None
+            reason = getattr(e, "problem", None) or str(e)
+            raise InvalidSpec(f"neither JSON nor YAML{where}: {reason}", "spec") from None
     if not isinstance(data, dict):
-        raise _spec_error("the spec must be a mapping (teacher, method, dataset, training, ...)")
+        raise InvalidSpec(
+            "the spec must be a mapping (teacher, method, dataset, training, ...)", "spec"
+        )
     return data
-
-
-def _spec_error(message: str) -> DomainError:
-    return InvalidSpec(message, "spec")
 
 
 @router.post("/jobs/new")
@@ -315,14 +314,11 @@ def submit(
     return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
 
 
-def _job_context(
-    session: SessionDep, settings: SettingsDep, caller: Caller, job: Job
-) -> dict[str, Any]:
-    names = [a for a in service.artifacts(session, job.id, tenant_id=caller.tenant_id)]
+def _job_context(session: SessionDep, caller: Caller, job: Job) -> dict[str, Any]:
     return {
         "job": job,
         "finished": job.status in FINISHED,
-        "artifacts": names,
+        "artifacts": service.artifacts(session, job.id, tenant_id=caller.tenant_id),
         "checkpoints": service.job_checkpoints(session, job.id, tenant_id=caller.tenant_id),
         "table": views.comparison_table(job.metrics or {}) if job.status == "succeeded" else [],
         "spec_json": json.dumps(job.spec, indent=2),
@@ -331,11 +327,7 @@ def _job_context(
 
 @router.get("/jobs/{job_id}")
 def job_page(
-    job_id: JobId,
-    request: Request,
-    session: SessionDep,
-    settings: SettingsDep,
-    caller: UiCallerDep,
+    job_id: JobId, request: Request, session: SessionDep, caller: UiCallerDep
 ) -> HTMLResponse:
     """One job: live progress (polled while it runs), teacher vs student, artifacts and
     checkpoints to download, its events."""
@@ -346,7 +338,7 @@ def job_page(
         "job.html",
         {
             "tenant": _tenant_name(session, caller),
-            **_job_context(session, settings, caller, job),
+            **_job_context(session, caller, job),
             "events": [event_dict(e) for e in events[:EVENTS_PAGE]],
             "events_more": events[EVENTS_PAGE - 1].id if len(events) > EVENTS_PAGE else None,
         },

@@ -73,7 +73,11 @@ def stack(
         database_url=pg_url,
         broker_url=e2e_broker_url,
         workers=0,
-        extra_env={"DISTILLERY_PROGRESS_EVERY_STEPS": "1"},
+        # a checkpoint every step: the job page then lists checkpoints to download
+        extra_env={
+            "DISTILLERY_PROGRESS_EVERY_STEPS": "1",
+            "DISTILLERY_CHECKPOINT_EVERY_STEPS": "1",
+        },
     ) as s:
         yield s
 
@@ -194,6 +198,14 @@ def test_dashboard_login_submit_watch_curves_download_compare(
         with tarfile.open(path, mode="r:gz") as tar:
             names = tar.getnames()
         assert f"{job_id}/model.safetensors" in names and f"{job_id}/config.json" in names
+        # a checkpoint's student, the same way
+        first = page.locator("#checkpoints a").first
+        name = first.inner_text()
+        with page.expect_download() as ckpt:
+            first.click()
+        assert ckpt.value.suggested_filename == f"{job_id}-{name}.tar.gz"
+        with tarfile.open(ckpt.value.path(), mode="r:gz") as tar:
+            assert f"{job_id}-{name}/model.safetensors" in tar.getnames()
 
         page.goto("/ui/jobs?status=succeeded")
         expect(page.locator(f'tr[data-job="{job_id}"]')).to_be_visible()
