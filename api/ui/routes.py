@@ -90,9 +90,14 @@ class UiRoute(APIRoute):
                 return await handler(request)
             except LoginRequired as e:
                 target = login_url(e.path if request.method == "GET" else "", e.reason)
+                answer: Response
                 if request.headers.get("hx-request"):
-                    return Response(status_code=204, headers={"HX-Redirect": target})
-                return RedirectResponse(target, status_code=303)
+                    answer = Response(status_code=204, headers={"HX-Redirect": target})
+                else:
+                    answer = RedirectResponse(target, status_code=303)
+                if e.reason:  # a cookie whose key no longer works: drop it
+                    clear_login_cookie(answer)
+                return answer
             except DomainError as e:
                 return _error_page(request, e.status, e.message, e.field)
             except RequestValidationError as e:

@@ -111,6 +111,7 @@ def test_login_cookie_flags_scoping_revocation_and_logout(
         s.commit()
     gone = app_client.get("/ui/jobs")
     assert gone.status_code == 303 and "was%20revoked" in gone.headers["location"]
+    assert f'{COOKIE}=""' in gone.headers["set-cookie"]  # the stale cookie is dropped
     login(app_client, other_key)
     assert theirs in app_client.get("/ui/jobs").text
     out = app_client.post("/ui/logout")
