@@ -113,7 +113,7 @@ def _error_page(request: Request, status: int, message: str, field: str | None) 
     return page(
         request,
         "error.html",
-        {"status": status, "message": message, "field": field, "tenant": None},
+        {"status": status, "message": message, "field": field, "tenant": None, "nav": True},
         status_code=status,
     )
 

@@ -64,10 +64,11 @@ UUID_PATH = re.compile(r"/ui/jobs/[0-9a-f-]{36}$")
 
 
 @pytest.fixture(scope="module")
-def stack(
+def live(
     tmp_path_factory: pytest.TempPathFactory, pg_url: str, e2e_broker_url: str
-) -> Iterator[Stack]:
-    """The stack without a worker (the test starts one once another tenant's job is made)."""
+) -> Iterator[tuple[Stack, str]]:
+    """The stack and the id of another tenant's job: made (and cancelled) before the worker
+    starts, so that the worker never runs it; the worker then boots while the browser does."""
     with running_stack(
         tmp_path_factory.mktemp("dashboard-stack"),
         database_url=pg_url,
@@ -79,7 +80,9 @@ def stack(
             "DISTILLERY_CHECKPOINT_EVERY_STEPS": "1",
         },
     ) as s:
-        yield s
+        theirs = other_tenants_cancelled_job(s)
+        s.start_worker()
+        yield s, theirs
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +124,10 @@ def other_tenants_cancelled_job(stack: Stack) -> str:
 
 
 def test_dashboard_login_submit_watch_curves_download_compare(
-    stack: Stack, browser: Browser
+    live: tuple[Stack, str], browser: Browser
 ) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    theirs = other_tenants_cancelled_job(stack)
-    stack.start_worker()
+    stack, theirs = live
     context = browser.new_context(
         base_url=stack.base_url, accept_downloads=True, viewport={"width": 1280, "height": 900}
     )
