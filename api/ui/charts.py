@@ -55,8 +55,9 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     """About ``count`` round tick values covering [lo, hi] (steps of 1, 2 or 5 x 10^k)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return []
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
+    if hi <= lo:  # one value: a range around it
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
     raw = (hi - lo) / max(1, count)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
@@ -71,10 +72,16 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return ticks
 
 
-def fmt_tick(value: float) -> str:
-    """A tick label: integers without decimals, small values in 3 significant digits."""
+def fmt_tick(value: float, step: float = 0.0) -> str:
+    """A tick label: as many decimals as the tick ``step`` needs (0.691, 0.6915), integers
+    without any; 3 significant digits when no step is given."""
     if value == int(value) and abs(value) < 1e6:
         return str(int(value))
+    if step > 0:
+        decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+        if round(step * 10**decimals, 6) % 1:  # a step such as 0.25
+            decimals += 1
+        return f"{value:.{min(decimals, 12)}f}"
     return f"{value:.3g}"
 
 
@@ -113,18 +120,20 @@ def _axes(
         f"{escape(title)}</text>"
     ]
     bottom = height - _MARGIN_B
+    xstep = xt[1] - xt[0] if len(xt) > 1 else 0.0
+    ystep = yt[1] - yt[0] if len(yt) > 1 else 0.0
     for t in xt:
         x = sx(t)
         out.append(
             f'<line x1="{x:.1f}" y1="{_MARGIN_T}" x2="{x:.1f}" y2="{bottom}" class="grid"/>'
-            f'<text x="{x:.1f}" y="{bottom + 14}" text-anchor="middle">{fmt_tick(t)}</text>'
+            f'<text x="{x:.1f}" y="{bottom + 14}" text-anchor="middle">{fmt_tick(t, xstep)}</text>'
         )
     for t in yt:
         y = sy(t)
         out.append(
             f'<line x1="{_MARGIN_L}" y1="{y:.1f}" x2="{width - _MARGIN_R}" y2="{y:.1f}" '
             f'class="grid"/><text x="{_MARGIN_L - 6}" y="{y + 4:.1f}" text-anchor="end">'
-            f"{fmt_tick(t)}</text>"
+            f"{fmt_tick(t, ystep)}</text>"
         )
     out.append(
         f'<text x="{width / 2:.0f}" y="{height - 6}" text-anchor="middle">{escape(x_label)}</text>'
