@@ -176,8 +176,13 @@ def test_dashboard_login_submit_watch_curves_download_compare(
             re.compile("running|succeeded"), timeout=60_000
         )
         shot(page, "05-job-live")
-        expect(page.locator("#teacher-vs-student")).to_be_visible(timeout=90_000)
-        expect(page.locator("#job-status")).to_have_text("succeeded")
+        # a generous bound: on a shared 2-core machine under load 8-9 the job took 1-4 min
+        expect(page.locator("#live[data-status]")).to_have_attribute(
+            "data-status", re.compile("succeeded|failed|cancelled"), timeout=300_000
+        )
+        status = page.locator("#job-status").inner_text()
+        assert status == "succeeded", page.locator("#live").inner_text()
+        expect(page.locator("#teacher-vs-student")).to_be_visible()
         expect(page.locator("#progress-stage")).to_contain_text("done")
         expect(page.locator("#events")).to_contain_text("the student is ready to download")
         expect(page.locator("#teacher-vs-student")).to_contain_text("test accuracy")
