@@ -11,14 +11,15 @@ DISTILLERY_TEST_REDIS_URL    ?= redis://127.0.0.1:6379/15
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k loss -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: help setup services demo up test lint fmt
+.PHONY: help setup services browser demo up test lint fmt
 
 help:
 	@echo "make setup     create .venv and install distillery[dev] (scripts/bootstrap.sh)"
 	@echo "make services  make sure PostgreSQL and Redis answer locally; create distillery_test"
+	@echo "make browser   make sure Debian's chromium is installed (the dashboard's browser test)"
 	@echo "make demo      run the embedded dev stack demo (python -m devstack.demo)"
 	@echo "make up        run the embedded stack until Ctrl-C; prints the URL and an API key"
-	@echo "make test      setup + services + pytest (exit code of pytest is kept)"
+	@echo "make test      setup + services + browser + pytest (exit code of pytest is kept)"
 	@echo "make lint      ruff check, ruff format --check, mypy"
 	@echo "make fmt       ruff format + ruff check --fix"
 
@@ -27,6 +28,9 @@ setup:
 
 services:
 	@bash scripts/services.sh
+
+browser:
+	@bash scripts/browser.sh
 
 demo: setup
 	$(PY) -m devstack.demo
@@ -38,7 +42,7 @@ up: setup
 	$(PY) -m devstack.up --port $(API_PORT)
 
 # pytest's exit code propagates as is (5 = no tests collected is a failure too).
-test: setup services
+test: setup services browser
 	DISTILLERY_TEST_DATABASE_URL='$(DISTILLERY_TEST_DATABASE_URL)' \
 	DISTILLERY_TEST_REDIS_URL='$(DISTILLERY_TEST_REDIS_URL)' \
 	$(PY) -m pytest $(PYTEST_ARGS)

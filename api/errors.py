@@ -7,6 +7,7 @@ Every error body has the shape ``{"error": {"code": str, "message": str, "field"
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -117,15 +118,31 @@ def _body_model(request: Request) -> type[BaseModel] | None:
     return None
 
 
-def _error_reason(request: Request, error: dict[str, Any]) -> str:
+def _error_reason(model: type[BaseModel] | None, error: Any) -> str:
     """The reason of one validation error; an unknown field in the body lists the valid ones."""
     loc = tuple(error.get("loc", ()))
-    if error.get("type") == "extra_forbidden" and loc[:1] == ("body",):
-        model = _body_model(request)
-        reason = unknown_field_reason(model, loc[1:]) if model is not None else None
+    if error.get("type") == "extra_forbidden" and loc[:1] == ("body",) and model is not None:
+        reason = unknown_field_reason(model, loc[1:])
         if reason:
             return reason
     return _reason(error.get("msg", "invalid"))
+
+
+def validation_details(
+    errors: Sequence[Any], model: type[BaseModel] | None
+) -> list[dict[str, str]]:
+    """``[{"field", "reason"}]`` of pydantic/FastAPI validation errors, as the 422 answers
+    name them (``training.epochs``; an unknown field's reason lists the valid ones).
+
+    Args:
+        errors: the ``errors()`` of a :class:`pydantic.ValidationError` or a
+            :class:`fastapi.exceptions.RequestValidationError`; a request body's locations
+            start with ``"body"`` (prefix them when validating a body yourself).
+        model: the pydantic model of the body, if any (for the unknown-field reasons).
+    """
+    return [
+        {"field": _loc(tuple(e.get("loc", ()))), "reason": _error_reason(model, e)} for e in errors
+    ]
 
 
 def install(app: FastAPI) -> None:
@@ -141,10 +158,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"field": _loc(tuple(e.get("loc", ()))), "reason": _error_reason(request, e)}
-            for e in exc.errors()
-        ]
+        details = validation_details(exc.errors(), _body_model(request))
         field = str(details[0]["field"]) if details else ""
         reason = str(details[0]["reason"]) if details else "invalid request"
         message = f"{field}: {reason}" if field else reason

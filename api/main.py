@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 import transformers
 from fastapi import FastAPI
 
-from api import errors, limits, logs, metrics, webhooks
+from api import errors, limits, logs, metrics, ui, webhooks
 from api.db import make_engine, make_sessionmaker
 from api.routers import events as events_router
 from api.routers import files, health, jobs, keys
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events_router.router)
     app.include_router(webhooks_router.router)
     app.include_router(health.router)
+    ui.install(app)
     return app
 
 

@@ -1,0 +1,276 @@
+"""Inline SVG charts drawn on the server: line charts (learning curves) and a scatter plot with
+its Pareto front (the compare page). No JavaScript; every text is XML-escaped."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from html import escape
+
+from markupsafe import Markup
+
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+"""Series colours, in order (the matplotlib ``tab10`` colours)."""
+
+_MARGIN_L, _MARGIN_R, _MARGIN_T, _MARGIN_B = 64, 16, 28, 44
+Scale = Callable[[float], float]
+
+
+@dataclass
+class Series:
+    """One line: a name (the legend), its (x, y) points in drawing order, a colour."""
+
+    name: str
+    points: list[tuple[float, float]] = field(default_factory=list)
+    color: str = ""
+    markers: bool = False
+
+
+@dataclass(frozen=True)
+class Point:
+    """One scatter point: position, a label (tooltip), an optional link, whether it is on the
+    Pareto front."""
+
+    x: float
+    y: float
+    label: str
+    href: str = ""
+    front: bool = False
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About ``count`` round tick values covering [lo, hi] (steps of 1, 2 or 5 x 10^k)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return []
+    if hi <= lo:  # one value: a range around it
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    raw = (hi - lo) / max(1, count)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.floor(lo / step) * step
+    ticks = []
+    t = first
+    while t <= hi + step * 1e-9:
+        ticks.append(round(t, 12))
+        t += step
+    if ticks and ticks[-1] < hi:
+        ticks.append(round(t, 12))
+    return ticks
+
+
+def fmt_tick(value: float, step: float = 0.0) -> str:
+    """A tick label: as many decimals as the tick ``step`` needs (0.691, 0.6915), integers
+    without any; 3 significant digits when no step is given."""
+    if value == int(value) and abs(value) < 1e6:
+        return str(int(value))
+    if step > 0:
+        decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+        if round(step * 10**decimals, 6) % 1:  # a step such as 0.25
+            decimals += 1
+        return f"{value:.{min(decimals, 12)}f}"
+    return f"{value:.3g}"
+
+
+def _frame(
+    xs: Sequence[float], ys: Sequence[float], width: int, height: int
+) -> tuple[list[float], list[float], Scale, Scale]:
+    xt = nice_ticks(min(xs), max(xs))
+    yt = nice_ticks(min(ys), max(ys))
+    x0, x1 = xt[0], xt[-1]
+    y0, y1 = yt[0], yt[-1]
+    pw = width - _MARGIN_L - _MARGIN_R
+    ph = height - _MARGIN_T - _MARGIN_B
+
+    def sx(x: float) -> float:
+        return _MARGIN_L + (x - x0) / ((x1 - x0) or 1.0) * pw
+
+    def sy(y: float) -> float:
+        return _MARGIN_T + ph - (y - y0) / ((y1 - y0) or 1.0) * ph
+
+    return xt, yt, sx, sy
+
+
+def _axes(
+    xt: list[float],
+    yt: list[float],
+    sx: Scale,
+    sy: Scale,
+    width: int,
+    height: int,
+    x_label: str,
+    y_label: str,
+    title: str,
+) -> list[str]:
+    out = [
+        f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" class="chart-title">'
+        f"{escape(title)}</text>"
+    ]
+    bottom = height - _MARGIN_B
+    xstep = xt[1] - xt[0] if len(xt) > 1 else 0.0
+    ystep = yt[1] - yt[0] if len(yt) > 1 else 0.0
+    for t in xt:
+        x = sx(t)
+        out.append(
+            f'<line x1="{x:.1f}" y1="{_MARGIN_T}" x2="{x:.1f}" y2="{bottom}" class="grid"/>'
+            f'<text x="{x:.1f}" y="{bottom + 14}" text-anchor="middle">{fmt_tick(t, xstep)}</text>'
+        )
+    for t in yt:
+        y = sy(t)
+        out.append(
+            f'<line x1="{_MARGIN_L}" y1="{y:.1f}" x2="{width - _MARGIN_R}" y2="{y:.1f}" '
+            f'class="grid"/><text x="{_MARGIN_L - 6}" y="{y + 4:.1f}" text-anchor="end">'
+            f"{fmt_tick(t, ystep)}</text>"
+        )
+    out.append(
+        f'<text x="{width / 2:.0f}" y="{height - 6}" text-anchor="middle">{escape(x_label)}</text>'
+        f'<text transform="translate(14,{height / 2:.0f}) rotate(-90)" text-anchor="middle">'
+        f"{escape(y_label)}</text>"
+    )
+    return out
+
+
+def _svg(width: int, height: int, body: list[str], label: str) -> Markup:
+    return Markup(
+        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'role="img" aria-label="{escape(label)}" xmlns="http://www.w3.org/2000/svg">'
+        + "".join(body)
+        + "</svg>"
+    )
+
+
+def line_chart(
+    series: Sequence[Series],
+    *,
+    title: str,
+    x_label: str,
+    y_label: str,
+    width: int = 640,
+    height: int = 300,
+) -> Markup:
+    """An SVG line chart of ``series`` (each its own colour, with a legend); a chart saying
+    "no data yet" when no series has a point. Non-finite values are skipped."""
+    clean = [
+        Series(
+            s.name,
+            [(x, y) for x, y in s.points if math.isfinite(x) and math.isfinite(y)],
+            s.color or PALETTE[i % len(PALETTE)],
+            s.markers,
+        )
+        for i, s in enumerate(series)
+    ]
+    clean = [s for s in clean if s.points]
+    if not clean:
+        return _svg(
+            width,
+            height,
+            [
+                f'<text x="{width / 2:.0f}" y="{height / 2:.0f}" text-anchor="middle">'
+                f"{escape(title)}: no data yet</text>"
+            ],
+            title,
+        )
+    xs = [x for s in clean for x, _ in s.points]
+    ys = [y for s in clean for _, y in s.points]
+    xt, yt, sx, sy = _frame(xs, ys, width, height)
+    body = _axes(xt, yt, sx, sy, width, height, x_label, y_label, title)
+    for i, s in enumerate(clean):
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s.points)
+        body.append(
+            f'<polyline fill="none" stroke="{s.color}" stroke-width="1.8" points="{coords}">'
+            f"<title>{escape(s.name)}</title></polyline>"
+        )
+        if s.markers or len(s.points) == 1:
+            body += [
+                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{s.color}">'
+                f"<title>{escape(s.name)}: {fmt_tick(x)}, {y:.4g}</title></circle>"
+                for x, y in s.points
+            ]
+        ly = _MARGIN_T + 4 + 14 * i
+        lx = width - _MARGIN_R - 180
+        body.append(
+            f'<rect x="{lx}" y="{ly}" width="10" height="10" fill="{s.color}"/>'
+            f'<text x="{lx + 14}" y="{ly + 9}" class="legend">{escape(s.name[:32])}</text>'
+        )
+    return _svg(width, height, body, title)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: lower x (latency) and higher y (the
+    metric), i.e. no other point has x <= and y >= with one of them strictly. Sorted by x.
+    Non-finite points are never on the front."""
+    order = sorted(
+        (i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)),
+        key=lambda i: (points[i][0], -points[i][1]),
+    )
+    front: list[int] = []
+    best = -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def scatter_chart(
+    points: Sequence[Point],
+    *,
+    title: str,
+    x_label: str,
+    y_label: str,
+    width: int = 640,
+    height: int = 360,
+) -> Markup:
+    """An SVG scatter plot; points on the Pareto front are filled, joined by a step line and
+    labelled; every point links to ``href`` when it has one."""
+    pts = [p for p in points if math.isfinite(p.x) and math.isfinite(p.y)]
+    if not pts:
+        return _svg(
+            width,
+            height,
+            [
+                f'<text x="{width / 2:.0f}" y="{height / 2:.0f}" text-anchor="middle">'
+                f"{escape(title)}: no succeeded job yet</text>"
+            ],
+            title,
+        )
+    xt, yt, sx, sy = _frame([p.x for p in pts], [p.y for p in pts], width, height)
+    body = _axes(xt, yt, sx, sy, width, height, x_label, y_label, title)
+    front = sorted((p for p in pts if p.front), key=lambda p: p.x)
+    if len(front) > 1:
+        steps = [f"{sx(front[0].x):.1f},{sy(front[0].y):.1f}"]
+        for a, b in itertools.pairwise(front):
+            steps += [f"{sx(b.x):.1f},{sy(a.y):.1f}", f"{sx(b.x):.1f},{sy(b.y):.1f}"]
+        body.append(
+            f'<polyline class="pareto-line" fill="none" points="{" ".join(steps)}">'
+            "<title>Pareto front</title></polyline>"
+        )
+    for p in pts:
+        cls = "point front" if p.front else "point"
+        mark = (
+            f'<circle cx="{sx(p.x):.1f}" cy="{sy(p.y):.1f}" r="{6 if p.front else 4}" '
+            f'class="{cls}"><title>{escape(p.label)}: {p.y:.4g} at {p.x:.4g}'
+            f"{' (Pareto front)' if p.front else ''}</title></circle>"
+        )
+        if p.href:
+            mark = f'<a href="{escape(p.href)}">{mark}</a>'
+        body.append(mark)
+        if p.front:
+            body.append(
+                f'<text x="{sx(p.x) + 8:.1f}" y="{sy(p.y) - 8:.1f}" class="point-label">'
+                f"{escape(p.label[:24])}</text>"
+            )
+    return _svg(width, height, body, title)

@@ -1,0 +1,318 @@
+"""What the dashboard shows, read from a job's stored state: its learning curves, the teacher
+vs student table and the compare page's points. Plain data (no HTTP, no templates).
+
+Sources: ``jobs.metrics`` (``epochs``: one record per dev evaluation, written while the job runs;
+once it succeeded, the whole ``metrics.json``: ``test``, ``teacher_test``, ``student`` and
+``teacher`` sizes and latencies, ``stages``) and the job's ``train_log.jsonl`` artifact (its
+``step`` records: the losses every ``progress_every_steps`` steps), see :mod:`kd_engine.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from markupsafe import Markup
+
+from api.db import Job
+from api.settings import Settings
+from api.storage import ObjectNotFound, StorageError, artifact_storage, join_key
+from api.ui.charts import PALETTE, Point, Series, line_chart, pareto_front, scatter_chart
+from kd_engine.evaluation import CLASSIFICATION_METRICS, REGRESSION_METRICS
+from kd_engine.run import LOG_FILE
+
+MAIN_METRICS = ("accuracy", "pearson", "spearman", "macro_f1", "mcc")
+"""A job's main metric: its selection metric when higher is better, else the first of these
+its test metrics have."""
+MAX_CURVE_POINTS = 2000
+"""At most this many points per train-loss curve (a longer log is thinned evenly)."""
+MAX_LOG_BYTES = 32 * 1024**2
+"""A train log larger than this is read up to here only."""
+
+
+def main_metric(metrics: dict[str, Any]) -> str | None:
+    """The metric a job is ranked by: ``selection_metric`` when it is a higher-is-better test
+    metric, else the first of :data:`MAIN_METRICS` in ``test``; None without test metrics."""
+    test = metrics.get("test") or {}
+    chosen = metrics.get("selection_metric")
+    if chosen in test and chosen in (*CLASSIFICATION_METRICS, *REGRESSION_METRICS):
+        return str(chosen)
+    return next((m for m in MAIN_METRICS if m in test), None)
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def fmt_value(value: Any, digits: int = 4) -> str:
+    """A metric for a table: 4 significant digits, integers as they are, '—' when missing."""
+    if isinstance(value, bool) or value is None:
+        return "—" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else "—"
+    return str(value)
+
+
+def fmt_bytes(n: Any) -> str:
+    """Bytes as B, KiB, MiB or GiB; '—' when missing."""
+    if not isinstance(n, int | float):
+        return "—"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def fmt_ms(seconds: Any) -> str:
+    """Seconds as milliseconds with 3 significant digits; '—' when missing."""
+    value = _num(seconds)
+    return "—" if value is None else f"{value * 1000:.3g} ms"
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One row of the teacher-vs-student table: what, the teacher's and the student's value
+    (formatted) and student / teacher when both are numbers."""
+
+    label: str
+    teacher: str
+    student: str
+    ratio: str = ""
+
+
+def _ratio(student: Any, teacher: Any) -> str:
+    s, t = _num(student), _num(teacher)
+    return f"{s / t:.3g}x" if s is not None and t else ""
+
+
+def comparison_table(metrics: dict[str, Any]) -> list[TableRow]:
+    """Teacher vs student from a succeeded job's metrics: each test metric, parameters, weights
+    size, CPU/GPU latency per example at batch 1 and 32, and teacher agreement. Teacher cells
+    are '—' where the job did not use a teacher (``finetune``)."""
+    test = metrics.get("test") or {}
+    teacher_test = metrics.get("teacher_test") or {}
+    student = metrics.get("student") or {}
+    teacher = metrics.get("teacher") or {}
+    rows = [
+        TableRow(
+            f"test {name}",
+            fmt_value(teacher_test.get(name)),
+            fmt_value(value),
+            _ratio(value, teacher_test.get(name)),
+        )
+        for name, value in test.items()
+    ]
+    rows.append(
+        TableRow(
+            "parameters",
+            fmt_value(teacher.get("parameters")),
+            fmt_value(student.get("parameters")),
+            _ratio(student.get("parameters"), teacher.get("parameters")),
+        )
+    )
+    rows.append(
+        TableRow("weights size", fmt_bytes(teacher.get("bytes")), fmt_bytes(student.get("bytes")))
+    )
+    for batch in (1, 32):
+        key = f"latency_s_batch{batch}"
+        rows.append(
+            TableRow(
+                f"latency per example, batch {batch}",
+                fmt_ms(teacher.get(key)),
+                fmt_ms(student.get(key)),
+                _ratio(student.get(key), teacher.get(key)),
+            )
+        )
+    for key, label in (
+        ("teacher_agreement", "agreement with the teacher"),
+        ("teacher_mean_abs_diff", "mean |student - teacher|"),
+    ):
+        if key in metrics:
+            rows.append(TableRow(label, "", fmt_value(metrics[key])))
+    return rows
+
+
+def read_train_log(settings: Settings, job_id: str, names: Iterable[str]) -> list[dict[str, Any]]:
+    """The records of the job's ``train_log.jsonl`` artifact ([] when it has none, or it is
+    missing from the store); at most :data:`MAX_LOG_BYTES` are read, bad lines skipped."""
+    if LOG_FILE not in set(names):
+        return []
+    try:
+        with artifact_storage(settings).open(join_key(job_id, LOG_FILE)) as f:
+            blob = f.read(MAX_LOG_BYTES)
+    except (ObjectNotFound, StorageError, OSError):
+        return []
+    out: list[dict[str, Any]] = []
+    for line in blob.decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def _thin(
+    points: list[tuple[float, float]], limit: int = MAX_CURVE_POINTS
+) -> list[tuple[float, float]]:
+    if len(points) <= limit:
+        return points
+    stride = math.ceil(len(points) / limit)
+    return points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+
+
+def _by_stage(records: Iterable[dict[str, Any]], y_of: Any, markers: bool = False) -> list[Series]:
+    series: dict[str, Series] = {}
+    for r in records:
+        x, y = _num(r.get("step")), _num(y_of(r))
+        if x is None or y is None:
+            continue
+        name = str(r.get("stage") or "training")
+        if r.get("hop"):
+            name = f"{r['hop']}: {name}" if not name.startswith("hop ") else name
+        s = series.setdefault(
+            name, Series(name, color=PALETTE[len(series) % len(PALETTE)], markers=markers)
+        )
+        s.points.append((x, y))
+    for s in series.values():
+        s.points = _thin(s.points)
+    return list(series.values())
+
+
+@dataclass
+class Curves:
+    """A job's learning curves, drawn, and the per-evaluation and per-stage tables."""
+
+    train_loss: Markup
+    dev: Markup
+    train_loss_source: str
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    dev_metrics: list[str] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+
+def curves(job: Job, log_records: Sequence[dict[str, Any]]) -> Curves:
+    """The learning curves of ``job``: the train loss against the optimiser step, one line per
+    stage (from the train log's ``step`` records once the job has succeeded; before that, the
+    mean train loss of each dev evaluation), and every dev metric against the step (one line
+    per metric, a marker per evaluation)."""
+    metrics = job.metrics or {}
+    evaluations = [e for e in metrics.get("epochs") or [] if isinstance(e, dict)]
+    steps = [r for r in log_records if r.get("event") == "step" and "loss" in r]
+    if steps:
+        loss = _by_stage(steps, lambda r: r.get("loss"))
+        source = f"{LOG_FILE} (every reported step)"
+    else:
+        loss = _by_stage(evaluations, lambda r: r.get("train_loss"), markers=True)
+        source = "the mean train loss at each dev evaluation"
+    names: list[str] = []
+    for e in evaluations:
+        for k in e.get("dev") or {}:
+            if k not in names:
+                names.append(k)
+    dev_series = []
+    for i, name in enumerate(names):
+        pts = [
+            (float(e["step"]), float(e["dev"][name]))
+            for e in evaluations
+            if _num(e.get("step")) is not None and _num((e.get("dev") or {}).get(name)) is not None
+        ]
+        dev_series.append(Series(f"dev {name}", pts, PALETTE[i % len(PALETTE)], markers=True))
+    return Curves(
+        train_loss=line_chart(loss, title="train loss", x_label="optimiser step", y_label="loss"),
+        dev=line_chart(dev_series, title="dev metrics", x_label="optimiser step", y_label="metric"),
+        train_loss_source=source,
+        evaluations=evaluations,
+        dev_metrics=names,
+        stages=[s for s in metrics.get("stages") or [] if isinstance(s, dict)],
+    )
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    """One succeeded job on the compare page."""
+
+    job_id: str
+    method: str
+    dataset: str
+    metric: str
+    value: float
+    latency_s: float | None
+    parameters: Any
+    bytes: Any
+    teacher: str
+    front: bool = False
+
+
+@dataclass
+class CompareGroup:
+    """The jobs of one dataset ranked by one metric: their plot and rows (the Pareto front's
+    first)."""
+
+    dataset: str
+    metric: str
+    rows: list[CompareRow]
+    chart: Markup
+
+
+def _dataset_name(spec: dict[str, Any]) -> str:
+    ds = spec.get("dataset") or {}
+    return str(ds.get("source") or ds.get("train") or "?") if isinstance(ds, dict) else "?"
+
+
+def compare_groups(jobs: Iterable[Job]) -> list[CompareGroup]:
+    """The students of ``jobs`` (succeeded ones with test metrics) grouped by dataset and main
+    metric, each group with its scatter plot (main test metric against latency per example at
+    batch 1) and its Pareto front marked (no other student both faster and better)."""
+    groups: dict[tuple[str, str], list[CompareRow]] = {}
+    for job in jobs:
+        metrics = job.metrics or {}
+        metric = main_metric(metrics)
+        value = _num((metrics.get("test") or {}).get(metric)) if metric else None
+        if metric is None or value is None:
+            continue
+        student = metrics.get("student") or {}
+        row = CompareRow(
+            job_id=job.id,
+            method=job.method,
+            dataset=_dataset_name(job.spec),
+            metric=metric,
+            value=value,
+            latency_s=_num(student.get("latency_s_batch1")),
+            parameters=student.get("parameters"),
+            bytes=student.get("bytes"),
+            teacher=str(job.spec.get("teacher", "")),
+        )
+        groups.setdefault((row.dataset, metric), []).append(row)
+    out = []
+    for (dataset, metric), rows in sorted(groups.items()):
+        xy = [(r.latency_s if r.latency_s is not None else math.nan, r.value) for r in rows]
+        on_front = set(pareto_front(xy))
+        rows = [CompareRow(**{**r.__dict__, "front": i in on_front}) for i, r in enumerate(rows)]
+        rows.sort(key=lambda r: (not r.front, r.latency_s if r.latency_s is not None else math.inf))
+        chart = scatter_chart(
+            [
+                Point(
+                    r.latency_s * 1000,
+                    r.value,
+                    f"{r.method} {r.job_id[:8]}",
+                    f"/ui/jobs/{r.job_id}",
+                    r.front,
+                )
+                for r in rows
+                if r.latency_s is not None
+            ],
+            title=f"{dataset}: test {metric} against latency (batch 1)",
+            x_label="latency per example at batch 1 (ms)",
+            y_label=f"test {metric}",
+        )
+        out.append(CompareGroup(dataset, metric, rows, chart))
+    return out
