@@ -1,5 +1,5 @@
-"""/v1/jobs: submit, list, read, cancel, pause, resume, delete, metrics, artifacts, archive,
-checkpoints."""
+"""/v1/jobs: submit, list, read, cancel, pause, resume, delete, metrics, report, artifacts,
+archive, checkpoints."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from api.schemas import (
 )
 from api.settings import Settings
 from api.storage import FILE_MODE, ObjectNotFound, artifact_storage, join_key
+from kd_engine.report_html import CSP, REPORT_FILE
 from kd_engine.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -127,6 +128,41 @@ def job_metrics(job_id: JobId, session: SessionDep, caller: CallerDep) -> Metric
         status=job.status,
         epochs=epochs,
         final=metrics if job.status == "succeeded" else None,
+    )
+
+
+@router.get(
+    "/{job_id}/report",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"text/html": {}}, "description": "The report, one HTML page."},
+        404: {"description": "No such job, or it has no report (yet); the message says why."},
+    },
+)
+def job_report(
+    job_id: JobId, session: SessionDep, settings: SettingsDep, caller: CallerDep
+) -> FileResponse:
+    """The job's report, ``report.html`` (text/html): teacher vs student quality, calibration,
+    agreement and KL, confusion matrices, learning curves, latency and size, with the plots
+    embedded; one self-contained page that runs no script. 404 until the job has succeeded
+    (or when it has none: a job from before reports, or one whose report could not be drawn:
+    the message says which)."""
+    job = service.get(session, job_id, tenant_id=caller.tenant_id)
+    names = {a.name for a in service.artifacts(session, job_id, tenant_id=caller.tenant_id)}
+    if REPORT_FILE not in names:
+        if job.status != "succeeded":
+            raise NotFound(f"job {job_id} is {job.status}; its report is written when it succeeds")
+        error = (job.metrics or {}).get("report", {}).get("error")
+        raise NotFound(
+            f"job {job_id} has no report: {error}"
+            if error
+            else f"job {job_id} has no report (it finished before reports were written)"
+        )
+    path = service.artifact_path(session, settings, job_id, REPORT_FILE, tenant_id=caller.tenant_id)
+    return FileResponse(
+        path,
+        media_type="text/html; charset=utf-8",
+        headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"},
     )
 
 
