@@ -68,9 +68,10 @@ def _text(value: object, tag: str = "p", cls: str = "") -> str:
     return f"<{tag}{attr}>{_e(value)}</{tag}>"
 
 
-def _fmt(value: object, digits: int = 4) -> str:
-    """A number as plain text: ints with thousands separators, floats with ``digits``
-    decimals; None as a dash."""
+def format_number(value: object, digits: int = 4) -> str:
+    """A value as the report writes it (plain text, not yet escaped): ints with thousands
+    separators; floats with ``digits`` decimals, or 3 significant digits when nonzero and
+    below 10^-digits (a KL of 6.4e-05 is not 0.0001); None as a dash."""
     if value is None:
         return DASH
     if isinstance(value, bool):
@@ -78,8 +79,15 @@ def _fmt(value: object, digits: int = 4) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and abs(value) < 10**-digits:
+            return f"{value:.3g}"
+        return f"{value:.{digits}f}"
     return str(value)
+
+
+_fmt = format_number
 
 
 def _ms(seconds: object) -> str:

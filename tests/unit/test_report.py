@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kd_engine.evaluation import confusion, expected_calibration_error, kl_teacher_student
-from kd_engine.report_html import REPORT_FILE, render_report, write_report
+from kd_engine.report_html import REPORT_FILE, format_number, render_report, write_report
 from kd_engine.report_plots import curve_positions
 from kd_engine.reports import split_diagnostics
 from kd_engine.run import _write_report
@@ -412,6 +412,13 @@ def test_many_classes_and_mathtext_names_render() -> None:
     }
     images = pngs(render_report(m))
     assert len(images) == 1 and images[0].startswith(PNG_MAGIC)
+
+
+def test_numbers_keep_small_values_visible() -> None:
+    assert format_number(6.440157765932272e-05) == "6.44e-05"
+    assert format_number(0.84375) == "0.8438" and format_number(0.0) == "0.0000"
+    assert format_number(22_700_000) == "22,700,000" and format_number(None) == "—"
+    assert format_number(float("nan")) == "nan"
 
 
 def test_curve_positions_chain_the_hops() -> None:

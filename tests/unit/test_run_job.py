@@ -24,7 +24,7 @@ from kd_engine.evaluation import (
     predict_logits,
 )
 from kd_engine.references import local_path_under
-from kd_engine.report_html import REPORT_FILE
+from kd_engine.report_html import REPORT_FILE, format_number
 from kd_engine.run import LOG_FILE, METRICS_FILE, RunResult, run_job
 from kd_engine.spec import JobSpec
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
@@ -224,7 +224,7 @@ def test_vanilla_kd_calibration_kl_confusion_and_report(
                            "seconds": m["report"]["seconds"]}  # fmt: skip
     page = report.read_text(encoding="utf-8")
     assert "<h2>Confusion matrices</h2>" in page and page.count("data:image/png;base64,") == 3
-    assert f"{m['teacher_kl']:.4f}" in page
+    assert format_number(m["teacher_kl"]) in page
 
 
 def test_finetune_calibration_without_a_teacher(teacher_run: RunResult) -> None:
