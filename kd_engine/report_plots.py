@@ -31,8 +31,9 @@ def _figure(width: float, height: float, constrained: bool = True) -> Figure:
     around their labels (costs a draw; the learning curves use fixed margins instead)."""
     from matplotlib.figure import Figure
 
-    layout = "constrained" if constrained else None
-    return Figure(figsize=(width, height), dpi=100, layout=layout)
+    if constrained:
+        return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return Figure(figsize=(width, height), dpi=100)
 
 
 def png_data_uri(fig: Figure) -> str:
