@@ -354,6 +354,21 @@ def download(
     console.print(f"[green]{len(paths)} files in {dest_dir}[/]")
 
 
+@app.command()
+@handle_errors
+def report(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    dest: Annotated[
+        Path, typer.Argument(help="File (or folder, for report.html) to write.")
+    ] = Path("report.html"),
+) -> None:
+    """Save a succeeded job's HTML report (quality, calibration, confusion matrices, learning
+    curves, latency and size; open it in a browser)."""
+    path = _client(ctx).download_report(job_id, dest)
+    console.print(f"[green]{path}[/]")
+
+
 def _print_event(e: Event) -> None:
     color = {"warning": "yellow", "error": "red"}.get(e.level, "")
     line = f"{e.id:>6} {e.time} {e.type:<10} {escape(e.message)}"

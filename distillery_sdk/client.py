@@ -341,6 +341,21 @@ class Client:
                 on_file(a, target)
         return written
 
+    def download_report(self, job_id: str, dest: str | Path) -> Path:
+        """Save the job's HTML report (``GET /v1/jobs/{id}/report``) as ``dest`` (a file path;
+        a directory gets ``report.html`` inside). Returns the path written.
+
+        Raises: NotFound until the job has succeeded, or when it has no report (the message
+            says why).
+        """
+        r = self._request("GET", f"/v1/jobs/{job_id}/report")
+        target = Path(dest)
+        if target.is_dir():
+            target = target / "report.html"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(r.content)
+        return target
+
     def download_archive(self, job_id: str, dest_dir: str | Path) -> Path:
         """Download the job's ``.tar.gz`` and unpack it under ``dest_dir``; returns the model
         directory ``dest_dir/<job id>``. Raises Conflict until the job has succeeded."""

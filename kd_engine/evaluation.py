@@ -1,5 +1,6 @@
-"""Metrics (classification: accuracy, macro-F1, Matthews correlation; regression: Pearson,
-Spearman, MSE; teacher agreement), size and latency."""
+"""Metrics (classification: accuracy, macro-F1, Matthews correlation, calibration error,
+confusion matrix; regression: Pearson, Spearman, MSE; teacher agreement and KL divergence),
+size and latency."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef
 from transformers import PreTrainedModel
 
 from kd_engine.data.batching import Encoded, batches, collate
@@ -149,6 +150,95 @@ def mean_abs_diff(outputs_a: torch.Tensor, outputs_b: torch.Tensor) -> float:
     if outputs_a.shape != outputs_b.shape:
         raise ValueError(f"shapes differ: {tuple(outputs_a.shape)} and {tuple(outputs_b.shape)}")
     return float((outputs_a.double() - outputs_b.double()).abs().mean())
+
+
+ECE_BINS = 15
+"""Bins of :func:`expected_calibration_error` (Guo et al. 2017 use M = 15)."""
+
+
+def expected_calibration_error(
+    logits: torch.Tensor, labels: Sequence[int | float], n_bins: int = ECE_BINS
+) -> float:
+    """Expected calibration error of a classifier, equal-width bins (Guo, Pleiss, Sun and
+    Weinberger 2017, "On Calibration of Modern Neural Networks", ICML, eq. 3):
+
+        ECE = sum_m |B_m| / n * |acc(B_m) - conf(B_m)|
+
+    where the confidence of an example is its largest softmax probability (temperature 1),
+    B_m holds the examples whose confidence lies in ((m-1)/M, m/M], acc(B_m) is the fraction of
+    them predicted right (argmax = label) and conf(B_m) their mean confidence. 0 is perfectly
+    calibrated, at most 1; empty bins add nothing.
+
+    Args:
+        logits: (N, C), C >= 2.
+        labels: N class ids in [0, C).
+        n_bins: M, the number of bins.
+
+    Raises:
+        ValueError: logits are not (N, C) with C >= 2 and N > 0, the sizes differ, or
+            n_bins < 1.
+    """
+    if logits.ndim != 2 or logits.shape[1] < 2 or len(logits) == 0:
+        raise ValueError(f"ECE needs logits (N, C) with C >= 2, got {tuple(logits.shape)}")
+    if len(labels) != len(logits) or n_bins < 1:
+        raise ValueError(f"ECE needs one label per row ({len(labels)} != {len(logits)}) and bins")
+    probs = logits.double().softmax(-1)
+    confidence, predicted = probs.max(-1)
+    correct = (predicted == torch.tensor([int(y) for y in labels])).double()
+    inner = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)[1:-1]
+    # right=False: index m-1 for (m-1)/M < confidence <= m/M.
+    index = torch.bucketize(confidence, inner, right=False)
+    n = len(labels)
+    total = 0.0
+    for m in range(n_bins):
+        in_bin = index == m
+        size = int(in_bin.sum())
+        if size:
+            gap = correct[in_bin].mean() - confidence[in_bin].mean()
+            total += size / n * abs(float(gap))
+    return total
+
+
+def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
+    """KL(teacher || student) at temperature 1, in nats, averaged over the examples:
+
+        (1/N) sum_n sum_c p_t(c|x_n) (log p_t(c|x_n) - log p_s(c|x_n)),  p = softmax(logits)
+
+    (Hinton, Vinyals and Dean 2015, "Distilling the Knowledge in a Neural Network": the
+    divergence of the student's distribution from the teacher's soft targets). 0 when the two
+    distributions are equal; how far the student is from imitating the teacher, beyond the
+    argmax that :func:`agreement` compares.
+
+    Args:
+        teacher_logits, student_logits: (N, C), C >= 2, the same examples in the same order.
+
+    Raises:
+        ValueError: the shapes differ or C < 2.
+    """
+    if teacher_logits.shape != student_logits.shape or teacher_logits.ndim != 2:
+        raise ValueError(
+            f"shapes differ: {tuple(teacher_logits.shape)} and {tuple(student_logits.shape)}"
+        )
+    if teacher_logits.shape[1] < 2:
+        raise ValueError("KL divergence is for classifiers; use mean_abs_diff for one output")
+    log_t = teacher_logits.double().log_softmax(-1)
+    log_s = student_logits.double().log_softmax(-1)
+    return float((log_t.exp() * (log_t - log_s)).sum(-1).mean())
+
+
+def confusion(logits: torch.Tensor, labels: Sequence[int | float]) -> list[list[int]]:
+    """Confusion matrix (C, C) of argmax(logits) against labels: row i = true class i, column
+    j = predicted class j, entry = number of examples (``sklearn.metrics.confusion_matrix``
+    with every class listed, so a class absent from both sides is a row and column of 0).
+
+    Args:
+        logits: (N, C), C >= 2.
+        labels: N class ids in [0, C).
+    """
+    preds = logits.argmax(-1).tolist()
+    classes = list(range(logits.shape[1]))
+    matrix = confusion_matrix([int(y) for y in labels], preds, labels=classes)
+    return [[int(v) for v in row] for row in matrix]
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -1,8 +1,10 @@
-"""What a job reports beside its test metrics: teacher agreement, extra evaluation sets and
-the student's retention of the teacher's scores."""
+"""What a job reports beside its test metrics: teacher agreement, calibration, KL divergence
+to the teacher, confusion matrices, extra evaluation sets and the student's retention of the
+teacher's scores."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,8 +13,12 @@ from transformers import PreTrainedModel
 from kd_engine.data.batching import Encoded
 from kd_engine.evaluation import (
     CLASSIFICATION_METRICS,
+    ECE_BINS,
     REGRESSION_METRICS,
     agreement,
+    confusion,
+    expected_calibration_error,
+    kl_teacher_student,
     mean_abs_diff,
     predict_logits,
     task_metrics,
@@ -39,6 +45,42 @@ def teacher_match(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     if student_logits.shape[-1] == 1:
         return {"teacher_mean_abs_diff": mean_abs_diff(student_logits, teacher_logits)}
     return {"teacher_agreement": agreement(student_logits, teacher_logits)}
+
+
+def split_diagnostics(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: Sequence[int | float],
+    names: list[str],
+) -> dict[str, Any]:
+    """``metrics.json``'s calibration, KL and confusion blocks for a classification job's test
+    split; ``{}`` for one-output regression (none of them apply).
+
+    Returns ``calibration`` (``student_ece``, ``teacher_ece`` with a teacher, ``bins``:
+    :func:`~kd_engine.evaluation.expected_calibration_error`), ``teacher_kl`` (with a teacher:
+    mean KL(teacher || student) at T=1 in nats, :func:`~kd_engine.evaluation.kl_teacher_student`)
+    and ``confusion_matrix`` (``labels`` in class order, ``student`` and with a teacher
+    ``teacher``: (C, C) counts, rows true, columns predicted).
+
+    Args:
+        student_logits, teacher_logits: (N, C) on the same examples; ``teacher_logits`` None
+            for a job without a teacher.
+        labels: N class ids.
+        names: the C class names.
+    """
+    if student_logits.shape[-1] == 1:
+        return {}
+    calibration: dict[str, Any] = {
+        "student_ece": expected_calibration_error(student_logits, labels),
+        "bins": ECE_BINS,
+    }
+    matrices: dict[str, Any] = {"labels": list(names), "student": confusion(student_logits, labels)}
+    out: dict[str, Any] = {"calibration": calibration, "confusion_matrix": matrices}
+    if teacher_logits is not None:
+        calibration["teacher_ece"] = expected_calibration_error(teacher_logits, labels)
+        matrices["teacher"] = confusion(teacher_logits, labels)
+        out["teacher_kl"] = kl_teacher_student(teacher_logits, student_logits)
+    return out
 
 
 def evaluate_sets(

@@ -53,7 +53,8 @@ from kd_engine.models.loading import (
     teacher_task,
 )
 from kd_engine.models.shapes import shape_from_config
-from kd_engine.reports import evaluate_sets, teacher_match
+from kd_engine.report_html import write_report
+from kd_engine.reports import evaluate_sets, split_diagnostics, teacher_match
 from kd_engine.spec import JobSpec
 from kd_engine.teacher_cache import CacheStore, cache_key, eligible, load_or_build, off_report
 from kd_engine.trainer import (
@@ -112,6 +113,25 @@ def _size_and_speed(
         "latency_s_batch1": latency_per_example(model, data, 1, pad_id, device),
         "latency_s_batch32": latency_per_example(model, data, 32, pad_id, device, n_batches=5),
     }
+
+
+def _write_report(
+    metrics: dict[str, Any], out_dir: Path, log: Callable[[dict[str, object]], None]
+) -> dict[str, Any]:
+    """Write ``report.html`` (:func:`kd_engine.report_html.write_report`) from the finished
+    metrics; returns ``metrics.json``'s ``report``: ``file``, ``bytes`` and ``seconds``, or
+    ``error`` (logged as a warning and added to ``metrics["warnings"]``): a report that cannot
+    be drawn never fails the job."""
+    started = time.perf_counter()
+    try:
+        path = write_report(metrics, out_dir)
+    except Exception as e:  # the report is a convenience; the student is the job's result
+        message = f"the report was not written: {type(e).__name__}: {e}"
+        metrics["warnings"].append(message)
+        log({"event": "warning", "message": message})
+        return {"error": message}
+    seconds = time.perf_counter() - started
+    return {"file": path.name, "bytes": path.stat().st_size, "seconds": round(seconds, 3)}
 
 
 def _ensemble(logits: list[torch.Tensor]) -> torch.Tensor:
@@ -197,8 +217,13 @@ def run_job(
     Writes ``split.json`` first (the rows of each split and eval set:
     :mod:`kd_engine.data.split_artifact`), then the student (config.json, model.safetensors,
     tokenizer files), ``metrics.json`` (the
-    student's metrics, and ``hops``: one report per hop) and ``train_log.jsonl`` (one JSON record
-    per progress event and epoch). ``student_path`` is the local checkpoint (or hub id) of a
+    student's metrics, and ``hops``: one report per hop; a classification job also has
+    ``calibration``, ``confusion_matrix`` and, with a teacher, ``teacher_kl``:
+    :func:`kd_engine.reports.split_diagnostics`), ``report.html`` (the same numbers with plots,
+    one self-contained page: :mod:`kd_engine.report_html`; ``metrics.json``'s ``report`` has
+    its size and seconds, or the ``error`` that kept it from being written, which does not
+    fail the job) and ``train_log.jsonl`` (one JSON record per progress event and epoch).
+    ``student_path`` is the local checkpoint (or hub id) of a
     ``pretrained`` student, ``generator_path`` that of the masked-LM generator named by the
     method's ``generator`` setting (MATE-KD and its family). A method with a ``corpus`` setting
     (``minimax_knn``) gets that unlabelled corpus, read with ``resolve`` like a dataset file and
@@ -391,11 +416,16 @@ def run_job(
             "members": [h.name for h in hops],
             "test": task_metrics(_ensemble([r.test_logits for r in runs]), job.test_enc.labels),
         }
-    if job.teacher_taught:
-        t_logits = job.teacher_logits()
+    t_logits = job.teacher_logits() if job.teacher_taught else None
+    if t_logits is not None:
         metrics["teacher_test"] = task_metrics(t_logits, job.test_enc.labels)
         metrics.update(teacher_match(s_logits, t_logits))
         metrics["teacher"] = _size_and_speed(teacher, job.test_enc, pad_id, device)
+        teacher_bytes = weights_bytes(Path(teacher_path))
+        if teacher_bytes:  # a teacher stored as safetensors (not pytorch_model.bin)
+            metrics["teacher"]["bytes"] = teacher_bytes
+    # ECE, KL(teacher || student) and the confusion matrices (classification only).
+    metrics.update(split_diagnostics(s_logits, t_logits, job.test_enc.labels, names))
     if eval_encs:
         metrics["eval_sets"] = evaluate_sets(
             student,
@@ -409,6 +439,8 @@ def run_job(
     stage("export")
     save_student(student, tokenizer, out_dir)
     metrics["student"]["bytes"] = weights_bytes(out_dir)
+    # Last: the report reads every block of the metrics (add new ones above this line).
+    metrics["report"] = _write_report(metrics, out_dir, log)
     write_json(out_dir / METRICS_FILE, metrics)
     log({"event": "done", "test": metrics["test"]})
     return RunResult(metrics=metrics, out_dir=out_dir)

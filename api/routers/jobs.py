@@ -1,5 +1,5 @@
-"""/v1/jobs: submit, list, read, cancel, pause, resume, delete, metrics, artifacts, archive,
-checkpoints."""
+"""/v1/jobs: submit, list, read, cancel, pause, resume, delete, metrics, report, artifacts,
+archive, checkpoints."""
 
 from __future__ import annotations
 
@@ -33,9 +33,11 @@ from api.storage import (
     FILE_MODE,
     LocalStorage,
     ObjectNotFound,
+    Storage,
     artifact_storage,
     join_key,
 )
+from kd_engine.report_html import CSP, REPORT_FILE
 from kd_engine.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -138,6 +140,42 @@ def job_metrics(job_id: JobId, session: SessionDep, caller: CallerDep) -> Metric
     )
 
 
+@router.get(
+    "/{job_id}/report",
+    response_model=None,
+    responses={
+        200: {"content": {"text/html": {}}, "description": "The report, one HTML page."},
+        404: {"description": "No such job, or it has no report (yet); the message says why."},
+    },
+)
+def job_report(
+    job_id: JobId, session: SessionDep, settings: SettingsDep, caller: CallerDep
+) -> FileResponse | StreamingResponse:
+    """The job's report, ``report.html`` (text/html): teacher vs student quality, calibration,
+    agreement and KL, confusion matrices, learning curves, latency and size, with the plots
+    embedded; one self-contained page that runs no script. 404 until the job has succeeded
+    (or when it has none: a job from before reports, or one whose report could not be drawn:
+    the message says which)."""
+    job = service.get(session, job_id, tenant_id=caller.tenant_id)
+    names = {a.name for a in service.artifacts(session, job_id, tenant_id=caller.tenant_id)}
+    if REPORT_FILE not in names:
+        if job.status != "succeeded":
+            raise NotFound(f"job {job_id} is {job.status}; its report is written when it succeeds")
+        error = (job.metrics or {}).get("report", {}).get("error")
+        raise NotFound(
+            f"job {job_id} has no report: {error}"
+            if error
+            else f"job {job_id} has no report (it finished before reports were written)"
+        )
+    key = service.artifact_key(session, settings, job_id, REPORT_FILE, tenant_id=caller.tenant_id)
+    return _send(
+        artifact_storage(settings),
+        key,
+        "text/html; charset=utf-8",
+        {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"},
+    )
+
+
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)
 def list_artifacts(job_id: JobId, session: SessionDep, caller: CallerDep) -> ArtifactList:
     """The job's files with size (bytes) and sha256; empty until the job succeeds."""
@@ -153,11 +191,21 @@ def download_artifact(
 ) -> FileResponse | StreamingResponse:
     """One file of the job."""
     key = service.artifact_key(session, settings, job_id, name, tenant_id=caller.tenant_id)
-    store = artifact_storage(settings)
+    return _send(
+        artifact_storage(settings),
+        key,
+        "application/octet-stream",
+        {"content-disposition": f'attachment; filename="{name}"'},
+    )
+
+
+def _send(
+    store: Storage, key: str, media_type: str, headers: dict[str, str]
+) -> FileResponse | StreamingResponse:
+    """The object ``key`` of ``store`` as a response: the file itself from a local folder,
+    streamed in ``CHUNK_BYTES`` pieces (with its content-length) from a bucket."""
     if isinstance(store, LocalStorage):
-        return FileResponse(
-            store.local_path(key), filename=name, media_type="application/octet-stream"
-        )
+        return FileResponse(store.local_path(key), media_type=media_type, headers=headers)
     size = store.size(key)
     body = store.open(key)  # streamed from the bucket, closed once sent
 
@@ -167,12 +215,7 @@ def download_artifact(
                 yield chunk
 
     return StreamingResponse(
-        chunks(),
-        media_type="application/octet-stream",
-        headers={
-            "content-length": str(size),
-            "content-disposition": f'attachment; filename="{name}"',
-        },
+        chunks(), media_type=media_type, headers={"content-length": str(size), **headers}
     )
 
 

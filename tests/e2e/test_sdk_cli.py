@@ -143,6 +143,9 @@ def test_pause_resume_cancel_of_a_queued_job_and_conflicts(client: Client) -> No
     assert client.artifacts(job.id).items == []
     with pytest.raises(Conflict):
         client.download_archive(job.id, "/nonexistent-never-written")
+    with pytest.raises(NotFound) as no_report:
+        client.download_report(job.id, "/nonexistent-never-written")
+    assert "is cancelled" in no_report.value.message
 
 
 def test_errors_are_typed_with_code_field_and_message(client: Client, stack: Stack) -> None:
@@ -339,6 +342,13 @@ def test_cli_submit_watch_events_download_with_a_worker(
     # the SDK's own download of the same job agrees
     paths = client.download(job_id, tmp_path / "sdk")
     assert [p.name for p in paths] == [a.name for a in listing]
+    # the HTML report: the CLI's and the SDK's copies are the listed artifact
+    reported = cli(stack, "report", job_id, str(tmp_path / "report-cli.html"))
+    assert reported.returncode == 0, reported.stderr
+    page = (tmp_path / "report-cli.html").read_bytes()
+    assert hashlib.sha256(page).hexdigest() == {a.name: a for a in listing}["report.html"].sha256
+    assert client.download_report(job_id, tmp_path).read_bytes() == page  # tmp_path/report.html
+    assert b"<h2>Test split</h2>" in page and b"data:image/png;base64," in page
 
     # a stored file that no longer matches its listed sha256 (same size, one byte changed):
     # the download stops with ChecksumMismatch and leaves neither the file nor a .part

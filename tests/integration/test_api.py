@@ -17,6 +17,7 @@ from api.db import Job
 from api.main import create_app
 from api.settings import Settings
 from kd_engine import registry
+from kd_engine.report_html import format_number
 
 FINETUNE = {
     "teacher": "builtin:minilm-l6",
@@ -801,9 +802,12 @@ def test_takd_assistant_is_downloadable_through_the_api(
     client: TestClient, settings: Settings, tmp_path: Path
 ) -> None:
     """A real (tiny) finetune then takd job, run by the worker's execute: the assistant is one
-    artifact file, listed with its sha256, downloadable, and it unpacks to a model directory."""
+    artifact file, listed with its sha256, downloadable, and it unpacks to a model directory;
+    the job's report downloads from its own route."""
+    import base64
     import hashlib
     import io
+    import re
     import tarfile
 
     from worker.runner import execute
@@ -820,6 +824,9 @@ def test_takd_assistant_is_downloadable_through_the_api(
     teacher = client.post(
         "/v1/jobs", json={**FINETUNE, **small, "student": {"num_layers": 3}}
     ).json()
+    early = client.get(f"/v1/jobs/{teacher['id']}/report")  # queued: no report yet
+    assert early.status_code == 404 and early.headers["content-type"] == "application/json"
+    assert "is queued; its report is written when it succeeds" in early.json()["error"]["message"]
     assert execute(teacher["id"], settings) == "succeeded"
     body = {
         **FINETUNE,
@@ -861,6 +868,25 @@ def test_takd_assistant_is_downloadable_through_the_api(
         assert hashlib.sha256(weights.read()).hexdigest() == items["model.safetensors"]["sha256"]
     for name in items:  # stored readable too (the store writes 0644)
         assert (settings.artifacts_root / job_id / name).stat().st_mode & 0o777 == 0o644
+    # The report: an artifact, and its own route (text/html, a page that runs no script, with
+    # the test metrics, KL to the teacher, a row per hop and PNGs embedded as data URIs).
+    assert "report.html" in items
+    report = client.get(f"/v1/jobs/{job_id}/report")
+    assert report.status_code == 200
+    assert report.headers["content-type"] == "text/html; charset=utf-8"
+    assert "default-src 'none'" in report.headers["content-security-policy"]
+    assert hashlib.sha256(report.content).hexdigest() == items["report.html"]["sha256"]
+    page = report.text
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page
+    assert "<h2>Test split</h2>" in page and "assistant_1 (earlier hop" in page
+    assert format_number(final["teacher_kl"]) in page
+    assert format_number(final["test"]["accuracy"]) in page
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 3  # learning curves, teacher's and student's confusion matrices
+    assert all(base64.b64decode(i).startswith(b"\x89PNG\r\n\x1a\n") for i in images)
+    assert final["report"]["file"] == "report.html"
+    other = TestClient(client.app, headers=auth(make_key(settings, "other")))
+    assert other.get(f"/v1/jobs/{job_id}/report").status_code == 404  # another tenant's
 
 
 def test_minimax_knn_corpus_is_checked_at_submission(

@@ -15,8 +15,16 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from kd_engine.data import Example, load_transfer_set
 from kd_engine.data.batching import encode
 from kd_engine.data.split_artifact import SPLIT_FILE
-from kd_engine.evaluation import agreement, classification_metrics, predict_logits
+from kd_engine.evaluation import (
+    agreement,
+    classification_metrics,
+    confusion,
+    expected_calibration_error,
+    kl_teacher_student,
+    predict_logits,
+)
 from kd_engine.references import local_path_under
+from kd_engine.report_html import REPORT_FILE, format_number
 from kd_engine.run import LOG_FILE, METRICS_FILE, RunResult, run_job
 from kd_engine.spec import JobSpec
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
@@ -184,6 +192,48 @@ def test_vanilla_kd_agreement_matches_the_saved_models(
     t_logits, _ = saved_test_logits(teacher_run.out_dir, spec)
     assert classification_metrics(s_logits, labels) == kd_run.metrics["test"]
     assert kd_run.metrics["teacher_agreement"] == pytest.approx(agreement(s_logits, t_logits))
+
+
+def test_vanilla_kd_calibration_kl_confusion_and_report(
+    kd_run: RunResult, teacher_run: RunResult
+) -> None:
+    """The new metrics blocks match the saved models' own test logits; report.html is written
+    (after them) and named in metrics.json."""
+    spec = make_spec()
+    s_logits, labels = saved_test_logits(kd_run.out_dir, spec)
+    t_logits, _ = saved_test_logits(teacher_run.out_dir, spec)
+    m = json.loads((kd_run.out_dir / METRICS_FILE).read_text())
+    assert m["calibration"]["bins"] == 15
+    assert m["calibration"]["student_ece"] == pytest.approx(
+        expected_calibration_error(s_logits, labels), abs=1e-5
+    )
+    assert m["calibration"]["teacher_ece"] == pytest.approx(
+        expected_calibration_error(t_logits, labels), abs=1e-5
+    )
+    assert m["teacher_kl"] == pytest.approx(kl_teacher_student(t_logits, s_logits), abs=1e-5)
+    assert m["teacher_kl"] > 0
+    assert m["confusion_matrix"] == {
+        "labels": ["rotten", "fresh"],
+        "student": confusion(s_logits, labels),
+        "teacher": confusion(t_logits, labels),
+    }
+    assert sum(map(sum, m["confusion_matrix"]["student"])) == 32
+    assert m["teacher"]["bytes"] == (teacher_run.out_dir / "model.safetensors").stat().st_size
+    report = kd_run.out_dir / REPORT_FILE
+    assert m["report"] == {"file": REPORT_FILE, "bytes": report.stat().st_size,
+                           "seconds": m["report"]["seconds"]}  # fmt: skip
+    page = report.read_text(encoding="utf-8")
+    assert "<h2>Confusion matrices</h2>" in page and page.count("data:image/png;base64,") == 3
+    assert format_number(m["teacher_kl"]) in page
+
+
+def test_finetune_calibration_without_a_teacher(teacher_run: RunResult) -> None:
+    m = teacher_run.metrics
+    assert set(m["calibration"]) == {"student_ece", "bins"}
+    assert 0.0 <= m["calibration"]["student_ece"] <= 1.0
+    assert "teacher_kl" not in m and set(m["confusion_matrix"]) == {"labels", "student"}
+    assert m["report"]["file"] == REPORT_FILE
+    assert (teacher_run.out_dir / REPORT_FILE).is_file()
 
 
 def test_vanilla_kd_needs_a_finetuned_teacher(tmp_path: Path, minilm_path: Path) -> None:

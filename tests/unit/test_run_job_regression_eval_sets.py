@@ -130,6 +130,12 @@ def test_vanilla_kd_from_a_regression_teacher_with_eval_sets(
             assert ratio == (pytest.approx(entry["student"][k] / t) if t > 0 else None)
     cfg = json.loads((result.out_dir / "config.json").read_text())
     assert cfg["problem_type"] == "regression" and len(cfg["id2label"]) == 1
+    # No calibration, KL or confusion matrix for one output; the report shows the rest.
+    assert not {"calibration", "teacher_kl", "confusion_matrix"} & m.keys()
+    assert m["report"]["file"] == "report.html" and "error" not in m["report"]
+    page = (result.out_dir / "report.html").read_text(encoding="utf-8")
+    assert "Pearson r" in page and "<h2>Evaluation sets</h2>" in page and "nyt" in page
+    assert "Confusion matrices" not in page
 
 
 @pytest.fixture(scope="module")

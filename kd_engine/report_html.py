@@ -1,0 +1,532 @@
+"""A job's report as one self-contained HTML page, ``report.html``, built from its
+``metrics.json`` dict alone (:func:`render_report`, :func:`write_report`).
+
+Sections: the job (method, task, classes, data, selection, warnings); test quality of the
+teacher, the student (and a chain's earlier hops, an ensemble, an ONNX int8 student) with
+accuracy, macro-F1, MCC, ECE, agreement with and KL divergence to the teacher (Pearson,
+Spearman, MSE and mean |student - teacher| for regression); the extra evaluation sets; the
+confusion matrices (classification); learning curves and the stages; latency and size (the
+PyTorch models and, when ``metrics["onnx"]`` exists, the ONNX exports); the definition and
+source of each number. A block the metrics lack (an older job, a job without a teacher, a
+regression job) is left out, never an error.
+
+Every value taken from the job (class names, set names, warnings...) is HTML-escaped in one
+place (:func:`_e`, through :func:`_table` and :func:`_text`); plots are PNG ``data:`` URIs
+(:mod:`kd_engine.report_plots`) and the page declares a Content-Security-Policy that allows
+no script and no network request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kd_engine import report_plots
+from kd_engine.evaluation import CLASSIFICATION_METRICS, ECE_BINS, REGRESSION_METRICS
+from kd_engine.reports import retention
+
+REPORT_FILE = "report.html"
+"""The report's file name among a job's artifacts."""
+
+METRIC_NAMES = {
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "mcc": "MCC",
+    "pearson": "Pearson r",
+    "spearman": "Spearman ρ",
+    "mse": "MSE",
+}
+DASH = "—"
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222;
+       padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 0.8em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; }
+img { max-width: 100%; display: block; margin: 0.8em 0; }
+dt { font-weight: 600; margin-top: 0.5em; } dd { margin-left: 1.5em; }
+.note { color: #555; font-size: 0.92em; }
+.figs { display: flex; flex-wrap: wrap; gap: 2em; }
+"""
+
+
+def _e(value: object) -> str:
+    """``value`` as HTML text: ``&``, ``<``, ``>``, ``"`` and ``'`` escaped."""
+    return html.escape(str(value), quote=True)
+
+
+def _text(value: object, tag: str = "p", cls: str = "") -> str:
+    attr = f' class="{cls}"' if cls else ""
+    return f"<{tag}{attr}>{_e(value)}</{tag}>"
+
+
+def format_number(value: object, digits: int = 4) -> str:
+    """A value as the report writes it (plain text, not yet escaped): ints with thousands
+    separators; floats with ``digits`` decimals, or 3 significant digits when nonzero and
+    below 10^-digits (a KL of 6.4e-05 is not 0.0001); None as a dash."""
+    if value is None:
+        return DASH
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and abs(value) < 10**-digits:
+            return f"{value:.3g}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+_fmt = format_number
+
+
+def _ms(seconds: object) -> str:
+    return _fmt(seconds * 1000.0, 3) if isinstance(seconds, int | float) else DASH
+
+
+def _mb(size: object) -> str:
+    return _fmt(size / 1e6, 1) if isinstance(size, int | float) and size > 0 else DASH
+
+
+def _ratio(a: object, b: object) -> float | None:
+    """a / b for two positive numbers, else None."""
+    ok = all(isinstance(x, int | float) and x > 0 for x in (a, b))
+    return float(a) / float(b) if ok else None  # type: ignore[arg-type]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """An HTML table; every header and cell is text, escaped here."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(uri: str | None, alt: str) -> str:
+    if uri is None or not uri.startswith(report_plots.PNG_PREFIX):
+        return ""
+    return f'<img src="{_e(uri)}" alt="{_e(alt)}">'
+
+
+def _section(title: str, *parts: str) -> str:
+    return f"<section><h2>{_e(title)}</h2>{''.join(parts)}</section>"
+
+
+def _dict(d: object) -> str:
+    """``{"accuracy": 0.8125}`` as ``accuracy 0.8125``."""
+    if not isinstance(d, Mapping) or not d:
+        return DASH
+    return ", ".join(f"{METRIC_NAMES.get(str(k), k)} {_fmt(v)}" for k, v in d.items())
+
+
+def _get(m: Mapping[str, Any], *path: str) -> Any:
+    """``m[path[0]][path[1]]...``, or None where a level is missing or not a mapping."""
+    value: Any = m
+    for key in path:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _block(m: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """``m[key]`` when it is a mapping, else an empty one."""
+    value = m.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _is_regression(m: Mapping[str, Any]) -> bool:
+    return m.get("task") == "regression"
+
+
+def _metric_keys(m: Mapping[str, Any]) -> tuple[str, ...]:
+    return (*REGRESSION_METRICS, "mse") if _is_regression(m) else CLASSIFICATION_METRICS
+
+
+def _scores(test: object, keys: Sequence[str]) -> list[str]:
+    return [_fmt(test.get(k)) if isinstance(test, Mapping) else DASH for k in keys]
+
+
+def _summary(m: Mapping[str, Any]) -> str:
+    data = _block(m, "data")
+    cache = m.get("teacher_cache")
+    rows = [
+        ("method", _fmt(m.get("method"))),
+        ("task", _fmt(m.get("task"))),
+        ("classes", ", ".join(str(x) for x in m.get("labels") or []) or DASH),
+        ("examples", ", ".join(f"{k} {_fmt(v)}" for k, v in data.items()) or DASH),
+        ("device", _fmt(m.get("device"))),
+        ("training seconds", _fmt(m.get("train_seconds"), 1)),
+        (
+            "selected checkpoint",
+            f"by dev {m.get('selection_metric')}: epoch {m.get('best_epoch')}, step "
+            f"{m.get('best_step')}, stage {m.get('best_stage') or DASH}; dev "
+            f"{_dict(m.get('best_dev'))}",
+        ),
+    ]
+    if isinstance(cache, Mapping) and cache.get("status"):
+        rows.append(("teacher cache", _fmt(cache.get("status"))))
+    parts = [_table(["", ""], rows)]
+    warnings = [w for w in m.get("warnings") or [] if w]
+    if warnings:
+        parts.append("<h3>Warnings</h3><ul>" + "".join(_text(w, "li") for w in warnings) + "</ul>")
+    return _section("Job", *parts)
+
+
+def _quality(m: Mapping[str, Any]) -> str:
+    if not isinstance(m.get("test"), Mapping):
+        return ""
+    regression = _is_regression(m)
+    keys = _metric_keys(m)
+    extra = (
+        ["mean |student − teacher|"]
+        if regression
+        else ["ECE", "agreement with teacher", "KL(teacher ‖ student), nats"]
+    )
+    header = ["model", *[METRIC_NAMES.get(k, k) for k in keys], *extra]
+    calibration = _block(m, "calibration")
+    rows: list[list[str]] = []
+    teacher = m.get("teacher_test")
+    if isinstance(teacher, Mapping):
+        rest = [DASH] if regression else [_fmt(calibration.get("teacher_ece")), DASH, DASH]
+        rows.append(["teacher", *_scores(teacher, keys), *rest])
+    hops = [h for h in m.get("hops") or [] if isinstance(h, Mapping)]
+    for hop in hops[:-1] if len(hops) > 1 else []:
+        name = f"{hop.get('name')} (earlier hop, taught by {hop.get('teacher') or 'nobody'})"
+        if regression:
+            rest = [_fmt(hop.get("teacher_mean_abs_diff"))]
+        else:
+            rest = [DASH, _fmt(hop.get("teacher_agreement")), DASH]
+        rows.append([name, *_scores(hop.get("test"), keys), *rest])
+    if regression:
+        rest = [_fmt(m.get("teacher_mean_abs_diff"))]
+    else:
+        rest = [
+            _fmt(calibration.get("student_ece")),
+            _fmt(m.get("teacher_agreement")),
+            _fmt(m.get("teacher_kl")),
+        ]
+    rows.append(["student", *_scores(m["test"], keys), *rest])
+    int8_test = _get(m, "onnx", "int8", "test")
+    if isinstance(int8_test, Mapping):
+        rows.append(["student, ONNX int8", *_scores(int8_test, keys), *[DASH] * len(extra)])
+    ensemble = m.get("ensemble")
+    if isinstance(ensemble, Mapping):
+        rows.append(["ensemble of the hops", *_scores(ensemble.get("test"), keys)])
+        rows[-1] += [DASH] * len(extra)
+    if isinstance(teacher, Mapping):
+        kept = retention(
+            {k: v for k, v in m["test"].items() if isinstance(v, int | float)},
+            {k: v for k, v in teacher.items() if isinstance(v, int | float)},
+        )
+        rows.append(["student / teacher", *[_fmt(kept.get(k)) for k in keys], *[DASH] * len(extra)])
+    parts = [_table(header, rows)]
+    if len(hops) > 1 and not regression:
+        parts.append(
+            _text("An earlier hop's agreement is with the model that taught it.", cls="note")
+        )
+    return _section("Test split", *parts)
+
+
+def _eval_sets(m: Mapping[str, Any]) -> str:
+    sets = m.get("eval_sets")
+    if not isinstance(sets, Mapping) or not sets:
+        return ""
+    keys = _metric_keys(m)
+    rows: list[list[str]] = []
+    for name, entry in sets.items():
+        if not isinstance(entry, Mapping):
+            continue
+        examples = _fmt(entry.get("examples"))
+        if isinstance(entry.get("teacher"), Mapping):
+            rows.append([str(name), examples, "teacher", *_scores(entry["teacher"], keys)])
+            examples = ""
+        rows.append([str(name), examples, "student", *_scores(entry.get("student"), keys)])
+        if isinstance(entry.get("retention"), Mapping):
+            rows.append([str(name), "", "student / teacher", *_scores(entry["retention"], keys)])
+    header = ["set", "examples", "model", *[METRIC_NAMES.get(k, k) for k in keys]]
+    return _section("Evaluation sets", _table(header, rows))
+
+
+def _confusion(m: Mapping[str, Any]) -> str:
+    block = m.get("confusion_matrix")
+    if _is_regression(m) or not isinstance(block, Mapping):
+        return ""
+    labels = [str(x) for x in block.get("labels") or []]
+    figures, tables = [], []
+    for who in ("teacher", "student"):
+        matrix = block.get(who)
+        if not isinstance(matrix, list) or len(matrix) != len(labels):
+            continue
+        title = f"{who}: test split"
+        figures.append(_img(report_plots.confusion_heatmap(matrix, labels, title), title))
+        rows = [[label, *[_fmt(c) for c in row]] for label, row in zip(labels, matrix, strict=True)]
+        tables.append(_text(who, "h3") + _table(["true \\ predicted", *labels], rows))
+    if not tables:
+        return ""
+    note = _text("Rows: the true class; columns: the predicted class (argmax).", cls="note")
+    return _section(
+        "Confusion matrices", note, f'<div class="figs">{"".join(figures)}</div>', *tables
+    )
+
+
+def _curves(m: Mapping[str, Any]) -> str:
+    epochs = [r for r in m.get("epochs") or [] if isinstance(r, Mapping)]
+    stages = [s for s in m.get("stages") or [] if isinstance(s, Mapping)]
+    parts = []
+    if epochs:
+        parts.append(_img(report_plots.learning_curves(epochs), "learning curves"))
+        parts.append(
+            _text(
+                "Left: mean training loss (and each part) since the previous dev evaluation; "
+                "right: dev metrics at each evaluation. Dashed lines: a new stage (or hop).",
+                cls="note",
+            )
+        )
+    else:
+        parts.append(_text("No dev evaluation was recorded.", cls="note"))
+    if stages:
+        many = any("hop" in s for s in stages)
+        header = [
+            *(["hop"] if many else []),
+            "stage",
+            "loss",
+            "steps",
+            "epochs",
+            "learning rate",
+            "schedule",
+            "trains",
+            "best dev",
+        ]
+        rows = [
+            [
+                *([_fmt(s.get("hop"))] if many else []),
+                _fmt(s.get("name")),
+                _fmt(s.get("loss")),
+                _fmt(s.get("steps")),
+                _fmt(s.get("epochs")),
+                f"{s['learning_rate']:.3g}"
+                if isinstance(s.get("learning_rate"), int | float)
+                else DASH,
+                _fmt(s.get("schedule")),
+                ", ".join(str(t) for t in s.get("trains") or []) or DASH,
+                _dict(s.get("best_dev")),
+            ]
+            for s in stages
+        ]
+        parts.append(_text("Stages", "h3") + _table(header, rows))
+    return _section("Learning curves", *parts)
+
+
+def _ort(value: object) -> object:
+    """An ONNX latency: the onnxruntime one of a ``{"pytorch", "onnxruntime"}`` pair."""
+    return value.get("onnxruntime") if isinstance(value, Mapping) else value
+
+
+def _speed_size(m: Mapping[str, Any]) -> str:
+    rows: list[list[str]] = []
+    models = [("teacher", "PyTorch", m.get("teacher")), ("student", "PyTorch", m.get("student"))]
+    for name, runtime, d in models:
+        if isinstance(d, Mapping):
+            rows.append(
+                [
+                    name,
+                    runtime,
+                    _fmt(d.get("parameters")),
+                    _mb(d.get("bytes")),
+                    _ms(d.get("latency_s_batch1")),
+                    _ms(d.get("latency_s_batch32")),
+                ]
+            )
+    onnx = m.get("onnx")
+    notes: list[str] = []
+    if isinstance(onnx, Mapping):
+        rows.append(
+            [
+                "student, ONNX fp32",
+                "onnxruntime",
+                DASH,
+                _mb(onnx.get("bytes")),
+                _ms(_ort(onnx.get("latency_s_batch1"))),
+                _ms(_ort(onnx.get("latency_s_batch32"))),
+            ]
+        )
+        notes.append(
+            f"ONNX export {onnx.get('file') or DASH} (opset {onnx.get('opset') or DASH}): max "
+            f"|logit difference| to PyTorch {_fmt(onnx.get('max_abs_diff_logits'), 6)}, "
+            f"prediction agreement {_fmt(onnx.get('prediction_agreement'))}."
+        )
+        int8 = onnx.get("int8")
+        if isinstance(int8, Mapping):
+            rows.append(
+                [
+                    "student, ONNX int8",
+                    "onnxruntime",
+                    DASH,
+                    _mb(int8.get("bytes")),
+                    _ms(_ort(int8.get("latency_s_batch1"))),
+                    _ms(_ort(int8.get("latency_s_batch32"))),
+                ]
+            )
+            notes.append(
+                f"int8 {int8.get('file') or DASH}: prediction agreement with the fp32 export "
+                f"{_fmt(int8.get('agreement_with_fp32'))}."
+            )
+    if not rows:
+        return ""
+    teacher, student = m.get("teacher"), m.get("student")
+    if isinstance(teacher, Mapping) and isinstance(student, Mapping):
+        compared = [
+            f"{what} {_fmt(r, 2)}×"
+            for what, r in (
+                ("fewer parameters", _ratio(teacher.get("parameters"), student.get("parameters"))),
+                ("smaller", _ratio(teacher.get("bytes"), student.get("bytes"))),
+                (
+                    "faster at batch 1",
+                    _ratio(teacher.get("latency_s_batch1"), student.get("latency_s_batch1")),
+                ),
+                (
+                    "faster at batch 32",
+                    _ratio(teacher.get("latency_s_batch32"), student.get("latency_s_batch32")),
+                ),
+            )
+            if r is not None
+        ]
+        if compared:
+            notes.insert(0, "Student vs teacher: " + ", ".join(compared) + ".")
+    notes.append(f"Latency measured on {m.get('device') or DASH}, milliseconds per example.")
+    header = [
+        "model",
+        "runtime",
+        "parameters",
+        "size (MB)",
+        "latency batch 1 (ms)",
+        "latency batch 32 (ms)",
+    ]
+    return _section(
+        "Latency and size", _table(header, rows), *[_text(n, cls="note") for n in notes]
+    )
+
+
+DEFINITIONS_CLASSIFICATION = [
+    ("accuracy", "Fraction of test examples whose argmax class is the label."),
+    (
+        "macro-F1",
+        "Unweighted mean over the classes of each class's F1 score (a class never predicted "
+        "counts 0); scikit-learn f1_score(average='macro').",
+    ),
+    (
+        "MCC",
+        "Matthews correlation coefficient of the predicted and true classes (Matthews 1975; "
+        "the multi-class form of Gorodkin 2004), from -1 to 1; scikit-learn matthews_corrcoef.",
+    ),
+    (
+        "ECE",
+        f"Expected calibration error (Guo et al. 2017, 'On Calibration of Modern Neural "
+        f"Networks', eq. 3): the confidence of an example is its largest softmax probability; "
+        f"the examples are put in {ECE_BINS} equal-width confidence bins ((m-1)/{ECE_BINS}, "
+        f"m/{ECE_BINS}], and ECE = Σ_m |B_m|/n · |accuracy(B_m) − mean confidence(B_m)|. "
+        "0 is perfectly calibrated.",
+    ),
+    (
+        "agreement with teacher",
+        "Fraction of test examples on which the student predicts the teacher's class.",
+    ),
+    (
+        "KL(teacher ‖ student)",
+        "Mean over the test examples of Σ_c p_t(c) (log p_t(c) − log p_s(c)), with p the "
+        "softmax of the logits at temperature 1, in nats: how far the student's distribution "
+        "is from the teacher's soft targets (Hinton et al. 2015). 0 when they are equal.",
+    ),
+    (
+        "confusion matrix",
+        "Counts of test examples by true class (row) and predicted class (column); "
+        "scikit-learn confusion_matrix.",
+    ),
+]
+DEFINITIONS_REGRESSION = [
+    ("Pearson r", "Linear correlation of prediction and target (GLUE STS-B; scipy.stats)."),
+    ("Spearman ρ", "Rank correlation of prediction and target (GLUE STS-B; scipy.stats)."),
+    ("MSE", "Mean squared error, squared label units."),
+    ("mean |student − teacher|", "Mean absolute difference of the two outputs, label units."),
+]
+DEFINITIONS_COMMON = [
+    (
+        "student / teacher",
+        "The student's score divided by the teacher's, for each higher-is-better metric "
+        "(blank where the teacher's score is <= 0).",
+    ),
+    (
+        "latency",
+        "Median wall-clock time per example of a forward pass over consecutive batches of real "
+        "test examples (batch 1: 20 batches; batch 32: 5 batches; after 10 untimed ones), each "
+        "padded to its longest sequence, on the job's device.",
+    ),
+    (
+        "size",
+        "Bytes of the weights file(s) (safetensors; ONNX files for the exports), 1 MB = 10⁶ bytes.",
+    ),
+]
+
+
+def _definitions(m: Mapping[str, Any]) -> str:
+    items = DEFINITIONS_REGRESSION if _is_regression(m) else DEFINITIONS_CLASSIFICATION
+    body = "".join(_text(k, "dt") + _text(v, "dd") for k, v in [*items, *DEFINITIONS_COMMON])
+    return _section("Definitions", f"<dl>{body}</dl>")
+
+
+def render_report(metrics: Mapping[str, Any]) -> str:
+    """The report page of a job from its ``metrics.json`` dict (see the module docstring).
+
+    Raises:
+        whatever matplotlib raises while drawing (the caller decides whether a report matters).
+    """
+    title = f"Distillery report: {metrics.get('method', 'job')} ({metrics.get('task', '')})"
+    sections = [
+        _summary(metrics),
+        _quality(metrics),
+        _eval_sets(metrics),
+        _confusion(metrics),
+        _curves(metrics),
+        _speed_size(metrics),
+        _definitions(metrics),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>"
+        f"<h1>{_e(title)}</h1>{''.join(sections)}</body></html>\n"
+    )
+
+
+def write_report(metrics: Mapping[str, Any], out_dir: Path) -> Path:
+    """Render :func:`render_report` and write it as ``out_dir/report.html`` (UTF-8, through a
+    temporary file renamed into place); returns the path. Nothing is left behind if rendering
+    or writing fails.
+
+    Raises:
+        OSError: the file could not be written; whatever :func:`render_report` raises.
+    """
+    page = render_report(metrics)
+    path = out_dir / REPORT_FILE
+    partial = out_dir / f".{REPORT_FILE}.partial"
+    try:
+        partial.write_text(page, encoding="utf-8")
+        partial.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise
+    return path
