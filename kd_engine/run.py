@@ -34,6 +34,7 @@ from kd_engine.data.batching import encode, encode_corpus
 from kd_engine.data.corpus import load_corpus
 from kd_engine.data.loading import PathResolver, resolve_regression
 from kd_engine.data.split_artifact import write_split_file
+from kd_engine.distributed import current as current_rank
 from kd_engine.evaluation import (
     count_parameters,
     latency_per_example,
@@ -53,6 +54,7 @@ from kd_engine.models.loading import (
     teacher_task,
 )
 from kd_engine.models.shapes import shape_from_config
+from kd_engine.onnx_export import export_report
 from kd_engine.reports import evaluate_sets, teacher_match
 from kd_engine.spec import JobSpec
 from kd_engine.teacher_cache import CacheStore, cache_key, eligible, load_or_build, off_report
@@ -112,6 +114,35 @@ def _size_and_speed(
         "latency_s_batch1": latency_per_example(model, data, 1, pad_id, device),
         "latency_s_batch32": latency_per_example(model, data, 32, pad_id, device, n_batches=5),
     }
+
+
+def _onnx(
+    student: PreTrainedModel,
+    job: Job,
+    warnings: list[str],
+    log: Callable[[dict[str, object]], None],
+) -> dict[str, Any]:
+    """``metrics.json``'s ``onnx`` block (:func:`kd_engine.onnx_export.export_report`):
+    ``model.onnx`` (and ``model.int8.onnx``) written into the output directory. Its warnings
+    join ``warnings`` and the log. A data-parallel rank other than the first skips it (the
+    first writes the job's output)."""
+    ctx = current_rank()
+    if ctx is not None and not ctx.is_main:
+        return {"skipped": "not the main rank of a data-parallel job"}
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        log({"event": "warning", "message": message})
+
+    return export_report(
+        student,
+        job.test_enc,
+        job.pad_id,
+        job.out_dir,
+        job.spec.export,
+        job.spec.training.eval_batch_size,
+        warn,
+    )
 
 
 def _ensemble(logits: list[torch.Tensor]) -> torch.Tensor:
@@ -196,9 +227,11 @@ def run_job(
 
     Writes ``split.json`` first (the rows of each split and eval set:
     :mod:`kd_engine.data.split_artifact`), then the student (config.json, model.safetensors,
-    tokenizer files), ``metrics.json`` (the
-    student's metrics, and ``hops``: one report per hop) and ``train_log.jsonl`` (one JSON record
-    per progress event and epoch). ``student_path`` is the local checkpoint (or hub id) of a
+    tokenizer files), ``model.onnx`` (and ``model.int8.onnx``) as the spec's ``export`` asks
+    (:mod:`kd_engine.onnx_export`; a failed export is a warning and ``metrics.json``'s ``onnx``
+    says why, never a failed job), ``metrics.json`` (the student's metrics, ``onnx``, and
+    ``hops``: one report per hop) and ``train_log.jsonl`` (one JSON record per progress event
+    and epoch). ``student_path`` is the local checkpoint (or hub id) of a
     ``pretrained`` student, ``generator_path`` that of the masked-LM generator named by the
     method's ``generator`` setting (MATE-KD and its family). A method with a ``corpus`` setting
     (``minimax_knn``) gets that unlabelled corpus, read with ``resolve`` like a dataset file and
@@ -409,6 +442,7 @@ def run_job(
     stage("export")
     save_student(student, tokenizer, out_dir)
     metrics["student"]["bytes"] = weights_bytes(out_dir)
+    metrics["onnx"] = _onnx(student, job, metrics["warnings"], log)
     write_json(out_dir / METRICS_FILE, metrics)
     log({"event": "done", "test": metrics["test"]})
     return RunResult(metrics=metrics, out_dir=out_dir)
