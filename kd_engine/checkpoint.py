@@ -146,8 +146,13 @@ def read_checkpoint_info(path: Path) -> SavedCheckpoint:
 
 
 def spec_hash(spec: JobSpec) -> str:
-    """SHA-256 of the spec's canonical JSON: a checkpoint resumes only a run of the same spec."""
-    body = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """SHA-256 of the spec's canonical JSON: a checkpoint resumes only a run of the same spec.
+
+    ``export`` is left out: it changes what is written after training, not the training, so a
+    checkpoint written before the section existed (or with other export settings) resumes."""
+    body = json.dumps(
+        spec.model_dump(mode="json", exclude={"export"}), sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 

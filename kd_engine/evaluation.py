@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from scipy.stats import pearsonr, spearmanr
@@ -251,6 +252,50 @@ def weights_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
+Inputs = TypeVar("Inputs")
+
+
+def median_seconds_per_example(
+    forward: Callable[[Inputs], object],
+    prepare: Callable[[dict[str, torch.Tensor]], Inputs],
+    data: Encoded,
+    batch_size: int,
+    pad_id: int,
+    n_batches: int = 20,
+    warmup: int = 10,
+    synchronize: Callable[[], None] | None = None,
+) -> float:
+    """Median wall-clock seconds per example of ``forward`` at ``batch_size``: the measuring
+    protocol of :func:`latency_per_example`, for any runtime (PyTorch, onnxruntime).
+
+    Batch ``i`` holds rows ``(i * batch_size + j) % len(data)``, j < ``batch_size`` (real
+    examples, wrapping around a small split), padded to its own longest sequence
+    (:func:`~kd_engine.data.batching.collate`) and turned into the runtime's inputs by
+    ``prepare`` outside the timed region; ``warmup`` untimed batches come first, then
+    ``n_batches`` timed ones. ``synchronize`` (a device barrier, e.g. CUDA's) is called
+    before and after each timed call.
+
+    Raises:
+        ValueError: ``data`` is empty or ``n_batches`` < 1.
+    """
+    n = len(data)
+    if n == 0 or n_batches < 1:
+        raise ValueError(f"latency needs examples and timed batches (got {n}, {n_batches})")
+    times = []
+    for i in range(warmup + n_batches):
+        rows = [(i * batch_size + j) % n for j in range(batch_size)]
+        inputs = prepare(collate(data, rows, pad_id))
+        if synchronize is not None:
+            synchronize()
+        start = time.perf_counter()
+        forward(inputs)
+        if synchronize is not None:
+            synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) / batch_size)
+    return statistics.median(times)
+
+
 @torch.inference_mode()
 def latency_per_example(
     model: PreTrainedModel,
@@ -264,20 +309,16 @@ def latency_per_example(
     """Median wall-clock seconds per example of a forward pass at ``batch_size``.
 
     Times ``n_batches`` consecutive batches of real examples (after ``warmup`` untimed ones),
-    each padded to its own longest sequence.
+    each padded to its own longest sequence (:func:`median_seconds_per_example`).
     """
     model.eval()
-    n = len(data)
-    times = []
-    for i in range(warmup + n_batches):
-        rows = [(i * batch_size + j) % n for j in range(batch_size)]
-        inputs = model_inputs(collate(data, rows, pad_id), device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(**inputs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) / batch_size)
-    return statistics.median(times)
+    return median_seconds_per_example(
+        lambda inputs: model(**inputs),
+        lambda batch: model_inputs(batch, device),
+        data,
+        batch_size,
+        pad_id,
+        n_batches,
+        warmup,
+        torch.cuda.synchronize if device.type == "cuda" else None,
+    )

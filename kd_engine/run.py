@@ -34,6 +34,7 @@ from kd_engine.data.batching import encode, encode_corpus
 from kd_engine.data.corpus import load_corpus
 from kd_engine.data.loading import PathResolver, resolve_regression
 from kd_engine.data.split_artifact import write_split_file
+from kd_engine.distributed import current as current_rank
 from kd_engine.evaluation import (
     count_parameters,
     latency_per_example,
@@ -53,6 +54,7 @@ from kd_engine.models.loading import (
     teacher_task,
 )
 from kd_engine.models.shapes import shape_from_config
+from kd_engine.onnx_export import export_report
 from kd_engine.report_html import write_report
 from kd_engine.reports import evaluate_sets, split_diagnostics, teacher_match
 from kd_engine.spec import JobSpec
@@ -132,6 +134,35 @@ def _write_report(
         return {"error": message}
     seconds = time.perf_counter() - started
     return {"file": path.name, "bytes": path.stat().st_size, "seconds": round(seconds, 3)}
+
+
+def _onnx(
+    student: PreTrainedModel,
+    job: Job,
+    warnings: list[str],
+    log: Callable[[dict[str, object]], None],
+) -> dict[str, Any]:
+    """``metrics.json``'s ``onnx`` block (:func:`kd_engine.onnx_export.export_report`):
+    ``model.onnx`` (and ``model.int8.onnx``) written into the output directory. Its warnings
+    join ``warnings`` and the log. A data-parallel rank other than the first skips it (the
+    first writes the job's output)."""
+    ctx = current_rank()
+    if ctx is not None and not ctx.is_main:
+        return {"skipped": "not the main rank of a data-parallel job"}
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        log({"event": "warning", "message": message})
+
+    return export_report(
+        student,
+        job.test_enc,
+        job.pad_id,
+        job.out_dir,
+        job.spec.export,
+        job.spec.training.eval_batch_size,
+        warn,
+    )
 
 
 def _ensemble(logits: list[torch.Tensor]) -> torch.Tensor:
@@ -216,9 +247,11 @@ def run_job(
 
     Writes ``split.json`` first (the rows of each split and eval set:
     :mod:`kd_engine.data.split_artifact`), then the student (config.json, model.safetensors,
-    tokenizer files), ``metrics.json`` (the
-    student's metrics, and ``hops``: one report per hop; a classification job also has
-    ``calibration``, ``confusion_matrix`` and, with a teacher, ``teacher_kl``:
+    tokenizer files), ``model.onnx`` (and ``model.int8.onnx``) as the spec's ``export`` asks
+    (:mod:`kd_engine.onnx_export`; a failed export is a warning and ``metrics.json``'s ``onnx``
+    says why, never a failed job), ``metrics.json`` (the student's metrics, ``onnx``, and
+    ``hops``: one report per hop; a classification job also has ``calibration``,
+    ``confusion_matrix`` and, with a teacher, ``teacher_kl``:
     :func:`kd_engine.reports.split_diagnostics`), ``report.html`` (the same numbers with plots,
     one self-contained page: :mod:`kd_engine.report_html`; ``metrics.json``'s ``report`` has
     its size and seconds, or the ``error`` that kept it from being written, which does not
@@ -439,6 +472,7 @@ def run_job(
     stage("export")
     save_student(student, tokenizer, out_dir)
     metrics["student"]["bytes"] = weights_bytes(out_dir)
+    metrics["onnx"] = _onnx(student, job, metrics["warnings"], log)
     # Last: the report reads every block of the metrics (add new ones above this line).
     metrics["report"] = _write_report(metrics, out_dir, log)
     write_json(out_dir / METRICS_FILE, metrics)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from kd_engine import methods as _methods  # noqa: F401  (fills the registry)
 from kd_engine import registry
@@ -38,6 +38,7 @@ __all__ = [
     "BiLSTMStudent",
     "CNNStudent",
     "DatasetSpec",
+    "ExportSpec",
     "FreshStudent",
     "FromTeacherStudent",
     "JobSpec",
@@ -181,6 +182,42 @@ class TrainingSpec(_Strict):
     )
 
 
+class ExportSpec(_Strict):
+    """What the job exports besides the student's transformers directory (safetensors).
+
+    Attributes:
+        onnx: also write ``model.onnx``: the student exported to ONNX (opset
+            :data:`kd_engine.onnx_export.OPSET`; inputs ``input_ids``, ``attention_mask`` and,
+            when the tokenizer makes them, ``token_type_ids``, each (batch, sequence) int64 with
+            both axes dynamic; output ``logits`` (batch, C) float32), checked with
+            ``onnx.checker`` and against PyTorch with onnxruntime on the test split;
+            ``metrics.json``'s ``onnx`` reports the differences and both runtimes' CPU latency.
+            A failed export never fails the job: ``onnx`` then holds ``error`` and a warning is
+            recorded. See :mod:`kd_engine.onnx_export`.
+        int8: also write ``model.int8.onnx``, ``model.onnx`` with its weights quantised to
+            int8 (onnxruntime's dynamic quantisation), with its test metrics, agreement with
+            the fp32 student and latency. Needs ``onnx``.
+    """
+
+    onnx: bool = Field(
+        True,
+        description="Write model.onnx (opset 17, dynamic batch and sequence axes), checked "
+        "against PyTorch with onnxruntime; metrics.json's onnx block reports it.",
+    )
+    int8: bool = Field(
+        False,
+        description="Also write model.int8.onnx (onnxruntime dynamic quantisation, int8 "
+        "weights) with its test metrics and latency. Needs onnx.",
+    )
+
+    @field_validator("int8")
+    @classmethod
+    def _needs_onnx(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("onnx") is False:
+            raise ValueError("needs export.onnx true: the int8 model is quantised from model.onnx")
+        return v
+
+
 class JobSpec(_Strict):
     """A whole distillation job."""
 
@@ -189,3 +226,4 @@ class JobSpec(_Strict):
     method: MethodSpec
     dataset: DatasetSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)

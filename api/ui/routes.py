@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import yaml
 from fastapi import APIRouter, Form, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -439,14 +439,14 @@ def download_archive(
     return jobs_api.download_archive(job_id, session, settings, caller)
 
 
-@router.get("/jobs/{job_id}/artifacts/{name}")
+@router.get("/jobs/{job_id}/artifacts/{name}", response_model=None)
 def download_artifact(
     job_id: JobId,
     name: ArtifactName,
     session: SessionDep,
     settings: SettingsDep,
     caller: UiCallerDep,
-) -> FileResponse:
+) -> FileResponse | StreamingResponse:
     """One file of the job (the API's ``/v1/jobs/{id}/artifacts/{name}``)."""
     return jobs_api.download_artifact(job_id, name, session, settings, caller)
 

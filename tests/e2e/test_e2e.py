@@ -96,7 +96,9 @@ def test_finetune_then_vanilla_kd_downloads_a_student_that_loads(
         "train_log.jsonl",
         "tokenizer.json",
         "split.json",
+        "model.onnx",
     } <= set(listing)
+    assert "model.int8.onnx" not in listing  # export.int8 is off by default
     split = client.http.get(listing["split.json"]["url"]).json()
     assert split["splits"]["test"]["source"] == "builtin:rotten_tomatoes"
     assert len(split["splits"]["test"]["rows"]) == SMALL_DATA["max_eval_examples"]
@@ -110,8 +112,25 @@ def test_finetune_then_vanilla_kd_downloads_a_student_that_loads(
     final = metrics["final"]
     assert final["student"]["parameters"] < final["teacher"]["parameters"]
     assert 0.0 <= final["teacher_agreement"] <= 1.0
+    # The ONNX export (kd_engine.onnx_export): checked against PyTorch on the test split.
+    exported = final["onnx"]
+    assert exported["file"] == "model.onnx" and exported["opset"] == 17
+    assert exported["bytes"] == listing["model.onnx"]["size_bytes"]
+    assert exported["max_abs_diff_logits"] < 1e-4 and exported["prediction_agreement"] == 1.0
+    assert exported["latency_s_batch1"]["onnxruntime"] > 0 and exported["int8"] is None
+    blob = client.http.get(listing["model.onnx"]["url"]).content
+    assert hashlib.sha256(blob).hexdigest() == listing["model.onnx"]["sha256"]
 
     student_dir = client.download_archive(job["id"], tmp_path)
+    # The archive holds the ONNX model too; onnxruntime runs it on the tokenizer's output.
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(
+        str(student_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    feed = AutoTokenizer.from_pretrained(student_dir)(["a wonderful film"], return_tensors="np")
+    [onnx_logits] = session.run(["logits"], {i.name: feed[i.name] for i in session.get_inputs()})
+    assert onnx_logits.shape == (1, 2)
     model = AutoModelForSequenceClassification.from_pretrained(student_dir)
     tok = AutoTokenizer.from_pretrained(student_dir)
     assert model.config.num_hidden_layers == 2
@@ -434,6 +453,9 @@ def test_a_cnn_student_through_the_worker_loads_after_download(
         client.download_archive(job["id"], tmp_path)
     )
     assert model.config.model_type == "distillery-kim-cnn"
+    # A CNN student is exported to ONNX too.
+    assert (tmp_path / job["id"] / "model.onnx").is_file()
+    assert client.metrics(job["id"])["final"]["onnx"]["max_abs_diff_logits"] < 1e-4
     tok = AutoTokenizer.from_pretrained(tmp_path / job["id"])
     with torch.inference_mode():
         logits = model(**tok(["a fine film"], return_tensors="pt")).logits

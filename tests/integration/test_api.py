@@ -99,6 +99,9 @@ def test_submit_persists_and_enqueues_the_job_id(client: TestClient, settings: S
         ({"teacher": "job:00000000-0000-0000-0000-000000000000"}, "teacher"),
         ({"student": {"layers": [0, 6]}}, "student.layers"),
         ({"unexpected": 1}, "unexpected"),
+        ({"export": {"onnx": False, "int8": True}}, "export.int8"),
+        ({"export": {"onnx": "sometimes"}}, "export.onnx"),
+        ({"export": {"opset": 18}}, "export.opset"),
     ],
 )
 def test_bad_spec_is_422_naming_the_field_and_nothing_is_stored_or_queued(

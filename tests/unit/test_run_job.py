@@ -23,6 +23,7 @@ from kd_engine.evaluation import (
     kl_teacher_student,
     predict_logits,
 )
+from kd_engine.onnx_export import INT8_FILE, ONNX_FILE, ort_logits, ort_session
 from kd_engine.references import local_path_under
 from kd_engine.report_html import REPORT_FILE, format_number
 from kd_engine.run import LOG_FILE, METRICS_FILE, RunResult, run_job
@@ -165,6 +166,7 @@ def kd_run(tmp_path_factory: pytest.TempPathFactory, teacher_run: RunResult) -> 
         teacher="job:teacher",
         student={"num_layers": 2},
         method={"name": "vanilla_kd", "alpha": 0.5, "temperature": 2.0},
+        export={"int8": True},
     )
     return run_job(spec, teacher_run.out_dir, no_files, tmp_path_factory.mktemp("kd"))
 
@@ -234,6 +236,45 @@ def test_finetune_calibration_without_a_teacher(teacher_run: RunResult) -> None:
     assert "teacher_kl" not in m and set(m["confusion_matrix"]) == {"labels", "student"}
     assert m["report"]["file"] == REPORT_FILE
     assert (teacher_run.out_dir / REPORT_FILE).is_file()
+
+
+def test_onnx_exports_reproduce_the_job_metrics(kd_run: RunResult) -> None:
+    """model.onnx and model.int8.onnx are written beside the student; onnxruntime on the test
+    split gives the job's test metrics (fp32) and the int8 block's (int8)."""
+    out, m = kd_run.out_dir, kd_run.metrics
+    written = json.loads((out / METRICS_FILE).read_text())["onnx"]
+    assert written == m["onnx"]
+    assert written["file"] == ONNX_FILE and written["bytes"] == (out / ONNX_FILE).stat().st_size
+    assert written["max_abs_diff_logits"] < 1e-4 and written["prediction_agreement"] == 1.0
+    int8 = written["int8"]
+    assert int8["file"] == INT8_FILE and int8["bytes"] == (out / INT8_FILE).stat().st_size
+    assert 0.0 <= int8["agreement_with_fp32"] <= 1.0
+    spec = make_spec()
+    _, labels = saved_test_logits(out, spec)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    data = load_transfer_set(spec.dataset, no_files)
+    enc = encode(data.test, tokenizer, spec.training.max_seq_length)
+    assert enc.labels == labels  # the teacher's label order is the dataset's here
+    fp32 = ort_logits(ort_session(out / ONNX_FILE, 1), enc, 64, 0)
+    assert classification_metrics(fp32, labels) == m["test"]
+    assert (
+        classification_metrics(ort_logits(ort_session(out / INT8_FILE, 1), enc, 64, 0), labels)
+        == (int8["test"])
+    )
+
+
+def test_a_failed_onnx_export_is_a_warning_not_a_failed_job(
+    tmp_path: Path, minilm_path: Path
+) -> None:
+    (tmp_path / ONNX_FILE).mkdir()  # nothing can be put in its place
+    result = run_job(fresh_spec(0), minilm_path, no_files, tmp_path)
+    error = result.metrics["onnx"]["error"]
+    assert "IsADirectoryError" in error
+    assert result.metrics["warnings"] == [f"ONNX export failed, model.onnx not written: {error}"]
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / ONNX_FILE).is_dir()
+    records = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert [r["message"] for r in records if r["event"] == "warning"] == result.metrics["warnings"]
+    assert json.loads((tmp_path / METRICS_FILE).read_text())["onnx"] == {"error": error}
 
 
 def test_vanilla_kd_needs_a_finetuned_teacher(tmp_path: Path, minilm_path: Path) -> None:
