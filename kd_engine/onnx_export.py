@@ -42,7 +42,6 @@ from kd_engine.evaluation import (
     predict_logits,
     task_metrics,
 )
-from kd_engine.models.text_students import BILSTM_MODEL_TYPE
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -58,12 +57,6 @@ CPU = torch.device("cpu")
 LATENCY_PROTOCOL = {1: (10, 3), 32: (3, 1)}
 """Batch size -> (timed batches, untimed warm-up batches) of the latency measurements: few,
 so that a tiny job spends well under a second on them."""
-BILSTM_SKIPPED = (
-    "BiLSTM students are not exported to ONNX: torch's TorchScript exporter fails on their "
-    "packed sequences (pack_padded_sequence of unsorted lengths); the transformers directory "
-    "is the student"
-)
-"""The ``skipped`` reason of a BiLSTM student (CNN and transformer students are exported)."""
 PARITY_WARNING = 1e-3
 """A max absolute logit difference above this between onnxruntime and PyTorch is a warning."""
 
@@ -281,8 +274,7 @@ def export_report(
 
     ``model`` is moved to the CPU (and keeps the train/eval mode it came in). Returns:
 
-    - ``{"skipped": reason}`` when ``settings.onnx`` is false, or for a BiLSTM student
-      (:data:`BILSTM_SKIPPED`);
+    - ``{"skipped": reason}`` when ``settings.onnx`` is false;
     - ``{"error": "<type>: <message>"}`` when the export or its check failed (``warn`` is
       called with the reason; no file is left);
     - otherwise ``opset``, ``file`` (``model.onnx``), ``bytes``, ``max_abs_diff_logits``
@@ -308,8 +300,6 @@ def export_report(
     """
     if not settings.onnx:
         return {"skipped": "export.onnx is false"}
-    if getattr(model.config, "model_type", None) == BILSTM_MODEL_TYPE:
-        return {"skipped": BILSTM_SKIPPED}
     model.to(CPU)  # type: ignore[arg-type]
     was_training = model.training
     threads = torch.get_num_threads()

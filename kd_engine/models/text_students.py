@@ -14,7 +14,8 @@ model types).
   embeddings -> BiLSTM (300 units per direction in the paper) -> the last hidden states of both
   directions concatenated -> a ReLU fully connected layer -> logits. Padding is handled by packing
   the sequences with their real lengths (from the attention mask), so a padded and an unpadded
-  copy of a sentence give the same logits.
+  copy of a sentence give the same logits; during an ONNX export, which cannot trace packed
+  sequences, the same computation runs unpacked (:func:`bidirectional_unpacked`).
 - :class:`KimCNNForSequenceClassification` (model type ``distillery-kim-cnn``): Kim 2014,
   "Convolutional Neural Networks for Sentence Classification" (section 2): parallel 1-D
   convolutions of several widths (3, 4, 5 with 100 maps each in the paper) with ReLU over the word
@@ -31,7 +32,7 @@ zero in every hidden state. ``attentions`` is always None.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -245,27 +246,76 @@ class BiLSTMForSequenceClassification(_TextStudent):
         keep = mask.unsqueeze(-1).to(self.embeddings.weight.dtype)
         x = self.dropout(words) * keep
         hidden: list[torch.Tensor] = [x]
-        # Real lengths (>= 1) on the CPU, as pack_padded_sequence wants them.
-        lengths = mask.sum(dim=1).clamp(min=1).cpu()
+        lengths = mask.sum(dim=1).clamp(min=1)  # real lengths (>= 1)
         total = words.shape[1]
-        h_n = torch.empty(0)
+        exporting = torch.onnx.is_in_onnx_export()
+        last = torch.empty(0)
         for i, lstm in enumerate(self.lstm):
             if i > 0:
                 x = self.dropout(x)
-            packed = nn.utils.rnn.pack_padded_sequence(
-                x, lengths, batch_first=True, enforce_sorted=False
-            )
-            out, (h_n, _) = lstm(packed)
-            x, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=total)
+            if exporting:  # ONNX's exporter cannot trace packed sequences
+                x, last = bidirectional_unpacked(cast(nn.LSTM, lstm), x, lengths)
+            else:
+                # Lengths on the CPU, as pack_padded_sequence wants them.
+                packed = nn.utils.rnn.pack_padded_sequence(
+                    x, lengths.cpu(), batch_first=True, enforce_sorted=False
+                )
+                out, (h_n, _) = lstm(packed)
+                x, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=total)
+                # h_n: (2, B, H), the forward state after the last real token and the backward
+                # state after the first token (batch order restored by the packed sequence).
+                last = torch.cat([h_n[0], h_n[1]], dim=-1)
             hidden.append(x)
-        # h_n: (2, B, H), the forward state after the last real token and the backward state
-        # after the first token (batch order restored by the packed sequence).
-        last = torch.cat([h_n[0], h_n[1]], dim=-1)
         features = self.dropout(F.relu(self.fc(self.dropout(last))))
         logits = self.classifier(features)
         return self._output(
             logits, labels, tuple(hidden) if output_hidden_states else None, return_dict
         )
+
+
+def roll_rows(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, T, d) with row b rotated right by ``shifts[b]`` steps (0..T), as
+    ``torch.roll`` per row: out[b, t] = x[b, (t - shifts[b]) mod T]."""
+    steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)  # (1, T)
+    index = torch.remainder(steps - shifts.unsqueeze(1), x.shape[1])  # (B, T)
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+
+
+def bidirectional_unpacked(
+    lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One bidirectional, batch-first ``lstm`` layer over right-padded ``x`` (B, T, d_in)
+    without packed sequences (which ONNX's exporter cannot trace), equal to the packed
+    computation of :class:`BiLSTMForSequenceClassification`. The layer runs twice: on ``x``
+    as it is, where its forward direction is right (the padding comes after every real step),
+    and on ``x`` with each row rotated to end at its last real token (left padding,
+    :func:`roll_rows`), where its backward direction is right (it starts at the last real
+    token and reaches the first before any padding); the backward outputs are rotated back.
+
+    Args:
+        lstm: ``nn.LSTM(d_in, H, batch_first=True, bidirectional=True)``, one layer.
+        x: (B, T, d_in) inputs, right padded with zeros.
+        lengths: (B,) int64 real lengths, 1..T.
+
+    Returns:
+        ``(outputs, last)``: (B, T, 2H) outputs of both directions, zero at padding positions
+        (as ``pad_packed_sequence`` gives them), and (B, 2H) the forward state after the last
+        real token and the backward state after the first token, concatenated (``h_n``).
+    """
+    hidden, total = lstm.hidden_size, x.shape[1]
+    shift = total - lengths  # (B,) left padding of each row
+    out_right, _ = lstm(x)
+    out_left, _ = lstm(roll_rows(x, shift))
+    forward = out_right[..., :hidden]
+    backward = roll_rows(out_left[..., hidden:], lengths)  # rotated back: total - shift
+    at_last = (lengths - 1).view(-1, 1, 1).expand(-1, 1, hidden)
+    at_first = shift.view(-1, 1, 1).expand(-1, 1, hidden)
+    last = torch.cat(
+        [forward.gather(1, at_last), out_left[..., hidden:].gather(1, at_first)], dim=-1
+    ).squeeze(1)
+    steps = torch.arange(total, device=x.device).unsqueeze(0)
+    real = (steps < lengths.unsqueeze(1)).unsqueeze(-1).to(out_right.dtype)  # (B, T, 1)
+    return torch.cat([forward, backward], dim=-1) * real, last
 
 
 class KimCNNForSequenceClassification(_TextStudent):

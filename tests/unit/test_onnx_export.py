@@ -18,9 +18,13 @@ from kd_engine.data import TransferSet
 from kd_engine.data.batching import Encoded, collate, encode
 from kd_engine.evaluation import agreement, predict_logits, task_metrics
 from kd_engine.models.student import student_from_teacher
-from kd_engine.models.text_students import bilstm_student, cnn_student
+from kd_engine.models.text_students import (
+    bidirectional_unpacked,
+    bilstm_student,
+    cnn_student,
+    roll_rows,
+)
 from kd_engine.onnx_export import (
-    BILSTM_SKIPPED,
     INT8_FILE,
     ONNX_FILE,
     OPSET,
@@ -201,17 +205,41 @@ def test_cnn_students_export_too(
         assert (ort_logits(session, test_rows, size, 0) - expected).abs().max() < 1e-4
 
 
-def test_bilstm_students_are_skipped_with_the_reason(
+def test_bilstm_students_export_through_their_unpacked_path(
     minilm_classifier: PreTrainedModel, test_rows: Encoded, tmp_path: Path
 ) -> None:
-    """torch's TorchScript exporter fails on the BiLSTM's packed sequences: no attempt, no
-    warning, the reason in the report."""
-    model = bilstm_student(words(minilm_classifier), LABELS, hidden_size=8)
+    """A 2-layer BiLSTM (packed sequences in PyTorch) exports through its pack-free path and
+    onnxruntime gives PyTorch's logits on rows of different lengths."""
+    model = bilstm_student(words(minilm_classifier), LABELS, hidden_size=8, num_layers=2).eval()
     warnings: list[str] = []
     report = export_report(model, test_rows, 0, tmp_path, ExportSpec(), 8, warnings.append)
-    assert report == {"skipped": BILSTM_SKIPPED}
-    assert "packed sequences" in report["skipped"]
-    assert warnings == [] and list(tmp_path.iterdir()) == []
+    assert warnings == [], warnings
+    assert report["max_abs_diff_logits"] < 1e-5 and report["prediction_agreement"] == 1.0
+    assert len({len(ids) for ids in test_rows.input_ids}) > 3  # real padding in the batches
+    session = ort_session(tmp_path / ONNX_FILE, 1)
+    for size in (1, 5):
+        expected = predict_logits(model, test_rows, size, 0, CPU)
+        assert (ort_logits(session, test_rows, size, 0) - expected).abs().max() < 1e-5
+
+
+def test_the_unpacked_bilstm_layer_equals_the_packed_one() -> None:
+    """bidirectional_unpacked against nn.LSTM on packed sequences: outputs (zero padding
+    included) and the final states, rows of lengths 1..T in any order."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(6, 5, batch_first=True, bidirectional=True)
+    lengths = torch.tensor([3, 7, 1, 5])
+    x = torch.randn(4, 7, 6) * (torch.arange(7) < lengths[:, None]).unsqueeze(-1)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(
+        x, lengths, batch_first=True, enforce_sorted=False
+    )
+    out, (h_n, _) = lstm(packed)
+    expected, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=7)
+    got, last = bidirectional_unpacked(lstm, x, lengths)
+    assert (got - expected).abs().max() < 1e-6
+    assert (last - torch.cat([h_n[0], h_n[1]], dim=-1)).abs().max() < 1e-6
+    rolled = roll_rows(x, 7 - lengths)  # left padded: row 0's 3 tokens at the end
+    assert torch.equal(rolled[0, 4:], x[0, :3]) and torch.equal(rolled[1], x[1])
+    assert torch.equal(roll_rows(rolled, lengths), x)
 
 
 def words(teacher: PreTrainedModel) -> torch.Tensor:
