@@ -106,10 +106,10 @@ def mlm_loss(
     """Masked-LM cross-entropy (nats per masked token) of predicting ``original_ids`` at the
     masked ``positions`` (B, T) bool from ``masked_ids`` (B, T); 0 (with a graph) when no
     position is masked."""
-    logits = generator_logits(generator, masked_ids, attention_mask, token_type_ids)
+    logits = masked_logits(generator, masked_ids, attention_mask, positions, token_type_ids)
     if not bool(positions.any()):
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[positions].float(), original_ids[positions])
+    return F.cross_entropy(logits.float(), original_ids[positions])
 
 
 def generator_logits(
@@ -126,13 +126,48 @@ def generator_logits(
     return logits
 
 
+POSITIONWISE_MLM_HEADS = ("cls", "lm_head")
+"""Attribute names of the masked-LM heads that map each position's last hidden state to its
+vocabulary logits on their own (BERT's ``cls``, RoBERTa's ``lm_head``): for these,
+:func:`masked_logits` runs the head on the masked positions only."""
+
+
+def masked_logits(
+    generator: PreTrainedModel,
+    masked_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The generator's vocabulary logits (M, V) at the M masked ``positions`` (B, T) bool, in
+    row-major order (as ``logits[positions]`` of :func:`generator_logits`).
+
+    With a position-wise head (:data:`POSITIONWISE_MLM_HEADS`) the encoder runs over the whole
+    batch and the head over the M masked positions only: the same values as the full logits
+    (up to float rounding of a matrix product of another shape) for M/(B*T) of the head's
+    cost, which dominates at a 30,522-token vocabulary. Other heads: the full logits, then
+    the masked rows.
+    """
+    head = next(
+        (getattr(generator, n) for n in POSITIONWISE_MLM_HEADS if hasattr(generator, n)), None
+    )
+    if head is None:
+        return generator_logits(generator, masked_ids, attention_mask, token_type_ids)[positions]
+    kwargs = {"input_ids": masked_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None and "token_type_ids" in _forward_args(generator.base_model):
+        kwargs["token_type_ids"] = token_type_ids
+    hidden: torch.Tensor = generator.base_model(**kwargs)[0]  # (B, T, d)
+    logits: torch.Tensor = head(hidden[positions])
+    return logits
+
+
 def _forward_args(model: torch.nn.Module) -> tuple[str, ...]:
     code = type(model).forward.__code__
     return code.co_varnames[: code.co_argcount]
 
 
 def straight_through_sample(
-    logits: torch.Tensor, positions: torch.Tensor, tau: float = 1.0
+    logits: torch.Tensor, tau: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard Gumbel-softmax samples at the masked positions, with straight-through gradients.
 
@@ -141,14 +176,13 @@ def straight_through_sample(
     with tau 1.0, ``(y_hard - y).detach() + y``).
 
     Args:
-        logits: (B, T, V) generator logits.
-        positions: (B, T) bool, the masked positions (M of them).
+        logits: (M, V) generator logits at the M masked positions (:func:`masked_logits`).
         tau: Gumbel-softmax temperature (> 0).
 
     Returns:
         ``(tokens, one_hot)``: the M sampled token ids (M,) int64, and their straight-through
         one-hot rows (M, V) float32 (forward values exactly 0 and 1).
     """
-    chosen = logits[positions].float()
+    chosen = logits.float()
     one_hot = F.gumbel_softmax(F.log_softmax(chosen, dim=-1), tau=tau, hard=True, dim=-1)
     return one_hot.argmax(dim=-1), one_hot

@@ -38,8 +38,8 @@ from pydantic import Field
 from kd_engine.augment.embedding_path import forward_rewritten
 from kd_engine.augment.generator import (
     generator_from_teacher,
-    generator_logits,
     load_generator,
+    masked_logits,
     mlm_loss,
     straight_through_sample,
 )
@@ -318,10 +318,10 @@ class AdversarialMethod(Method):
         straight-through one-hot rows (M, V))."""
         generator, _ = self._bound()
         positions, masked = self._mask(batch)
-        logits = generator_logits(
-            generator, masked, batch["attention_mask"], batch.get("token_type_ids")
+        logits = masked_logits(
+            generator, masked, batch["attention_mask"], positions, batch.get("token_type_ids")
         )
-        tokens, one_hot = straight_through_sample(logits, positions, self.config.gumbel_temperature)
+        tokens, one_hot = straight_through_sample(logits, self.config.gumbel_temperature)
         ids = batch["input_ids"].clone()
         ids[positions] = tokens
         return {**batch, "input_ids": ids}, positions, one_hot

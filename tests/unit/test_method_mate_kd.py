@@ -15,7 +15,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kd_engine import registry
 from kd_engine.augment.embedding_path import forward_rewritten
-from kd_engine.augment.generator import generator_from_teacher
+from kd_engine.augment.generator import (
+    POSITIONWISE_MLM_HEADS,
+    generator_from_teacher,
+    generator_logits,
+    masked_logits,
+)
 from kd_engine.augment.masking import choose_positions
 from kd_engine.augment.memory import ModelCost, check_fits, estimate_bytes
 from kd_engine.augment.samples import SAMPLES_FILE
@@ -139,6 +144,26 @@ def test_generator_built_from_the_teacher_ties_its_output_to_its_own_word_embedd
     with pytest.raises(SpecError) as info:
         generator_from_teacher(minilm_classifier, 7)
     assert info.value.field == "method.generator_layers"
+
+
+def test_masked_logits_are_the_full_logits_at_the_masked_positions(
+    minilm_classifier: PreTrainedModel, small_set: object, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """The head run on the masked positions only gives the rows of the full (B, T, V) logits
+    there, in the same order, and its gradient reaches the encoder."""
+    gen = generator_from_teacher(minilm_classifier, 2).eval()
+    assert hasattr(gen, POSITIONWISE_MLM_HEADS[0])  # BERT's head: the fast path is taken
+    batch = collate(small_set, list(range(8)), 0)  # type: ignore[arg-type]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions = choose_positions(
+        ids, mask, tokenizer.all_special_ids, 0.3, torch.Generator().manual_seed(0)
+    )
+    full = generator_logits(gen, ids, mask, batch["token_type_ids"])
+    rows = masked_logits(gen, ids, mask, positions, batch["token_type_ids"])
+    assert rows.shape == (int(positions.sum()), tokenizer.vocab_size)
+    assert (rows - full[positions]).abs().max() < 1e-4
+    rows.sum().backward()
+    assert gen.base_model.embeddings.word_embeddings.weight.grad is not None
 
 
 @pytest.mark.parametrize("kind", ["transformer", "bilstm"])
