@@ -43,6 +43,7 @@ def spec(train_examples: int, epochs: int = 1) -> dict[str, Any]:
             "max_eval_examples": 32,
         },
         "training": {"epochs": epochs, "batch_size": 16, "max_seq_length": 32},
+        "export": {"onnx": False},  # exported and checked in test_e2e / test_onnx_export
     }
 
 

@@ -34,6 +34,7 @@ SPEC: dict[str, Any] = {
     },
     # 40 optimiser steps per epoch, 80 in all: checkpoints at 8, 16, ... and at the epoch's end
     "training": {"epochs": 2, "batch_size": 8, "max_seq_length": 32, "learning_rate": 1e-4},
+    "export": {"onnx": False},  # exported and checked in test_e2e / test_onnx_export
 }
 
 

@@ -47,6 +47,7 @@ def make_spec(**overrides: Any) -> JobSpec:
         "student": {"num_layers": 1},
         "dataset": DATASET,
         "training": TRAINING,
+        "export": {"onnx": False},  # exported and checked in test_onnx_export / test_run_job
     }
     body.update(overrides)
     return JobSpec.model_validate(body)

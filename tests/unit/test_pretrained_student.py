@@ -118,6 +118,7 @@ def spec(**overrides: Any) -> JobSpec:
         "method": {"name": "finetune"},
         "dataset": DATASET,
         "training": TRAINING,
+        "export": {"onnx": False},  # exported and checked in test_onnx_export / test_run_job
     }
     return JobSpec.model_validate({**body, **overrides})
 

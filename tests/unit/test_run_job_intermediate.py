@@ -25,6 +25,7 @@ def make_spec(**overrides: Any) -> JobSpec:
         "method": {"name": "finetune"},
         "dataset": DATASET,
         "training": TRAINING,
+        "export": {"onnx": False},  # exported and checked in test_onnx_export / test_run_job
     }
     body.update(overrides)
     return JobSpec.model_validate(body)

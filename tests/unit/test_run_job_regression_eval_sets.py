@@ -33,6 +33,7 @@ def spec_of(dataset: dict[str, Any], method: str = "finetune", **extra: Any) -> 
             "method": {"name": method},
             "dataset": {"max_train_examples": 48, "max_eval_examples": 24, **dataset},
             "training": TRAINING,
+            "export": {"onnx": False},  # exported and checked in test_onnx_export
             **extra,
         }
     )
