@@ -25,7 +25,7 @@ from starlette.templating import Jinja2Templates
 
 from api import idempotency, repository, service, tenants
 from api.auth import Caller
-from api.db import FINISHED, Job, Tenant
+from api.db import FINISHED, JOB_STATUSES, Job, Tenant
 from api.deps import CeleryDep, SessionDep, SettingsDep
 from api.errors import DomainError, InvalidSpec, validation_details
 from api.events import list_events
@@ -46,17 +46,7 @@ from kd_engine.spec import JobSpec
 PAGE_SIZE = 20
 EVENTS_PAGE = 200
 COMPARE_MAX_JOBS = 500
-STATUSES = (
-    "waiting",
-    "queued",
-    "running",
-    "pausing",
-    "paused",
-    "cancelling",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
+STATUSES = JOB_STATUSES  # the filter's choices: every job status, in lifecycle order
 EXAMPLE_SPEC = """teacher: builtin:minilm-l6
 method: {name: vanilla_kd}
 dataset: {source: builtin:rotten_tomatoes}
