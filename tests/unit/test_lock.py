@@ -1,0 +1,54 @@
+"""The lock file (requirements/lock.txt) covers pyproject.toml, and the check that says so
+catches a dependency that is missing or pinned outside its range."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _check_lock() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("check_lock", ROOT / "scripts" / "check_lock.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["check_lock"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_lock_covers_pyproject() -> None:
+    check = _check_lock()
+    assert check.problems(ROOT / "pyproject.toml", ROOT / "requirements" / "lock.txt") == []
+
+
+def test_the_lock_pins_every_package_with_a_hash() -> None:
+    text = (ROOT / "requirements" / "lock.txt").read_text()
+    blocks = [b for b in text.split("\n") if b and not b.startswith((" ", "#"))]
+    assert len(blocks) > 50
+    for line in blocks:
+        assert "==" in line and line.endswith("\\"), f"not pinned with a hash: {line}"
+    # torch is the CPU build that lies on the dev/CI machines' disk
+    assert "torch==2.13.0+cpu \\" in blocks
+
+
+def test_missing_and_out_of_range_dependencies_are_reported(tmp_path: Path) -> None:
+    check = _check_lock()
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[project]\nname = "x"\ndependencies = ["numpy>=2", "requests"]\n'
+        '[project.optional-dependencies]\ndev = ["pytest>=8,<9"]\n'
+    )
+    lock = tmp_path / "lock.txt"
+    lock.write_text(
+        "numpy==1.26.4 \\\n    --hash=sha256:00\n"
+        "pytest==8.3.0 \\\n    --hash=sha256:00\n    # via x\n"
+    )
+    found = check.problems(pyproject, lock)
+    assert found == [
+        "numpy: locked at 1.26.4, pyproject.toml asks >=2",
+        "requests: in pyproject.toml, missing from lock.txt",
+    ]
