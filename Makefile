@@ -28,7 +28,7 @@ setup:
 	@bash scripts/bootstrap.sh
 
 # Upgrades are made on purpose: re-resolve pyproject.toml's ranges to today's newest releases
-# (with hashes), reinstall .venv from the new lock, then run the whole suite and lint.
+# (with hashes) into requirements/lock.txt (dev, CI) and server.txt (the Docker image, same pins), reinstall .venv from the new lock, then run the whole suite and lint.
 # LOCK_ARGS="--upgrade-package transformers" upgrades one package only (drop --upgrade then:
 # LOCK_UPGRADE=).
 PIP_TOOLS_VERSION ?= 7.7.0
@@ -39,6 +39,10 @@ lock: setup
 	$(PY) -m piptools compile --quiet $(LOCK_UPGRADE) $(LOCK_ARGS) --generate-hashes --allow-unsafe \
 	  --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
 	  --output-file requirements/lock.txt pyproject.toml
+	cp requirements/lock.txt requirements/server.txt  # same pins, without the dev tools:
+	$(PY) -m piptools compile --quiet --generate-hashes --allow-unsafe \
+	  --extra mlflow --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --output-file requirements/server.txt pyproject.toml
 	@bash scripts/bootstrap.sh
 	$(MAKE) test
 	$(MAKE) lint

@@ -1,5 +1,7 @@
-"""Check that requirements/lock.txt covers pyproject.toml: every dependency of the project and
-of its optional extras is pinned in the lock at a version its range admits.
+"""Check that the lock files cover pyproject.toml: requirements/lock.txt pins every dependency of
+the project and of its optional extras (dev included) at a version its range admits, and
+requirements/server.txt (the production image's: no dev tools) pins the runtime dependencies and
+the `mlflow` extra at the same versions as lock.txt.
 
 Run by scripts/bootstrap.sh after installing from the lock, and by `make lint`. Exit status 1,
 with one line per problem, when a dependency is missing or pinned outside its range (then run
@@ -31,12 +33,14 @@ def locked_versions(lock: Path) -> dict[str, Version]:
     return pins
 
 
-def problems(pyproject: Path, lock: Path) -> list[str]:
-    """One message per pyproject dependency (main and extras) the lock does not satisfy."""
+def problems(pyproject: Path, lock: Path, extras: list[str] | None = None) -> list[str]:
+    """One message per pyproject dependency the lock does not satisfy: the main ones and those
+    of ``extras`` (every extra when None)."""
     project = tomllib.loads(pyproject.read_text())["project"]
     wanted = list(project.get("dependencies", []))
-    for extra in project.get("optional-dependencies", {}).values():
-        wanted.extend(extra)
+    for name, extra in project.get("optional-dependencies", {}).items():
+        if extras is None or name in extras:
+            wanted.extend(extra)
     pins = locked_versions(lock)
     out: list[str] = []
     for spec in wanted:
@@ -49,14 +53,28 @@ def problems(pyproject: Path, lock: Path) -> list[str]:
     return out
 
 
+def disagreements(lock: Path, other: Path) -> list[str]:
+    """One message per package that both files pin at different versions."""
+    a, b = locked_versions(lock), locked_versions(other)
+    return [
+        f"{name}: {other.name} pins {b[name]}, {lock.name} pins {a[name]}"
+        for name in sorted(a.keys() & b.keys())
+        if a[name] != b[name]
+    ]
+
+
 def main() -> int:
-    found = problems(ROOT / "pyproject.toml", ROOT / "requirements" / "lock.txt")
+    req = ROOT / "requirements"
+    pyproject = ROOT / "pyproject.toml"
+    found = problems(pyproject, req / "lock.txt")
+    found += problems(pyproject, req / "server.txt", extras=["mlflow"])
+    found += disagreements(req / "lock.txt", req / "server.txt")
     for line in found:
         print(f"check_lock: {line}", file=sys.stderr)
     if found:
-        print("check_lock: run `make lock` to refresh requirements/lock.txt", file=sys.stderr)
+        print("check_lock: run `make lock` to refresh requirements/*.txt", file=sys.stderr)
         return 1
-    print("check_lock: requirements/lock.txt covers pyproject.toml")
+    print("check_lock: requirements/lock.txt and server.txt cover pyproject.toml")
     return 0
 
 

@@ -20,9 +20,14 @@ def _check_lock() -> ModuleType:
     return module
 
 
-def test_the_lock_covers_pyproject() -> None:
+def test_the_locks_cover_pyproject_and_agree() -> None:
     check = _check_lock()
-    assert check.problems(ROOT / "pyproject.toml", ROOT / "requirements" / "lock.txt") == []
+    req = ROOT / "requirements"
+    assert check.problems(ROOT / "pyproject.toml", req / "lock.txt") == []
+    assert check.problems(ROOT / "pyproject.toml", req / "server.txt", extras=["mlflow"]) == []
+    assert check.disagreements(req / "lock.txt", req / "server.txt") == []
+    # the server lock carries no dev tools
+    assert "pytest" not in check.locked_versions(req / "server.txt")
 
 
 def test_the_lock_pins_every_package_with_a_hash() -> None:
@@ -51,4 +56,10 @@ def test_missing_and_out_of_range_dependencies_are_reported(tmp_path: Path) -> N
     assert found == [
         "numpy: locked at 1.26.4, pyproject.toml asks >=2",
         "requests: in pyproject.toml, missing from lock.txt",
+    ]
+    assert check.problems(pyproject, lock, extras=[]) == found  # pytest 8.3 is in range
+    other = tmp_path / "server.txt"
+    other.write_text("numpy==2.0.0 \\\n    --hash=sha256:00\n")
+    assert check.disagreements(lock, other) == [
+        "numpy: server.txt pins 2.0.0, lock.txt pins 1.26.4"
     ]
