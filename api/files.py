@@ -320,6 +320,7 @@ def create(
     try:
         with beat:
             stored = _receive(source, key, settings, beat)
+            beat.beat()  # the whole size counts from now on, while the file is checked
             body_sha = request_sha256(stored, purpose, filename, columns)
             if idempotency_key is not None:
                 earlier = idempotency.find(

@@ -171,17 +171,22 @@ def test_an_upload_killed_mid_check_is_listed_then_swept_with_its_files(
         120,
         0.01,
     )
+    file_id = landed[0].parent.name
+    deadline = time.monotonic() + 3  # the row records the bytes stored (not before the fix)
+    while time.monotonic() < deadline and not db_rows(
+        stack, File, File.id == file_id, File.size_bytes > 0
+    ):
+        time.sleep(0.01)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(10)
     killed_at = time.time()
     sender.join(30)
-    file_id = landed[0].parent.name
 
     rows = db_rows(stack, File, File.id == file_id)
     assert [r.status for r in rows] == ["uploading"], "no row for the bytes already stored"
     listed = {f["id"]: f for f in client.files()}
     assert listed[file_id]["status"] == "uploading"
-    assert listed[file_id]["size_bytes"] > 0  # counted in the quota as it arrived
+    assert listed[file_id]["size_bytes"] == big.stat().st_size  # counted in the quota
 
     # Nobody calls anything: the worker's reconciler sweeps the dead upload and the orphans.
     worker_ready(stack)
