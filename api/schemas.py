@@ -256,7 +256,9 @@ class FileOut(BaseModel):
     size_bytes: int = Field(
         description="Bytes stored: the dataset file, or a model's unpacked files."
     )
-    sha256: str = Field(description="sha256 (hex) of the uploaded file as received.")
+    sha256: str = Field(
+        description="sha256 (hex) of the uploaded file as received (empty until it is ready)."
+    )
     status: str = Field(
         description="uploading (received or being checked; size_bytes counts what arrived), "
         "ready (usable by jobs) or failed (refused by its checks: error says why; nothing is "
