@@ -117,13 +117,16 @@ class IdempotencyKey(Base):
 
 
 class Job(Base):
-    """One distillation job and its lifecycle."""
+    """One distillation job and its lifecycle. ``queue`` is the Celery queue it is sent to
+    (the submitting API's ``DISTILLERY_QUEUE``, whose memory budget it was checked against);
+    every later send (retry, re-send, resume, release) goes there."""
 
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(36), ForeignKey("tenants.id"), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
+    queue: Mapped[str] = mapped_column(String(64))
     method: Mapped[str] = mapped_column(String(64))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
@@ -154,12 +157,18 @@ class Artifact(Base):
 
 
 FILE_KINDS = ("dataset", "model")
+FILE_STATES = ("uploading", "ready", "failed")
+"""``uploading``: the row exists before any byte is stored, and its ``size_bytes`` grows with
+the bytes received (``updated_at`` with them, and while the file is checked); ``ready``:
+checked, usable by jobs; ``failed``: refused by its checks (``error`` says why; nothing is
+stored)."""
 
 
 class File(Base):
     """An uploaded dataset or model of a tenant. ``size_bytes`` is what it stores (a model:
-    its unpacked files), ``sha256`` that of the uploaded file as received; ``report`` is the
-    DatasetReport or ModelReport found when it arrived. Jobs name it by its id."""
+    its unpacked files; so far, while ``uploading``), ``sha256`` that of the uploaded file as
+    received; ``report`` is the DatasetReport or ModelReport found when it arrived. ``status``
+    is one of :data:`FILE_STATES`. Jobs name a ``ready`` one by its id."""
 
     __tablename__ = "files"
 
@@ -173,9 +182,14 @@ class File(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default="ready")
     report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
-    __table_args__ = (Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_files_status_updated", "status", "updated_at"),
+    )
 
 
 class JobEvent(Base):

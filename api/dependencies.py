@@ -123,9 +123,12 @@ def _release(
     tenant_id: str,
     spec_data: dict[str, object],
     deps: list[str],
+    queue: str,
 ) -> bool:
     from api.service import validate_references
 
+    # The job's own queue (not this process's): its memory budget and where it is sent.
+    settings = settings.model_copy(update={"queue": queue})
     try:
         spec = JobSpec.model_validate(spec_data)
         validate_references(session, spec, settings, tenant_id)
@@ -172,7 +175,9 @@ def _release(
 def _pass(
     session: Session, settings: Settings, celery: Celery, only: Collection[str] | None
 ) -> list[str]:
-    q = select(JobRow.id, JobRow.tenant_id, JobRow.spec).where(JobRow.status == "waiting")
+    q = select(JobRow.id, JobRow.tenant_id, JobRow.spec, JobRow.queue).where(
+        JobRow.status == "waiting"
+    )
     if only is not None:
         q = q.where(JobRow.id.in_(list(only)))
     waiting = session.execute(q.order_by(JobRow.created_at, JobRow.id)).all()
@@ -203,7 +208,7 @@ def _pass(
             if _fail(session, row.id, reason, {"dependency": dep, "dependency_status": status}):
                 changed.append(row.id)
         elif all(s == "succeeded" for _, s in gone) and _release(
-            session, settings, celery, row.id, row.tenant_id, row.spec, deps
+            session, settings, celery, row.id, row.tenant_id, row.spec, deps, row.queue
         ):
             changed.append(row.id)
     return changed
@@ -216,14 +221,16 @@ def release_waiting(
     *,
     only: Collection[str] | None = None,
 ) -> list[str]:
-    """Move waiting jobs whose dependencies have finished: queued (and enqueued on
-    ``settings.queue``) when all succeeded and the deferred checks pass, else failed with the
-    reason (the dependency and its status, or the field a check refused). Each job's change
-    is committed with its event on its own; the session is left with no transaction open.
+    """Move waiting jobs whose dependencies have finished: queued (and enqueued on the job's
+    own ``queue``, whose memory budget the deferred checks use) when all succeeded and the
+    deferred checks pass, else failed with the reason (the dependency and its status, or the
+    field a check refused). Each job's change is committed with its event on its own; the
+    session is left with no transaction open.
 
     Args:
         session: a session with no pending changes (it is committed and rolled back here).
-        settings: the queue to send to and the roots the deferred checks read.
+        settings: the roots and budgets the deferred checks read (its ``queue`` is
+            replaced by each job's).
         celery: the app that sends the task (:func:`api.queue.enqueue`).
         only: consider just these waiting jobs (e.g. :func:`dependents` of a job that has
             just finished); None: every waiting job (the reconciler's pass). Jobs that waited

@@ -2,11 +2,16 @@
 check it, record it for the caller's tenant; list, read and delete a tenant's files; check a
 job's ``file-<id>`` references at submit.
 
-An upload is streamed into storage in chunks (never whole in memory) under a new id, then
-checked: a dataset with :func:`kd_engine.data.inspect.inspect_dataset`, a model archive with
-:func:`api.uploads.models.unpack_model` (the archive is deleted once unpacked). Only a file that
-passed its checks and fits the tenant's stored-bytes quota gets a row; on any refusal nothing
-is kept.
+An upload gets its row first, ``uploading`` and committed, so that no byte is ever stored
+without a row; then it is streamed into storage in chunks (never whole in memory) under its id
+while a heartbeat (:class:`api.upload_liveness.UploadHeartbeat`) records the bytes received,
+and checked: a dataset with :func:`kd_engine.data.inspect.inspect_dataset`, a model archive
+with :func:`api.uploads.models.unpack_model` (the archive is deleted once unpacked). A file
+that passes its checks and fits the tenant's stored-bytes quota becomes ``ready``; one its
+checks refuse becomes ``failed`` with the reason and its bytes are deleted; on any other
+refusal (quota, a replayed ``Idempotency-Key``, an error) the row and the bytes are deleted.
+A process that dies meanwhile leaves an ``uploading`` row that stops beating: the reconciler's
+sweep (:func:`api.upload_liveness.sweep`) removes it with its files.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from pathlib import PurePosixPath
 from typing import BinaryIO, Literal
 
 from sqlalchemy import delete as sa_delete
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from api import idempotency, quotas, refs
@@ -26,6 +32,7 @@ from api.db import FINISHED, File, IdempotencyKey, Job, utcnow
 from api.errors import Conflict, InvalidSpec, NotFound
 from api.settings import Settings
 from api.storage import StorageError, StoredObject, TooLarge, join_key, upload_storage
+from api.upload_liveness import UploadHeartbeat, heartbeat_interval_s
 from api.uploads.errors import InvalidUpload, UploadTooLarge
 from api.uploads.models import model_limits, unpack_model
 from kd_engine.data.inspect import DatasetFields, inspect_dataset
@@ -105,9 +112,11 @@ def clean_column(value: str | None, field: str) -> str | None:
         raise InvalidSpec(str(e), field) from None
 
 
-def _receive(source: BinaryIO, key: str, settings: Settings) -> StoredObject:
+def _receive(
+    source: BinaryIO, key: str, settings: Settings, beat: UploadHeartbeat | None = None
+) -> StoredObject:
     """Copy ``source`` into the upload store under ``key`` in chunks, at most
-    ``settings.max_upload_bytes``.
+    ``settings.max_upload_bytes``; ``beat.received`` follows the bytes written.
 
     Raises:
         UploadTooLarge: over the cap (nothing is kept).
@@ -117,6 +126,8 @@ def _receive(source: BinaryIO, key: str, settings: Settings) -> StoredObject:
         with store.writer(key, max_bytes=settings.max_upload_bytes) as w:
             while chunk := source.read(CHUNK_BYTES):
                 w.write(chunk)
+                if beat is not None:
+                    beat.received = w.written
             return w.commit()
     except TooLarge:
         raise UploadTooLarge(
@@ -185,6 +196,91 @@ def _remove(settings: Settings, file_id: str) -> None:
         log.exception("upload %s: could not remove its files", file_id)
 
 
+def _start(session: Session, file_id: str, tenant_id: str, purpose: Purpose, filename: str) -> None:
+    """Commit the upload's row, ``uploading`` with nothing stored yet."""
+    now = utcnow()
+    session.add(
+        File(
+            id=file_id,
+            tenant_id=tenant_id,
+            kind=purpose,
+            filename=filename,
+            size_bytes=0,
+            sha256="",
+            status="uploading",
+            report={},
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    session.commit()
+
+
+def _end(session: Session, settings: Settings, file_id: str, reason: str | None) -> None:
+    """After a refusal: delete the upload's files, then mark its row ``failed`` with
+    ``reason`` (a file its checks refused), or delete the row (``reason`` None). Files go first:
+    a process that dies in between leaves an ``uploading`` row, which the sweep removes. A
+    database error here is logged (the refusal the caller raises matters more)."""
+    session.rollback()
+    _remove(settings, file_id)
+    where = (File.id == file_id, File.status == "uploading")
+    try:
+        if reason is None:
+            session.execute(
+                sa_delete(File).where(*where).execution_options(synchronize_session=False)
+            )
+        else:
+            session.execute(
+                update(File)
+                .where(*where)
+                .values(status="failed", error=reason, size_bytes=0, updated_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+        session.commit()
+    except SQLAlchemyError:
+        session.rollback()
+        log.exception("upload %s: its row could not be ended (the sweep will)", file_id)
+
+
+def _refusal(e: InvalidUpload | UploadTooLarge) -> str:
+    return e.message if e.field in (None, "file") else f"{e.field}: {e.message}"
+
+
+def _ready(
+    session: Session,
+    settings: Settings,
+    file_id: str,
+    tenant_id: str,
+    size: int,
+    sha256: str,
+    report: dict[str, object],
+) -> str:
+    """Make the upload's row ``ready`` (inside :func:`api.idempotency.create_once`'s
+    transaction, the tenant locked): its own bytes so far are left out of the quota check,
+    which then counts its final ``size``.
+
+    Raises:
+        Conflict: the row is gone or no longer ``uploading`` (deleted by its owner, or swept
+            after ``upload_stale_s`` without a heartbeat).
+        QuotaExceeded: the tenant's stored bytes would pass its limit.
+    """
+    row = session.get(File, file_id, with_for_update=True, populate_existing=True)
+    if row is None or row.status != "uploading":
+        raise Conflict(
+            f"upload {file_id} was deleted while it was being checked (by a DELETE, or as "
+            f"abandoned after {settings.upload_stale_s:g} s without progress); upload it again"
+        )
+    row.size_bytes = 0
+    session.flush()
+    quotas.check_stored_bytes(session, tenant_id, settings, incoming_bytes=size)
+    row.size_bytes = size
+    row.sha256 = sha256
+    row.report = report
+    row.status = "ready"
+    row.updated_at = utcnow()
+    return file_id
+
+
 def create(
     session: Session,
     settings: Settings,
@@ -196,16 +292,19 @@ def create(
     tenant_id: str,
     idempotency_key: str | None = None,
 ) -> tuple[File, bool]:
-    """Store, check and record an upload of ``tenant_id``. Returns the file row and whether it
-    is an earlier upload replayed for the same ``idempotency_key`` (this one's data is then
-    deleted).
+    """Store, check and record an upload of ``tenant_id`` (the module docstring gives its
+    states). Returns the ``ready`` file row and whether it is an earlier upload replayed for
+    the same ``idempotency_key`` (this one's row and data are then deleted).
 
     Raises:
-        InvalidUpload: a bad name or suffix, a dataset or archive its checks refuse (422,
-            naming the line, column or member); InvalidSpec: a bad column field, or the key
-            used with another file (422).
-        UploadTooLarge: over ``settings.max_upload_bytes`` or an archive's caps (413).
+        InvalidUpload: a bad name or suffix (no row is made), a dataset or archive its checks
+            refuse (422, naming the line, column or member; the row is kept ``failed`` with
+            that reason); InvalidSpec: a bad column field, or the key used with another file
+            (422).
+        UploadTooLarge: over ``settings.max_upload_bytes`` or an archive's caps (413; the row
+            is kept ``failed``).
         QuotaExceeded: the tenant's stored bytes would pass its limit (429).
+        Conflict: the row was deleted while the file was being checked (409).
     """
     filename = clean_filename(raw_filename)
     suffix = _suffix(filename, purpose)
@@ -216,38 +315,26 @@ def create(
         key = refs.upload_dataset_key(file_id, suffix)
     else:
         key = join_key(file_id, "archive")  # read by content; deleted once unpacked
+    _start(session, file_id, tenant_id, purpose, filename)
+    beat = UploadHeartbeat(session.get_bind(), file_id, heartbeat_interval_s(settings))
     try:
-        stored = _receive(source, key, settings)
-        body_sha = request_sha256(stored, purpose, filename, columns)
-        if idempotency_key is not None:
-            earlier = idempotency.find(
-                session, tenant_id, ROUTE, idempotency_key, body_sha, settings.idempotency_ttl_s
-            )
-            if earlier is not None:
-                _remove(settings, file_id)
-                return get(session, earlier, tenant_id=tenant_id), True
-        if purpose == "dataset":
-            size, report = stored.size, _check_dataset(file_id, stored, filename, columns, settings)
-        else:
-            size, report = _unpack(file_id, stored, settings)
-
-        def add() -> str:
-            quotas.check_stored_bytes(session, tenant_id, settings, incoming_bytes=size)
-            session.add(
-                File(
-                    id=file_id,
-                    tenant_id=tenant_id,
-                    kind=purpose,
-                    filename=filename,
-                    size_bytes=size,
-                    sha256=stored.sha256,
-                    status="ready",
-                    report=report,
-                    created_at=utcnow(),
+        with beat:
+            stored = _receive(source, key, settings, beat)
+            beat.beat()  # the whole size counts from now on, while the file is checked
+            body_sha = request_sha256(stored, purpose, filename, columns)
+            if idempotency_key is not None:
+                earlier = idempotency.find(
+                    session, tenant_id, ROUTE, idempotency_key, body_sha, settings.idempotency_ttl_s
                 )
-            )
-            return file_id
-
+                if earlier is not None:
+                    _end(session, settings, file_id, None)
+                    return get(session, earlier, tenant_id=tenant_id), True
+            session.rollback()  # no transaction held open while the file is checked
+            if purpose == "dataset":
+                size = stored.size
+                report = _check_dataset(file_id, stored, filename, columns, settings)
+            else:
+                size, report = _unpack(file_id, stored, settings)
         outcome = idempotency.create_once(
             session,
             tenant_id=tenant_id,
@@ -255,13 +342,18 @@ def create(
             key=idempotency_key,
             request_sha256=body_sha,
             ttl_s=settings.idempotency_ttl_s,
-            create=add,
+            create=lambda: _ready(
+                session, settings, file_id, tenant_id, size, stored.sha256, report
+            ),
         )
+    except (InvalidUpload, UploadTooLarge) as e:
+        _end(session, settings, file_id, _refusal(e))
+        raise
     except BaseException:
-        _remove(settings, file_id)
+        _end(session, settings, file_id, None)
         raise
     if outcome.replayed:
-        _remove(settings, file_id)
+        _end(session, settings, file_id, None)
     return get(session, outcome.resource_id, tenant_id=tenant_id), outcome.replayed
 
 
@@ -333,15 +425,26 @@ def delete(session: Session, settings: Settings, file_id: str, *, tenant_id: str
 
 
 def check_reference(session: Session, ref: str, field: str, kind: Purpose, tenant_id: str) -> None:
-    """A job's ``file-<id>`` reference in ``field``: an upload of ``tenant_id`` of ``kind``.
+    """A job's ``file-<id>`` reference in ``field``: a ``ready`` upload of ``tenant_id`` of
+    ``kind``.
 
     Raises:
         InvalidSpec: naming ``field``: no such upload (or another tenant's: the same answer),
-            or one of the other kind.
+            one still uploading, a failed one, or one of the other kind.
     """
     row = session.get(File, ref) if refs.is_file_id(ref) else None
     if row is None or row.tenant_id != tenant_id:
         raise InvalidSpec(f"{ref!r}: no such uploaded file (GET /v1/files lists yours)", field)
+    if row.status == "uploading":
+        raise InvalidSpec(
+            f"{ref!r} is still uploading (being received or checked); submit once "
+            f"GET /v1/files/{ref} says ready",
+            field,
+        )
+    if row.status != "ready":
+        raise InvalidSpec(
+            f"{ref!r} is an upload its checks refused ({row.error}); upload a fixed file", field
+        )
     if row.kind != kind:
         raise InvalidSpec(
             f"{ref!r} is an uploaded {row.kind} ({row.filename!r}); this field needs a {kind}",

@@ -16,14 +16,23 @@ from api.refs import is_job_id
 
 
 def create_job(
-    session: Session, job_id: str, method: str, spec: dict[str, Any], *, tenant_id: str
+    session: Session,
+    job_id: str,
+    method: str,
+    spec: dict[str, Any],
+    *,
+    tenant_id: str,
+    queue: str = "cpu",
 ) -> Job:
-    """Insert a queued job of ``tenant_id`` (not committed)."""
+    """Insert a queued job of ``tenant_id`` bound for the Celery queue ``queue`` (the API
+    passes its ``DISTILLERY_QUEUE``; ``cpu``, the settings' default, for callers that do not
+    care), not committed."""
     now = utcnow()
     job = Job(
         id=job_id,
         tenant_id=tenant_id,
         status="queued",
+        queue=queue,
         method=method,
         spec=spec,
         created_at=now,

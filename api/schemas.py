@@ -53,6 +53,11 @@ class JobOut(BaseModel):
         "cancelling, succeeded, failed, cancelled"
     )
     method: str
+    queue: str = Field(
+        description="The worker queue the job is sent to (the submitting API's "
+        "DISTILLERY_QUEUE); its memory was checked against that queue's budget, and only "
+        "workers of that queue run it."
+    )
     spec: dict[str, Any]
     attempt: int
     progress: ProgressOut | None
@@ -72,6 +77,7 @@ class JobOut(BaseModel):
             id=job.id,
             status=job.status,
             method=job.method,
+            queue=job.queue,
             spec=job.spec,
             attempt=job.attempt,
             progress=ProgressOut(**job.progress) if job.progress else None,
@@ -250,8 +256,15 @@ class FileOut(BaseModel):
     size_bytes: int = Field(
         description="Bytes stored: the dataset file, or a model's unpacked files."
     )
-    sha256: str = Field(description="sha256 (hex) of the uploaded file as received.")
-    status: str = Field(description="ready")
+    sha256: str = Field(
+        description="sha256 (hex) of the uploaded file as received (empty until it is ready)."
+    )
+    status: str = Field(
+        description="uploading (received or being checked; size_bytes counts what arrived), "
+        "ready (usable by jobs) or failed (refused by its checks: error says why; nothing is "
+        "stored)"
+    )
+    error: str | None = Field(None, description="Why the upload was refused, when it was.")
     created_at: datetime
     report: dict[str, Any] = Field(
         description="What the checks found: a dataset's encoding, format, columns, rows, "
@@ -269,6 +282,7 @@ class FileOut(BaseModel):
             size_bytes=f.size_bytes,
             sha256=f.sha256,
             status=f.status,
+            error=f.error,
             created_at=f.created_at,
             report=f.report,
         )

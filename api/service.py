@@ -536,7 +536,12 @@ def submit(
         quotas.check_stored_bytes(session, tenant_id, settings)
         job_id = str(uuid.uuid4())
         row = repository.create_job(
-            session, job_id, spec.method.name, stored_spec, tenant_id=tenant_id
+            session,
+            job_id,
+            spec.method.name,
+            stored_spec,
+            tenant_id=tenant_id,
+            queue=settings.queue,
         )
         if pending:
             row.status = "waiting"
@@ -575,7 +580,7 @@ def submit(
         dependencies.release_waiting(session, settings, celery, only=[job.id])
         return get(session, job.id, tenant_id=tenant_id), False
     try:
-        enqueue(celery, job.id, settings.queue, settings.broker_publish_timeout_s)
+        enqueue(celery, job.id, job.queue, settings.broker_publish_timeout_s)
     except BrokerUnavailable as e:
         repository.transition(
             session,
@@ -779,7 +784,7 @@ def resume(
     )
     session.commit()
     try:
-        enqueue(celery, job_id, settings.queue)
+        enqueue(celery, job_id, job.queue)  # the queue its memory was checked for
     except BrokerUnavailable:
         if repository.transition(session, job_id, ("queued",), "paused"):
             events.record(

@@ -79,6 +79,14 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         4 * GIB, ge=1, description="Largest upload (bytes), a model archive or a dataset file."
     )
+    upload_stale_s: float = Field(
+        600,
+        gt=0,
+        description="An upload still `uploading` whose row has shown no sign of life (bytes "
+        "arriving, or a heartbeat every min(10, upload_stale_s / 5) s while it is received "
+        "and checked) for this long belongs to a dead API process: the reconciler deletes its "
+        "row and its stored files.",
+    )
     max_archive_members: int = Field(
         256, ge=1, description="Most entries (files and folders) in an uploaded model archive."
     )

@@ -49,6 +49,7 @@ class Job(_Model):
     id: str
     status: str
     method: str
+    queue: str = "cpu"  # the worker queue it is sent to (older servers do not say: cpu)
     spec: dict[str, Any]
     attempt: int
     progress: Progress | None
@@ -146,15 +147,17 @@ class EventList(_Model):
 
 
 class File(_Model):
-    """An uploaded dataset or model: its ``id`` is its reference in a job spec; ``report`` is
-    what the API's checks found (columns, rows, labels; model type, layers...)."""
+    """An uploaded dataset or model: its ``id`` is its reference in a job spec (once
+    ``status`` is ``ready``); ``report`` is what the API's checks found (columns, rows,
+    labels; model type, layers...)."""
 
     id: str
     purpose: str
     filename: str
     size_bytes: int
     sha256: str
-    status: str
+    status: str  # uploading, ready or failed
+    error: str | None = None  # why a failed upload was refused
     created_at: datetime
     report: dict[str, Any]
 

@@ -10,10 +10,15 @@ One pass (:func:`reconcile_once`) runs the functions of :data:`PASSES` in order:
   with a ``retried`` event, and sent again. Running with none left: ``failed``, the reason
   listing the attempts. Cancelling: ``cancelled``. Pausing: ``paused``.
 * :func:`resend_lost_messages`: a job queued for more than ``requeue_grace_s`` whose message
-  the broker does not hold (neither waiting in the queue's list nor delivered and
+  the broker does not hold (neither waiting in its queue's lists nor delivered and
   unacknowledged in the ``unacked`` hash of kombu's Redis transport, delivered less than the
   grace ago) is sent again. A duplicate delivery is harmless: only one claim of a queued job
   succeeds (:func:`api.repository.claim`).
+* :func:`sweep_uploads`: uploads that died (:func:`api.upload_sweep.sweep`).
+
+Every send goes to the job's own queue (``jobs.queue``, the submitting API's
+``DISTILLERY_QUEUE``), never to this worker's: a pass of a ``cpu`` worker leaves a ``gpu`` job
+in the ``gpu`` queue, and sends it there again if its message was lost.
 
 A further pass (for example ``release_waiting`` for jobs waiting on dependencies) is a
 function ``(ctx: PassContext) -> None`` appended to :data:`PASSES`.
@@ -44,7 +49,7 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import dependencies, events, repository
+from api import dependencies, events, repository, upload_liveness
 from api.db import Job, JobEvent, make_engine, make_sessionmaker, utcnow
 from api.queue import BrokerUnavailable, broker_lists, enqueue
 from api.settings import Settings, get_settings
@@ -73,6 +78,7 @@ class ReconcileReport:
     paused: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    swept_uploads: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def acted(self) -> bool:
@@ -84,6 +90,7 @@ class ReconcileReport:
             or self.paused
             or self.resent
             or self.released
+            or self.swept_uploads
         )
 
 
@@ -98,12 +105,12 @@ class PassContext:
     broker: redis.Redis
     report: ReconcileReport
 
-    def send(self, job_id: str) -> bool:
-        """Send job ``job_id`` to the queue; False (and an error noted) if the broker failed:
-        the job stays queued and a later pass sends it."""
+    def send(self, job_id: str, queue: str) -> bool:
+        """Send job ``job_id`` to its ``queue``; False (and an error noted) if the broker
+        failed: the job stays queued and a later pass sends it."""
         try:
             timeout = self.settings.broker_publish_timeout_s
-            enqueue(self.celery, job_id, self.settings.queue, timeout)
+            enqueue(self.celery, job_id, queue, timeout)
         except BrokerUnavailable as e:
             self.report.errors.append(f"job {job_id}: not sent ({e})")
             return False
@@ -135,12 +142,12 @@ def recover_lost_workers(ctx: PassContext) -> None:
     with ctx.sessions() as s:
         stale = list(
             s.execute(
-                select(Job.id, Job.status, Job.attempt, Job.progress).where(
+                select(Job.id, Job.status, Job.attempt, Job.progress, Job.queue).where(
                     Job.status.in_(("running", "cancelling", "pausing")), last_seen < limit
                 )
             )
         )
-    for job_id, status, attempt, progress in stale:
+    for job_id, status, attempt, progress, queue in stale:
         step = (progress or {}).get("step", 0)
         with ctx.sessions() as s:
             if status == "cancelling":
@@ -195,7 +202,7 @@ def recover_lost_workers(ctx: PassContext) -> None:
                     ctx.report.failed.append(job_id)
             s.commit()
         if job_id in ctx.report.retried:
-            ctx.send(job_id)
+            ctx.send(job_id, queue)
 
 
 def held_job_ids(broker: redis.Redis, queue: str, delivered_after: float) -> set[str]:
@@ -227,24 +234,25 @@ def held_job_ids(broker: redis.Redis, queue: str, delivered_after: float) -> set
 
 
 def resend_lost_messages(ctx: PassContext) -> None:
-    """Send again the jobs queued for more than ``requeue_grace_s`` that the broker does not
-    hold (:func:`held_job_ids`): lost with a flushed or restarted broker, or with a consumer
-    that died before claiming them."""
+    """Send again, each to its own queue, the jobs queued for more than ``requeue_grace_s``
+    that the broker does not hold in that queue (:func:`held_job_ids`): lost with a flushed or
+    restarted broker, or with a consumer that died before claiming them. A job held in its
+    queue is left alone, whichever queues the workers running this pass consume."""
     grace = ctx.settings.requeue_grace_s
     limit = utcnow() - timedelta(seconds=grace)
     with ctx.sessions() as s:
         queued = list(
-            s.scalars(
-                select(Job.id)
+            s.execute(
+                select(Job.id, Job.queue)
                 .where(Job.status == "queued", Job.updated_at < limit)
                 .order_by(Job.created_at)
             )
         )
-    if not queued:
-        return
-    held = held_job_ids(ctx.broker, ctx.settings.queue, time.time() - grace)
-    for job_id in queued:
-        if job_id not in held and ctx.send(job_id):
+    held: dict[str, set[str]] = {}
+    for job_id, queue in queued:
+        if queue not in held:
+            held[queue] = held_job_ids(ctx.broker, queue, time.time() - grace)
+        if job_id not in held[queue] and ctx.send(job_id, queue):
             ctx.report.resent.append(job_id)
 
 
@@ -257,10 +265,19 @@ def release_waiting_jobs(ctx: PassContext) -> None:
         ctx.report.released.extend(dependencies.release_waiting(s, ctx.settings, ctx.celery))
 
 
+def sweep_uploads(ctx: PassContext) -> None:
+    """Remove the uploads whose API process died (``uploading`` rows without a heartbeat for
+    ``upload_stale_s``) with their files, and stored files without a row
+    (:func:`api.upload_liveness.sweep`)."""
+    swept = upload_liveness.sweep(ctx.settings, ctx.sessions)
+    ctx.report.swept_uploads.extend(swept.stale + swept.orphans)
+
+
 PASSES: list[Callable[[PassContext], None]] = [
     recover_lost_workers,
     resend_lost_messages,
     release_waiting_jobs,
+    sweep_uploads,
 ]
 """The passes of :func:`reconcile_once`, in order. Append a pass (e.g. ``release_waiting``)
 here; each gets the :class:`PassContext` and records what it did in ``ctx.report``."""

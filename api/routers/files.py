@@ -51,9 +51,10 @@ def upload_file(
     directory with safetensors weights) as ``multipart/form-data``. It is checked at once:
     201 with what was found (``report``); 422 naming the line, column or archive member of a
     bad file; 413 over ``DISTILLERY_MAX_UPLOAD_BYTES`` or an archive's caps; 429 when the
-    tenant's stored bytes would pass its quota. Nothing is kept on a refusal. A repeat with the
-    same ``Idempotency-Key`` and file answers the first file with ``Idempotent-Replayed:
-    true``."""
+    tenant's stored bytes would pass its quota. No byte is kept on a refusal; a file its
+    checks refused (422, 413) stays listed as ``failed`` with the reason until deleted. While
+    it is received and checked the file is listed as ``uploading``. A repeat with the same
+    ``Idempotency-Key`` and file answers the first file with ``Idempotent-Replayed: true``."""
     key = idempotency.check_key(idempotency_key)
     columns = files.DatasetColumns(
         text=files.clean_column(text_column, "text_column") or "text",

@@ -114,6 +114,14 @@ def stored_files(settings: Settings) -> list[Path]:
     return [p for p in settings.uploads_root.rglob("*") if p.is_file()]
 
 
+def file_states(settings: Settings) -> list[str]:
+    engine = create_engine(settings.database_url)
+    with Session(engine) as s:
+        states = list(s.scalars(select(File.status).order_by(File.created_at)))
+    engine.dispose()
+    return states
+
+
 def file_rows(settings: Settings) -> int:
     engine = create_engine(settings.database_url)
     with Session(engine) as s:
@@ -164,7 +172,7 @@ def test_a_1mb_cell_is_accepted(client: TestClient) -> None:
     assert r.json()["report"]["text_length"]["max"] == 1_000_000
 
 
-def test_a_broken_line_is_a_422_naming_it_and_nothing_is_kept(
+def test_a_broken_line_is_a_422_naming_it_and_nothing_is_stored(
     client: TestClient, settings: Settings
 ) -> None:
     content = csv_bytes(rows(10)) + b'"unterminated,negative\nmore,text,here,positive\n'
@@ -173,7 +181,25 @@ def test_a_broken_line_is_a_422_naming_it_and_nothing_is_kept(
     error = r.json()["error"]
     assert error["field"] == "file" and "broken.csv" in error["message"]
     assert "line 12" in error["message"]
-    assert stored_files(settings) == [] and file_rows(settings) == 0
+    assert stored_files(settings) == [] and file_states(settings) == ["failed"]
+    # listed as failed with the reason, nothing counted, and no job can name it
+    (failed,) = client.get("/v1/files").json()["items"]
+    assert (failed["status"], failed["error"], failed["size_bytes"]) == (
+        "failed",
+        error["message"],
+        0,
+    )
+    job = client.post(
+        "/v1/jobs",
+        json={
+            "teacher": "builtin:minilm-l6",
+            "method": {"name": "finetune"},
+            "dataset": {"source": failed["id"]},
+        },
+    )
+    assert job.status_code == 422 and job.json()["error"]["field"] == "dataset.source"
+    assert "refused" in job.json()["error"]["message"] and "line 12" in job.text
+    assert client.delete(f"/v1/files/{failed['id']}").status_code == 204
     bad_json = jsonl_bytes(rows(5), bom=False) + b'{"text": "x", "label": \n'
     r = upload(client, "broken.jsonl", bad_json)
     assert r.status_code == 422 and "line 6" in r.json()["error"]["message"]
@@ -203,7 +229,7 @@ def test_an_oversized_upload_is_413_and_nothing_is_kept(
     assert r.status_code == 413, r.text
     assert r.json()["error"]["code"] == "too_large"
     assert "1000 bytes" in r.json()["error"]["message"]
-    assert stored_files(settings) == [] and file_rows(settings) == 0
+    assert stored_files(settings) == [] and file_states(settings) == ["failed"]
 
 
 def test_model_upload_then_a_job_naming_uploaded_teacher_and_data(
@@ -296,7 +322,7 @@ def test_pickle_weights_are_refused_with_the_conversion_hint(
     assert r.status_code == 422, r.text
     assert "safetensors" in r.json()["error"]["message"]
     assert "save_pretrained" in r.json()["error"]["message"]
-    assert stored_files(settings) == [] and file_rows(settings) == 0
+    assert stored_files(settings) == [] and file_states(settings) == ["failed"]
 
 
 def test_zip_slip_and_symlink_members_are_refused(
@@ -318,7 +344,7 @@ def test_zip_slip_and_symlink_members_are_refused(
     r = upload(client, "link.tar", buf.getvalue(), purpose="model")
     assert r.status_code == 422, r.text
     assert "link" in r.json()["error"]["message"]
-    assert stored_files(settings) == [] and file_rows(settings) == 0
+    assert stored_files(settings) == [] and file_states(settings) == ["failed", "failed"]
     assert not (settings.uploads_root.parent / "evil.safetensors").exists()
 
 
