@@ -177,7 +177,7 @@ def cap_warnings(stages: list[Stage], planned: list[int], capped: list[int]) -> 
             length = f"{stage.epochs} epochs, " if stage.epochs is not None else ""
             out.append(
                 f"training.max_steps cut stage {stage.name!r} short: {run} of its planned "
-                f"{length}{full} steps ran ({run / full:.0%}); the student trained for less "
+                f"{length}{full} steps ran ({run / full:.1%}); the student trained for less "
                 "than the method's plan, so its metrics say little about the method"
             )
     return out

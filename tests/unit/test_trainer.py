@@ -323,7 +323,7 @@ def test_cap_warnings_name_only_the_stages_cut_short() -> None:
     stages = [Stage("a", epochs=2), Stage("b", steps=10), Stage("c", epochs=1)]
     warnings = cap_warnings(stages, [8, 10, 4], [8, 5, 4])
     assert warnings == [
-        "training.max_steps cut stage 'b' short: 5 of its planned 10 steps ran (50%); the "
+        "training.max_steps cut stage 'b' short: 5 of its planned 10 steps ran (50.0%); the "
         "student trained for less than the method's plan, so its metrics say little about the "
         "method"
     ]
