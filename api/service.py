@@ -203,8 +203,8 @@ def _check_teacher(session: Session, spec: JobSpec, settings: Settings, tenant_i
             )
     student_config = _student_config(session, spec, settings, config, tenant_id)
     _check_fit(spec, config, student_config)
-    _check_student_size(spec, config)
     _check_memory(spec, settings, config, student_config)
+    _check_student_size(spec, config)
     _check_task(spec, config)
 
 
