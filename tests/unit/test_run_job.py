@@ -203,8 +203,7 @@ def test_vanilla_kd_latency_is_timed_interleaved_with_its_spread(kd_run: RunResu
             assert m[who][f"latency_s_{batch}"] == figure["median"]
         speedup = block["speedup"]
         assert speedup["min"] <= speedup["median"] <= speedup["max"]
-        both = block["student"]["reliable"] and block["teacher"]["reliable"]
-        assert speedup["reliable"] == (speedup["spread"] <= SPREAD_LIMIT and both)
+        assert speedup["reliable"] == (speedup["spread"] <= SPREAD_LIMIT)
     report = (kd_run.out_dir / "report.html").read_text(encoding="utf-8")
     assert "timed interleaved" in report and "faster at batch 1" in report
 
