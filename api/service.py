@@ -568,8 +568,8 @@ def job_plan(session: Session, spec: JobSpec, settings: Settings, tenant_id: str
             else "its recipe fixes this value: leave it out"
         )
         raise InvalidSpec(
-            f"{name} does not use {field}: its recipe sets this for every stage "
-            f"(see the plan: GET /v1/jobs/{{id}} or docs/methods.md); {use}",
+            f"{name} does not use {field}: its recipe sets this for every stage (the submit "
+            f"answer's plan shows each stage's values; docs/methods.md); {use}",
             field,
             {"method_settings": instead},
         )
