@@ -545,7 +545,8 @@ def _plan_shapes(
 def job_plan(session: Session, spec: JobSpec, settings: Settings, tenant_id: str) -> JobPlan | None:
     """The job's effective plan (:func:`kd_engine.plan.plan_job`): every stage with its length,
     learning rate, warm-up and schedule and where each comes from. None for a chain method
-    whose models are not known yet (a hub teacher, a ``job:`` teacher not finished).
+    whose models are not known yet (a hub teacher, a ``job:`` teacher not finished), or for
+    settings whose stages cannot be planned (refused by the method's check).
 
     Raises:
         InvalidSpec: a ``training`` setting the user set that no stage uses (the method's
@@ -560,6 +561,10 @@ def job_plan(session: Session, spec: JobSpec, settings: Settings, tenant_id: str
         plan = plan_job(spec, *(shapes or (None, None)))
     except SpecError as e:
         raise InvalidSpec(e.reason, e.field) from None
+    except ValueError:
+        # Stages the method's own check refuses (that check runs where the teacher is known;
+        # for a hub or pending teacher the worker runs it and fails the job naming the field).
+        return None
     for field, instead in overridden_training_fields(spec, plan).items():
         name = spec.method.name
         use = (
