@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -44,6 +44,40 @@ class ProgressOut(BaseModel):
     )
 
 
+class PlanValueOut(BaseModel):
+    """One setting of a planned stage and where it comes from: ``user`` (a setting the job
+    gave), ``recipe`` (the method's own: a method setting left at its default, or a value fixed
+    in the method; ``fields`` is then empty) or ``default`` (a ``training`` default)."""
+
+    value: int | float | str
+    source: Literal["user", "recipe", "default"]
+    fields: list[str] = Field(description="The spec fields the value is computed from.")
+
+
+class PlanStageOut(BaseModel):
+    """One stage the job will run: its length (``epochs``, or ``steps`` when a setting fixes
+    it; the steps of an epoch follow the training set's size), ``max_steps`` (the per-stage
+    cap ``training.max_steps``), its peak learning rate, warm-up fraction and schedule."""
+
+    hop: str = Field(description="The model the stage trains: 'student', or a chain's hop.")
+    method: str
+    name: str
+    epochs: PlanValueOut | None
+    steps: PlanValueOut | None
+    max_steps: int | None
+    learning_rate: PlanValueOut
+    warmup_ratio: PlanValueOut
+    schedule: PlanValueOut
+
+
+class PlanOut(BaseModel):
+    """The job's effective plan, computed at submit: every stage in order, and notes (a stage
+    that ``training.max_steps`` cuts short)."""
+
+    stages: list[PlanStageOut]
+    notes: list[str] = Field(default_factory=list)
+
+
 class JobOut(BaseModel):
     """A job as the API shows it."""
 
@@ -68,12 +102,19 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     heartbeat_at: datetime | None
     links: dict[str, str]
+    plan: PlanOut | None = Field(
+        None,
+        description="The effective plan computed at submit (stages with their lengths, "
+        "learning rates and where each value comes from); given by POST /v1/jobs and GET "
+        "/v1/jobs/{id}, null in lists and for a chain method whose models were not known yet.",
+    )
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
-        """Build from the ORM row."""
+    def of(cls, job: Job, plan: dict[str, Any] | None = None) -> JobOut:
+        """Build from the ORM row (with the job's stored plan, when given)."""
         base = f"/v1/jobs/{job.id}"
         return cls(
+            plan=PlanOut.model_validate(plan) if plan is not None else None,
             id=job.id,
             status=job.status,
             method=job.method,

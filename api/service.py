@@ -25,6 +25,7 @@ from kd_engine.data.corpus import check_corpus_reference
 from kd_engine.data.loading import resolve_regression
 from kd_engine.errors import SpecError
 from kd_engine.evaluation import metric_fits_task
+from kd_engine.methods.chain import ChainMethod
 from kd_engine.models.loading import (
     SUPPORTED_MODEL_TYPES,
     classifier_label_names,
@@ -32,9 +33,16 @@ from kd_engine.models.loading import (
     read_config,
     teacher_task,
 )
-from kd_engine.models.shapes import planned_student_shape, shape_from_config
+from kd_engine.models.shapes import ModelShape, planned_student_shape, shape_from_config
+from kd_engine.plan import JobPlan, overridden_training_fields, plan_job
 from kd_engine.references import scheme_of
-from kd_engine.spec import DatasetSpec, FromTeacherStudent, JobSpec, PretrainedStudent
+from kd_engine.spec import (
+    DatasetSpec,
+    FreshStudent,
+    FromTeacherStudent,
+    JobSpec,
+    PretrainedStudent,
+)
 
 log = logging.getLogger("distillery.api")
 
@@ -196,6 +204,7 @@ def _check_teacher(session: Session, spec: JobSpec, settings: Settings, tenant_i
     student_config = _student_config(session, spec, settings, config, tenant_id)
     _check_fit(spec, config, student_config)
     _check_memory(spec, settings, config, student_config)
+    _check_student_size(spec, config)
     _check_task(spec, config)
 
 
@@ -275,6 +284,35 @@ def _check_fit(
         registry.check(spec.method, teacher, student, spec.training)
     except SpecError as e:
         raise InvalidSpec(e.reason, e.field) from None
+
+
+def _check_student_size(spec: JobSpec, teacher_config: dict[str, object]) -> None:
+    """Refuse a ``fresh`` student with more parameters than its teacher (both counted from the
+    configs, nothing allocated) unless ``student.allow_larger_than_teacher`` is true.
+
+    Raises:
+        InvalidSpec: naming ``student.allow_larger_than_teacher``, with both parameter counts
+            (also in ``details``: ``student_parameters``, ``teacher_parameters``).
+    """
+    student = spec.student
+    if not isinstance(student, FreshStudent) or student.allow_larger_than_teacher:
+        return
+    labels = len(classifier_label_names(teacher_config)) or 2
+    try:
+        ours = memory.student_size(student, teacher_config, None, labels).parameters
+    except ValueError:
+        return  # a shape problem: reported by the fit check
+    theirs = memory.teacher_size(teacher_config, labels).parameters
+    if ours <= theirs:
+        return
+    raise InvalidSpec(
+        f"this fresh student has {ours:,} parameters, more than its teacher's {theirs:,}: it "
+        "would be slower and larger than the model it learns from. Make it smaller "
+        "(student.num_layers, student.hidden_size, student.intermediate_size) or set "
+        "student.allow_larger_than_teacher to true",
+        "student.allow_larger_than_teacher",
+        {"student_parameters": ours, "teacher_parameters": theirs},
+    )
 
 
 def _check_memory(
@@ -485,6 +523,74 @@ def spec_to_store(spec: JobSpec) -> dict[str, Any]:
     return stored
 
 
+def _plan_shapes(
+    session: Session, spec: JobSpec, settings: Settings, tenant_id: str
+) -> tuple[ModelShape, ModelShape] | None:
+    """The teacher's and the student's shapes a chain method plans its hops from (None when a
+    model is known only to the worker: a hub id, a job not finished yet)."""
+    token = _DEFERRING.set(True)
+    try:
+        config = _model_config(session, spec.teacher, settings, "teacher", tenant_id)
+        if config is None:
+            return None
+        student_config = _student_config(session, spec, settings, config, tenant_id)
+    finally:
+        _DEFERRING.reset(token)
+    if isinstance(spec.student, PretrainedStudent) and student_config is None:
+        return None
+    teacher = shape_from_config(config, len(classifier_label_names(config)) or 2)
+    return teacher, planned_student_shape(spec.student, teacher, student_config)
+
+
+def job_plan(session: Session, spec: JobSpec, settings: Settings, tenant_id: str) -> JobPlan | None:
+    """The job's effective plan (:func:`kd_engine.plan.plan_job`): every stage with its length,
+    learning rate, warm-up and schedule and where each comes from. None for a chain method
+    whose models are not known yet (a hub teacher, a ``job:`` teacher not finished), or for
+    settings whose stages cannot be planned (refused by the method's check).
+
+    Raises:
+        InvalidSpec: a ``training`` setting the user set that no stage uses (the method's
+            recipe sets its own), naming it and the method setting to use instead.
+    """
+    shapes: tuple[ModelShape, ModelShape] | None = None
+    if issubclass(registry.get(spec.method.name).method_cls, ChainMethod):
+        shapes = _plan_shapes(session, spec, settings, tenant_id)
+        if shapes is None:
+            return None
+    try:
+        plan = plan_job(spec, *(shapes or (None, None)))
+    except SpecError as e:
+        raise InvalidSpec(e.reason, e.field) from None
+    except ValueError:
+        # Stages the method's own check refuses (that check runs where the teacher is known;
+        # for a hub or pending teacher the worker runs it and fails the job naming the field).
+        return None
+    for field, instead in overridden_training_fields(spec, plan).items():
+        name = spec.method.name
+        use = (
+            f"set {' and '.join(instead)} instead"
+            if instead
+            else "its recipe fixes this value: leave it out"
+        )
+        raise InvalidSpec(
+            f"{name} does not use {field}: its recipe sets this for every stage (the submit "
+            f"answer's plan shows each stage's values; docs/methods.md); {use}",
+            field,
+            {"method_settings": instead},
+        )
+    return plan
+
+
+def stored_plan(session: Session, job_id: str) -> dict[str, Any] | None:
+    """The plan computed when job ``job_id`` was submitted (kept in its first event), or
+    None (a job submitted before plans existed, or a chain planned without its models)."""
+    for event in events.list_events(session, job_id, limit=2):
+        plan = (event.data or {}).get("plan")
+        if isinstance(plan, dict):
+            return plan
+    return None
+
+
 SUBMIT_ROUTE = "POST /v1/jobs"
 
 
@@ -530,6 +636,8 @@ def submit(
         validate_references(session, spec, settings, tenant_id)
     finally:
         _DEFERRING.reset(token)
+    plan = job_plan(session, spec, settings, tenant_id)
+    planned: dict[str, Any] = {"plan": plan.as_dict()} if plan is not None else {}
 
     def create() -> str:
         quotas.check_active_jobs(session, tenant_id, settings)
@@ -552,7 +660,7 @@ def submit(
                 job_id,
                 "waiting",
                 f"{spec.method.name} job waiting for job {', '.join(pending)} to succeed",
-                data={"method": spec.method.name, "depends_on": pending},
+                data={"method": spec.method.name, "depends_on": pending, **planned},
             )
             return job_id
         events.record(
@@ -560,7 +668,7 @@ def submit(
             job_id,
             "queued",
             f"{spec.method.name} job queued",
-            data={"method": spec.method.name},
+            data={"method": spec.method.name, **planned},
         )
         return job_id
 

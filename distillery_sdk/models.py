@@ -60,6 +60,9 @@ class Job(_Model):
     finished_at: datetime | None
     heartbeat_at: datetime | None
     links: dict[str, str]
+    plan: dict[str, Any] | None = None
+    """The effective plan computed at submit (stages, lengths, learning rates and where each
+    value comes from; see docs/usage.md "The plan"); None in lists."""
 
     @property
     def finished(self) -> bool:

@@ -334,6 +334,41 @@ def _ort(value: object) -> object:
     return value.get("onnxruntime") if isinstance(value, Mapping) else value
 
 
+def _timed(m: Mapping[str, Any], who: str, batch: str) -> Mapping[str, Any] | None:
+    """The interleaved timing of ``who`` (``student``, ``teacher``, ``speedup``) at ``batch``
+    (``batch1``, ``batch32``) from ``metrics["latency"]``, or None (an older job)."""
+    block = (m.get("latency") or {}).get(batch)
+    figure = block.get(who) if isinstance(block, Mapping) else None
+    return figure if isinstance(figure, Mapping) else None
+
+
+def _flag(figure: Mapping[str, Any] | None, before: str = "") -> str:
+    """`` (spread 12%)``, or `` (spread 40%, unreliable)`` above the limit (``before`` first
+    inside the brackets); empty without a spread."""
+    if figure is None or not isinstance(figure.get("spread"), int | float):
+        return f" ({before})" if before else ""
+    unreliable = ", unreliable" if figure.get("reliable") is False else ""
+    lead = f"{before}, " if before else ""
+    return f" ({lead}spread {figure['spread']:.0%}{unreliable})"
+
+
+def _latency_cell(m: Mapping[str, Any], who: str, d: Mapping[str, Any], batch: str) -> str:
+    return _ms(d.get(f"latency_s_{batch}")) + _flag(_timed(m, who, batch))
+
+
+def _speedup(m: Mapping[str, Any], batch: str) -> str | None:
+    """``faster at batch N`` of the comparison note: the median of the per-round speed-ups
+    with their range and spread (flagged when unreliable), else the ratio of the medians."""
+    figure = _timed(m, "speedup", batch)
+    n = batch.removeprefix("batch")
+    if figure is None or not isinstance(figure.get("median"), int | float):
+        t, s = m.get("teacher") or {}, m.get("student") or {}
+        r = _ratio(t.get(f"latency_s_{batch}"), s.get(f"latency_s_{batch}"))
+        return None if r is None else f"faster at batch {n} {_fmt(r, 2)}×"
+    rounds = f"rounds {_fmt(figure.get('min'), 2)}–{_fmt(figure.get('max'), 2)}×"
+    return f"faster at batch {n} {_fmt(figure['median'], 2)}×{_flag(figure, rounds)}"
+
+
 def _speed_size(m: Mapping[str, Any]) -> str:
     rows: list[list[str]] = []
     models = [("teacher", "PyTorch", m.get("teacher")), ("student", "PyTorch", m.get("student"))]
@@ -345,8 +380,8 @@ def _speed_size(m: Mapping[str, Any]) -> str:
                     runtime,
                     _fmt(d.get("parameters")),
                     _mb(d.get("bytes")),
-                    _ms(d.get("latency_s_batch1")),
-                    _ms(d.get("latency_s_batch32")),
+                    _latency_cell(m, name, d, "batch1"),
+                    _latency_cell(m, name, d, "batch32"),
                 ]
             )
     onnx = m.get("onnx")
@@ -392,20 +427,23 @@ def _speed_size(m: Mapping[str, Any]) -> str:
             for what, r in (
                 ("fewer parameters", _ratio(teacher.get("parameters"), student.get("parameters"))),
                 ("smaller", _ratio(teacher.get("bytes"), student.get("bytes"))),
-                (
-                    "faster at batch 1",
-                    _ratio(teacher.get("latency_s_batch1"), student.get("latency_s_batch1")),
-                ),
-                (
-                    "faster at batch 32",
-                    _ratio(teacher.get("latency_s_batch32"), student.get("latency_s_batch32")),
-                ),
             )
             if r is not None
         ]
+        compared += [f for f in (_speedup(m, "batch1"), _speedup(m, "batch32")) if f]
         if compared:
             notes.insert(0, "Student vs teacher: " + ", ".join(compared) + ".")
     notes.append(f"Latency measured on {m.get('device') or DASH}, milliseconds per example.")
+    latency = m.get("latency")
+    if isinstance(latency, Mapping):
+        limit = latency.get("spread_limit")
+        limit_text = f"{limit:.0%}" if isinstance(limit, int | float) else DASH
+        notes.append(
+            "Teacher and student were timed interleaved, in rounds on the same batches; the "
+            "spread is the interquartile range of the rounds over their median. A figure whose "
+            f"spread is above {limit_text} is unreliable: the machine's load changed while it "
+            "was timed (time the models again on an idle machine before relying on it)."
+        )
     header = [
         "model",
         "runtime",
@@ -469,9 +507,13 @@ DEFINITIONS_COMMON = [
     ),
     (
         "latency",
-        "Median wall-clock time per example of a forward pass over consecutive batches of real "
-        "test examples (batch 1: 20 batches; batch 32: 5 batches; after 10 untimed ones), each "
-        "padded to its longest sequence, on the job's device.",
+        "Median wall-clock time per example of a forward pass over batches of real test "
+        "examples, each padded to its longest sequence, on the job's device. Teacher and "
+        "student are timed interleaved: 5 rounds, each running both models one after the other "
+        "on the same batches (batch 1: 4 batches a round; batch 32: 1), after untimed warm-up "
+        "batches; each figure is the median of the rounds, its spread their interquartile "
+        "range over that median, and the speed-up the median of the rounds' teacher/student "
+        "ratios.",
     ),
     (
         "size",

@@ -35,14 +35,10 @@ from kd_engine.data.corpus import load_corpus
 from kd_engine.data.loading import PathResolver, resolve_regression
 from kd_engine.data.split_artifact import write_split_file
 from kd_engine.distributed import current as current_rank
-from kd_engine.evaluation import (
-    count_parameters,
-    latency_per_example,
-    task_metrics,
-    weights_bytes,
-)
+from kd_engine.evaluation import count_parameters, task_metrics, weights_bytes
 from kd_engine.export import save_student, write_json
 from kd_engine.hops import HopRun, Job, build_student, run_hop, student_shape
+from kd_engine.latency import ROUNDS, SPREAD_LIMIT, interleaved_latency
 from kd_engine.methods.chain import ChainMethod, plan_hops
 from kd_engine.models.loading import (
     REGRESSION_OUTPUT,
@@ -107,13 +103,29 @@ def _tagged(records: list[dict[str, object]], hop: str, many: bool) -> list[dict
     return [{**r, "hop": hop} for r in records] if many else list(records)
 
 
-def _size_and_speed(
-    model: PreTrainedModel, data: Any, pad_id: int, device: torch.device
-) -> dict[str, float]:
-    return {
-        "parameters": count_parameters(model),
-        "latency_s_batch1": latency_per_example(model, data, 1, pad_id, device),
-        "latency_s_batch32": latency_per_example(model, data, 32, pad_id, device, n_batches=5),
+def _speed(
+    metrics: dict[str, Any],
+    models: dict[str, PreTrainedModel],
+    data: Any,
+    pad_id: int,
+    device: torch.device,
+) -> None:
+    """Time the student (and the teacher) interleaved (:mod:`kd_engine.latency`): each
+    model's block gets its median ``latency_s_batch1`` / ``latency_s_batch32`` and
+    ``metrics["latency"]`` every figure's median, min, max, spread and ``reliable`` flag, and
+    the per-round speed-up."""
+    timed = interleaved_latency(models, data, pad_id, device)
+    for name in models:
+        for key, block in timed.items():
+            figure = block[name]
+            assert isinstance(figure, dict)
+            metrics[name][f"latency_s_{key}"] = figure["median"]
+    metrics["latency"] = {
+        "protocol": "interleaved",
+        "rounds": {f"batch{b}": r for b, (r, _, _) in ROUNDS.items()},
+        "batches_per_round": {f"batch{b}": n for b, (_, n, _) in ROUNDS.items()},
+        "spread_limit": SPREAD_LIMIT,
+        **timed,
     }
 
 
@@ -440,7 +452,7 @@ def run_job(
             for w in run.result.warnings
         ],
         "test": final.report["test"],
-        "student": _size_and_speed(student, job.test_enc, pad_id, device),
+        "student": {"parameters": count_parameters(student)},
         "hops": [run.report for run in runs],
         "teacher_cache": cache_report,
     }
@@ -453,10 +465,12 @@ def run_job(
     if t_logits is not None:
         metrics["teacher_test"] = task_metrics(t_logits, job.test_enc.labels)
         metrics.update(teacher_match(s_logits, t_logits))
-        metrics["teacher"] = _size_and_speed(teacher, job.test_enc, pad_id, device)
+        metrics["teacher"] = {"parameters": count_parameters(teacher)}
         teacher_bytes = weights_bytes(Path(teacher_path))
         if teacher_bytes:  # a teacher stored as safetensors (not pytorch_model.bin)
             metrics["teacher"]["bytes"] = teacher_bytes
+    timed = {"student": student} if t_logits is None else {"student": student, "teacher": teacher}
+    _speed(metrics, timed, job.test_enc, pad_id, device)
     # ECE, KL(teacher || student) and the confusion matrices (classification only).
     metrics.update(split_diagnostics(s_logits, t_logits, job.test_enc.labels, names))
     if eval_encs:

@@ -76,13 +76,23 @@ class FromTeacherStudent(_Strict):
 
 
 class FreshStudent(_Strict):
-    """A BERT student with a new configuration, randomly initialised (teacher's vocabulary)."""
+    """A BERT student with a new configuration, randomly initialised (teacher's vocabulary).
+
+    Attributes:
+        allow_larger_than_teacher: the API refuses a fresh student with more parameters than
+            its teacher (counted from both configs) unless this is true.
+    """
 
     type: Literal["fresh"] = "fresh"
     num_layers: int = Field(ge=1, le=48)
     hidden_size: int = Field(ge=8, le=4096)
     num_heads: int = Field(ge=1, le=64)
     intermediate_size: int = Field(ge=8, le=16384)
+    allow_larger_than_teacher: bool = Field(
+        False,
+        description="Accept a student with more parameters than its teacher (refused "
+        "otherwise, with both counts).",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> FreshStudent:

@@ -120,7 +120,8 @@ class TrainResult:
         best_epoch, best_step, best_stage: where the exported checkpoint was evaluated.
         best_dev: its dev metrics.
         seconds: wall-clock seconds of training.
-        warnings: the method's schedule warnings.
+        warnings: stages cut short by ``training.max_steps`` (:func:`cap_warnings`) and the
+            method's schedule warnings.
     """
 
     history: list[dict[str, object]] = field(default_factory=list)
@@ -153,14 +154,32 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def stage_steps(stages: list[Stage], n_examples: int, cfg: TrainingSpec) -> list[int]:
+def stage_steps(
+    stages: list[Stage], n_examples: int, cfg: TrainingSpec, capped: bool = True
+) -> list[int]:
     """Optimiser steps of each stage: epochs x ceil(batches / accumulation), or its ``steps``;
-    each capped at ``cfg.max_steps`` (a per-stage cap, for smoke tests)."""
+    each capped at ``cfg.max_steps`` (a per-stage cap, for smoke tests) unless ``capped`` is
+    False."""
     per_epoch = math.ceil(num_batches(n_examples, cfg.batch_size) / cfg.grad_accumulation_steps)
     out = []
     for stage in stages:
         n = stage.steps if stage.steps is not None else per_epoch * (stage.epochs or 1)
-        out.append(n if cfg.max_steps is None else min(n, cfg.max_steps))
+        out.append(n if cfg.max_steps is None or not capped else min(n, cfg.max_steps))
+    return out
+
+
+def cap_warnings(stages: list[Stage], planned: list[int], capped: list[int]) -> list[str]:
+    """One warning per stage that ``training.max_steps`` cuts short: its planned steps (and
+    epochs) against the steps it will run. Such a job's metrics say little about the method."""
+    out = []
+    for stage, full, run in zip(stages, planned, capped, strict=True):
+        if run < full:
+            length = f"{stage.epochs} epochs, " if stage.epochs is not None else ""
+            out.append(
+                f"training.max_steps cut stage {stage.name!r} short: {run} of its planned "
+                f"{length}{full} steps ran ({run / full:.1%}); the student trained for less "
+                "than the method's plan, so its metrics say little about the method"
+            )
     return out
 
 
@@ -400,7 +419,13 @@ class _Loop:
             ParamGroup(STUDENT, [student], weight_decay=cfg.weight_decay),
             *method.param_groups(),
         ]
-        self.result = TrainResult(warnings=method.schedule_warnings(self.steps))
+        planned = stage_steps(self.stages, len(train_data), cfg, capped=False)
+        self.result = TrainResult(
+            warnings=[
+                *cap_warnings(self.stages, planned, self.steps),
+                *method.schedule_warnings(self.steps),
+            ]
+        )
         self.best_state: dict[str, torch.Tensor] | None = None
         self.restore_state: dict[str, torch.Tensor] | None = None
         self.restore_score = -math.inf

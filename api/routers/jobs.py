@@ -70,7 +70,7 @@ def submit_job(
     )
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return JobOut.of(job)
+    return JobOut.of(job, service.stored_plan(session, job.id))
 
 
 @router.get("", response_model=JobList)
@@ -94,8 +94,9 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: JobId, session: SessionDep, caller: CallerDep) -> JobOut:
-    """Status, progress, timestamps and error reason of a job."""
-    return JobOut.of(service.get(session, job_id, tenant_id=caller.tenant_id))
+    """Status, progress, timestamps and error reason of a job, and its plan."""
+    job = service.get(session, job_id, tenant_id=caller.tenant_id)
+    return JobOut.of(job, service.stored_plan(session, job.id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -250,6 +250,9 @@ class CompareRow:
     bytes: Any
     teacher: str
     front: bool = False
+    reliable: bool = True
+    """False when the latency's spread over its timing rounds was too wide (metrics.json's
+    ``latency.batch1.student.reliable``): such a point is never on the Pareto front."""
 
 
 @dataclass
@@ -268,10 +271,18 @@ def _dataset_name(spec: dict[str, Any]) -> str:
     return str(ds.get("source") or ds.get("train") or "?") if isinstance(ds, dict) else "?"
 
 
+def _latency_reliable(metrics: dict[str, Any]) -> bool:
+    """Whether the student's batch-1 latency was timed reliably (metrics.json's
+    ``latency.batch1.student.reliable``; True for a job timed before the flag existed)."""
+    figure = ((metrics.get("latency") or {}).get("batch1") or {}).get("student") or {}
+    return figure.get("reliable") is not False if isinstance(figure, dict) else True
+
+
 def compare_groups(jobs: Iterable[Job]) -> list[CompareGroup]:
     """The students of ``jobs`` (succeeded ones with test metrics) grouped by dataset and main
     metric, each group with its scatter plot (main test metric against latency per example at
-    batch 1) and its Pareto front marked (no other student both faster and better)."""
+    batch 1) and its Pareto front marked (no other student both faster and better; a student
+    whose latency is unreliable is left off it)."""
     groups: dict[tuple[str, str], list[CompareRow]] = {}
     for job in jobs:
         metrics = job.metrics or {}
@@ -290,11 +301,16 @@ def compare_groups(jobs: Iterable[Job]) -> list[CompareGroup]:
             parameters=student.get("parameters"),
             bytes=student.get("bytes"),
             teacher=str(job.spec.get("teacher", "")),
+            reliable=_latency_reliable(metrics),
         )
         groups.setdefault((row.dataset, metric), []).append(row)
     out = []
     for (dataset, metric), rows in sorted(groups.items()):
-        xy = [(r.latency_s if r.latency_s is not None else math.nan, r.value) for r in rows]
+        # An unreliable latency (too wide a spread) is plotted but never on the front.
+        xy = [
+            (r.latency_s if r.latency_s is not None and r.reliable else math.nan, r.value)
+            for r in rows
+        ]
         on_front = set(pareto_front(xy))
         rows = [CompareRow(**{**r.__dict__, "front": i in on_front}) for i, r in enumerate(rows)]
         rows.sort(key=lambda r: (not r.front, r.latency_s if r.latency_s is not None else math.inf))

@@ -581,10 +581,18 @@ def test_tinybert_stage_lengths_are_settings_checked_at_the_api(
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"] == "method.prediction_epochs"
     assert queued_job_ids(settings) == []
-    # Stage lengths no longer depend on training.epochs: 2 + 1 epochs with training.epochs 1.
+    # Stage lengths do not depend on training.epochs: a job that sets it is refused, naming
+    # the method settings to use (the recipe would silently replace it).
     ok = {**body, "method": {**body["method"], "prediction_epochs": 1}, "training": {"epochs": 1}}
     r = client.post("/v1/jobs", json=ok)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["field"] == "training.epochs"
+    assert "set method.intermediate_epochs and method.prediction_epochs instead" in err["message"]
+    r = client.post("/v1/jobs", json={**ok, "training": {}})
     assert r.status_code == 201, r.text
+    epochs = [s["epochs"]["value"] for s in r.json()["plan"]["stages"]]
+    assert epochs == [2, 1]
 
 
 @pytest.mark.parametrize("method", ["pkd", "tinybert", "ckd", "alp_kd", "rail_kd", "crd"])

@@ -348,6 +348,38 @@ def test_report_has_every_section_and_embeds_pngs(tmp_path: Path) -> None:
     assert csp and "default-src 'none'" in str(csp[0]["content"])
 
 
+def test_report_shows_the_latency_spread_and_flags_unreliable_figures() -> None:
+    """Issue 24: a speed-up timed under a changing load ("0.60x faster") is flagged, not
+    reported as a fact; a steady one shows its rounds' range and spread."""
+    m = classification_metrics_dict()
+
+    def figure(median: float, spread: float) -> dict[str, Any]:
+        lo, hi = median * (1 - spread), median * (1 + spread)
+        return {"median": median, "min": lo, "max": hi, "spread": spread, "rounds": 5,
+                "reliable": spread <= 0.25}  # fmt: skip
+
+    m["latency"] = {
+        "protocol": "interleaved",
+        "spread_limit": 0.25,
+        "batch1": {
+            "student": figure(0.004, 0.6),
+            "teacher": figure(0.009, 0.1),
+            "speedup": {**figure(0.6, 0.7), "reliable": False},
+        },
+        "batch32": {
+            "student": figure(0.0007, 0.05),
+            "teacher": figure(0.0016, 0.04),
+            "speedup": figure(2.3, 0.05),
+        },
+    }
+    page = render_report(m)
+    assert "faster at batch 1 0.60× (rounds 0.18–1.02×, spread 70%, unreliable)" in page
+    assert "faster at batch 32 2.30× (rounds 2.18–2.42×, spread 5%)" in page
+    assert "4.000 (spread 60%, unreliable)" in page  # the student's batch-1 cell
+    assert "9.000 (spread 10%)" in page
+    assert "spread is above 25% is unreliable" in page
+
+
 def test_report_escapes_names_from_the_job(tmp_path: Path) -> None:
     page = render_report(classification_metrics_dict())
     assert "<script" not in page.lower()

@@ -23,6 +23,7 @@ from kd_engine.evaluation import (
     kl_teacher_student,
     predict_logits,
 )
+from kd_engine.latency import SPREAD_LIMIT
 from kd_engine.onnx_export import INT8_FILE, ONNX_FILE, ort_logits, ort_session
 from kd_engine.references import local_path_under
 from kd_engine.report_html import REPORT_FILE, format_number
@@ -184,6 +185,27 @@ def test_vanilla_kd_from_the_finetuned_teacher(kd_run: RunResult, teacher_run: R
     assert m["teacher_test"] == teacher_run.metrics["test"]
     steps = [h["train_losses"] for h in m["epochs"]]
     assert all({"loss", "ce", "kd"} <= s.keys() for s in steps)
+
+
+def test_vanilla_kd_latency_is_timed_interleaved_with_its_spread(kd_run: RunResult) -> None:
+    """Issue 24: teacher and student timed in the same rounds; every figure with its spread
+    and reliability in metrics.json, the headline medians kept where they were."""
+    m = json.loads((kd_run.out_dir / "metrics.json").read_text())
+    latency = m["latency"]
+    assert latency["protocol"] == "interleaved" and latency["spread_limit"] == SPREAD_LIMIT
+    for batch in ("batch1", "batch32"):
+        block = latency[batch]
+        for who in ("student", "teacher"):
+            figure = block[who]
+            assert figure["rounds"] == latency["rounds"][batch] == 5
+            assert 0 < figure["min"] <= figure["median"] <= figure["max"]
+            assert figure["reliable"] == (figure["spread"] <= SPREAD_LIMIT)
+            assert m[who][f"latency_s_{batch}"] == figure["median"]
+        speedup = block["speedup"]
+        assert speedup["min"] <= speedup["median"] <= speedup["max"]
+        assert speedup["reliable"] == (speedup["spread"] <= SPREAD_LIMIT)
+    report = (kd_run.out_dir / "report.html").read_text(encoding="utf-8")
+    assert "timed interleaved" in report and "faster at batch 1" in report
 
 
 def test_vanilla_kd_agreement_matches_the_saved_models(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -19,12 +20,13 @@ from kd_engine.methods.vanilla_kd import VanillaKD, VanillaKDConfig
 from kd_engine.models.shapes import ModelShape
 from kd_engine.models.student import student_from_teacher
 from kd_engine.spec import TrainingSpec
-from kd_engine.stages import lr_factor
+from kd_engine.stages import Stage, lr_factor
 from kd_engine.trainer import (
     Cancelled,
     Progress,
     TrainHooks,
     TrainResult,
+    cap_warnings,
     pick_device,
     train,
 )
@@ -306,9 +308,24 @@ def test_max_steps_stops_early_and_schedule_warnings_see_that_total(
     )
     assert [r["step"] for r in logs if r["event"] == "step"] == [1, 2, 3]
     assert [h["step"] for h in result.history] == [3]
-    assert result.warnings == ["steps [3]"]
-    assert [r for r in logs if r["event"] == "warning"] == [
-        {"event": "warning", "message": "steps [3]"}
+    # The cap cut the stage short: a warning says so (before the method's own), in the
+    # result (metrics.json's warnings, the report) and the log (a job event).
+    cut, schedule = result.warnings
+    planned = 5 * math.ceil(len(encoded["train"]) / 4)
+    assert cut.startswith(
+        f"training.max_steps cut stage 'train' short: 3 of its planned 5 epochs, {planned} steps"
+    ), cut
+    assert schedule == "steps [3]"
+    assert [r["message"] for r in logs if r["event"] == "warning"] == result.warnings
+
+
+def test_cap_warnings_name_only_the_stages_cut_short() -> None:
+    stages = [Stage("a", epochs=2), Stage("b", steps=10), Stage("c", epochs=1)]
+    warnings = cap_warnings(stages, [8, 10, 4], [8, 5, 4])
+    assert warnings == [
+        "training.max_steps cut stage 'b' short: 5 of its planned 10 steps ran (50.0%); the "
+        "student trained for less than the method's plan, so its metrics say little about the "
+        "method"
     ]
 
 

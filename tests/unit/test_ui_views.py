@@ -137,6 +137,30 @@ def test_compare_groups_by_dataset_and_marks_the_front() -> None:
     assert sst2.chart.count('class="point front"') == 2
 
 
+def test_an_unreliable_latency_is_plotted_but_left_off_the_front() -> None:
+    """Issue 24: a collapsed student timed "fast" under load sat on the Pareto front."""
+
+    def m(acc: float, lat: float, reliable: bool | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"test": {"accuracy": acc}, "student": {"latency_s_batch1": lat}}
+        if reliable is not None:
+            figure = {"median": lat, "spread": 0.05 if reliable else 0.6, "reliable": reliable}
+            out["latency"] = {"batch1": {"student": figure}}
+        return out
+
+    jobs = [
+        _job("noisy", m(0.457, 0.0005, False)),  # fastest, but its timing is noise
+        _job("a", m(0.80, 0.001, True)),
+        _job("old", m(0.70, 0.002, None)),  # timed before the flag: trusted as before
+        _job("c", m(0.90, 0.004, True)),
+    ]
+    (group,) = compare_groups(jobs)
+    fronts = {r.job_id: r.front for r in group.rows}
+    assert fronts == {"a": True, "c": True, "noisy": False, "old": False}
+    assert {r.job_id: r.reliable for r in group.rows}["noisy"] is False
+    assert group.chart.count('class="point front"') == 2
+    assert "vanilla_kd noisy" in group.chart  # still plotted
+
+
 def test_curves_from_the_stored_evaluations_and_the_train_log() -> None:
     job = _job("x", METRICS)
     before = curves(job, [])
