@@ -310,8 +310,13 @@ def test_a_worker_killed_while_publishing_loses_no_checkpoint(
         "the dead attempt's staging was never swept",
         timeout_s=60,
     )
+    engine = make_engine(stack.env["DISTILLERY_DATABASE_URL"])
+    with make_sessionmaker(engine)() as s:
+        at = {e.type: e.created_at.timestamp() for e in events.list_events(s, job_id, limit=1000)}
+    engine.dispose()
     print(
-        f"\nSIGKILL while publishing: succeeded {recovered_s:.1f} s after the kill (heartbeat "
-        f"timeout {HEARTBEAT_TIMEOUT_S} s); resumed from {newest['name']} (step 8 of 12): "
-        f"4 steps redone"
+        f"\nSIGKILL while publishing: retried {at['retried'] - killed_at:.1f} s, resumed "
+        f"{at['resumed'] - killed_at:.1f} s, succeeded {recovered_s:.1f} s after the kill "
+        f"(heartbeat timeout {HEARTBEAT_TIMEOUT_S} s); resumed from {newest['name']} (step 8 "
+        f"of 12): 4 steps redone; checkpoints kept: {sum(c['size_bytes'] for c in listed)} bytes"
     )
