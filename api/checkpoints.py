@@ -90,6 +90,13 @@ def list_checkpoints(session: Session, job_id: str) -> list[JobCheckpoint]:
     return list(session.scalars(q.order_by(JobCheckpoint.created_at, JobCheckpoint.name)))
 
 
+def newest(session: Session, job_id: str) -> JobCheckpoint | None:
+    """The job's newest checkpoint (the one a resumed attempt starts from), or None."""
+    q = select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
+    q = q.order_by(JobCheckpoint.created_at.desc(), JobCheckpoint.name.desc()).limit(1)
+    return session.scalars(q).first()
+
+
 def get_checkpoint(session: Session, job_id: str, name: str) -> JobCheckpoint | None:
     """Checkpoint ``name`` of the job, or None."""
     if not is_name(name):

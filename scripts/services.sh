@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379) answer, for the test suite:
 # start them when they are installed but stopped, install them with apt when absent, wait until
-# they answer (bounded), then create the test database if it does not exist.
+# they answer (bounded), then create the test database if it does not exist; install strace
+# (the fault-injection tests use it) when absent.
 # Exports nothing. Meant for dev and CI machines (run as root, or with sudo available).
 # Overrides (for testing this script): SERVICES_PG_PORT, SERVICES_PG_CLUSTER, SERVICES_REDIS_PORT,
 # SERVICES_WAIT_S, DISTILLERY_TEST_DB_NAME.
@@ -148,4 +149,13 @@ if [[ "$("${PSQL[@]}" -tAc "SELECT 1 FROM pg_database WHERE datname='$TEST_DB'")
 else
   "${PSQL[@]}" -qc "CREATE DATABASE \"$TEST_DB\""
   log "created database $TEST_DB"
+fi
+
+# ------------------------------------------------------------------ strace
+# The fault-injection tests kill a real process at one exact system call with strace
+# (tests/unit/test_publish_kill.py, tests/e2e/test_durable.py).
+if command -v strace >/dev/null 2>&1; then
+  log "strace found"
+else
+  apt_install strace
 fi

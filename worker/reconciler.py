@@ -7,14 +7,19 @@ One pass (:func:`reconcile_once`) runs the functions of :data:`PASSES` in order:
 * :func:`recover_lost_workers`: a running, cancelling or pausing job whose heartbeat is
   older than ``heartbeat_timeout_s`` has lost its worker. Running with attempts left (fewer
   than ``max_attempts``): back to ``queued`` (``attempt`` kept; the next claim increments it)
-  with a ``retried`` event, and sent again. Running with none left: ``failed``, the reason
+  with a ``retried`` event naming the step it had reached (its progress, or its newest
+  checkpoint's step when it was lost outside training: testing, exporting, publishing) and
+  that checkpoint, and sent again. Running with none left: ``failed``, the reason
   listing the attempts. Cancelling: ``cancelled``. Pausing: ``paused``.
 * :func:`resend_lost_messages`: a job queued for more than ``requeue_grace_s`` whose message
   the broker does not hold (neither waiting in its queue's lists nor delivered and
   unacknowledged in the ``unacked`` hash of kombu's Redis transport, delivered less than the
   grace ago) is sent again. A duplicate delivery is harmless: only one claim of a queued job
   succeeds (:func:`api.repository.claim`).
-* :func:`sweep_uploads`: uploads that died (:func:`api.upload_sweep.sweep`).
+* :func:`release_waiting_jobs`: ``waiting`` jobs whose dependencies have finished move on.
+* :func:`sweep_uploads`: uploads that died (:func:`api.upload_liveness.sweep`).
+* :func:`sweep_dead_staging`: the local staging folders of attempts that are no longer alive
+  (a killed worker's output and checkpoints, :mod:`worker.staging`) are removed.
 
 Every send goes to the job's own queue (``jobs.queue``, the submitting API's
 ``DISTILLERY_QUEUE``), never to this worker's: a pass of a ``cpu`` worker leaves a ``gpu`` job
@@ -49,10 +54,11 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import dependencies, events, repository, upload_liveness
+from api import checkpoints, dependencies, events, repository, upload_liveness
 from api.db import Job, JobEvent, make_engine, make_sessionmaker, utcnow
 from api.queue import BrokerUnavailable, broker_lists, enqueue
 from api.settings import Settings, get_settings
+from worker import staging
 from worker.celery_app import make_celery
 
 log = logging.getLogger("distillery.reconciler")
@@ -79,6 +85,7 @@ class ReconcileReport:
     resent: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     swept_uploads: list[str] = field(default_factory=list)
+    swept: list[str] = field(default_factory=list)  # staging folders (names), not job ids
     errors: list[str] = field(default_factory=list)
 
     def acted(self) -> bool:
@@ -91,6 +98,7 @@ class ReconcileReport:
             or self.resent
             or self.released
             or self.swept_uploads
+            or self.swept
         )
 
 
@@ -165,6 +173,14 @@ def recover_lost_workers(ctx: PassContext) -> None:
                     )
                     ctx.report.paused.append(job_id)
             elif attempt < settings.max_attempts:
+                newest = checkpoints.newest(s, job_id)
+                if not step and newest is not None:  # lost outside training (test, publish)
+                    step = newest.step
+                saved = (
+                    f" (newest checkpoint {newest.name} at step {newest.step})"
+                    if newest is not None
+                    else ""
+                )
                 if repository.transition(
                     s,
                     job_id,
@@ -177,7 +193,7 @@ def recover_lost_workers(ctx: PassContext) -> None:
                         s,
                         job_id,
                         "retried",
-                        f"worker lost at step {step}; attempt {attempt + 1} of "
+                        f"worker lost at step {step}{saved}; attempt {attempt + 1} of "
                         f"{settings.max_attempts}",
                         level="warning",
                         data={
@@ -185,6 +201,8 @@ def recover_lost_workers(ctx: PassContext) -> None:
                             "next_attempt": attempt + 1,
                             "max_attempts": settings.max_attempts,
                             "step": step,
+                            "checkpoint": newest.name if newest is not None else None,
+                            "checkpoint_step": newest.step if newest is not None else None,
                         },
                     )
                     ctx.report.retried.append(job_id)
@@ -273,11 +291,18 @@ def sweep_uploads(ctx: PassContext) -> None:
     ctx.report.swept_uploads.extend(swept.stale + swept.orphans)
 
 
+def sweep_dead_staging(ctx: PassContext) -> None:
+    """Remove the staging folders of attempts that are no longer alive
+    (:func:`worker.staging.sweep`): a killed worker's output, checkpoints and resume copies."""
+    ctx.report.swept.extend(staging.sweep(ctx.settings, ctx.sessions).removed)
+
+
 PASSES: list[Callable[[PassContext], None]] = [
     recover_lost_workers,
     resend_lost_messages,
     release_waiting_jobs,
     sweep_uploads,
+    sweep_dead_staging,
 ]
 """The passes of :func:`reconcile_once`, in order. Append a pass (e.g. ``release_waiting``)
 here; each gets the :class:`PassContext` and records what it did in ``ctx.report``."""

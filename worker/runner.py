@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +26,7 @@ from kd_engine.trainer import Cancelled, Progress, TrainHooks
 from worker import checkpoints as saved_checkpoints
 from worker.celery_app import make_celery
 from worker.heartbeat import Heartbeat
+from worker.staging import AttemptDirs
 from worker.teacher_caches import ArtifactCacheStore
 from worker.tracking import JobTracker
 
@@ -189,16 +189,14 @@ def _execute(job_id: str, settings: Settings) -> str:
             data={"attempt": attempt, "worker": socket.gethostname()},
         )
         s.commit()
-    tmp = staging / f"{job_id}-{attempt}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ckpt_dir = tmp.with_name(f"{tmp.name}-checkpoints")
+    dirs = AttemptDirs.of(staging, job_id, attempt)  # swept by worker.staging if we die
+    dirs.remove()
+    tmp, ckpt_dir = dirs.output, dirs.checkpoints
     # The heartbeat starts before the checkpoint download: a large one is not a lost worker.
     beat = Heartbeat(sm, job_id, attempt, settings.heartbeat_interval_s)
     beat.start()
     try:
-        resume = saved_checkpoints.fetch_latest(
-            sm, settings, job_id, tmp.with_name(f"{tmp.name}-resume")
-        )
+        resume = saved_checkpoints.fetch_latest(sm, settings, job_id, dirs.resume)
     except BaseException:
         beat.stop()
         raise
@@ -339,10 +337,7 @@ def _execute(job_id: str, settings: Settings) -> str:
     finally:
         tracker.end(outcome)
         beat.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        if resume is not None:
-            shutil.rmtree(resume.directory, ignore_errors=True)
+        dirs.remove()
         release_dependents(settings, job_id)
 
 

@@ -11,7 +11,7 @@ from celery.signals import setup_logging, worker_ready
 from api import logs
 from api.settings import get_settings
 from api.storage import StorageError, check_storage
-from worker import reconciler, runner
+from worker import reconciler, runner, staging
 from worker.celery_app import TASK_NAME, app
 
 log = logging.getLogger("distillery.worker")
@@ -31,6 +31,18 @@ def _start_reconciler(**_: Any) -> None:
     settings = get_settings()
     reconciler.start_thread(settings)
     log.info("reconciler started (a pass every %g s)", settings.reconcile_interval_s)
+
+
+@worker_ready.connect
+def _sweep_staging(**_: Any) -> None:
+    """Once at start: remove the staging folders of dead attempts from this machine's staging
+    root (with s3 each worker has its own; the reconciler's passes sweep one worker's). An
+    error is logged: the next pass tries again."""
+    settings = get_settings()
+    try:
+        staging.sweep(settings, runner.sessions_for(settings.database_url))
+    except Exception:
+        log.exception("could not sweep the staging folders of dead attempts")
 
 
 @worker_ready.connect

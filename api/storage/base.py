@@ -273,9 +273,13 @@ class Storage(ABC):
     def put_dir(self, prefix: str, source: Path, keep: Sequence[str] = ()) -> list[StoredObject]:
         """Publish the regular files of the local directory ``source`` (recursively) under
         ``prefix``, replacing whatever was under it except the sub-prefixes ``keep`` (names
-        relative to ``prefix``, such as ``checkpoints``: what is under them stays, and
-        ``source``'s own files there are dropped); ``source`` is consumed (moved or removed).
-        Files whose relative paths are not valid keys are not published.
+        relative to ``prefix``, such as ``checkpoints``: what is under them is never moved,
+        renamed or deleted, even by a publication killed part-way, and ``source``'s own files
+        there are dropped); ``source`` is consumed (moved or removed). Each object is replaced
+        atomically; the whole publication is not (killed part-way, the prefix holds a mix and
+        publishing again completes it), so callers make it visible afterwards (the worker
+        commits the artifact rows once this returns). Files whose relative paths are not valid
+        keys are not published.
 
         Returns:
             The published objects (key, size in bytes, sha256), sorted by key (not those kept).

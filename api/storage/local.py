@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -147,50 +148,97 @@ class LocalStorage(Storage):
         return count
 
     def put_dir(self, prefix: str, source: Path, keep: Sequence[str] = ()) -> list[StoredObject]:
-        """See :meth:`Storage.put_dir`. ``source`` is renamed into place when it lies on the
-        same filesystem (the worker stages under the root for this), else copied and removed.
-        Published files get mode 0644 and folders 0755. Kept sub-prefixes are moved aside (a
-        hidden folder of the root) and back."""
+        """See :meth:`Storage.put_dir`. Each file of ``source`` is renamed over its key's path
+        (``os.replace``: a reader sees the old file or the new one, never a part) when it lies
+        on the same filesystem (the worker stages under the root for this), else copied to a
+        temporary file beside its key and renamed; then the files of an earlier publication
+        that the new one lacks are deleted and ``source`` is removed. Nothing under the kept
+        sub-prefixes is ever moved, renamed or deleted (a job's ``checkpoints/`` stays where it
+        is while its output is published beside it), and the prefix's folder is never removed.
+        Published files get mode 0644 and folders 0755.
+
+        Killed part-way, the prefix holds some new files and some earlier ones, the rest stays
+        in ``source``; publishing again completes it (callers make the result visible only
+        after this returns: the worker commits the artifact rows afterwards)."""
         final = self._path(prefix)
         source = Path(source)
-        kept: list[tuple[str, Path]] = []
-        aside = None
-        for sub in keep:
-            held = self._path(join_key(prefix, sub))
-            shutil.rmtree(source / sub, ignore_errors=True)
-            if held.is_dir():
-                if aside is None:
-                    self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-                    aside = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
-                target = aside / str(len(kept))
-                held.replace(target)
-                kept.append((sub, target))
-        if final.exists():
-            shutil.rmtree(final)
-        final.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        kept = tuple(join_key(prefix, sub) for sub in keep)
+
+        def is_kept(key: str) -> bool:  # under a kept sub-prefix, or a folder holding one
+            return any(key == k or key.startswith(k + "/") or k.startswith(key + "/") for k in kept)
+
+        before = [k for k in self.list_keys(prefix) if not is_kept(k)]
+        staged: list[tuple[str, Path]] = []
+        for path in sorted(p for p in source.rglob("*") if p.is_file() and not p.is_symlink()):
+            try:
+                key = join_key(prefix, path.relative_to(source).as_posix())
+            except InvalidKey:
+                continue
+            if not is_kept(key):
+                staged.append((key, path))
+        stored: list[StoredObject] = []
+        for key, path in staged:
+            dest = self._path(key)
+            self._make_dirs(dest.parent)
+            if dest.is_dir():  # an earlier publication had a folder where this is a file
+                shutil.rmtree(dest)
+            os.chmod(path, FILE_MODE)
+            stored.append(StoredObject(key, path.stat().st_size, sha256_file(path)))
+            try:
+                os.replace(path, dest)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                self._copy_in(path, dest)
+        new = {o.key for o in stored}
+        for key in before:
+            if key not in new:
+                self._path(key).unlink(missing_ok=True)
+                self._remove_empty_parents(self._path(key).parent, final)
+        shutil.rmtree(source, ignore_errors=True)
+        return sorted(stored, key=lambda o: o.key)
+
+    def _make_dirs(self, folder: Path) -> None:
+        """Create ``folder`` and its missing parents under the root, each with mode 0755."""
+        missing = []
+        while not folder.is_dir() and folder != self.root:
+            missing.append(folder)
+            folder = folder.parent
+        self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        for d in reversed(missing):
+            if d.is_file() or d.is_symlink():  # an earlier publication's file in the way
+                d.unlink()
+            with contextlib.suppress(FileExistsError):
+                d.mkdir(mode=DIR_MODE)
+            os.chmod(d, DIR_MODE)
+
+    @staticmethod
+    def _copy_in(path: Path, dest: Path) -> None:
+        """Copy ``path`` (another filesystem) to a temporary file beside ``dest``, renamed over
+        it; ``path`` is left to the caller."""
+        fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=dest.parent)
+        tmp = Path(name)
         try:
-            source.replace(final)
-        except OSError:  # another filesystem
-            shutil.copytree(source, final)
-            shutil.rmtree(source)
-        for dirpath, _, filenames in os.walk(final):
-            os.chmod(dirpath, DIR_MODE)
-            for name in filenames:
-                file = Path(dirpath) / name
-                if file.is_file() and not file.is_symlink():
-                    os.chmod(file, FILE_MODE)
-        for sub, held in kept:
-            dest = self._path(join_key(prefix, sub))
-            dest.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-            held.replace(dest)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-        kept_prefixes = tuple(f"{prefix}/{sub}/" for sub in keep)
-        return [
-            StoredObject(key, (self.root / key).stat().st_size, sha256_file(self.root / key))
-            for key in self.list_keys(prefix)
-            if not key.startswith(kept_prefixes)
-        ]
+            with os.fdopen(fd, "wb") as out, path.open("rb") as src:
+                shutil.copyfileobj(src, out, CHUNK_BYTES)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def _remove_empty_parents(folder: Path, stop: Path) -> None:
+        """Remove ``folder`` and its parents while they are empty, up to (not including)
+        ``stop``."""
+        while folder != stop and folder.is_relative_to(stop):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or gone)
+                return
+            folder = folder.parent
 
     def staging_root(self) -> Path:
         """See :meth:`Storage.staging_root`: ``<root>/.partial`` (hidden: never listed)."""

@@ -1,14 +1,21 @@
 """End to end, durable jobs: a real Celery worker checkpoints a job and is SIGKILLed mid-job;
 the reconciler of a new worker re-queues the job and that worker resumes it from its newest
-checkpoint, ending with weights equal bit for bit to an uninterrupted run's. And a job paused
-over HTTP frees its worker, then resumes to the same weights."""
+checkpoint, ending with weights equal bit for bit to an uninterrupted run's. A job paused
+over HTTP frees its worker, then resumes to the same weights. And a worker SIGKILLed (by
+strace, at one exact rename) while publishing a job's output loses none of its checkpoints:
+the next attempt resumes from the newest, and the dead attempt's staging is swept."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -206,3 +213,110 @@ def test_pause_frees_the_worker_and_resume_finishes_bit_for_bit(
     assert types.count("started") == 2
     order = [t for t in types if t in ("pausing", "paused", "queued", "resumed", "succeeded")]
     assert order == ["queued", "pausing", "paused", "queued", "resumed", "succeeded"]
+
+
+def wait_for(check: Any, what: str, timeout_s: float = 120, every_s: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(every_s)
+    return value
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_a_worker_killed_while_publishing_loses_no_checkpoint(
+    client: Client, stack: Stack, tmp_path: Path
+) -> None:
+    """Before: publishing moved checkpoints/ aside and removed the job's folder, so a kill
+    there stranded them in .tmp-* and the next attempt trained from step 0."""
+    name = next(n for n in stack.processes if n.startswith("worker"))
+    worker = stack.processes[name]
+    # 96 examples, batch 8: 12 steps, a checkpoint at step 8 (none after the last stage)
+    spec = {
+        **SPEC,
+        "dataset": {**SPEC["dataset"], "max_train_examples": 96},
+        "training": {**SPEC["training"], "epochs": 1},
+    }
+    job_id = client.submit(spec)["id"]
+    artifacts = Path(stack.env["DISTILLERY_ARTIFACTS_ROOT"]).resolve()
+    staged = artifacts / ".partial" / f"{job_id}-1"  # worker.staging.AttemptDirs
+    wait_for(
+        lambda: (client.job(job_id)["progress"] or {}).get("step", 0) > 0,
+        "the job never started training",
+        timeout_s=600,
+    )
+    assert (staged / "train_log.jsonl").is_file()
+    # SIGKILL the worker at the rename that publishes its train_log.jsonl (files sorted
+    # before it are published, those after it not), or, for a publish that moved the whole
+    # staged folder, at that folder's rename. Nothing else renames these two paths.
+    renames = "rename,renameat,renameat2"
+    with (tmp_path / "strace.err").open("wb") as err:
+        tracer = subprocess.Popen(
+            [
+                "strace", "-f", "-p", str(worker.pid), "-o", os.devnull,
+                f"--trace-path={staged}", f"--trace-path={staged / 'train_log.jsonl'}",
+                f"--trace={renames}", f"--inject={renames}:signal=SIGKILL",
+            ],
+            stderr=err,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: b"attached" in (tmp_path / "strace.err").read_bytes(), "no strace")
+        worker.wait(timeout=600)
+        killed_at = time.time()
+    finally:
+        tracer.kill()
+        tracer.wait(30)
+    assert worker.returncode == -signal.SIGKILL, (worker.returncode, client.job(job_id))
+    stack.processes.pop(name)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(worker.pid, signal.SIGKILL)
+
+    assert client.job(job_id)["status"] == "running"  # nobody told the database
+    listed = client.http.get(f"/v1/jobs/{job_id}/checkpoints").json()["items"]
+    newest = listed[-1]
+    assert [c["step"] for c in listed] == [8], listed
+    # every checkpoint is where it was (before: moved into a hidden .tmp-* folder) ...
+    for item in listed:
+        assert (artifacts / job_id / "checkpoints" / item["name"] / "manifest.json").is_file()
+    assert not list(artifacts.glob(".tmp-*"))
+    # ... and the kill came part-way through publishing
+    assert (artifacts / job_id / "config.json").is_file()
+    assert (staged / "train_log.jsonl").is_file()
+
+    stack.start_worker("worker-publish")
+    done = client.wait(job_id, timeout_s=900, poll_s=0.5)
+    recovered_s = time.time() - killed_at
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempt"] == 2
+    log = db_events(stack, job_id)
+    retried = [(m, d) for t, m, d in log if t == "retried"]
+    assert [m for m, _ in retried] == [
+        f"worker lost at step 8 (newest checkpoint {newest['name']} at step 8); attempt 2 of 3"
+    ]
+    resumed = [d for t, _, d in log if t == "resumed"]
+    assert [(d["checkpoint"], d["step"]) for d in resumed] == [(newest["name"], 8)]
+    assert done["progress"]["step"] == done["progress"]["total_steps"] == 12  # 4 steps redone
+    items = client.artifacts(job_id)["items"]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "train_log.jsonl"} <= {
+        a["name"] for a in items
+    }
+    for a in items:
+        r = client.http.get(f"/v1/jobs/{job_id}/artifacts/{a['name']}")
+        assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == a["sha256"]
+    assert client.http.get(f"/v1/jobs/{job_id}/archive").status_code == 200
+    # the dead attempt's staging is swept by the new worker's reconciler
+    wait_for(
+        lambda: not list(staged.parent.glob(f"{job_id}-1*")),
+        "the dead attempt's staging was never swept",
+        timeout_s=60,
+    )
+    engine = make_engine(stack.env["DISTILLERY_DATABASE_URL"])
+    with make_sessionmaker(engine)() as s:
+        at = {e.type: e.created_at.timestamp() for e in events.list_events(s, job_id, limit=1000)}
+    engine.dispose()
+    print(
+        f"\nSIGKILL while publishing: retried {at['retried'] - killed_at:.1f} s, resumed "
+        f"{at['resumed'] - killed_at:.1f} s, succeeded {recovered_s:.1f} s after the kill "
+        f"(heartbeat timeout {HEARTBEAT_TIMEOUT_S} s); resumed from {newest['name']} (step 8 "
+        f"of 12): 4 steps redone; checkpoints kept: {sum(c['size_bytes'] for c in listed)} bytes"
+    )
