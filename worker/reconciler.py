@@ -46,6 +46,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import dependencies, events, repository
 from api.db import Job, JobEvent, make_engine, make_sessionmaker, utcnow
+from api.db_errors import public_message
 from api.queue import BrokerUnavailable, broker_lists, enqueue
 from api.settings import Settings, get_settings
 from worker.celery_app import make_celery
@@ -341,7 +342,7 @@ def reconcile_once(
                     step(ctx)
                 except Exception as e:  # one pass failing must not stop the others
                     log.warning("reconciler pass %s failed", step.__name__, exc_info=True)
-                    report.errors.append(f"{step.__name__}: {type(e).__name__}: {e}")
+                    report.errors.append(f"{step.__name__}: {public_message(e)}")
         finally:
             # Release only our own lock (it may have expired and been taken since); on a
             # broker error it expires by itself.
