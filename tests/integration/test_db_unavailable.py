@@ -36,9 +36,7 @@ def closed_port_url() -> str:
 def test_the_api_answers_503_with_retry_after_while_the_database_is_unreachable(
     settings: Settings,
 ) -> None:
-    down = settings.model_copy(
-        update={"database_url": closed_port_url(), "db_retry_after_s": 7}
-    )
+    down = settings.model_copy(update={"database_url": closed_port_url(), "db_retry_after_s": 7})
     client = TestClient(create_app(down), raise_server_exceptions=False)
     headers = {"Authorization": "Bearer dk_abcdefgh_" + "x" * 32}
     answers = [
@@ -82,9 +80,7 @@ def test_a_unit_of_work_on_a_terminated_connection_is_retried_on_a_new_one(
             return value
 
     try:
-        assert (
-            db_retry.call(work, what="test", deadline_s=10, on_recovered=recovered.append) == 42
-        )
+        assert db_retry.call(work, what="test", deadline_s=10, on_recovered=recovered.append) == 42
     finally:
         admin.dispose()
         engine.dispose()
