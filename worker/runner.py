@@ -444,8 +444,8 @@ def _execute(job_id: str, settings: Settings) -> str:
         db("finish", lambda: _finish(sm, job_id, "failed", reason, attempt, error=reason))
         return "failed"
     finally:
+        beat.stop()  # first: nothing below may keep a stopped attempt's job looking alive
         tracker.end(outcome)
-        beat.stop()
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         if resume is not None:
