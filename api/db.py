@@ -327,6 +327,11 @@ class JobCheckpoint(Base):
     __table_args__ = (Index("ix_job_checkpoints_job_created", "job_id", "created_at"),)
 
 
+CONNECT_TIMEOUT_S = 10
+"""Seconds a new PostgreSQL connection may take (libpq ``connect_timeout``) unless the URL
+sets its own."""
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL and a busy timeout so api and worker share it."""
     if url.startswith("sqlite"):
@@ -340,7 +345,11 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # pool_pre_ping: a pooled connection the server closed (a restart, a terminated backend)
+    # is replaced at checkout; one lost in use invalidates the pool's older connections.
+    # connect_timeout: a database host that does not answer fails a connect in seconds.
+    connect_args = {} if "connect_timeout" in url else {"connect_timeout": CONNECT_TIMEOUT_S}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:

@@ -14,8 +14,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.db_errors import is_transient, public_message
 from api.storage.base import InvalidKey, ObjectNotFound, StorageError, TooLarge
 from kd_engine.spec_fields import unknown_field_reason
 
@@ -145,6 +147,32 @@ def validation_details(
     ]
 
 
+DEFAULT_RETRY_AFTER_S = 5
+"""``Retry-After`` of a 503 for an unavailable database when the app has no settings."""
+
+
+def database_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The answer to a database error: 503 ``unavailable`` with ``Retry-After`` (the
+    settings' ``db_retry_after_s``) when it is transient (:func:`api.db_errors.is_transient`:
+    the database dropped the connection, is restarting or refuses connections), else 500
+    ``internal``. Neither body names SQL, parameters or the driver's message; the log has
+    them."""
+    if is_transient(exc):
+        log.warning("database unavailable: %s", public_message(exc))
+        settings = getattr(request.app.state, "settings", None)
+        retry_after = getattr(settings, "db_retry_after_s", DEFAULT_RETRY_AFTER_S)
+        return JSONResponse(
+            _body("unavailable", "the database is unavailable; retry later"),
+            status_code=503,
+            headers={"Retry-After": str(retry_after)},
+        )
+    log.error("database error", exc_info=exc)
+    return JSONResponse(
+        _body("internal", "internal server error; the server log has the details"),
+        status_code=500,
+    )
+
+
 def install(app: FastAPI) -> None:
     """Register the JSON error handlers on ``app``."""
 
@@ -185,8 +213,14 @@ def install(app: FastAPI) -> None:
             status_code=503,
         )
 
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        return database_error_response(request, exc)
+
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, SQLAlchemyError):  # raised outside the routes (a middleware)
+            return database_error_response(request, exc)
         log.exception("unhandled error")
         return JSONResponse(
             _body("internal", "internal server error; the server log has the details"),

@@ -157,10 +157,15 @@ def claim(session: Session, job_id: str, worker: str) -> bool:
 
 
 def heartbeat(
-    session: Session, job_id: str, progress: dict[str, Any], metrics: dict[str, Any] | None = None
+    session: Session,
+    job_id: str,
+    progress: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    attempt: int | None = None,
 ) -> str | None:
     """Record progress and a heartbeat on a running (or pausing, cancelling) job; return its
-    current status."""
+    current status. With ``attempt``, only while the job is on that attempt (a stalled
+    attempt whose job was re-queued and claimed again writes nothing and gets None)."""
     values: dict[str, Any] = {
         "progress": progress,
         "heartbeat_at": utcnow(),
@@ -168,13 +173,16 @@ def heartbeat(
     }
     if metrics is not None:
         values["metrics"] = metrics
+    where = [Job.id == job_id]
+    if attempt is not None:
+        where.append(Job.attempt == attempt)
     session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(("running", "pausing", "cancelling")))
+        .where(*where, Job.status.in_(("running", "pausing", "cancelling")))
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    return session.scalar(select(Job.status).where(Job.id == job_id))
+    return session.scalar(select(Job.status).where(*where))
 
 
 def replace_artifacts(session: Session, job_id: str, files: list[tuple[str, int, str]]) -> None:

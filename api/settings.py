@@ -137,6 +137,21 @@ class Settings(BaseSettings):
         description="Longest wait (seconds) to publish a job to the broker (connect, send, "
         "answer); a broker that does not answer in time fails the submit with 503.",
     )
+    db_retry_deadline_s: float = Field(
+        300,
+        ge=0,
+        description="Longest time (seconds) a worker retries a database write or read through "
+        "transient errors (a dropped or terminated connection, a restart, a failover), with "
+        "exponential backoff, before it stops the job's attempt without a verdict: the job "
+        "stays running, its heartbeat goes stale and the reconciler re-queues it to resume "
+        "from its newest checkpoint. Capped at heartbeat_timeout_s.",
+    )
+    db_retry_after_s: int = Field(
+        5,
+        ge=1,
+        description="Retry-After (seconds) of the API's 503 answers while the database is "
+        "unavailable.",
+    )
     progress_every_steps: int = Field(
         5, description="Training steps between progress writes and cancel checks."
     )

@@ -10,6 +10,7 @@ local storage cache, uploaded from there) and live in the store under
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from api import checkpoints, events, repository
 from api.settings import Settings
 from api.storage import ObjectNotFound, StorageError, artifact_storage, sha256_file
 from kd_engine.checkpoint import CheckpointPolicy, SavedCheckpoint, read_checkpoint_info
+from worker.db_retry import Retrier
 
 log = logging.getLogger("distillery.worker")
 
@@ -43,13 +45,35 @@ def store(
     transaction, then delete the checkpoints beyond the newest ``checkpoints_keep`` (rows and
     files).
 
+    The database transaction is retried through transient errors
+    (:class:`worker.db_retry.Retrier`); the files are not sent again.
+
     Raises:
         StorageError, OSError: the store refused it (the caller decides whether that is fatal).
+        DatabaseUnavailable: the database stayed away past the retry deadline.
     """
     store_ = artifact_storage(settings)
     prefix = checkpoints.checkpoint_key(job_id, saved.name)
     stored = store_.put_dir(prefix, saved.path)
     files = [(o.key.removeprefix(prefix + "/"), o.size, o.sha256) for o in stored]
+    old = Retrier.for_settings(settings)(
+        "checkpoint", lambda: _record_stored(sm, settings, job_id, attempt, saved, files)
+    )
+    shutil.rmtree(saved.path, ignore_errors=True)
+    for name in old:
+        store_.delete_prefix(checkpoints.checkpoint_key(job_id, name))
+
+
+def _record_stored(
+    sm: sessionmaker[Session],
+    settings: Settings,
+    job_id: str,
+    attempt: int,
+    saved: SavedCheckpoint,
+    files: list[tuple[str, int, str]],
+) -> list[str]:
+    """One transaction: the checkpoint's row, its event, and the rows beyond the newest
+    ``checkpoints_keep`` removed; returns the names removed (their files are the caller's)."""
     with sm() as s:
         row = checkpoints.add(
             s,
@@ -85,9 +109,7 @@ def store(
         old = checkpoints.beyond_keep(s, job_id, settings.checkpoints_keep)
         checkpoints.remove(s, job_id, old)
         s.commit()
-    shutil.rmtree(saved.path, ignore_errors=True)
-    for name in old:
-        store_.delete_prefix(checkpoints.checkpoint_key(job_id, name))
+    return list(old)
 
 
 def discard_all(sm: sessionmaker[Session], settings: Settings, job_id: str) -> int:
@@ -154,10 +176,20 @@ def fetch_latest(
     """Copy the newest loadable checkpoint of the job into ``dest`` (emptied first) and return
     it; None when the job has none that loads. A checkpoint that is missing, truncated, altered
     or without a readable manifest is skipped for the one before it, with a ``warning`` event
-    naming it (and one more when none is left: the job starts afresh)."""
+    naming it (and one more when none is left: the job starts afresh). Its database work is
+    retried through transient errors (:class:`worker.db_retry.Retrier`).
+
+    Raises:
+        DatabaseUnavailable: the database stayed away past the retry deadline.
+    """
     store_ = artifact_storage(settings)
-    with sm() as s:
-        rows = [(r.name, r.files) for r in checkpoints.list_checkpoints(s, job_id)]
+    db = Retrier.for_settings(settings)
+
+    def listed() -> list[tuple[str, list[list[object]]]]:
+        with sm() as s:
+            return [(r.name, r.files) for r in checkpoints.list_checkpoints(s, job_id)]
+
+    rows = db("checkpoint list", listed)
     skipped = []
     for name, files in reversed(rows):
         shutil.rmtree(dest, ignore_errors=True)
@@ -170,16 +202,14 @@ def fetch_latest(
             info = read_checkpoint_info(dest)
         except (ValueError, KeyError, TypeError, OSError, StorageError) as e:
             skipped.append(name)
-            warn(sm, job_id, f"checkpoint {name} cannot be loaded ({e}); trying an older one")
+            message = f"checkpoint {name} cannot be loaded ({e}); trying an older one"
+            db("event", functools.partial(warn, sm, job_id, message))
             continue
         return Resume(dest, info)
     shutil.rmtree(dest, ignore_errors=True)
     if skipped:
-        warn(
-            sm,
-            job_id,
-            f"no checkpoint could be loaded ({', '.join(skipped)}); training starts afresh",
-        )
+        message = f"no checkpoint could be loaded ({', '.join(skipped)}); training starts afresh"
+        db("event", lambda: warn(sm, job_id, message))
     return None
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db import Job, utcnow
+from api.db_errors import public_message
 
 log = logging.getLogger("distillery.worker")
 
@@ -60,8 +61,8 @@ class Heartbeat:
                 with self.sessions() as s:
                     alive = touch(s, self.job_id, self.attempt)
                     s.commit()
-            except Exception:  # the database may come back; the reconciler decides
-                log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+            except Exception as e:  # the database may come back; the reconciler decides
+                log.warning("job %s: heartbeat failed (%s)", self.job_id, public_message(e))
                 continue
             self.beats += 1
             if not alive:

@@ -56,6 +56,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import checkpoints, dependencies, events, repository, upload_liveness
 from api.db import Job, JobEvent, make_engine, make_sessionmaker, utcnow
+from api.db_errors import public_message
 from api.queue import BrokerUnavailable, broker_lists, enqueue
 from api.settings import Settings, get_settings
 from worker import staging
@@ -383,7 +384,7 @@ def reconcile_once(
                     step(ctx)
                 except Exception as e:  # one pass failing must not stop the others
                     log.warning("reconciler pass %s failed", step.__name__, exc_info=True)
-                    report.errors.append(f"{step.__name__}: {type(e).__name__}: {e}")
+                    report.errors.append(f"{step.__name__}: {public_message(e)}")
         finally:
             # Release only our own lock (it may have expired and been taken since); on a
             # broker error it expires by itself.

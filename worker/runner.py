@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import checkpoints, dependencies, events, logs, refs, repository
 from api.db import make_engine, make_sessionmaker, utcnow
+from api.db_errors import is_transient, public_message, scrub
 from api.settings import Settings
 from api.storage import StorageError, artifact_storage
 from kd_engine.checkpoint import Paused, SavedCheckpoint
@@ -25,6 +26,7 @@ from kd_engine.spec import JobSpec, PretrainedStudent
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
 from worker import checkpoints as saved_checkpoints
 from worker.celery_app import make_celery
+from worker.db_retry import DatabaseUnavailable, Retrier
 from worker.heartbeat import Heartbeat
 from worker.staging import AttemptDirs
 from worker.teacher_caches import ArtifactCacheStore
@@ -70,14 +72,25 @@ def _publish(
     tmp: Path,
     metrics: dict[str, Any],
     attempt: int | None = None,
+    db: Retrier | None = None,
 ) -> bool:
     """Publish the finished output to the artifact store (replacing an earlier attempt's),
     record its top-level files, mark the job succeeded; with ``attempt``, only while the job
-    is still on that attempt. Returns whether it was published."""
+    is still on that attempt. Returns whether it was published. Its database work goes
+    through ``db`` (default: the settings' retrier).
+
+    Raises:
+        DatabaseUnavailable: the database stayed away past the retry deadline.
+    """
+    db = db or Retrier.for_settings(settings)
     if attempt is not None:
-        with sm() as s:
-            if not repository.owns(s, job_id, attempt):
-                return False
+
+        def still_owned() -> bool:
+            with sm() as s:
+                return repository.owns(s, job_id, attempt)
+
+        if not db("ownership check", still_owned):
+            return False
     stored = artifact_storage(settings).put_dir(
         refs.job_key(job_id), tmp, keep=(checkpoints.CHECKPOINTS_DIR,)
     )
@@ -86,6 +99,17 @@ def _publish(
         for o in stored
         if "/" not in (name := o.key.removeprefix(f"{job_id}/"))
     ]
+    return db("publish", lambda: _record_published(sm, job_id, files, metrics, attempt))
+
+
+def _record_published(
+    sm: sessionmaker[Session],
+    job_id: str,
+    files: list[tuple[str, int, str]],
+    metrics: dict[str, Any],
+    attempt: int | None,
+) -> bool:
+    """One transaction: the artifacts' rows, ``succeeded`` and its event (if still owned)."""
     with sm() as s:
         repository.replace_artifacts(s, job_id, files)
         stages = metrics.get("stages") or []
@@ -148,6 +172,8 @@ def _log_event(sm: sessionmaker[Session], job_id: str, record: dict[str, object]
 
 
 def _user_reason(exc: BaseException) -> str:
+    """The reason a failed job shows: never SQL, parameters or a stack trace
+    (:func:`api.db_errors.public_message`)."""
     name = type(exc).__name__
     if "OutOfMemory" in name:
         return (
@@ -156,7 +182,43 @@ def _user_reason(exc: BaseException) -> str:
         )
     if isinstance(exc, ValidationError):
         return f"the stored job spec is invalid: {exc.errors()[0].get('msg')}"
-    return f"internal error ({name}: {exc}); the worker log has the details"
+    return f"internal error ({public_message(exc)}); the worker log has the details"
+
+
+def _recoveries_event(
+    sm: sessionmaker[Session], db: Retrier, job_id: str, step: int | None
+) -> None:
+    """A ``warning`` event for the database work that needed retries since the last one
+    (nothing when none did): how many units of work, tries, the longest outage, the first
+    error."""
+    done = db.take_recoveries()
+    if not done:
+        return
+    longest = max(r.seconds for r in done)
+    tries = sum(r.attempts for r in done)
+    at = f" at step {step}" if step is not None else ""
+    message = (
+        f"the database was unavailable for up to {longest:.1f} s{at} ({done[0].error}); "
+        f"{len(done)} database operation(s) succeeded after {tries} tries in all, and the job "
+        "went on"
+    )
+    data = {
+        "database_retries": {
+            "operations": [r.what for r in done],
+            "tries": tries,
+            "longest_s": round(longest, 3),
+            "first_error": done[0].error,
+            "step": step,
+        }
+    }
+
+    def record() -> None:
+        with sm() as s:
+            events.record(s, job_id, "warning", message, level="warning", data=data)
+            s.commit()
+
+    log.warning("job %s: %s", job_id, message)
+    db("event", record)
 
 
 def execute(job_id: str, settings: Settings) -> str:
@@ -164,76 +226,96 @@ def execute(job_id: str, settings: Settings) -> str:
     another delivery already claimed it (or it was cancelled while queued). Every log record
     of the run names the job (``job_id``: :mod:`api.logs`)."""
     with logs.bound_job(job_id):
-        return _execute(job_id, settings)
+        try:
+            return _execute(job_id, settings)
+        except DatabaseUnavailable as e:  # before the claim or the training began
+            log.warning("job %s: stopped without a verdict: %s", job_id, e)
+            return "interrupted"
 
 
-def _execute(job_id: str, settings: Settings) -> str:
-    sm = sessions_for(settings.database_url)
-    # Before the claim: a store that cannot be reached (s3) leaves the job queued.
-    staging = artifact_storage(settings).staging_root()
+def _claim(sm: sessionmaker[Session], job_id: str) -> tuple[dict[str, Any], int, str] | None:
+    """One transaction: queued -> running (attempt + 1) with its ``started`` event; the job's
+    spec, attempt and tenant, or None when it cannot be claimed."""
     with sm() as s:
         if not repository.claim(s, job_id, socket.gethostname()):
             s.rollback()
-            log.info("job %s: not claimable (already taken, finished or cancelled)", job_id)
-            return "skipped"
+            return None
         job = repository.get_job(s, job_id)
         if job is None:  # deleted between the claim and this read
             s.rollback()
-            return "skipped"
-        spec_data, attempt, tenant_id = job.spec, job.attempt, job.tenant_id
+            return None
+        claimed = (job.spec, job.attempt, job.tenant_id)
         events.record(
             s,
             job_id,
             "started",
-            f"attempt {attempt} started on {socket.gethostname()}",
-            data={"attempt": attempt, "worker": socket.gethostname()},
+            f"attempt {job.attempt} started on {socket.gethostname()}",
+            data={"attempt": job.attempt, "worker": socket.gethostname()},
         )
         s.commit()
+    return claimed
+
+
+def _execute(job_id: str, settings: Settings) -> str:
+    sm = sessions_for(settings.database_url)
+    # Every database transaction below is retried through transient errors up to a deadline
+    # (worker.db_retry); past it, DatabaseUnavailable stops the attempt without a verdict.
+    db = Retrier.for_settings(settings)
+    # Before the claim: a store that cannot be reached (s3) leaves the job queued.
+    staging = artifact_storage(settings).staging_root()
+    claimed = db("claim", lambda: _claim(sm, job_id))
+    if claimed is None:
+        log.info("job %s: not claimable (already taken, finished or cancelled)", job_id)
+        return "skipped"
+    spec_data, attempt, tenant_id = claimed
     dirs = AttemptDirs.of(staging, job_id, attempt)  # swept by worker.staging if we die
     dirs.remove()
     tmp, ckpt_dir = dirs.output, dirs.checkpoints
     # The heartbeat starts before the checkpoint download: a large one is not a lost worker.
     beat = Heartbeat(sm, job_id, attempt, settings.heartbeat_interval_s)
     beat.start()
+    resume = None
     try:
         resume = saved_checkpoints.fetch_latest(sm, settings, job_id, dirs.resume)
-    except BaseException:
+        if resume is not None:
+            info = resume.info
+            db("event", lambda: saved_checkpoints.record_resumed(sm, job_id, attempt, info))
+    except BaseException:  # the heartbeat must not keep a job alive that nobody runs
         beat.stop()
+        dirs.remove()  # the resume copy included
         raise
-    if resume is not None:
-        saved_checkpoints.record_resumed(sm, job_id, attempt, resume.info)
-    tracker = JobTracker(
-        settings,
-        job_id,
-        tenant_id,
-        attempt,
-        spec_data,
-        lambda message: saved_checkpoints.warn(sm, job_id, message),
-    )
+
+    def warn(message: str) -> None:
+        db("event", lambda: saved_checkpoints.warn(sm, job_id, message))
+
+    tracker = JobTracker(settings, job_id, tenant_id, attempt, spec_data, warn)
     tracker.start()
     outcome = "failed"
     epochs: list[dict[str, Any]] = []
     status = {"value": "running"}
 
-    def on_progress(p: Progress) -> None:
+    def write_progress(p: Progress) -> str:
         with sm() as s:
-            status["value"] = (
-                repository.heartbeat(
-                    s,
-                    job_id,
-                    dataclasses.asdict(p),
-                    metrics={"epochs": list(epochs)},
-                )
-                or "missing"
+            current = repository.heartbeat(
+                s,
+                job_id,
+                dataclasses.asdict(p),
+                metrics={"epochs": list(epochs)},
+                attempt=attempt,
             )
             s.commit()
+        return current or "missing"
+
+    def on_progress(p: Progress) -> None:
+        status["value"] = db("progress", lambda: write_progress(p))
+        _recoveries_event(sm, db, job_id, p.step)
 
     def on_log(record: dict[str, object]) -> None:
         kind = record.get("event")
         if kind == "epoch":
             epochs.append({k: v for k, v in record.items() if k != "event"})
         if kind in _LOGGED_EVENTS:
-            _log_event(sm, job_id, record)
+            db("event", lambda: _log_event(sm, job_id, record))
         tracker.on_log(record)
 
     stored_names: set[str] = set()
@@ -246,7 +328,7 @@ def _execute(job_id: str, settings: Settings) -> str:
             stored_names.add(saved.name)
         except (StorageError, OSError) as e:  # training goes on; a resume uses an older one
             log.exception("job %s: checkpoint %s not stored", job_id, saved.name)
-            saved_checkpoints.warn(sm, job_id, f"checkpoint {saved.name} not stored: {e}")
+            warn(f"checkpoint {saved.name} not stored: {e}")
 
     hooks = TrainHooks(
         on_progress=on_progress,
@@ -297,20 +379,27 @@ def _execute(job_id: str, settings: Settings) -> str:
             outcome = "lost"
             return "lost"
         tracker.finished(result.metrics, tmp)  # before publishing consumes tmp
-        if not _publish(sm, settings, job_id, tmp, result.metrics, attempt):
+        _recoveries_event(sm, db, job_id, None)
+        if not _publish(sm, settings, job_id, tmp, result.metrics, attempt, db):
             log.warning("job %s: attempt %d no longer owns the job; not published", job_id, attempt)
             outcome = "lost"
             return "lost"
-        saved_checkpoints.keep_students(sm, settings, job_id)
+        db("checkpoint clean-up", lambda: saved_checkpoints.keep_students(sm, settings, job_id))
         log.info("job %s: succeeded", job_id)
         outcome = "succeeded"
         return "succeeded"
     except Paused as p:
         if p.checkpoint.name not in stored_names and p.checkpoint.path.is_dir():
             on_checkpoint(p.checkpoint)
-        final = saved_checkpoints.settle_paused(sm, job_id, p.checkpoint)
+        paused_at = p.checkpoint
+        final = db("pause", lambda: saved_checkpoints.settle_paused(sm, job_id, paused_at))
         if final == "cancelling":
-            _finish(sm, job_id, "cancelled", "cancelled by request while pausing", attempt)
+            db(
+                "finish",
+                lambda: _finish(
+                    sm, job_id, "cancelled", "cancelled by request while pausing", attempt
+                ),
+            )
             final = "cancelled"
         log.info("job %s: %s", job_id, final)
         outcome = final
@@ -320,24 +409,41 @@ def _execute(job_id: str, settings: Settings) -> str:
             log.warning("job %s: attempt %d lost its claim; stopped", job_id, attempt)
             outcome = "lost"
             return "lost"
-        _finish(sm, job_id, "cancelled", "cancelled by request; the worker stopped", attempt)
+        db(
+            "finish",
+            lambda: _finish(
+                sm, job_id, "cancelled", "cancelled by request; the worker stopped", attempt
+            ),
+        )
         log.info("job %s: cancelled", job_id)
         outcome = "cancelled"
         return "cancelled"
+    except DatabaseUnavailable as e:
+        # No verdict: the job stays running, its heartbeat (stopped below) goes stale and the
+        # reconciler re-queues it; the next attempt resumes from the newest checkpoint.
+        log.warning("job %s: attempt %d stopped without a verdict: %s", job_id, attempt, e)
+        outcome = "interrupted"
+        return "interrupted"
     except ValueError as e:
-        reason = _user_reason(e) if isinstance(e, ValidationError) else str(e)
+        reason = _user_reason(e) if isinstance(e, ValidationError) else scrub(str(e))
         log.warning("job %s: failed: %s", job_id, reason)
-        _finish(sm, job_id, "failed", reason, attempt, error=reason)
+        db("finish", lambda: _finish(sm, job_id, "failed", reason, attempt, error=reason))
         return "failed"
     except Exception as e:
+        if is_transient(e):  # a database error that escaped the retries is never a verdict
+            log.warning(
+                "job %s: attempt %d stopped without a verdict", job_id, attempt, exc_info=True
+            )
+            outcome = "interrupted"
+            return "interrupted"
         log.exception("job %s: failed", job_id)
         reason = _user_reason(e)
-        _finish(sm, job_id, "failed", reason, attempt, error=reason)
+        db("finish", lambda: _finish(sm, job_id, "failed", reason, attempt, error=reason))
         return "failed"
     finally:
+        beat.stop()  # first: nothing below may keep a stopped attempt's job looking alive
         tracker.end(outcome)
-        beat.stop()
-        dirs.remove()
+        dirs.remove()  # output, checkpoints and the resume copy
         release_dependents(settings, job_id)
 
 
