@@ -19,6 +19,7 @@ from api import checkpoints, dependencies, events, logs, refs, repository
 from api.db import make_engine, make_sessionmaker, utcnow
 from api.settings import Settings
 from api.storage import StorageError, artifact_storage
+from api.upload_names import name_uploads
 from kd_engine.checkpoint import Paused, SavedCheckpoint
 from kd_engine.distributed import run_job_distributed, worker_gpus
 from kd_engine.run import run_job
@@ -49,6 +50,9 @@ def _finish(
 ) -> None:
     """Set the job's final ``status`` with its event, if it is still on ``attempt``."""
     with sm() as s:
+        if status == "failed":  # an upload named by its filename beside its id
+            message = name_uploads(s, message)
+            values = {**values, "error": message} if "error" in values else values
         if repository.transition(
             s,
             job_id,

@@ -21,6 +21,7 @@ from api.db import Job
 from api.settings import Settings
 from api.storage import ObjectNotFound, StorageError, artifact_storage, join_key
 from api.ui.charts import PALETTE, Point, Series, line_chart, pareto_front, scatter_chart
+from api.upload_names import label as upload_label
 from kd_engine.evaluation import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from kd_engine.run import LOG_FILE
 
@@ -263,15 +264,21 @@ class CompareGroup:
     chart: Markup
 
 
-def _dataset_name(spec: dict[str, Any]) -> str:
+def dataset_ref(spec: dict[str, Any]) -> str:
+    """The dataset a stored job spec names (``dataset.source``), ``?`` if none."""
     ds = spec.get("dataset") or {}
     return str(ds.get("source") or ds.get("train") or "?") if isinstance(ds, dict) else "?"
 
 
-def compare_groups(jobs: Iterable[Job]) -> list[CompareGroup]:
+def compare_groups(
+    jobs: Iterable[Job], filenames: dict[str, str] | None = None
+) -> list[CompareGroup]:
     """The students of ``jobs`` (succeeded ones with test metrics) grouped by dataset and main
     metric, each group with its scatter plot (main test metric against latency per example at
-    batch 1) and its Pareto front marked (no other student both faster and better)."""
+    batch 1) and its Pareto front marked (no other student both faster and better). An
+    upload (dataset or teacher) is named by its filename beside its id (``filenames``:
+    ``{id: filename}``)."""
+    names = filenames or {}
     groups: dict[tuple[str, str], list[CompareRow]] = {}
     for job in jobs:
         metrics = job.metrics or {}
@@ -283,13 +290,13 @@ def compare_groups(jobs: Iterable[Job]) -> list[CompareGroup]:
         row = CompareRow(
             job_id=job.id,
             method=job.method,
-            dataset=_dataset_name(job.spec),
+            dataset=upload_label(dataset_ref(job.spec), names),
             metric=metric,
             value=value,
             latency_s=_num(student.get("latency_s_batch1")),
             parameters=student.get("parameters"),
             bytes=student.get("bytes"),
-            teacher=str(job.spec.get("teacher", "")),
+            teacher=upload_label(str(job.spec.get("teacher", "")), names),
         )
         groups.setdefault((row.dataset, metric), []).append(row)
     out = []
