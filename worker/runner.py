@@ -140,8 +140,11 @@ def _log_event(sm: sessionmaker[Session], job_id: str, record: dict[str, object]
     data = {k: v for k, v in record.items() if k != "event"}
     if kind == "stage":
         message = f"stage {record.get('stage')}"
+        if record.get("message"):
+            message += f": {record['message']}"
     elif kind == "epoch":
-        message = f"epoch {record.get('epoch')} ({record.get('stage')}): dev {record.get('dev')}"
+        dev = _fmt_metrics(record.get("dev"))
+        message = f"epoch {record.get('epoch')} ({record.get('stage')}): dev {dev}"
     else:
         message = str(record.get("message", ""))
     with sm() as s:
@@ -149,6 +152,15 @@ def _log_event(sm: sessionmaker[Session], job_id: str, record: dict[str, object]
             s, job_id, kind, message, level="warning" if kind == "warning" else "info", data=data
         )
         s.commit()
+
+
+def _fmt_metrics(metrics: object) -> str:
+    """``accuracy 0.8125, macro_f1 0.8093``: metrics with 4 significant digits."""
+    if not isinstance(metrics, dict):
+        return str(metrics)
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+    )
 
 
 def _user_reason(exc: BaseException) -> str:
