@@ -31,8 +31,11 @@ def main(
     port: Annotated[int, typer.Option(help="The API's port on 127.0.0.1.")] = 8000,
 ) -> None:
     """Start the stack and keep it running until Ctrl-C (or SIGTERM); every process it starts
-    is stopped then."""
+    is stopped then. SIGINT is handled even when the shell started it in the background
+    (``distillery up &``: such a job starts with SIGINT ignored, which Python keeps), so
+    ``kill -INT <pid>`` stops it too (and Ctrl-C once it is brought back with ``fg``)."""
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with running_stack(workdir, port=port) as stack:
             url = stack.base_url

@@ -464,6 +464,7 @@ def run_job(
             for h, run in zip(hops, runs, strict=True)
             for w in run.result.warnings
         ],
+        "trained": "teacher" if spec.method.name == "finetune" else "student",
         "test": final.report["test"],
         "student": _size_and_speed(student, job.test_enc, pad_id, device),
         "hops": [run.report for run in runs],

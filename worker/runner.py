@@ -122,7 +122,8 @@ def _publish(
             s,
             job_id,
             "succeeded",
-            "the student is ready to download",
+            f"the {'fine-tuned teacher' if metrics.get('trained') == 'teacher' else 'student'} "
+            "is ready to download",
             data={"test": metrics.get("test", {}), "artifacts": [f[0] for f in files]},
         )
         s.commit()

@@ -196,6 +196,12 @@ def job_report(
     job = service.get(session, job_id, tenant_id=caller.tenant_id)
     names = {a.name for a in service.artifacts(session, job_id, tenant_id=caller.tenant_id)}
     if REPORT_FILE not in names:
+        if job.status in ("failed", "cancelled"):
+            why = f" ({job.error})" if job.error and job.status == "failed" else ""
+            raise NotFound(
+                f"job {job_id} is {job.status}{why}: it stopped before its report was "
+                "written (only a job that succeeds has one); submit it again to get one"
+            )
         if job.status != "succeeded":
             raise NotFound(f"job {job_id} is {job.status}; its report is written when it succeeds")
         error = (job.metrics or {}).get("report", {}).get("error")

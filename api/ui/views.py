@@ -210,7 +210,10 @@ def curves(job: Job, log_records: Sequence[dict[str, Any]]) -> Curves:
     steps = [r for r in log_records if r.get("event") == "step" and "loss" in r]
     if steps:
         loss = _by_stage(steps, lambda r: r.get("loss"))
-        source = f"{LOG_FILE} (every reported step)"
+        source = (
+            f"{LOG_FILE}: at each reported step, the mean train loss since its epoch began "
+            "(so each curve restarts at an epoch boundary)"
+        )
     else:
         loss = _by_stage(evaluations, lambda r: r.get("train_loss"), markers=True)
         source = "the mean train loss at each dev evaluation"
