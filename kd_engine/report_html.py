@@ -276,10 +276,11 @@ def _confusion(m: Mapping[str, Any]) -> str:
         matrix = block.get(who)
         if not isinstance(matrix, list) or len(matrix) != len(labels):
             continue
-        title = f"{_trained(m) if who == 'student' else who}: test split"
+        name = _trained(m) if who == "student" else who
+        title = f"{name}: test split"
         figures.append(_img(report_plots.confusion_heatmap(matrix, labels, title), title))
         rows = [[label, *[_fmt(c) for c in row]] for label, row in zip(labels, matrix, strict=True)]
-        tables.append(_text(who, "h3") + _table(["true \\ predicted", *labels], rows))
+        tables.append(_text(name, "h3") + _table(["true \\ predicted", *labels], rows))
     if not tables:
         return ""
     note = _text("Rows: the true class; columns: the predicted class (argmax).", cls="note")
@@ -327,7 +328,8 @@ def _curves(m: Mapping[str, Any]) -> str:
                 if isinstance(s.get("learning_rate"), int | float)
                 else DASH,
                 _fmt(s.get("schedule")),
-                ", ".join(str(t) for t in s.get("trains") or []) or DASH,
+                ", ".join(_trained(m) if t == "student" else str(t) for t in s.get("trains") or [])
+                or DASH,
                 _dict(s.get("best_dev")),
             ]
             for s in stages
