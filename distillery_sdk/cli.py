@@ -74,6 +74,8 @@ OutputOpt = Annotated[
         help="text (for people) or json (for scripts; watch and events: one object a line).",
     ),
 ]
+WIDE = 10_000
+"""Columns of a table printed into a file or a pipe: its natural width, never cut."""
 ID_WIDTH = 37
 """Width of an id column: a job id (36) or an upload's (``file-`` and 32 hex); never cut."""
 
@@ -103,8 +105,8 @@ def _print_table(table: Table) -> None:
     """Print ``table``; into a file or a pipe as wide as it needs (no terminal to fit)."""
     if console.is_terminal:
         console.print(table)
-    else:
-        console.print(table, width=max(console.width, 400), crop=False)
+    else:  # a console's print never goes wider than the console: a wide one for this table
+        Console(file=console.file, width=WIDE, highlight=False).print(table)
 
 
 def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
