@@ -344,6 +344,6 @@ def check_reference(session: Session, ref: str, field: str, kind: Purpose, tenan
         raise InvalidSpec(f"{ref!r}: no such uploaded file (GET /v1/files lists yours)", field)
     if row.kind != kind:
         raise InvalidSpec(
-            f"{ref!r} is an uploaded {row.kind} ({row.filename!r}); this field needs a {kind}",
+            f"{ref!r} ({row.filename}) is an uploaded {row.kind}; this field needs a {kind}",
             field,
         )

@@ -121,6 +121,13 @@ def test_uploads_are_named_by_filename_in_errors_and_on_the_dashboard(
     wrong = client.post("/v1/jobs", json={**SPEC, "teacher": data["id"]})
     assert wrong.status_code == 422
     assert f"{data['id']!r} (reviews.csv)" in wrong.json()["error"]["message"]
+    # a message written with the id alone gets the filename beside it, once
+    dataset = {"source": data["id"], "text_column": "review"}
+    again = client.post("/v1/jobs", json={**SPEC, "dataset": dataset})
+    assert again.status_code == 422, again.text
+    message = again.json()["error"]["message"]
+    assert message.startswith(f"{data['id']} (reviews.csv) has no column 'review'"), message
+    assert message.count("reviews.csv") == 1
     job = submit(client, name="my reviews", dataset={"source": data["id"]})
     submit(client, name="other")
     login(client, key_headers["Authorization"].removeprefix("Bearer "))
