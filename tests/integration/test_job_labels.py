@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from api.settings import Settings
 from tests.integration.test_files import csv_bytes, rows, upload
-from tests.integration.test_ui import login
+from tests.integration.test_ui import _metrics, _succeed, login
 
 SPEC: dict[str, Any] = {
     "teacher": "builtin:minilm-l6",
@@ -140,3 +140,7 @@ def test_uploads_are_named_by_filename_in_errors_and_on_the_dashboard(
     one = client.get(f"/ui/jobs/{job['id']}").text
     assert '<span id="job-name">my reviews</span>' in one
     assert f"{data['id']} (reviews.csv)" in one
+    # the compare page groups students by dataset, an upload named by its filename
+    _succeed(settings, job["id"], _metrics(0.8, 0.002))
+    compare = client.get("/ui/compare").text
+    assert f"{data['id']} (reviews.csv) · test accuracy" in compare, compare
