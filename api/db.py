@@ -38,6 +38,8 @@ JOB_STATUSES = (
 ``pausing``: asked to pause, its worker checkpoints and stops; ``paused``: holds no worker
 until resumed."""
 FINISHED = ("succeeded", "failed", "cancelled")
+JOB_NAME_MAX = 128
+"""The longest job ``name`` (characters)."""
 
 
 def utcnow() -> datetime:
@@ -139,8 +141,14 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    name: Mapped[str | None] = mapped_column(String(JOB_NAME_MAX), nullable=True)
+    # "metadata" is reserved on declarative classes: the attribute is ``labels``.
+    labels: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
 
-    __table_args__ = (Index("ix_jobs_created_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_created_id", "created_at", "id"),
+        Index("ix_jobs_tenant_name", "tenant_id", "name"),
+    )
 
 
 class Artifact(Base):

@@ -186,10 +186,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422: ``field`` is the first bad field, ``message`` names every one with its
+        reason (``; ``-separated), ``details`` lists them."""
         details = validation_details(exc.errors(), _body_model(request))
         field = str(details[0]["field"]) if details else ""
-        reason = str(details[0]["reason"]) if details else "invalid request"
-        message = f"{field}: {reason}" if field else reason
+        # every bad field at once (each unknown setting of a spec, not only the first)
+        parts = [f"{d['field']}: {d['reason']}" if d["field"] else d["reason"] for d in details]
+        message = "; ".join(dict.fromkeys(parts)) or "invalid request"
         return JSONResponse(_body("invalid_spec", message, field or None, details), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)

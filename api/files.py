@@ -447,6 +447,6 @@ def check_reference(session: Session, ref: str, field: str, kind: Purpose, tenan
         )
     if row.kind != kind:
         raise InvalidSpec(
-            f"{ref!r} is an uploaded {row.kind} ({row.filename!r}); this field needs a {kind}",
+            f"{ref!r} ({row.filename}) is an uploaded {row.kind}; this field needs a {kind}",
             field,
         )

@@ -55,3 +55,24 @@ Cursor = Annotated[
     str | None,
     Query(description="next_cursor of the previous page", max_length=1024),
 ]
+
+
+def _printable_or_none(value: str | None) -> str | None:
+    return None if value is None else printable(value)
+
+
+NameFilter = Annotated[
+    str | None,
+    Query(
+        description="Only jobs with this name (name_contains: whose name holds it).",
+        max_length=128,
+    ),
+    AfterValidator(_printable_or_none),
+]
+MetadataFilter = Annotated[
+    list[str] | None,
+    Query(
+        description="key=value: only jobs whose metadata has it (repeat it: all must match).",
+        max_length=16,
+    ),
+]

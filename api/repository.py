@@ -93,13 +93,29 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def list_jobs(
-    session: Session, status: str | None, limit: int, cursor: str | None, *, tenant_id: str
+    session: Session,
+    status: str | None,
+    limit: int,
+    cursor: str | None,
+    *,
+    tenant_id: str,
+    name: str | None = None,
+    name_contains: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[list[Job], str | None]:
     """A page of the tenant's jobs, newest first, and the cursor of the next page (None at
-    the end)."""
+    the end); ``name`` matches exactly, ``name_contains`` case-insensitively anywhere in the
+    name, and each ``metadata`` (key, value) must be in the job's metadata."""
     q = select(Job).where(Job.tenant_id == tenant_id)
     if status:
         q = q.where(Job.status == status)
+    if name:
+        q = q.where(Job.name == name)
+    if name_contains:
+        escaped = name_contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        q = q.where(Job.name.ilike(f"%{escaped}%", escape="\\"))
+    for key, value in (metadata or {}).items():
+        q = q.where(Job.labels[key].as_string() == value)
     if cursor:
         created, job_id = decode_cursor(cursor)
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))

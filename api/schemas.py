@@ -82,6 +82,8 @@ class JobOut(BaseModel):
     """A job as the API shows it."""
 
     id: str
+    name: str | None = Field(description="The job's name, if it was given one.")
+    metadata: dict[str, str] = Field(description="The job's free-form string labels.")
     status: str = Field(
         description="waiting (for a job it names as job:<id>), queued, running, pausing, paused, "
         "cancelling, succeeded, failed, cancelled"
@@ -116,6 +118,8 @@ class JobOut(BaseModel):
         return cls(
             plan=PlanOut.model_validate(plan) if plan is not None else None,
             id=job.id,
+            name=job.name,
+            metadata=job.labels or {},
             status=job.status,
             method=job.method,
             queue=job.queue,

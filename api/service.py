@@ -602,12 +602,16 @@ def submit(
     *,
     tenant_id: str,
     idempotency_key: str | None = None,
+    name: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[Job, bool]:
     """Validate references, check the tenant's quotas, persist a queued job of ``tenant_id``,
     commit, then enqueue it. With an ``idempotency_key`` already used for the same spec, the
     earlier job is returned instead and nothing is created or queued. Returns the job and
     whether it is that earlier one (replayed). A job that could not be queued is kept as
     failed and its idempotency key forgotten, so that a retry with the key submits anew.
+    ``name`` and ``metadata`` (validated by :mod:`api.job_labels`) are stored on the job and
+    count in the idempotency check like the spec.
 
     Raises:
         InvalidSpec: a reference does not exist (or is another tenant's job) or does not fit
@@ -618,7 +622,8 @@ def submit(
             (503), never left queued without a message.
     """
     stored_spec = spec_to_store(spec)
-    request_sha256 = idempotency.body_sha256(stored_spec)
+    labels = {k: v for k, v in (("name", name), ("metadata", metadata)) if v}
+    request_sha256 = idempotency.body_sha256({**stored_spec, **labels})
     if idempotency_key is not None:
         earlier = idempotency.find(
             session,
@@ -651,6 +656,7 @@ def submit(
             tenant_id=tenant_id,
             queue=settings.queue,
         )
+        row.name, row.labels = name, metadata or None
         if pending:
             row.status = "waiting"
             session.flush()

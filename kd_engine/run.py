@@ -198,13 +198,23 @@ def _finished_hops(job: Job, resume: Resume) -> tuple[PreTrainedModel | None, li
     return model, runs
 
 
+CACHE_STAGE = "teacher cache"
+"""The progress stage while the teacher cache is built."""
+CACHE_PROGRESS_UPDATES = 20
+"""About how many progress reports a teacher cache build makes."""
+
+
 def _teacher_cache(
     job: Job,
     store: CacheStore | None,
     directory: Path,
     log: Callable[[dict[str, object]], None],
+    progress: Callable[[Progress], None] = lambda p: None,
 ) -> dict[str, Any]:
-    """Set ``job.teacher_cache`` when the job uses one; returns ``metrics.json``'s report."""
+    """Set ``job.teacher_cache`` when the job uses one; returns ``metrics.json``'s report.
+    While it is built (the teacher's forward passes over the transfer set, minutes on a
+    large one), ``progress`` gets stage ``teacher cache`` with ``stage_step`` of
+    ``stage_steps`` batches, about :data:`CACHE_PROGRESS_UPDATES` times."""
     spec = job.spec
     if not spec.training.teacher_cache:
         return off_report("training.teacher_cache is false")
@@ -220,6 +230,20 @@ def _teacher_cache(
     key = cache_key(
         job.teacher, job.train_enc, job.tokenizer, spec.training.max_seq_length, job.device
     )
+
+    def on_batch(done: int, total: int) -> None:
+        if done == 1:
+            log(
+                {
+                    "event": "stage",
+                    "stage": CACHE_STAGE,
+                    "message": f"computing the teacher's logits on {len(job.train_enc)} "
+                    f"examples ({total} batches) once; the training stages reuse them",
+                }
+            )
+        if done == 1 or done == total or done % max(1, total // CACHE_PROGRESS_UPDATES) == 0:
+            progress(Progress(CACHE_STAGE, 0, 0, 0, {}, stage_step=done, stage_steps=total))
+
     cache = load_or_build(
         directory,
         key,
@@ -229,6 +253,7 @@ def _teacher_cache(
         job.pad_id,
         job.device,
         store,
+        on_batch,
     )
     job.teacher_cache = cache
     if cache.warning:
@@ -384,7 +409,7 @@ def run_job(
 
     with tempfile.TemporaryDirectory(prefix="teacher-cache-") as cache_dir:
         # The cache is held in memory once loaded or built: its directory can go at once.
-        cache_report = _teacher_cache(job, teacher_cache_store, Path(cache_dir), log)
+        cache_report = _teacher_cache(job, teacher_cache_store, Path(cache_dir), log, user_progress)
 
     runs: list[HopRun] = []
     student: PreTrainedModel | None = None
@@ -451,6 +476,7 @@ def run_job(
             for h, run in zip(hops, runs, strict=True)
             for w in run.result.warnings
         ],
+        "trained": "teacher" if spec.method.name == "finetune" else "student",
         "test": final.report["test"],
         "student": {"parameters": count_parameters(student)},
         "hops": [run.report for run in runs],

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -189,15 +190,18 @@ def compute_logits(
     batch_size: int,
     pad_id: int,
     device: torch.device,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """The teacher's logits (N, C) float32 on the CPU, row i for example row i of ``data``,
     computed in eval mode in batches of ``batch_size`` taken in length order (little padding),
-    under the autocast the training loop uses on ``device``."""
+    under the autocast the training loop uses on ``device``. ``on_batch(done, total)`` is
+    called after each batch (batches done, batches in all)."""
     was_training = teacher.training
     teacher.to(device).eval()  # type: ignore[arg-type]
     order = sorted(range(len(data)), key=lambda r: len(data.input_ids[r]))
     out: torch.Tensor | None = None
     use_bf16 = precision(device) == "bf16"
+    num_batches = -(-len(order) // batch_size)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = collate(data, rows, pad_id)
@@ -206,6 +210,8 @@ def compute_logits(
         if out is None:
             out = torch.empty((len(data), logits.shape[-1]), dtype=torch.float32)
         out[torch.tensor(rows)] = logits
+        if on_batch is not None:
+            on_batch(start // batch_size + 1, num_batches)
     teacher.train(was_training)
     assert out is not None, "an empty transfer set has no teacher logits"
     return out
@@ -273,8 +279,10 @@ def build(
     batch_size: int,
     pad_id: int,
     device: torch.device,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> TeacherCache:
-    """Compute the cache (:func:`compute_logits`), ids sorted ascending.
+    """Compute the cache (:func:`compute_logits`, which calls ``on_batch``), ids sorted
+    ascending.
 
     Raises:
         ValueError: ``data``'s example ids are not unique (they could not address rows).
@@ -283,7 +291,7 @@ def build(
     ids = torch.tensor(data.ids, dtype=torch.int64)
     if ids.unique().numel() != ids.numel():
         raise ValueError("the transfer set's example ids are not unique")
-    logits = compute_logits(teacher, data, batch_size, pad_id, device)
+    logits = compute_logits(teacher, data, batch_size, pad_id, device, on_batch)
     order = torch.argsort(ids)
     seconds = time.perf_counter() - started
     return TeacherCache(key, ids[order].contiguous(), logits[order].contiguous(), "built", seconds)
@@ -298,11 +306,13 @@ def load_or_build(
     pad_id: int,
     device: torch.device,
     store: CacheStore | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> TeacherCache:
     """The cache for ``key``: read from ``directory`` (first fetched there from ``store`` when
     given) when a verified file is there (status ``hit``); else built and written to
     ``directory`` (and kept in ``store``): status ``built``, or ``rebuilt`` with a logged
-    warning when a file was there but did not verify (it is never trusted).
+    warning when a file was there but did not verify (it is never trusted). A build calls
+    ``on_batch(done, total)`` after each batch of teacher forward passes.
 
     Raises:
         ValueError: the transfer set's example ids are not unique.
@@ -317,7 +327,7 @@ def load_or_build(
             log.warning("teacher cache %s is corrupt (%s); rebuilding it", key[:12], e)
         except FileNotFoundError:
             pass
-    cache = build(key, teacher, data, batch_size, pad_id, device)
+    cache = build(key, teacher, data, batch_size, pad_id, device, on_batch)
     if corrupt:
         cache.status = "rebuilt"
         cache.warning = f"the stored teacher cache was corrupt ({corrupt}); it was rebuilt"

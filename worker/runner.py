@@ -19,6 +19,7 @@ from api.db import make_engine, make_sessionmaker, utcnow
 from api.db_errors import is_transient, public_message, scrub
 from api.settings import Settings
 from api.storage import StorageError, artifact_storage
+from api.upload_names import name_uploads
 from kd_engine.checkpoint import Paused, SavedCheckpoint
 from kd_engine.distributed import run_job_distributed, worker_gpus
 from kd_engine.run import run_job
@@ -51,6 +52,9 @@ def _finish(
 ) -> None:
     """Set the job's final ``status`` with its event, if it is still on ``attempt``."""
     with sm() as s:
+        if status == "failed":  # an upload named by its filename beside its id
+            message = name_uploads(s, message)
+            values = {**values, "error": message} if "error" in values else values
         if repository.transition(
             s,
             job_id,
@@ -142,7 +146,8 @@ def _record_published(
             s,
             job_id,
             "succeeded",
-            "the student is ready to download",
+            f"the {'fine-tuned teacher' if metrics.get('trained') == 'teacher' else 'student'} "
+            "is ready to download",
             data={"test": metrics.get("test", {}), "artifacts": [f[0] for f in files]},
         )
         s.commit()
@@ -160,8 +165,11 @@ def _log_event(sm: sessionmaker[Session], job_id: str, record: dict[str, object]
     data = {k: v for k, v in record.items() if k != "event"}
     if kind == "stage":
         message = f"stage {record.get('stage')}"
+        if record.get("message"):
+            message += f": {record['message']}"
     elif kind == "epoch":
-        message = f"epoch {record.get('epoch')} ({record.get('stage')}): dev {record.get('dev')}"
+        dev = _fmt_metrics(record.get("dev"))
+        message = f"epoch {record.get('epoch')} ({record.get('stage')}): dev {dev}"
     else:
         message = str(record.get("message", ""))
     with sm() as s:
@@ -169,6 +177,15 @@ def _log_event(sm: sessionmaker[Session], job_id: str, record: dict[str, object]
             s, job_id, kind, message, level="warning" if kind == "warning" else "info", data=data
         )
         s.commit()
+
+
+def _fmt_metrics(metrics: object) -> str:
+    """``accuracy 0.8125, macro_f1 0.8093``: metrics with 4 significant digits."""
+    if not isinstance(metrics, dict):
+        return str(metrics)
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+    )
 
 
 def _user_reason(exc: BaseException) -> str:

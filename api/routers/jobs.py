@@ -16,8 +16,17 @@ from starlette.background import BackgroundTask
 from api import idempotency, repository, service
 from api.auth import CallerDep
 from api.deps import CeleryDep, SessionDep, SettingsDep
-from api.errors import Conflict, InvalidSpec, NotFound
-from api.params import ArtifactName, CheckpointName, Cursor, JobId, StatusFilter
+from api.errors import Conflict, DomainError, InvalidSpec, NotFound
+from api.job_labels import JobSubmit, parse_pair
+from api.params import (
+    ArtifactName,
+    CheckpointName,
+    Cursor,
+    JobId,
+    MetadataFilter,
+    NameFilter,
+    StatusFilter,
+)
 from api.schemas import (
     ArtifactList,
     ArtifactOut,
@@ -37,8 +46,8 @@ from api.storage import (
     artifact_storage,
     join_key,
 )
+from api.upload_names import name_uploads_in_error
 from kd_engine.report_html import CSP, REPORT_FILE
-from kd_engine.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 IdempotencyKeyHeader = Annotated[
@@ -53,7 +62,7 @@ IdempotencyKeyHeader = Annotated[
 
 @router.post("", status_code=201, response_model=JobOut)
 def submit_job(
-    spec: JobSpec,
+    spec: JobSubmit,
     session: SessionDep,
     settings: SettingsDep,
     celery: CeleryDep,
@@ -61,13 +70,25 @@ def submit_job(
     response: Response,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobOut:
-    """Submit a job. 201 with the queued job; 422 names the bad field; 429 when a quota of the
+    """Submit a job, optionally with a ``name`` and ``metadata`` (string labels). 201 with
+    the queued job; 422 names the bad field; 429 when a quota of the
     tenant is reached; 503 if the broker is down. A repeat with the same ``Idempotency-Key``
     and body answers 201 with the first job and the header ``Idempotent-Replayed: true``."""
     key = idempotency.check_key(idempotency_key)
-    job, replayed = service.submit(
-        session, celery, settings, spec, tenant_id=caller.tenant_id, idempotency_key=key
-    )
+    try:
+        job, replayed = service.submit(
+            session,
+            celery,
+            settings,
+            spec.job_spec(),
+            tenant_id=caller.tenant_id,
+            idempotency_key=key,
+            name=spec.name,
+            metadata=spec.metadata,
+        )
+    except DomainError as e:  # an upload named by its filename too, not only its id
+        name_uploads_in_error(session, e, caller.tenant_id)
+        raise
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return JobOut.of(job, service.stored_plan(session, job.id))
@@ -80,12 +101,28 @@ def list_jobs(
     status: StatusFilter = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     cursor: Cursor = None,
+    name: NameFilter = None,
+    name_contains: NameFilter = None,
+    metadata: MetadataFilter = None,
 ) -> JobList:
-    """Jobs, newest first, with cursor pagination. 422 for an unknown ``status`` (the message
-    lists them) or a ``cursor`` this API did not make."""
+    """Jobs, newest first, with cursor pagination; ``status``, ``name`` (exact),
+    ``name_contains`` (case-insensitive) and ``metadata=key=value`` (repeatable, all must
+    match) filter them. 422 for an unknown ``status`` (the message lists them), a
+    ``metadata`` that is not ``key=value`` or a ``cursor`` this API did not make."""
+    try:
+        pairs = dict(parse_pair(p) for p in metadata or [])
+    except ValueError as e:
+        raise InvalidSpec(f"metadata: {e}", "metadata") from None
     try:
         jobs, next_cursor = repository.list_jobs(
-            session, status, limit, cursor, tenant_id=caller.tenant_id
+            session,
+            status,
+            limit,
+            cursor,
+            tenant_id=caller.tenant_id,
+            name=name,
+            name_contains=name_contains,
+            metadata=pairs,
         )
     except ValueError as e:
         raise InvalidSpec(str(e), "cursor") from None
@@ -160,6 +197,12 @@ def job_report(
     job = service.get(session, job_id, tenant_id=caller.tenant_id)
     names = {a.name for a in service.artifacts(session, job_id, tenant_id=caller.tenant_id)}
     if REPORT_FILE not in names:
+        if job.status in ("failed", "cancelled"):
+            why = f" ({job.error})" if job.error and job.status == "failed" else ""
+            raise NotFound(
+                f"job {job_id} is {job.status}{why}: it stopped before its report was "
+                "written (only a job that succeeds has one); submit it again to get one"
+            )
         if job.status != "succeeded":
             raise NotFound(f"job {job_id} is {job.status}; its report is written when it succeeds")
         error = (job.metrics or {}).get("report", {}).get("error")

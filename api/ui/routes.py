@@ -13,6 +13,7 @@ import json
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import yaml
 from fastapi import APIRouter, Form, Query, Request, Response
@@ -29,7 +30,8 @@ from api.db import FINISHED, JOB_STATUSES, Job, Tenant
 from api.deps import CeleryDep, SessionDep, SettingsDep
 from api.errors import DomainError, InvalidSpec, validation_details
 from api.events import list_events
-from api.params import ArtifactName, CheckpointName, Cursor, JobId, StatusFilter
+from api.job_labels import JobSubmit
+from api.params import ArtifactName, CheckpointName, Cursor, JobId, NameFilter, StatusFilter
 from api.routers import jobs as jobs_api
 from api.ui import views
 from api.ui.session import (
@@ -40,8 +42,8 @@ from api.ui.session import (
     login_url,
     set_login_cookie,
 )
+from api.upload_names import filenames, label, name_uploads, name_uploads_in_error
 from api.webhooks import event_dict
-from kd_engine.spec import JobSpec
 
 PAGE_SIZE = 20
 EVENTS_PAGE = 200
@@ -177,14 +179,17 @@ def jobs_page(
     caller: UiCallerDep,
     status: StatusFilter = None,
     cursor: Cursor = None,
+    name: NameFilter = None,
 ) -> HTMLResponse:
-    """The tenant's jobs, newest first, 20 a page, filtered by status."""
+    """The tenant's jobs, newest first, 20 a page, filtered by status and by a part of their
+    name (case-insensitive); each with its name and dataset (an upload by its filename)."""
     try:
         rows, next_cursor = repository.list_jobs(
-            session, status, PAGE_SIZE, cursor, tenant_id=caller.tenant_id
+            session, status, PAGE_SIZE, cursor, tenant_id=caller.tenant_id, name_contains=name
         )
     except ValueError as e:
         raise InvalidSpec(str(e), "cursor") from None
+    names = filenames(session, (views.dataset_ref(j.spec) for j in rows), caller.tenant_id)
     return page(
         request,
         "jobs.html",
@@ -192,6 +197,9 @@ def jobs_page(
             "tenant": _tenant_name(session, caller),
             "jobs": rows,
             "status": status or "",
+            "name": name or "",
+            "filters": _filter_query(status, name),
+            "dataset_of": lambda job: label(views.dataset_ref(job.spec), names),
             "statuses": STATUSES,
             "next_cursor": next_cursor,
             "cursor": cursor,
@@ -269,7 +277,7 @@ def submit(
     reason (422), or the quota / broker error (429, 503)."""
     try:
         data = parse_spec_text(spec)
-        job_spec = JobSpec.model_validate_json(json.dumps(data, default=str))
+        job_spec = JobSubmit.model_validate_json(json.dumps(data, default=str))
     except DomainError as e:
         return _spec_form(
             request,
@@ -282,7 +290,7 @@ def submit(
         )
     except ValidationError as e:
         errors = validation_details(
-            [{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()], JobSpec
+            [{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()], JobSubmit
         )
         return _spec_form(request, session, caller, spec, errors, token=token, status_code=422)
     try:
@@ -290,11 +298,14 @@ def submit(
             session,
             celery,
             settings,
-            job_spec,
+            job_spec.job_spec(),
             tenant_id=caller.tenant_id,
             idempotency_key=idempotency.check_key(token or None),
+            name=job_spec.name,
+            metadata=job_spec.metadata,
         )
     except DomainError as e:
+        name_uploads_in_error(session, e, caller.tenant_id)
         errors = [{"field": e.field, "reason": e.message}] if e.field else []
         return _spec_form(
             request,
@@ -309,9 +320,21 @@ def submit(
     return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
 
 
+def _filter_query(status: str | None, name: str | None) -> str:
+    """The list page's filters as a query string (``status=...&name=...&``, or empty)."""
+    pairs = {k: v for k, v in (("status", status), ("name", name)) if v}
+    return urlencode(pairs) + "&" if pairs else ""
+
+
 def _job_context(session: SessionDep, caller: Caller, job: Job) -> dict[str, Any]:
+    teacher = str(job.spec.get("teacher", ""))
+    dataset = views.dataset_ref(job.spec)
+    names = filenames(session, (teacher, dataset), caller.tenant_id)
     return {
         "job": job,
+        "job_error": name_uploads(session, job.error, caller.tenant_id) if job.error else "",
+        "teacher_label": label(teacher, names),
+        "dataset_label": label(dataset, names),
         "finished": job.status in FINISHED,
         "artifacts": service.artifacts(session, job.id, tenant_id=caller.tenant_id),
         "checkpoints": service.job_checkpoints(session, job.id, tenant_id=caller.tenant_id),
@@ -470,7 +493,18 @@ def compare_page(request: Request, session: SessionDep, caller: UiCallerDep) -> 
         "compare.html",
         {
             "tenant": _tenant_name(session, caller),
-            "groups": views.compare_groups(rows),
+            "groups": views.compare_groups(
+                rows,
+                filenames(
+                    session,
+                    {
+                        r
+                        for j in rows
+                        for r in (views.dataset_ref(j.spec), str(j.spec.get("teacher", "")))
+                    },
+                    caller.tenant_id,
+                ),
+            ),
             "limit": COMPARE_MAX_JOBS,
             "count": len(rows),
         },

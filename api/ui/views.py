@@ -21,6 +21,7 @@ from api.db import Job
 from api.settings import Settings
 from api.storage import ObjectNotFound, StorageError, artifact_storage, join_key
 from api.ui.charts import PALETTE, Point, Series, line_chart, pareto_front, scatter_chart
+from api.upload_names import label as upload_label
 from kd_engine.evaluation import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from kd_engine.run import LOG_FILE
 
@@ -209,7 +210,10 @@ def curves(job: Job, log_records: Sequence[dict[str, Any]]) -> Curves:
     steps = [r for r in log_records if r.get("event") == "step" and "loss" in r]
     if steps:
         loss = _by_stage(steps, lambda r: r.get("loss"))
-        source = f"{LOG_FILE} (every reported step)"
+        source = (
+            f"{LOG_FILE}: at each reported step, the mean train loss since its epoch began "
+            "(so each curve restarts at an epoch boundary)"
+        )
     else:
         loss = _by_stage(evaluations, lambda r: r.get("train_loss"), markers=True)
         source = "the mean train loss at each dev evaluation"
@@ -266,7 +270,8 @@ class CompareGroup:
     chart: Markup
 
 
-def _dataset_name(spec: dict[str, Any]) -> str:
+def dataset_ref(spec: dict[str, Any]) -> str:
+    """The dataset a stored job spec names (``dataset.source``), ``?`` if none."""
     ds = spec.get("dataset") or {}
     return str(ds.get("source") or ds.get("train") or "?") if isinstance(ds, dict) else "?"
 
@@ -278,11 +283,15 @@ def _latency_reliable(metrics: dict[str, Any]) -> bool:
     return figure.get("reliable") is not False if isinstance(figure, dict) else True
 
 
-def compare_groups(jobs: Iterable[Job]) -> list[CompareGroup]:
+def compare_groups(
+    jobs: Iterable[Job], filenames: dict[str, str] | None = None
+) -> list[CompareGroup]:
     """The students of ``jobs`` (succeeded ones with test metrics) grouped by dataset and main
     metric, each group with its scatter plot (main test metric against latency per example at
     batch 1) and its Pareto front marked (no other student both faster and better; a student
-    whose latency is unreliable is left off it)."""
+    whose latency is unreliable is left off it). An upload (dataset or teacher) is named by its
+    filename beside its id (``filenames``: ``{id: filename}``)."""
+    names = filenames or {}
     groups: dict[tuple[str, str], list[CompareRow]] = {}
     for job in jobs:
         metrics = job.metrics or {}
@@ -294,13 +303,13 @@ def compare_groups(jobs: Iterable[Job]) -> list[CompareGroup]:
         row = CompareRow(
             job_id=job.id,
             method=job.method,
-            dataset=_dataset_name(job.spec),
+            dataset=upload_label(dataset_ref(job.spec), names),
             metric=metric,
             value=value,
             latency_s=_num(student.get("latency_s_batch1")),
             parameters=student.get("parameters"),
             bytes=student.get("bytes"),
-            teacher=str(job.spec.get("teacher", "")),
+            teacher=upload_label(str(job.spec.get("teacher", "")), names),
             reliable=_latency_reliable(metrics),
         )
         groups.setdefault((row.dataset, metric), []).append(row)

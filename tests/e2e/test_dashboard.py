@@ -3,10 +3,12 @@
 Redis, a Celery worker).
 
 One walk through it: the login page (a bad key is refused with its reason), the jobs list, a
-bad spec then a tiny finetune job submitted from the form, its page following it live until it
-succeeds, its learning curves, the student downloaded with the login cookie (a tar.gz with
-model.safetensors), the compare page, another tenant's job not found, logout. A screenshot of
-each page goes to test-artifacts/screenshots/ at the repository root.
+bad spec then a tiny named finetune job submitted from the form, its page following it live
+until it succeeds (its name and metadata shown, its model called the fine-tuned teacher), its
+learning curves, the model downloaded with the login cookie (a tar.gz with model.safetensors),
+the list's name and dataset columns and its name filter, the compare page, another tenant's
+job not found, logout. A screenshot of each page goes to test-artifacts/screenshots/ at the
+repository root.
 """
 
 from __future__ import annotations
@@ -164,6 +166,7 @@ def test_dashboard_login_submit_watch_curves_download_compare(
         shot(page, "04-submit-error")
         page.fill(
             "#spec",
+            "name: browser run\nmetadata: {team: ui}\n"
             "teacher: builtin:minilm-l6\nmethod: {name: finetune}\n"
             f"dataset: {json.dumps(SMALL_DATA)}\ntraining: {json.dumps(TINY_TRAINING)}\n",
         )
@@ -184,7 +187,11 @@ def test_dashboard_login_submit_watch_curves_download_compare(
         assert status == "succeeded", page.locator("#live").inner_text()
         expect(page.locator("#teacher-vs-student")).to_be_visible()
         expect(page.locator("#progress-stage")).to_contain_text("done")
-        expect(page.locator("#events")).to_contain_text("the student is ready to download")
+        # a finetune job trains a teacher: its page does not call it the student
+        expect(page.locator("#events")).to_contain_text("the fine-tuned teacher is ready")
+        expect(page.locator("#teacher-vs-student")).to_contain_text("fine-tuned teacher")
+        expect(page.locator("#job-name")).to_have_text("browser run")
+        expect(page.locator("#job-metadata")).to_contain_text("team=ui")
         expect(page.locator("#teacher-vs-student")).to_contain_text("test accuracy")
         expect(page.locator("#artifacts")).to_contain_text("model.safetensors")
         shot(page, "06-job-succeeded")
@@ -215,7 +222,19 @@ def test_dashboard_login_submit_watch_curves_download_compare(
             assert f"{job_id}-{name}/model.safetensors" in tar.getnames()
 
         page.goto("/ui/jobs?status=succeeded")
+        row = page.locator(f'tr[data-job="{job_id}"]')
+        expect(row).to_be_visible()
+        # the list's name and dataset columns, and its name filter (kept with the status)
+        expect(row.locator("td.job-name")).to_contain_text("browser run")
+        expect(row.locator("td.job-dataset")).to_have_text("builtin:rotten_tomatoes")
+        page.fill("#name-filter-input", "BROWSER")
+        page.click("#name-filter button")
+        expect(page).to_have_url(re.compile(r"/ui/jobs\?status=succeeded&name=BROWSER$"))
         expect(page.locator(f'tr[data-job="{job_id}"]')).to_be_visible()
+        shot(page, "08-jobs-filtered")
+        page.fill("#name-filter-input", "no such name")
+        page.click("#name-filter button")
+        expect(page.locator("#no-jobs")).to_contain_text("no such name")
         page.goto("/ui/compare")
         expect(page.locator(f'tr[data-job="{job_id}"]')).to_be_visible()
         assert page.locator("svg .point.front").count() >= 1
@@ -241,6 +260,7 @@ def test_dashboard_login_submit_watch_curves_download_compare(
         "05-job-live",
         "06-job-succeeded",
         "07-curves",
+        "08-jobs-filtered",
         "08-compare",
         "09-other-tenant-not-found",
     ):

