@@ -28,10 +28,11 @@ VirtualTeacherVariant = Literal["paper", "authors_code"]
   T^2 * KL(softmax(log p^d / T) || softmax(z_s / T)), averaged over the batch. At high T this
   is close to matching the student's centred logits to log p^d: a label-smoothing-like pull
   towards a gold-vs-rest logit gap of log(a (C - 1) / (1 - a)).
-- ``authors_code`` (``teacher_free``'s default): what ``loss_kd_regularization`` computes: the temperature divides the
-  PROBABILITY vector, which is soft-maxed again, target = softmax(p^d / T); the student is not
-  softened (T = 1); no T^2; ``nn.KLDivLoss()``'s default reduction ``mean`` (sum over B * C
-  elements / (B * C), i.e. the batch-mean KL / C). Because the entries of p^d lie in [0, 1],
+- ``authors_code`` (``teacher_free``'s default): what ``loss_kd_regularization`` computes:
+  the temperature divides the PROBABILITY vector, which is soft-maxed again,
+  target = softmax(p^d / T); the student is not softened (T = 1); no T^2;
+  ``nn.KLDivLoss()``'s default reduction ``mean`` (sum over B * C elements / (B * C), i.e.
+  the batch-mean KL / C). Because the entries of p^d lie in [0, 1],
   softmax(p^d / T) is almost uniform for the authors' T of 10-40 (C = 2, a = 0.99, T = 20:
   gold 0.512; C = 100: 0.0105 against the uniform 0.0100), so this variant pulls the student
   towards the uniform distribution (a confidence penalty) rather than towards p^d.
