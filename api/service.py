@@ -509,8 +509,16 @@ def spec_to_store(spec: JobSpec) -> dict[str, Any]:
 
     Raises:
         InvalidSpec: such a setting was given explicitly (naming ``dataset.<name>``): it would
-            be ignored, so it is refused rather than silently dropped.
+            be ignored, so it is refused rather than silently dropped; likewise a ``student``
+            beside ``born_again``'s ``init: random`` (naming ``student``).
     """
+    if getattr(spec.method, "init", None) == "random" and "student" in spec.model_fields_set:
+        raise InvalidSpec(
+            "born_again with method.init 'random' trains every generation from a random "
+            "initialisation of the teacher's architecture and ignores the student: leave "
+            "student out, or set method.init to 'student'",
+            "student",
+        )
     ignored = ignored_dataset_fields(spec.dataset)
     for name, why in ignored.items():
         if name in spec.dataset.model_fields_set:

@@ -62,8 +62,9 @@ def _dataset(
     return ds
 
 
-def _teacher(teachers: Path, dataset: str, epochs: int) -> Path:
-    """The dataset's teacher: all-MiniLM-L6-v2 fine-tuned on the full train split."""
+def _teacher(teachers: Path, dataset: str, epochs: int, examples: int | None = None) -> Path:
+    """The dataset's teacher: all-MiniLM-L6-v2 fine-tuned on the full train split (or a
+    seeded subset of ``examples``)."""
     path = teachers / dataset
     if (path / "model.safetensors").is_file():
         return path
@@ -71,7 +72,7 @@ def _teacher(teachers: Path, dataset: str, epochs: int) -> Path:
         {
             "teacher": "builtin:minilm-l6",
             "method": {"name": "finetune"},
-            "dataset": _dataset(dataset, None),
+            "dataset": _dataset(dataset, examples),
             "training": {"epochs": epochs, "max_seq_length": MAX_SEQ_LENGTH, "seed": 0},
         }
     )
@@ -126,6 +127,16 @@ def run(
         typer.Option("--eval-set", help="Built-in labelled set evaluated at the end (OOD)."),
     ] = None,
     teacher_epochs: int = 2,
+    teacher_examples: Annotated[
+        int | None, typer.Option(help="Teacher's train subset (the full split if unset).")
+    ] = None,
+    training: Annotated[
+        str | None,
+        typer.Option(
+            help="Extra training settings for every run, a JSON object (e.g. "
+            '\'{"group_by_length": true}\'); the rows\' method label gets " training:<json>".'
+        ),
+    ] = None,
 ) -> None:
     """Train every (dataset, student, method, seed) not yet in results.jsonl.
 
@@ -134,17 +145,21 @@ def run(
     settings' defaults unless ``--methods name:{json}`` overrides them).
     """
     transformers.logging.set_verbosity_error()
+    extra = json.loads(training) if training else {}
+    if not isinstance(extra, dict):
+        raise typer.BadParameter(f"{training!r}: --training must be a JSON object")
+    suffix = f" training:{json.dumps(extra, sort_keys=True)}" if extra else ""
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     done = _done(results)
     cache = out / "cache"
     for dataset in datasets or ["rotten_tomatoes", "trec6"]:
-        teacher = _teacher(teachers or out / "teachers", dataset, teacher_epochs)
+        teacher = _teacher(teachers or out / "teachers", dataset, teacher_epochs, teacher_examples)
         for asked in students or ["layers2", "minilm-l3"]:
             for method in methods or registry.names():
                 student = SAME_ARCHITECTURE_METHODS.get(_method(method)[0]["name"], asked)
                 for seed in seeds or [0, 1, 2]:
-                    if (dataset, student, method, seed) in done:
+                    if (dataset, student, method + suffix, seed) in done:
                         continue
                     spec = JobSpec.model_validate(
                         {
@@ -158,19 +173,21 @@ def run(
                                 "seed": seed,
                                 "learning_rate": learning_rate,
                                 "device": "cpu",
+                                **extra,
                             },
                         }
                     )
                     checkpoint = STUDENT_CHECKPOINTS.get(student)
                     student_path = builtin_model_path(checkpoint, cache) if checkpoint else None
-                    run_dir = out / "runs" / f"{dataset}-{student}-{_method(method)[1]}-{seed}"
+                    tag = "".join(f"-{k}={v}" for k, v in sorted(extra.items()))
+                    run_dir = out / "runs" / f"{dataset}-{student}-{_method(method)[1]}{tag}-{seed}"
                     m = run_job(
                         spec, teacher, _no_files, run_dir, student_path=student_path
                     ).metrics
                     row = {
                         "dataset": dataset,
                         "student": student,
-                        "method": method,
+                        "method": method + suffix,
                         "seed": seed,
                         "accuracy": m["test"]["accuracy"],
                         "macro_f1": m["test"]["macro_f1"],

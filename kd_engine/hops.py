@@ -25,6 +25,7 @@ from kd_engine.models.shapes import ModelShape, planned_student_shape, shape_fro
 from kd_engine.models.student import (
     cut_pretrained,
     fresh_student,
+    reinitialised,
     resolve_layers,
     student_from_teacher,
 )
@@ -83,6 +84,29 @@ def build_student(
         label_names=names,
         max_positions=int(teacher.config.max_position_embeddings),
     )
+
+
+def hop_model(job: Job, hop: Hop) -> PreTrainedModel:
+    """The model hop ``hop`` starts from (the caller seeds the RNG first): the teacher's
+    architecture with every weight drawn anew when ``hop.reinit_seed`` is set
+    (:func:`kd_engine.models.student.reinitialised`), else built from the hop's student spec
+    (the job's when the hop has none)."""
+    if hop.reinit_seed is not None:
+        return reinitialised(job.teacher)
+    return build_student(hop.student or job.spec.student, job.teacher, job.names, job.student_path)
+
+
+def hop_student_report(job: Job, hop: Hop) -> dict[str, Any]:
+    """How the hop's model started, for ``hops[].student`` of ``metrics.json``: the student
+    spec, or ``{"type": "random", "architecture": <teacher's model type>, "seed": <seed>}``
+    for a re-initialised copy of the teacher's architecture."""
+    if hop.reinit_seed is not None:
+        return {
+            "type": "random",
+            "architecture": str(job.teacher.config.model_type),
+            "seed": job.spec.training.seed + hop.reinit_seed,
+        }
+    return (hop.student or job.spec.student).model_dump(mode="json")
 
 
 def student_shape(
@@ -192,9 +216,14 @@ def run_hop(
     """
     hop, spec, n = job.hops[index], job.spec, len(job.hops)
     prefix = _hop_prefix(job.hops, index)
-    if index:  # the first hop's student is drawn as a single-model job's; later ones re-seeded
-        seed_everything(spec.training.seed)
-    student = build_student(hop.student or spec.student, job.teacher, job.names, job.student_path)
+    if hop.reinit_seed is not None:  # the teacher's architecture, drawn with the hop's own seed
+        seed_everything(spec.training.seed + hop.reinit_seed)
+        student = hop_model(job, hop)
+        seed_everything(spec.training.seed)  # training itself is seeded as for any hop
+    else:
+        if index:  # the first hop's student is drawn as a single-model job's; later re-seeded
+            seed_everything(spec.training.seed)
+        student = hop_model(job, hop)
     hop_teacher = {
         "job": job.teacher,
         "previous": previous[0] if previous is not None else None,
@@ -248,7 +277,7 @@ def run_hop(
         "name": hop.name,
         "index": index + 1,
         "method": hop.method.model_dump(mode="json"),
-        "student": (hop.student or spec.student).model_dump(mode="json"),
+        "student": hop_student_report(job, hop),
         "teacher": teacher_name,
         "stages": result.stages,
         "best_epoch": result.best_epoch,

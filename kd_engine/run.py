@@ -37,7 +37,7 @@ from kd_engine.data.split_artifact import write_split_file
 from kd_engine.distributed import current as current_rank
 from kd_engine.evaluation import count_parameters, task_metrics, weights_bytes
 from kd_engine.export import save_student, write_json
-from kd_engine.hops import HopRun, Job, build_student, run_hop, student_shape
+from kd_engine.hops import HopRun, Job, hop_model, run_hop, student_shape
 from kd_engine.latency import ROUNDS, SPREAD_LIMIT, interleaved_latency
 from kd_engine.methods.chain import ChainMethod, plan_hops
 from kd_engine.models.loading import (
@@ -193,7 +193,7 @@ def _finished_hops(job: Job, resume: Resume) -> tuple[PreTrainedModel | None, li
     if resume.previous is None or not runs:
         return None, runs
     hop = job.hops[len(runs) - 1]
-    model = build_student(hop.student or job.spec.student, job.teacher, job.names, job.student_path)
+    model = hop_model(job, hop)
     model.load_state_dict(resume.previous)
     return model, runs
 

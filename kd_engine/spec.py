@@ -11,12 +11,13 @@ control character or is longer than 2048 characters (column names: 256), and see
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from kd_engine import methods as _methods  # noqa: F401  (fills the registry)
 from kd_engine import registry
+from kd_engine.methods.born_again import resolve_init
 from kd_engine.spec_fields import MAX_TEXT_CHARS, ColumnName, Seed
 from kd_engine.students_spec import (
     BiLSTMStudent,
@@ -227,3 +228,11 @@ class JobSpec(_Strict):
     dataset: DatasetSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults_from_the_job(cls, data: Any) -> Any:
+        """Method settings whose default depends on the rest of the spec, filled in before
+        validation so that the stored spec writes them out (see
+        :func:`kd_engine.methods.born_again.resolve_init`)."""
+        return resolve_init(data)

@@ -20,16 +20,19 @@ from kd_engine.losses.soft_targets import kd_loss
 VirtualTeacherVariant = Literal["paper", "authors_code"]
 """How the student distils from the virtual teacher p^d at temperature T:
 
-- ``paper``: KD as for any teacher: the virtual teacher's logits are log p^d (so it outputs
-  p^d at T = 1), both sides are softened by T and the KL is scaled by T^2 (Hinton et al.; the
-  scaling of the authors' own ``loss_kd``/``loss_kd_self``):
+- ``paper`` (no source: neither the authors' code nor a readable text of the paper has this
+  formula; the default of ``teacher_free`` jobs submitted before 2026-12-07, kept so that their
+  stored specs keep their meaning): KD as for any teacher: the virtual teacher's logits are
+  log p^d (so it outputs p^d at T = 1), both sides are softened by T and the KL is scaled by
+  T^2 (Hinton et al.'s scaling, as in the authors' ``loss_kd``/``loss_kd_self``):
   T^2 * KL(softmax(log p^d / T) || softmax(z_s / T)), averaged over the batch. At high T this
   is close to matching the student's centred logits to log p^d: a label-smoothing-like pull
   towards a gold-vs-rest logit gap of log(a (C - 1) / (1 - a)).
-- ``authors_code``: what ``loss_kd_regularization`` computes: the temperature divides the
-  PROBABILITY vector, which is soft-maxed again, target = softmax(p^d / T); the student is not
-  softened (T = 1); no T^2; ``nn.KLDivLoss()``'s default reduction ``mean`` (sum over B * C
-  elements / (B * C), i.e. the batch-mean KL / C). Because the entries of p^d lie in [0, 1],
+- ``authors_code`` (``teacher_free``'s default): what ``loss_kd_regularization`` computes:
+  the temperature divides the PROBABILITY vector, which is soft-maxed again,
+  target = softmax(p^d / T); the student is not softened (T = 1); no T^2;
+  ``nn.KLDivLoss()``'s default reduction ``mean`` (sum over B * C elements / (B * C), i.e.
+  the batch-mean KL / C). Because the entries of p^d lie in [0, 1],
   softmax(p^d / T) is almost uniform for the authors' T of 10-40 (C = 2, a = 0.99, T = 20:
   gold 0.512; C = 100: 0.0105 against the uniform 0.0100), so this variant pulls the student
   towards the uniform distribution (a confidence penalty) rather than towards p^d.
@@ -70,7 +73,7 @@ def virtual_teacher_kd(
     labels: torch.Tensor,
     correct_prob: float,
     temperature: float,
-    variant: VirtualTeacherVariant = "paper",
+    variant: VirtualTeacherVariant = "authors_code",
 ) -> torch.Tensor:
     """The KD term towards the virtual teacher (without alpha or any multiplier).
 

@@ -123,7 +123,8 @@ class AdversarialMethod(Method):
         self.batch: dict[str, torch.Tensor] | None = None
         self._stream: list[int] = []
         self.samples = SampleKeeper()
-        self.n_generator: int = self.config.generator_steps or 10  # n_G (cilda may resolve it)
+        n_g = self.config.generator_steps
+        self.n_generator: int = n_g if isinstance(n_g, int) else 10  # n_G (cilda resolves it)
         self._stage_step = 0
         if student.num_labels == 1:
             self.objective_name = "generator_mse"

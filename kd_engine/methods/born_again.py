@@ -5,17 +5,22 @@ generation k from generation k - 1 (its best dev checkpoint); the exported stude
 generation, the earlier ones are artifacts, and the ensemble of all generations (the mean of
 their softmax outputs, the paper's BANE) is evaluated on the test split as well.
 
-Initialisation (our choice, documented in docs/methods.md): the paper trains every generation
-from a random initialisation, which for a BERT-like model throws away pre-training. Every
-generation starts from the job's ``student`` spec instead, which must have the teacher's shape:
-a ``pretrained`` base encoder of the same shape (the analogue of a fresh network: the encoder
-the teacher was fine-tuned from), ``from_teacher`` keeping every layer (starts at the teacher's
-own fine-tuned weights), or ``fresh`` with the teacher's sizes (the paper's random init).
+Initialisation (``init``): the paper starts each generation as "a new identical model
+initialised from a different random seed". ``random`` (the default when the job gives no
+``student``): each generation is the teacher's architecture (its config) with every weight
+drawn anew by the architecture's own initialiser, generation k seeded with
+``training.seed + k - 1``. ``student`` (the default when the job gives a ``student``, and what
+every job submitted before 2026-12-07 stored): each generation is built from the job's
+``student`` spec, which must have the teacher's shape: a ``pretrained`` base encoder of that
+shape (the encoder the teacher was fine-tuned from: pre-training kept, head new),
+``from_teacher`` keeping every layer (an exact copy of the teacher, head included: at tau = 1
+the KD loss starts near 0 and the generations barely move) or ``fresh`` with the teacher's
+sizes. :func:`resolve_init` makes the choice when a job spec is read.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -40,12 +45,34 @@ class BornAgainConfig(MethodConfig):
             distribution only; nocotan's reimplementation uses CE + KD with alpha 0.9.
         temperature: tau of the KD term. Default 1.0: the paper matches the teacher's softmax
             (no temperature); nocotan uses 20.
+        init: how each generation starts (module doc): ``random`` (the teacher's
+            architecture, randomly initialised, seed ``training.seed + k - 1``) or
+            ``student`` (the job's ``student`` spec). In a job spec, left out it is
+            ``student`` when the job gives a ``student`` and ``random`` otherwise
+            (:func:`resolve_init`).
     """
 
     name: Literal["born_again"] = "born_again"
     generations: int = Field(3, ge=1, le=10)
     alpha: float = Field(1.0, ge=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0, le=100.0)
+    init: Literal["random", "student"] = "random"
+
+
+def resolve_init(data: Any) -> Any:
+    """A raw job spec (a dict, as submitted or as stored) with ``method.init`` of a
+    ``born_again`` method filled in when it is left out: ``student`` if the spec gives a
+    ``student`` (a job that names its student gets it; every spec stored before ``init``
+    existed has one written out, so old jobs keep their meaning), else ``random``. Anything
+    else is returned unchanged.
+    """
+    if not isinstance(data, dict):
+        return data
+    method = data.get("method")
+    if not isinstance(method, dict) or method.get("name") != "born_again" or "init" in method:
+        return data
+    init = "student" if data.get("student") is not None else "random"
+    return {**data, "method": {**method, "init": init}}
 
 
 def same_architecture(teacher: ModelShape, student: ModelShape) -> bool:
@@ -68,12 +95,28 @@ class BornAgain(ChainMethod):
     @classmethod
     def hops(cls, config: MethodConfig, teacher: ModelShape, student: ModelShape) -> list[Hop]:
         """``generation_1`` .. ``generation_K``, each vanilla KD (``alpha``, ``temperature``)
-        from the one before, the first from the job's teacher; all built from the job's student.
+        from the one before, the first from the job's teacher; with ``init`` ``random`` each
+        is the teacher's architecture re-initialised (seed offset k - 1), with ``student``
+        each is built from the job's student.
 
         Raises:
-            SpecError: ``student`` when it does not have the teacher's shape.
+            SpecError: ``student`` when ``init`` is ``student`` and the student does not have
+                the teacher's shape.
         """
         c = config_as(config, BornAgainConfig)
+        kd = VanillaKDConfig(alpha=c.alpha, temperature=c.temperature)
+        if c.init == "random":
+            return [
+                Hop(
+                    f"generation_{k}",
+                    None,
+                    teacher,
+                    kd,
+                    "job" if k == 1 else "previous",
+                    reinit_seed=k - 1,
+                )
+                for k in range(1, c.generations + 1)
+            ]
         if not same_architecture(teacher, student):
             kind = "transformer" if student.transformer else "non-transformer"
             raise SpecError(
@@ -82,10 +125,10 @@ class BornAgain(ChainMethod):
                 f"have the teacher's shape ({teacher.num_layers} layers, hidden size "
                 f"{teacher.hidden_size}, {teacher.num_heads} heads); this one is a {kind} with "
                 f"{student.num_layers} layers, hidden size {student.hidden_size}, "
-                f'{student.num_heads} heads. Use {{"type": "from_teacher"}} (every layer) or '
-                "a pretrained base encoder of the teacher's shape",
+                f"{student.num_heads} heads. Leave student out (each generation is then the "
+                "teacher's architecture, randomly initialised), or give a pretrained base "
+                'encoder of the teacher\'s shape or {"type": "from_teacher"} (every layer)',
             )
-        kd = VanillaKDConfig(alpha=c.alpha, temperature=c.temperature)
         return [
             Hop(f"generation_{k}", None, student, kd, "job" if k == 1 else "previous")
             for k in range(1, c.generations + 1)

@@ -44,6 +44,9 @@ class Hop:
         shape: the model's shape (as planned from the spec, before any weights exist).
         method: the single-model method that trains it (``vanilla_kd``, ``finetune``, ...).
         teacher: where its teacher comes from (:data:`TeacherSource`).
+        reinit_seed: None, or the model is not built from a student spec but is the job
+            teacher's architecture with every weight drawn anew, after seeding with
+            ``training.seed + reinit_seed`` (``born_again``'s ``init: random``).
     """
 
     name: str
@@ -51,6 +54,7 @@ class Hop:
     shape: ModelShape
     method: MethodConfig
     teacher: TeacherSource
+    reinit_seed: int | None = None
 
 
 def hop_teacher_shape(hops: list[Hop], index: int, teacher: ModelShape) -> ModelShape:

@@ -4,14 +4,13 @@ CVPR 2020, section 4).
 
 L = (1 - alpha) CE(y, softmax(z_s)) + alpha * multiplier * KD(p^d, z_s; T), where the virtual
 teacher p^d puts a on the gold class and (1 - a)/(C - 1) elsewhere. ``variant`` chooses the KD
-term (:data:`kd_engine.losses.virtual_teacher.VirtualTeacherVariant`): ``paper`` (default) is
-KD as for any teacher, T^2 KL(softmax(log p^d / T) || softmax(z_s / T)); ``authors_code`` is
-what yuanli2333/Teacher-free-Knowledge-Distillation ``my_loss_function.py::
-loss_kd_regularization`` computes, KL(softmax(p^d / T) || softmax(z_s)) / C with no T^2. The
-paper's formula is the default because the code's target, softmax of a probability vector over
-T = 10-40, is almost uniform (C = 2, T = 20: 0.512 on the gold class), so it does not express
-the virtual teacher the paper describes; the code variant is there to reproduce the authors'
-numbers.
+term (:data:`kd_engine.losses.virtual_teacher.VirtualTeacherVariant`): ``authors_code``
+(default) is what yuanli2333/Teacher-free-Knowledge-Distillation ``my_loss_function.py::
+loss_kd_regularization`` computes, ``nn.KLDivLoss()(log_softmax(z_s), softmax(p^d / T))``, i.e.
+KL(softmax(p^d / T) || softmax(z_s)) / C with no T^2, times ``multiplier``. ``paper`` (T^2
+KL(softmax(log p^d / T) || softmax(z_s / T))) has no source that could be read (neither the
+authors' code nor a readable text of the paper has it): it was the default of jobs submitted
+before 2026-12-07 and is kept only so that their stored specs keep their meaning.
 
 No teacher is run (``uses_teacher`` False): the job's teacher reference is still required, for
 the tokenizer and, with a ``from_teacher`` student, for the student's initial weights; it may
@@ -20,12 +19,12 @@ be a base encoder (``builtin:minilm-l6``) as for ``finetune``. The self-KD mode 
 is the ``teacher_free_self`` chain variant, not this method. Classification only: a regression
 task (one output) is rejected.
 
-Defaults: a = 0.99 (hard-coded ``correct_prob`` in ``loss_kd_regularization``); T = 20,
-alpha = 0.1 (``experiments/base_experiments/base_resnet18/params.json``: ``reg_temperature``
-20, ``reg_alpha`` 0.1); multiplier 1 (the value "in most of cases" per the code's comment;
-base_resnet18 uses 100 with the ``authors_code`` per-class mean over C = 100 classes, which is
-the batch-mean KL times 1). The authors' recipes are for CIFAR-100 / Tiny-ImageNet CNNs; there
-is no NLP recipe.
+Defaults: one consistent configuration of the authors, their ResNet-18 CIFAR-100 run
+(``experiments/base_experiments/base_resnet18/params.json``: ``reg_alpha`` 0.1,
+``reg_temperature`` 20, ``multiplier`` 100.0) and a = 0.99 (``correct_prob``, hard-coded in
+``loss_kd_regularization``). With the ``authors_code`` reduction (/ C) a multiplier of 100 on
+C = 100 classes is the batch-mean KL; on C classes it is 100 / C times it. The authors' recipes
+are for CIFAR-100 / Tiny-ImageNet CNNs; there is no NLP recipe.
 """
 
 from __future__ import annotations
@@ -54,16 +53,17 @@ class TeacherFreeConfig(MethodConfig):
         temperature: T > 0 (``reg_temperature``, 20).
         correct_prob: a, the virtual teacher's probability of the gold class, in (1/C, 1)
             (``correct_prob`` 0.99).
-        multiplier: extra factor on the KD term (``params.multiplier``, 1).
-        variant: ``paper`` (default) or ``authors_code``; see the module doc.
+        multiplier: extra factor on the KD term (``multiplier``, 100.0).
+        variant: ``authors_code`` (default) or ``paper`` (no source; kept for stored jobs);
+            see the module doc.
     """
 
     name: Literal["teacher_free"] = "teacher_free"
     alpha: float = Field(0.1, ge=0.0, le=1.0)
     temperature: float = Field(20.0, gt=0.0, le=100.0)
     correct_prob: float = Field(0.99, gt=0.0, lt=1.0)
-    multiplier: float = Field(1.0, gt=0.0, le=1000.0)
-    variant: VirtualTeacherVariant = "paper"
+    multiplier: float = Field(100.0, gt=0.0, le=1000.0)
+    variant: VirtualTeacherVariant = "authors_code"
 
 
 class TeacherFree(Method):

@@ -161,3 +161,14 @@ def fresh_student(
         problem_type="regression" if len(label_names) == 1 else None,
     )
     return BertForSequenceClassification(config)
+
+
+def reinitialised(teacher: PreTrainedModel) -> PreTrainedModel:
+    """A new model of ``teacher``'s class and configuration (same layers, sizes, labels and
+    head) with every weight drawn by the architecture's own initialiser (transformers'
+    ``_init_weights``), on the teacher's device; the teacher is not modified. Seed the RNG
+    first: the draw is all that makes two such models differ (Born-Again Networks' "a new
+    identical model initialised from a different random seed")."""
+    model: PreTrainedModel = type(teacher)(copy.deepcopy(teacher.config))
+    model.to(next(teacher.parameters()).device)  # type: ignore[arg-type]
+    return model

@@ -806,7 +806,16 @@ def test_born_again_needs_a_student_of_the_teachers_shape(
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"] == "student"
     assert "teacher's shape" in r.json()["error"]["message"]
-    assert client.post("/v1/jobs", json={**body, "student": {"layers": list(range(6))}}).is_success
+    named = client.post("/v1/jobs", json={**body, "student": {"layers": list(range(6))}})
+    assert named.is_success and named.json()["spec"]["method"]["init"] == "student"
+    # No student: each generation is the teacher's architecture drawn at random (issue 23),
+    # and the stored spec says so.
+    default = client.post("/v1/jobs", json=body)
+    assert default.status_code == 201, default.text
+    assert default.json()["spec"]["method"]["init"] == "random"
+    both = {**body, "student": {}, "method": {"name": "born_again", "init": "random"}}
+    r = client.post("/v1/jobs", json=both)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "student", r.text
 
 
 def test_takd_assistant_is_downloadable_through_the_api(

@@ -210,9 +210,10 @@ def test_codir_memory_bank_state_resumes_with_grad_accumulation(
 
 
 def test_born_again_resumes_in_a_later_hop(teacher_dir: Path, tmp_path: Path) -> None:
+    """Generations drawn at random (the default ``init``): the finished generation is rebuilt
+    from the checkpoint, the next one drawn with its own seed as in an uninterrupted run."""
     spec = make_spec(
-        method={"name": "born_again", "generations": 2},
-        student={"type": "from_teacher"},
+        method={"name": "born_again", "generations": 2, "init": "random"},
         training={**TRAINING, "epochs": 1},
     )
     full = run_job(spec, teacher_dir, no_files, tmp_path / "full")

@@ -130,8 +130,14 @@ def test_born_again_generations_of_the_teachers_shape() -> None:
     assert [h.teacher for h in hops] == ["job", "previous", "previous"]
     assert all(h.student is None and h.shape == TEACHER for h in hops)
     assert {h.method for h in hops} == {VanillaKDConfig(alpha=0.9, temperature=20.0)}
+    assert [h.reinit_seed for h in hops] == [0, 1, 2]  # init random: the teacher's shape
+    # Whatever the job's student: each generation is the teacher's architecture.
+    assert [h.shape for h in plan_hops(config, TEACHER, STUDENT)] == [TEACHER] * 3
     defaults = BornAgainConfig()
     assert (defaults.generations, defaults.alpha, defaults.temperature) == (3, 1.0, 1.0)
+    assert defaults.init == "random"
+    built = plan_hops(BornAgainConfig(init="student"), TEACHER, TEACHER)
+    assert [h.reinit_seed for h in built] == [None] * 3
     with pytest.raises(ValidationError):
         BornAgainConfig(generations=0)
 
@@ -141,7 +147,7 @@ def test_born_again_generations_of_the_teachers_shape() -> None:
 )
 def test_born_again_rejects_a_student_of_another_shape(student: ModelShape) -> None:
     with pytest.raises(SpecError) as info:
-        check(BornAgainConfig(), student)
+        check(BornAgainConfig(init="student"), student)
     assert info.value.field == "student"
     assert "teacher's shape" in info.value.reason
 

@@ -30,6 +30,7 @@ from kd_engine.errors import SpecError
 from kd_engine.losses.adversarial import generator_divergence
 from kd_engine.methods.adversarial import AdversarialMethod
 from kd_engine.methods.base import Resources, StepOutputs
+from kd_engine.methods.cilda import CILDAConfig, small_task_generator_steps
 from kd_engine.models.shapes import shape_from_config
 from kd_engine.models.student import student_from_teacher
 from kd_engine.models.text_students import bilstm_student
@@ -344,6 +345,25 @@ def test_cilda_min_step_weights_and_its_generator_count(
         for w, k in zip(weights, ("ce", "kd", "kd_augmented", "crd_augmented"), strict=True)
     )
     assert float(res.total) == pytest.approx(expected, rel=1e-5)
+
+
+def test_cilda_generator_steps_follow_the_papers_tasks() -> None:
+    """Issue 23: the paper's n_G is 20 for CoLA, MRPC and RTE and 10 for the rest, STS-B
+    (5,749 training pairs, regression) included; a stored None keeps the old size-only rule."""
+    assert CILDAConfig().generator_steps == "auto"
+    glue = {  # training examples, regression
+        "cola": (8551, False),
+        "mrpc": (3668, False),
+        "rte": (2490, False),
+        "stsb": (5749, True),
+        "sst2": (67349, False),
+        "qnli": (104743, False),
+    }
+    got = {k: small_task_generator_steps("auto", n, r) for k, (n, r) in glue.items()}
+    assert got == {"cola": 20, "mrpc": 20, "rte": 20, "stsb": 10, "sst2": 10, "qnli": 10}
+    assert small_task_generator_steps(None, 5749, True) == 20  # jobs stored before the change
+    assert small_task_generator_steps(None, 67349, False) == 10
+    assert small_task_generator_steps(7, 100, False) == 7
 
 
 def test_combined_kd_anneals_both_inputs_then_stops_augmenting(

@@ -120,19 +120,41 @@ def test_method_loss_mixes_ce_and_kd(variant: str) -> None:
     }
 
 
-def test_defaults_and_bounds() -> None:
+def test_defaults_are_the_authors_loss_and_one_config() -> None:
+    """Issue 23: the default is the authors' Tf-KD_reg (``loss_kd_regularization``) with their
+    base_resnet18 config (reg_alpha 0.1, reg_temperature 20, multiplier 100), a = 0.99."""
     c = TeacherFreeConfig()
     assert (c.alpha, c.temperature, c.correct_prob, c.multiplier, c.variant) == (
         0.1,
         20.0,
         0.99,
-        1.0,
-        "paper",
+        100.0,
+        "authors_code",
     )
+    method = registry.build(c, SHAPE, SHAPE, TrainingSpec())
+    logits, labels = torch.tensor(STUDENT), torch.tensor(LABELS)
+    out = method.loss(StepOutputs(logits), None, labels, MASK)
+    # By hand: KLDivLoss()(log_softmax(z_s), softmax(p^d / 20)) * 100, no T^2.
+    kd = 0.0
+    for row, y in zip(STUDENT, LABELS, strict=True):
+        target = softmax([p / 20 for p in virtual(y, 0.99)])
+        kd += kl(target, softmax(row))
+    kd /= len(STUDENT) * 3
+    assert float(out.total) == pytest.approx(0.9 * hand_ce() + 0.1 * 100.0 * kd, rel=1e-5)
     with pytest.raises(ValidationError):
         TeacherFreeConfig(correct_prob=1.0)
     with pytest.raises(ValidationError):
         TeacherFreeConfig(variant="other")  # type: ignore[arg-type]
+
+
+def test_a_stored_spec_of_the_old_default_keeps_its_meaning() -> None:
+    """Specs are stored with every setting written out: a job submitted with the old default
+    (``paper``, multiplier 1) still reads as ``paper``."""
+    stored = {"name": "teacher_free", "alpha": 0.1, "temperature": 20.0, "correct_prob": 0.99}
+    old = TeacherFreeConfig.model_validate({**stored, "multiplier": 1.0, "variant": "paper"})
+    method = registry.build(old, SHAPE, SHAPE, TrainingSpec())
+    out = method.loss(StepOutputs(torch.tensor(STUDENT)), None, torch.tensor(LABELS), MASK)
+    assert float(out.parts["kd"]) == pytest.approx(hand_paper(0.99, 20.0), rel=1e-4)
 
 
 def test_regression_and_a_weak_gold_class_are_rejected() -> None:

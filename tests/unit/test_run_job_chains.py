@@ -228,6 +228,58 @@ def test_born_again_generations_and_ensemble(born_again_run: RunResult, tmp_path
     assert not torch.equal(l1, l2)
 
 
+@pytest.fixture(scope="module")
+def confident_teacher_dir(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path) -> Path:
+    """``teacher_dir``'s teacher with its classifier's output layer scaled by 20: the same
+    predictions, confident ones (the 2-step teacher is nearly uniform, so any student's KD
+    loss against it is near 0)."""
+    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        model.classifier.weight.mul_(20.0)
+        model.classifier.bias.mul_(20.0)
+    out = tmp_path_factory.mktemp("confident_teacher")
+    model.save_pretrained(out)
+    load_tokenizer(teacher_dir).save_pretrained(out)
+    return out
+
+
+def test_born_again_by_default_starts_each_generation_at_random(
+    confident_teacher_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 23: with no student given, each generation is the teacher's architecture drawn
+    anew with its own seed (the paper), not a copy of the teacher (whose KD loss at tau = 1
+    starts near 0). A job that names its student (every stored spec does) keeps it."""
+    one_step = {**TRAINING, "max_steps": 1}
+    spec = make_spec(method={"name": "born_again", "generations": 2}, training=one_step)
+    assert spec.method.model_dump()["init"] == "random"
+    named = make_spec(student={"type": "from_teacher"}, method={"name": "born_again"})
+    assert named.method.model_dump()["init"] == "student"
+    stored = make_spec().model_dump(mode="json")  # a spec stored before init existed
+    stored["method"] = {"name": "born_again", "generations": 3, "alpha": 1.0, "temperature": 1.0}
+    assert JobSpec.model_validate(stored).method.model_dump()["init"] == "student"
+    result = run_job(spec, confident_teacher_dir, no_files, tmp_path, TrainHooks(every=1))
+    gen1, gen2 = result.metrics["hops"]
+    assert [gen1["student"]["seed"], gen2["student"]["seed"]] == [42, 43]
+    assert gen1["student"]["type"] == gen2["student"]["type"] == "random"
+    assert gen1["parameters"] == gen2["parameters"] == result.metrics["teacher"]["parameters"]
+    copy = make_spec(
+        student={"type": "from_teacher"},
+        method={"name": "born_again", "generations": 1},
+        training=one_step,
+    )
+    run_job(copy, confident_teacher_dir, no_files, tmp_path / "copy", TrainHooks(every=1))
+    first = {}
+    for name, out in (("random", tmp_path), ("copy", tmp_path / "copy")):
+        records = [json.loads(x) for x in (out / LOG_FILE).read_text().splitlines()]
+        first[name] = next(
+            r["kd"]
+            for r in records
+            if r["event"] == "step" and r.get("hop", "generation_1") == "generation_1"
+        )
+    # A copy of the teacher starts near 0 (dropout alone); a network drawn at random far above.
+    assert first["random"] > 0.1 and first["random"] > 5 * first["copy"], first
+
+
 def test_born_again_needs_the_teachers_architecture(teacher_dir: Path, tmp_path: Path) -> None:
     spec = make_spec(student={"num_layers": 2}, method={"name": "born_again"})
     with pytest.raises(ValueError, match=r"^student: born_again trains generations"):
