@@ -13,7 +13,7 @@ the credentials of every request that carries a body (a ``Content-Length`` above
   database error during the check is a 503 (``unavailable``), also without reading the body.
 * ``/ui/...`` (but the login form, whose body is the key): the dashboard's login cookie. Without
   a valid one the route runs with an empty body, so that it answers its usual redirect to the
-  login page without the body having been read.
+  login page (with ``Connection: close``) without the body having been read.
 
 Other paths (``/healthz``, ``/metrics``, the docs) take no body worth the name and are passed on.
 The key is checked in a worker thread with a short session of its own.
@@ -165,7 +165,17 @@ class AuthGate:
             ok = await anyio.to_thread.run_sync(check)
         except SQLAlchemyError:
             ok = True  # the route meets the same error and answers it
-        await self.app(scope, receive if ok else _empty_body(), send)
+        if ok:
+            await self.app(scope, receive, send)
+            return
+
+        async def closing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, _empty_body(), closing)
 
 
 def install(app: FastAPI) -> None:

@@ -161,6 +161,19 @@ def test_a_huge_body_without_a_key_is_401_before_it_is_read(
     assert r.status_code == 401 and sent.bytes < EARLY
 
 
+def test_a_dashboard_form_without_a_login_is_redirected_before_its_body_is_read(
+    stack: Stack,
+) -> None:
+    pid = stack.processes["api"].pid
+    before = rss(pid)
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    r, sent = stream_huge(stack.base_url + "/ui/jobs/new", form, pid, b"spec=")
+    assert r.status_code == 303, r.text
+    assert r.headers["location"].startswith("/ui/login")
+    assert sent.bytes < EARLY, f"{sent.bytes / MIB:.0f} MiB sent before the redirect"
+    assert sent.peak_rss - before < MEMORY_GROWTH
+
+
 def test_an_upload_over_the_cap_is_413_while_it_streams(stack: Stack) -> None:
     pid = stack.processes["api"].pid
     before = rss(pid)
