@@ -16,9 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -26,25 +24,27 @@ import uvicorn
 
 from api.main import create_app
 from api.settings import Settings
+from bench.http_faults import (
+    FINETUNE,
+    MIB,
+    MULTIPART,
+    SilentBroker,
+    auth,
+    concurrent_submits,
+    multipart_head,
+    rss,
+    stream_huge,
+)
 from devstack.stack import Stack, free_port, running_stack
 from tests.integration.conftest import new_key
 
-MIB = 1 << 20
 UPLOAD_CAP = 2 * MIB
 AUTH_CHECK_S = 1.0
 STREAM_POLL_S = 0.2
-HUGE = 256 * MIB
-"""Bytes a client offers: far beyond every limit; before the fixes the server read them all."""
 EARLY = 48 * MIB
 """At most this much may leave the client before the server's answer stops it (loopback socket
 buffers on both sides hold a few MiB)."""
 MEMORY_GROWTH = 48 * MIB
-BOUNDARY = "x" * 16
-FINETUNE: dict[str, Any] = {
-    "teacher": "builtin:minilm-l6",
-    "method": {"name": "finetune"},
-    "dataset": {"source": "builtin:rotten_tomatoes"},
-}
 
 
 @pytest.fixture(scope="module")
@@ -65,70 +65,6 @@ def stack(
         },
     ) as s:
         yield s
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def rss(pid: int) -> int:
-    """Resident memory of process ``pid`` (bytes)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-@dataclass
-class Sent:
-    """What a streamed request body gave the socket, and the server's memory meanwhile."""
-
-    bytes: int = 0
-    peak_rss: int = 0
-    samples: list[int] = field(default_factory=list)
-
-
-def multipart_head(name: str = "file", filename: str = "big.csv") -> bytes:
-    return (
-        f'--{BOUNDARY}\r\ncontent-disposition: form-data; name="purpose"\r\n\r\ndataset\r\n'
-        f'--{BOUNDARY}\r\ncontent-disposition: form-data; name="{name}"; '
-        f'filename="{filename}"\r\ncontent-type: text/csv\r\n\r\n'
-    ).encode()
-
-
-def stream_huge(
-    url: str, headers: dict[str, str], pid: int, head: bytes = b""
-) -> tuple[httpx.Response, Sent]:
-    """POST ``head`` then zeros, chunked, up to :data:`HUGE` bytes; the server's RSS is sampled
-    every 20 ms meanwhile. Returns its answer and what was sent."""
-    sent = Sent()
-    chunk = b"0" * MIB
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            sent.samples.append(rss(pid))
-            time.sleep(0.02)
-
-    def body() -> Iterator[bytes]:
-        yield head
-        sent.bytes += len(head)
-        while sent.bytes < HUGE:
-            yield chunk
-            sent.bytes += len(chunk)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        r = httpx.post(url, content=body(), headers=headers, timeout=60)
-    finally:
-        done.set()
-        sampler.join()
-    sent.peak_rss = max(sent.samples)
-    return r, sent
-
-
-MULTIPART = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
 
 
 @pytest.mark.parametrize(
@@ -287,31 +223,6 @@ def test_a_deeply_nested_jsonl_line_is_422_naming_the_line(stack: Stack) -> None
     assert "line 3 nests JSON" in err["message"]
 
 
-class SilentBroker:
-    """A TCP server on 127.0.0.1 that accepts connections and never answers."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = int(self.sock.getsockname()[1])
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-
-    def close(self) -> None:
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-
 @pytest.fixture
 def hung_api(pg_url: str, tmp_path: Path) -> Iterator[tuple[str, str, float]]:
     """The app under a real uvicorn (its own threads and connection pool) whose broker
@@ -354,23 +265,8 @@ def test_concurrent_submits_with_a_hung_broker_keep_the_deadline(
     a margin (before: each held a database connection while waiting, so the pool's 15 made
     the others wait for a whole deadline more)."""
     url, key, deadline_s = hung_api
-    n = 20
-    barrier = threading.Barrier(n)
-    results: list[tuple[int, float, str]] = []
-
-    def submit(i: int) -> None:
-        with httpx.Client(headers=auth(key), timeout=60) as c:
-            barrier.wait()
-            t0 = time.monotonic()
-            r = c.post(url + "/v1/jobs", json=FINETUNE, headers={"Idempotency-Key": f"k{i}"})
-            results.append((r.status_code, time.monotonic() - t0, r.text))
-
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert len(results) == n
-    assert {status for status, _, _ in results} == {503}, results[0][2]
-    took = sorted(round(t, 2) for _, t, _ in results)
+    results = concurrent_submits(url, key, 20)
+    assert len(results) == 20
+    assert {status for status, _ in results} == {503}
+    took = sorted(round(t, 2) for _, t in results)
     assert took[-1] < deadline_s + 3.0, f"answer times (s): {took}"
