@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
 
 from api import tenants
 from api.deps import SessionDep
@@ -33,18 +34,18 @@ class Caller:
     key_id: str
 
 
-def get_caller(
-    request: Request,
-    session: SessionDep,
-    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> Caller:
-    """The caller of this request.
+CALLER_STATE = "distillery_caller"
+"""Key of the request's ASGI ``state`` under which :mod:`api.authgate` leaves the caller it
+authenticated before the body was read (so that :func:`get_caller` does not ask again)."""
+
+
+def caller_for_header(session: Session, header: str | None) -> Caller:
+    """The caller an ``Authorization`` header value stands for.
 
     Raises:
-        Unauthorized: no ``Authorization: Bearer`` header, or a malformed, unknown or revoked
-            key (401).
+        Unauthorized: no header, not ``Bearer <key>``, or a malformed, unknown or revoked key
+            (401).
     """
-    header = request.headers.get("authorization")
     if not header:
         raise Unauthorized("missing API key: send the header 'Authorization: Bearer <key>'")
     scheme, _, key = header.strip().partition(" ")
@@ -55,6 +56,24 @@ def get_caller(
     except tenants.AuthError as e:
         raise Unauthorized(str(e)) from None
     return Caller(tenant_id=row.tenant_id, key_id=row.id)
+
+
+def get_caller(
+    request: Request,
+    session: SessionDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Caller:
+    """The caller of this request (the one :mod:`api.authgate` already authenticated, for a
+    request with a body).
+
+    Raises:
+        Unauthorized: no ``Authorization: Bearer`` header, or a malformed, unknown or revoked
+            key (401).
+    """
+    checked = request.scope.get("state", {}).get(CALLER_STATE)
+    if isinstance(checked, Caller):
+        return checked
+    return caller_for_header(session, request.headers.get("authorization"))
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]

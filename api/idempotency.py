@@ -95,19 +95,6 @@ def find(
     return row.resource_id
 
 
-def forget(session: Session, tenant_id: str, route: str, key: str | None) -> None:
-    """Drop the record of ``key`` (not committed): for a create whose later step failed (the
-    job could not be queued), so that a retry with the same key makes a new resource."""
-    if key is not None:
-        session.execute(
-            delete(IdempotencyKey).where(
-                IdempotencyKey.tenant_id == tenant_id,
-                IdempotencyKey.key == key,
-                IdempotencyKey.route == route,
-            )
-        )
-
-
 def create_once(
     session: Session,
     *,

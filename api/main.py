@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 import transformers
 from fastapi import FastAPI
 
-from api import errors, limits, logs, metrics, ui, webhooks
+from api import authgate, errors, limits, logs, metrics, ui, webhooks
 from api.db import make_engine, make_sessionmaker
 from api.routers import events as events_router
 from api.routers import files, health, jobs, keys
@@ -51,7 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = make_sessionmaker(app.state.engine)
     app.state.celery = make_celery(settings)
     errors.install(app)
-    limits.install(app, settings.max_json_body_bytes)
+    limits.install(app, settings.max_json_body_bytes, settings.max_upload_bytes)
+    authgate.install(app)  # outside the body limit: a request without a key gets 401 first
     metrics.install(app, settings, app.state.sessionmaker)
     logs.install(app)
     app.include_router(jobs.router)

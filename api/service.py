@@ -11,7 +11,17 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from api import checkpoints, dependencies, events, files, idempotency, quotas, refs, repository
+from api import (
+    checkpoints,
+    dependencies,
+    events,
+    files,
+    idempotency,
+    quotas,
+    refs,
+    repository,
+    tenants,
+)
 from api.db import FINISHED, Artifact, Job, JobCheckpoint, utcnow
 from api.errors import Conflict, InvalidSpec, NotFound, Unavailable
 from api.queue import BrokerUnavailable, enqueue
@@ -600,6 +610,8 @@ def stored_plan(session: Session, job_id: str) -> dict[str, Any] | None:
 
 
 SUBMIT_ROUTE = "POST /v1/jobs"
+NOT_QUEUED = "the job could not be queued"
+"""How the ``error`` of a job the broker never took starts (see :func:`submit`)."""
 
 
 def submit(
@@ -614,12 +626,17 @@ def submit(
     metadata: dict[str, str] | None = None,
 ) -> tuple[Job, bool]:
     """Validate references, check the tenant's quotas, persist a queued job of ``tenant_id``,
-    commit, then enqueue it. With an ``idempotency_key`` already used for the same spec, the
-    earlier job is returned instead and nothing is created or queued. Returns the job and
-    whether it is that earlier one (replayed). A job that could not be queued is kept as
-    failed and its idempotency key forgotten, so that a retry with the key submits anew.
-    ``name`` and ``metadata`` (validated by :mod:`api.job_labels`) are stored on the job and
-    count in the idempotency check like the spec.
+    commit, then enqueue it (holding no database connection while the broker is waited for).
+    With an ``idempotency_key`` already used for the same spec, the earlier job is returned
+    instead and nothing is created; returns the job and whether it is that earlier one
+    (replayed). ``name`` and ``metadata`` (validated by :mod:`api.job_labels`) are stored on
+    the job and count in the idempotency check like the spec.
+
+    A job the broker did not take is kept as failed (its ``error`` starts with
+    :data:`NOT_QUEUED`) and keeps its idempotency key: a retry with the same key and spec
+    returns that same job, queued again (:func:`_queue_again`), rather than a new one. A
+    submit that stored nothing (it failed before its commit) left no key behind either, so its
+    retry creates the job.
 
     Raises:
         InvalidSpec: a reference does not exist (or is another tenant's job) or does not fit
@@ -627,7 +644,7 @@ def submit(
         QuotaExceeded: the tenant has its maximum of active jobs or of stored bytes (429).
         Unavailable: the broker is down or did not answer within
             ``settings.broker_publish_timeout_s``; the job is kept as failed with that reason
-            (503), never left queued without a message.
+            (503, ``details.job_id`` names it), never left queued without a message.
     """
     stored_spec = spec_to_store(spec)
     labels = {k: v for k, v in (("name", name), ("metadata", metadata)) if v}
@@ -642,7 +659,7 @@ def submit(
             settings.idempotency_ttl_s,
         )
         if earlier is not None:
-            return get(session, earlier, tenant_id=tenant_id), True
+            return _replay(session, celery, settings, earlier, tenant_id), True
     pending = dependencies.check_references(session, spec, tenant_id)
     token = _DEFERRING.set(bool(pending))
     try:
@@ -701,6 +718,20 @@ def submit(
     if job.status == "waiting":  # not sent; released here if its dependency just finished
         dependencies.release_waiting(session, settings, celery, only=[job.id])
         return get(session, job.id, tenant_id=tenant_id), False
+    _send(session, celery, settings, job)
+    return job, False
+
+
+def _send(session: Session, celery: Celery, settings: Settings, job: Job) -> None:
+    """Enqueue the queued ``job``; the session's transaction is ended first, so that no
+    database connection is held while the broker is waited for (up to
+    ``settings.broker_publish_timeout_s``, however many submits wait at once).
+
+    Raises:
+        Unavailable: the broker did not take it; the job is then failed with a reason that
+            starts with :data:`NOT_QUEUED` (503).
+    """
+    session.commit()  # nothing pending: returns the connection to the pool (rows stay loaded)
     try:
         enqueue(celery, job.id, job.queue, settings.broker_publish_timeout_s)
     except BrokerUnavailable as e:
@@ -709,7 +740,8 @@ def submit(
             job.id,
             ("queued",),
             "failed",
-            error=f"the job could not be queued (broker unavailable: {e}); submit it again",
+            error=f"{NOT_QUEUED} (broker unavailable: {e}); submit it again with the same "
+            "Idempotency-Key (or without one)",
             finished_at=utcnow(),
         )
         events.record(
@@ -718,11 +750,71 @@ def submit(
             "failed",
             "the broker is unavailable; the job was not queued",
             level="error",
+            data={"not_queued": True},
         )
-        idempotency.forget(session, tenant_id, SUBMIT_ROUTE, idempotency_key)
         session.commit()
-        raise Unavailable("the broker is unavailable; the job was not queued") from None
-    return job, False
+        raise Unavailable(
+            f"the broker is unavailable; job {job.id} was not queued (it is failed): submit "
+            "again, with the same Idempotency-Key to queue this same job",
+            details={"job_id": job.id},
+        ) from None
+
+
+def _never_queued(job: Job) -> bool:
+    """Whether ``job`` failed because the broker never took it (it never ran)."""
+    return (
+        job.status == "failed"
+        and job.started_at is None
+        and (job.error or "").startswith(NOT_QUEUED)
+    )
+
+
+def _replay(
+    session: Session, celery: Celery, settings: Settings, job_id: str, tenant_id: str
+) -> Job:
+    """The job an earlier request with the same idempotency key created; queued again when the
+    broker never took it (:func:`_queue_again`)."""
+    job = get(session, job_id, tenant_id=tenant_id)
+    if _never_queued(job):
+        return _queue_again(session, celery, settings, job, tenant_id)
+    return job
+
+
+def _queue_again(
+    session: Session, celery: Celery, settings: Settings, job: Job, tenant_id: str
+) -> Job:
+    """Queue again a job of ``tenant_id`` that failed because the broker never took it (a
+    retry of its submit with the same idempotency key): failed -> queued under the tenant's
+    quotas, a ``queued`` event, then sent. A concurrent retry that queued it first wins (the
+    job is returned as it is).
+
+    Raises:
+        QuotaExceeded: the tenant has its maximum of active jobs or of stored bytes (429).
+        Unavailable: the broker still does not take it (503); it is failed again.
+    """
+    try:
+        tenants.lock_tenant(session, tenant_id)
+        quotas.check_active_jobs(session, tenant_id, settings)
+        quotas.check_stored_bytes(session, tenant_id, settings)
+        if not repository.transition(
+            session, job.id, ("failed",), "queued", error=None, finished_at=None
+        ):
+            session.rollback()
+            return get(session, job.id, tenant_id=tenant_id)
+        events.record(
+            session,
+            job.id,
+            "queued",
+            "queued again by a retry of its submit with the same Idempotency-Key",
+            data={"method": job.method, "idempotent_retry": True},
+        )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    session.refresh(job)
+    _send(session, celery, settings, job)
+    return job
 
 
 def get(session: Session, job_id: str, *, tenant_id: str) -> Job:

@@ -258,6 +258,13 @@ class Settings(BaseSettings):
     events_stream_poll_s: float = Field(
         0.5, gt=0, description="Seconds between two database reads of an event stream (SSE)."
     )
+    events_stream_auth_check_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between two checks, by an open event stream (SSE), that the API "
+        "key it was opened with is still valid (not revoked, its tenant still there); the "
+        "stream ends at the first check that fails.",
+    )
     events_stream_keepalive_s: float = Field(
         15.0, gt=0, description="Seconds of silence after which an event stream sends a comment."
     )

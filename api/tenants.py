@@ -211,6 +211,18 @@ def revoke_key(session: Session, key_id: str, tenant_id: str | None = None) -> A
     return key
 
 
+def key_is_valid(session: Session, key_id: str, tenant_id: str) -> bool:
+    """Whether key ``key_id`` still authenticates as ``tenant_id``: it exists, is not revoked,
+    and belongs to that tenant, which still exists. For long requests (an event stream) that
+    authenticated once."""
+    q = (
+        select(ApiKey.id)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.id == key_id, ApiKey.tenant_id == tenant_id, ApiKey.revoked_at.is_(None))
+    )
+    return session.scalar(q) is not None
+
+
 def authenticate(session: Session, key: str) -> ApiKey:
     """The key's row, if ``key`` is a valid, unrevoked key; its ``last_used_at`` is updated
     (at most once a minute, committed).

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from api import service
+from api import service, tenants
 from api.auth import CallerDep
 from api.db import FINISHED, Job
 from api.deps import SessionDep, SettingsDep
@@ -26,6 +26,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
 FINAL_EVENTS = ("succeeded", "failed", "cancelled")
 STREAM_BATCH = 200
+KEY_REVOKED_COMMENT = ": the API key of this stream was revoked (or its tenant removed); closed\n\n"
+"""The comment an event stream ends with when its key no longer authenticates (a client that
+reconnects then gets a 401)."""
 
 After = Annotated[
     int | None,
@@ -104,7 +107,9 @@ def stream_job_events(
     or ``after`` (default: the first), then live as they happen; a comment line every
     ``events_stream_keepalive_s`` of silence; the stream ends after a final event
     (succeeded, failed, cancelled), or at once when the job has finished and its final event
-    was already sent. 404 for no such job (or another tenant's)."""
+    was already sent. Every ``events_stream_auth_check_s`` the key it was opened with is
+    checked again: once revoked (or its tenant removed) the stream ends with a comment
+    saying so. 404 for no such job (or another tenant's)."""
     service.get(session, job_id, tenant_id=caller.tenant_id)
     start = after
     if last_event_id is not None and last_event_id.strip():
@@ -119,20 +124,28 @@ def stream_job_events(
     session.close()  # the stream reads with short sessions of its own; hold no connection
     sessions = request.app.state.sessionmaker
 
-    def fetch(cursor: int | None) -> tuple[str | None, list[dict[str, Any]]]:
-        # The status first: a final status is committed with its final event, so the events
-        # read after it include that event.
+    def fetch(cursor: int | None, check_key: bool) -> tuple[bool, str | None, list[dict[str, Any]]]:
+        # The key first (when a check is due), then the status: a final status is committed
+        # with its final event, so the events read after it include that event.
         with sessions() as s:
+            if check_key and not tenants.key_is_valid(s, caller.key_id, caller.tenant_id):
+                return False, None, []
             status = s.scalar(select(Job.status).where(Job.id == job_id))
             rows = list_events(s, job_id, after=cursor, limit=STREAM_BATCH)
-            return status, [event_dict(e) for e in rows]
+            return True, status, [event_dict(e) for e in rows]
 
     async def body() -> AsyncIterator[str]:
         cursor = start
-        quiet_since = time.monotonic()
+        quiet_since = checked_at = time.monotonic()
         yield f"retry: {int(settings.events_stream_poll_s * 1000) + 1000}\n\n"
         while True:
-            status, events = await anyio.to_thread.run_sync(fetch, cursor)
+            due = time.monotonic() - checked_at >= settings.events_stream_auth_check_s
+            allowed, status, events = await anyio.to_thread.run_sync(fetch, cursor, due)
+            if due:
+                checked_at = time.monotonic()
+            if not allowed:
+                yield KEY_REVOKED_COMMENT
+                return
             for e in events:
                 yield sse_message(e)
                 cursor = e["id"]

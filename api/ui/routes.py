@@ -246,9 +246,17 @@ def parse_spec_text(text: str) -> dict[str, Any]:
     """
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise InvalidSpec(
+            "the spec nests arrays or objects too deeply to be read", "spec"
+        ) from None
     except ValueError:
         try:
             data = yaml.safe_load(text)
+        except RecursionError:
+            raise InvalidSpec(
+                "the spec nests lists or mappings too deeply to be read", "spec"
+            ) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

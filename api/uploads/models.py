@@ -271,6 +271,11 @@ def unpack_model(archive: Path, store: Storage, prefix: str, limits: ArchiveLimi
                 raise InvalidUpload(
                     f"{CONFIG} is not valid JSON ({e})", member=config_member.name
                 ) from None
+            except RecursionError:
+                raise InvalidUpload(
+                    f"{CONFIG} nests JSON arrays or objects too deeply to be read",
+                    member=config_member.name,
+                ) from None
             fields = check_model_config(config)
             objects = arc.extract(listing, store, prefix, limits.max_unpacked_bytes)
     except ArchiveRejected as e:

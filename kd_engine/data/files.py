@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -33,6 +33,9 @@ MAX_ROWS = 5_000_000
 MAX_CELL_CHARS = 1 << 20
 """1,048,576 characters per cell (CSV field or string value); a 1 MB text fits."""
 MAX_LINE_BYTES = 16 << 20
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects in one JSONL row (the row's own object is level 1); a
+deeper line is refused by name rather than risk a ``RecursionError`` in whatever reads it."""
 """16 MiB per physical line of a CSV or JSONL file (several cells at the cap still fit)."""
 FORMATS: dict[str, Literal["csv", "jsonl", "parquet"]] = {
     ".csv": "csv",
@@ -69,6 +72,27 @@ def _cell_error(name: str, where: str, column: object = None) -> ValueError:
     )
 
 
+def _nesting_over(value: object, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests lists and dicts more than ``limit`` levels deep
+    (iterative: no recursion on hostile input)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+_TOO_DEEP = object()
+
+
 class RowStream:
     """The rows of one dataset file, read once from front to back (a file is never loaded
     whole: memory is one line, or one Parquet batch, at a time).
@@ -82,7 +106,8 @@ class RowStream:
 
     Raises (while iterating):
         ValueError: a file problem, the message starting with the file's name and naming the
-            line: not UTF-8, UTF-16, malformed CSV or JSON, a row of the wrong width, a cell
+            line: not UTF-8, UTF-16, malformed CSV or JSON (or JSON nested past Python's
+            recursion limit), a row of the wrong width, a cell
             over :data:`MAX_CELL_CHARS`, a line over :data:`MAX_LINE_BYTES`, more than
             :data:`MAX_ROWS` rows, an unreadable Parquet file or a missing ``pyarrow``.
         OSError: the file cannot be opened.
@@ -195,6 +220,13 @@ class RowStream:
                     raise ValueError(
                         f"{self.name}: line {n} is not valid JSON ({e.msg} at column {e.colno})"
                     ) from None
+                except RecursionError:
+                    obj = _TOO_DEEP  # nested past Python's recursion limit
+                if obj is _TOO_DEEP or _nesting_over(obj, MAX_JSON_DEPTH):
+                    raise ValueError(
+                        f"{self.name}: line {n} nests JSON arrays or objects more than "
+                        f"{MAX_JSON_DEPTH} levels deep (a row is one JSON object of column values)"
+                    )
                 if not isinstance(obj, dict):
                     raise ValueError(
                         f"{self.name}: line {n}: expected a JSON object, got {type(obj).__name__}"

@@ -35,6 +35,8 @@ def read_config(path: str | Path) -> dict[str, object]:
             data = json.loads(cfg_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_file}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{cfg_file}: JSON nested too deeply to be read") from None
         if not isinstance(data, dict):
             raise ValueError(f"{cfg_file}: expected a JSON object")
         return data

@@ -132,21 +132,53 @@ def test_keys_belong_to_a_tenant_and_expire(
     assert db.scalar(select(func.count()).select_from(IdempotencyKey)) == 2  # bob's + new
 
 
-def test_a_submit_the_broker_refused_can_be_retried_with_its_key(
+def test_a_retry_of_a_submit_the_broker_refused_queues_the_same_job(
     settings: Settings, db: Session
 ) -> None:
+    """The 503'd submit committed its job (failed, "could not be queued"); its retry with the
+    same key queues that job again instead of making a second one, and a retry after that is
+    a plain replay."""
     key = make_key(db, "alice")
     headers = {**auth(key), "Idempotency-Key": "k"}
     down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
     with TestClient(create_app(down), headers=headers) as c:
-        assert c.post("/v1/jobs", json=FINETUNE).status_code == 503
+        r = c.post("/v1/jobs", json=FINETUNE)
+        assert r.status_code == 503
+        job_id = r.json()["error"]["details"]["job_id"]
+        assert job_id in r.json()["error"]["message"]
+        # the broker still down: the retry fails the same job again (no second job)
+        again = c.post("/v1/jobs", json=FINETUNE)
+        assert again.status_code == 503
+        assert again.json()["error"]["details"]["job_id"] == job_id
+    assert jobs_in_db(db) == 1
     with TestClient(create_app(settings), headers=headers) as c:
         r = c.post("/v1/jobs", json=FINETUNE)
-        assert r.status_code == 201
-        assert "idempotent-replayed" not in r.headers
-        assert r.json()["status"] == "queued"
-        assert c.post("/v1/jobs", json=FINETUNE).json()["id"] == r.json()["id"]
-    assert jobs_in_db(db) == 2  # the failed one and the queued one
+        assert r.status_code == 201, r.text
+        assert r.headers["idempotent-replayed"] == "true"
+        assert r.json()["id"] == job_id
+        assert r.json()["status"] == "queued" and r.json()["error"] is None
+        replay = c.post("/v1/jobs", json=FINETUNE)
+        assert replay.json()["id"] == job_id and replay.json()["status"] == "queued"
+        types = [e["type"] for e in c.get(f"/v1/jobs/{job_id}/events").json()["events"]]
+    assert types == ["queued", "failed", "queued", "failed", "queued"]
+    assert jobs_in_db(db) == 1
+    assert queued(settings) == [job_id]  # sent once, by the retry that queued it
+
+
+def test_a_submit_that_stored_nothing_is_retried_with_its_key(
+    settings: Settings, db: Session
+) -> None:
+    """A submit refused before its commit (here: the tenant's quota) leaves no key behind: its
+    retry with the same key creates the job."""
+    key = make_key(db, "alice")
+    headers = {**auth(key), "Idempotency-Key": "k"}
+    full = settings.model_copy(update={"default_max_active_jobs": 0})
+    with TestClient(create_app(full), headers=headers) as c:
+        assert c.post("/v1/jobs", json=FINETUNE).status_code == 429
+    assert jobs_in_db(db) == 0
+    with TestClient(create_app(settings), headers=headers) as c:
+        r = c.post("/v1/jobs", json=FINETUNE)
+    assert r.status_code == 201 and "idempotent-replayed" not in r.headers
     assert queued(settings) == [r.json()["id"]]
 
 

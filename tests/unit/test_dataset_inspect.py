@@ -125,6 +125,23 @@ def test_broken_lines_are_named(tmp_path: Path) -> None:
     assert "names column 'text' twice" in refused(twice).reason
 
 
+@pytest.mark.parametrize("depth", [100_000, 40])
+def test_a_deeply_nested_jsonl_line_is_named(tmp_path: Path, depth: int) -> None:
+    """100k levels raised RecursionError (a 500 in the API); 40 parses, but more than 32
+    levels are refused too, so that nothing reading the row later can hit the limit."""
+    nested = "[" * depth + "]" * depth
+    path = write(
+        tmp_path / "deep.jsonl",
+        '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n'
+        f'{{"text": "c", "label": "x", "extra": {nested}}}\n',
+    )
+    err = refused(path)
+    assert err.field == "dataset.source"
+    assert err.reason.startswith("deep.jsonl: line 3 nests JSON arrays or objects more than 32")
+    ok = write(tmp_path / "ok.jsonl", '{"text": "a", "label": "x", "n": [[[1]]]}\n' * 2)
+    assert len(read_rows(ok)) == 2
+
+
 def test_non_utf8_names_the_line_the_byte_and_the_fix(tmp_path: Path) -> None:
     path = write(tmp_path / "latin.csv", "text,label\ncafé,pos\nnaïve,neg\n", encoding="latin-1")
     err = refused(path)

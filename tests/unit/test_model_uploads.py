@@ -403,6 +403,12 @@ def test_what_is_not_a_model_archive_is_refused(tmp_path: Path, store: LocalStor
         unpack_model(tar_of(bad_json, tmp_path / "c.tgz"), store, "u", LIMITS)
     assert_empty(store.root)
 
+    deep = tiny_model(tmp_path)  # a RecursionError in json.loads was a 500
+    (deep / "config.json").write_text('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(InvalidUpload, match=r"config\.json nests JSON .* too deeply"):
+        unpack_model(tar_of(deep, tmp_path / "d.tgz"), store, "u", LIMITS)
+    assert_empty(store.root)
+
 
 def test_a_corrupt_safetensors_file_is_refused_and_removed(
     tmp_path: Path, store: LocalStorage
