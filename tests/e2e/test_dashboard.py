@@ -236,8 +236,15 @@ def test_dashboard_login_submit_watch_curves_download_compare(
         page.click("#name-filter button")
         expect(page.locator("#no-jobs")).to_contain_text("no such name")
         page.goto("/ui/compare")
-        expect(page.locator(f'tr[data-job="{job_id}"]')).to_be_visible()
-        assert page.locator("svg .point.front").count() >= 1
+        row = page.locator(f'tr[data-job="{job_id}"]')
+        expect(row).to_be_visible()
+        # the only student is on the Pareto front unless its latency was timed unreliably
+        # (spread over 25% on a loaded machine): then it is marked so and left off the front
+        if "unreliable" in row.inner_text():
+            assert page.locator("svg .point.front").count() == 0
+            assert page.locator("svg .point").count() >= 1
+        else:
+            assert page.locator("svg .point.front").count() >= 1
         shot(page, "08-compare")
 
         # another tenant's job: not found, as a page
