@@ -1,7 +1,13 @@
-"""Shared fixtures: the real PostgreSQL and Redis the suite runs against.
+"""Shared fixtures: the real PostgreSQL and Redis the suite runs against, and the two lanes.
 
 ``make test`` (scripts/services.sh) makes sure both answer and sets
 DISTILLERY_TEST_DATABASE_URL and DISTILLERY_TEST_REDIS_URL; the defaults below are the same.
+
+Lanes: every test that uses a service fixture (:data:`SERVICE_FIXTURES`) or lives under
+tests/integration or tests/e2e is marked ``services`` at collection; ``make check`` runs
+``-m "not services and not slow"`` (no PostgreSQL, Redis, Chromium or worker; see README.md).
+A test under tests/unit that asks for a service fixture is a collection error: unit tests run
+without services.
 """
 
 from __future__ import annotations
@@ -21,6 +27,31 @@ PG_URL = os.environ.get(
     "DISTILLERY_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/distillery_test"
 )
 REDIS_URL = os.environ.get("DISTILLERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+SERVICE_FIXTURES = frozenset({"pg_url", "clean_db", "redis_url", "e2e_broker_url"})
+"""Fixtures that need the PostgreSQL or Redis server: a test using one is marked ``services``."""
+SERVICE_DIRS = ("integration", "e2e")
+"""Folders under tests/ whose tests need the services (a stack, a worker, Chromium)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test that needs PostgreSQL, Redis, Chromium or a worker ``services``; refuse
+    (a collection error naming the test and fixture) a unit test that needs one."""
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            folder = item.path.resolve().relative_to(tests_dir).parts[0]
+        except ValueError:
+            continue
+        needs = SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if folder == "unit" and needs:
+            raise pytest.UsageError(
+                f"{item.nodeid}: a unit test must not need a service (uses {sorted(needs)}); "
+                "move it to tests/integration"
+            )
+        if needs or folder in SERVICE_DIRS:
+            item.add_marker(pytest.mark.services)
 
 
 def _alembic(*args: str) -> None:
