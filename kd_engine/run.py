@@ -107,13 +107,26 @@ def _tagged(records: list[dict[str, object]], hop: str, many: bool) -> list[dict
     return [{**r, "hop": hop} for r in records] if many else list(records)
 
 
+LATENCY_PROTOCOL = {1: (20, 3), 32: (5, 1)}
+"""Batch size -> (timed batches, untimed warm-up batches) of ``metrics.json``'s
+``latency_s_batch1`` and ``latency_s_batch32`` (student and teacher). One or three warm-up
+batches: ten (the former protocol) made the two measurements 2/3 of a tiny job's time, with
+medians no steadier (the timed batches are medians already)."""
+
+
 def _size_and_speed(
     model: PreTrainedModel, data: Any, pad_id: int, device: torch.device
 ) -> dict[str, float]:
+    """``parameters`` and the median seconds per example at batch 1 and 32
+    (:func:`~kd_engine.evaluation.latency_per_example`, :data:`LATENCY_PROTOCOL`)."""
+    latency = {
+        b: latency_per_example(model, data, b, pad_id, device, n, warm)
+        for b, (n, warm) in LATENCY_PROTOCOL.items()
+    }
     return {
         "parameters": count_parameters(model),
-        "latency_s_batch1": latency_per_example(model, data, 1, pad_id, device),
-        "latency_s_batch32": latency_per_example(model, data, 32, pad_id, device, n_batches=5),
+        "latency_s_batch1": latency[1],
+        "latency_s_batch32": latency[32],
     }
 
 
