@@ -54,7 +54,7 @@ from kd_engine.models.loading import (
     teacher_task,
 )
 from kd_engine.models.shapes import shape_from_config
-from kd_engine.onnx_export import export_report
+from kd_engine.onnx_export import LATENCY_PROTOCOL, export_report
 from kd_engine.report_html import write_report
 from kd_engine.reports import evaluate_sets, split_diagnostics, teacher_match
 from kd_engine.spec import JobSpec
@@ -107,18 +107,14 @@ def _tagged(records: list[dict[str, object]], hop: str, many: bool) -> list[dict
     return [{**r, "hop": hop} for r in records] if many else list(records)
 
 
-LATENCY_PROTOCOL = {1: (20, 3), 32: (5, 1)}
-"""Batch size -> (timed batches, untimed warm-up batches) of ``metrics.json``'s
-``latency_s_batch1`` and ``latency_s_batch32`` (student and teacher). One or three warm-up
-batches: ten (the former protocol) made the two measurements 2/3 of a tiny job's time, with
-medians no steadier (the timed batches are medians already)."""
-
-
 def _size_and_speed(
     model: PreTrainedModel, data: Any, pad_id: int, device: torch.device
 ) -> dict[str, float]:
     """``parameters`` and the median seconds per example at batch 1 and 32
-    (:func:`~kd_engine.evaluation.latency_per_example`, :data:`LATENCY_PROTOCOL`)."""
+    (:func:`~kd_engine.evaluation.latency_per_example`), timed as the ONNX block's PyTorch
+    and onnxruntime latencies are (:data:`kd_engine.onnx_export.LATENCY_PROTOCOL`: a few
+    warm-up and timed batches; ten warm-up batches each made these two timings 2/3 of a tiny
+    job's run)."""
     latency = {
         b: latency_per_example(model, data, b, pad_id, device, n, warm)
         for b, (n, warm) in LATENCY_PROTOCOL.items()
