@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -226,9 +226,9 @@ def _tiny_bert(classes: int, seed: int) -> PreTrainedModel:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
-        num_labels=classes,
         problem_type="regression" if classes == 1 else "single_label_classification",
     )
+    config.num_labels = classes
     return BertForSequenceClassification(config)
 
 
@@ -289,7 +289,7 @@ def _check_bound_training(config: Any, classes: int) -> None:
     before = [p.detach().clone() for p in student.parameters()]
     result = train(student, teacher, method, data, data, training, pad, CPU)
     assert [st["steps"] for st in result.stages] == [1] * len(method.stages(training))
-    losses = [v for r in result.history for v in r["train_losses"].values()]  # type: ignore[union-attr]
+    losses = [v for r in result.history for v in cast(dict[str, float], r["train_losses"]).values()]
     assert losses and all(math.isfinite(v) for v in losses)
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
 
