@@ -40,10 +40,11 @@ SERVICE_DIRS = ("integration", "e2e")
 """Folders under tests/ whose tests need the services (a stack, a worker, Chromium)."""
 
 
-JOB_CALL = re.compile(r"(?<![.\w])(run_job|train|execute|launch)\(")
-"""A call that runs a whole training job or loop (kd_engine.run.run_job, kd_engine.trainer.train,
-worker.runner.execute) or starts training processes (kd_engine.distributed.launch): a test
-whose body or fixtures (transitively) make one is ``slow``."""
+JOB_CALL = re.compile(r"(?<![.\w])(run_job\w*|train|execute|launch)\(")
+"""A call that runs a whole training job or loop (kd_engine.run.run_job and
+run_job_distributed, kd_engine.trainer.train, worker.runner.execute) or starts training
+processes (kd_engine.distributed.launch): a test whose body or fixtures (transitively) make one
+is ``slow``."""
 
 
 @functools.cache

@@ -15,6 +15,7 @@ from tests.conftest import JOB_CALL
         "    train" + "(student, teacher, method, data, data, training, pad, CPU)",
         "assert execute" + "(job_id, settings) == 'succeeded'",
         "launch" + "(_train_once, 2, (str(two), accumulation))",
+        "run_job_distributed" + "(spec, path, Path, out, 2, hooks)",
     ],
 )
 def test_a_call_that_runs_a_job_makes_a_test_slow(source: str) -> None:
