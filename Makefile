@@ -11,7 +11,7 @@ DISTILLERY_TEST_REDIS_URL    ?= redis://127.0.0.1:6379/15
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k loss -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock services browser demo up test lint fmt
+.PHONY: help setup lock services browser demo up test check lint fmt
 
 help:
 	@echo "make setup     create .venv and install distillery[dev] from requirements/lock.txt"
@@ -21,6 +21,7 @@ help:
 	@echo "make demo      run the embedded dev stack demo (python -m devstack.demo)"
 	@echo "make up        run the embedded stack until Ctrl-C; prints the URL and an API key"
 	@echo "make test      setup + services + browser + pytest (exit code of pytest is kept)"
+	@echo "make check     the fast lane: unit tests that need no service and run no job"
 	@echo "make lint      ruff check, ruff format --check, mypy"
 	@echo "make fmt       ruff format + ruff check --fix"
 
@@ -67,6 +68,12 @@ test: setup services browser
 	DISTILLERY_TEST_DATABASE_URL='$(DISTILLERY_TEST_DATABASE_URL)' \
 	DISTILLERY_TEST_REDIS_URL='$(DISTILLERY_TEST_REDIS_URL)' \
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast lane for the edit loop: no PostgreSQL, Redis, Chromium or worker (tests/conftest.py
+# marks the tests that need one `services`, and the unit tests that run a training job `slow`).
+CHECK_MARKERS := not services and not slow and not gpu
+check: setup
+	$(PY) -m pytest tests/unit -m '$(CHECK_MARKERS)' $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) scripts/check_lock.py

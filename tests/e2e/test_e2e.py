@@ -29,6 +29,7 @@ from kd_engine.methods.chain import ChainMethod
 from kd_engine.plan import overridden_training_fields, plan_job
 from kd_engine.references import builtin_model_path
 from kd_engine.spec import JobSpec
+from tests.checks import check_classification_metrics
 from worker.celery_app import TASK_NAME, make_celery
 
 pytestmark = pytest.mark.e2e
@@ -114,7 +115,7 @@ def test_finetune_then_vanilla_kd_downloads_a_student_that_loads(
     assert "accuracy" in metrics["epochs"][0]["dev"]
     final = metrics["final"]
     assert final["student"]["parameters"] < final["teacher"]["parameters"]
-    assert 0.0 <= final["teacher_agreement"] <= 1.0
+    check_classification_metrics(final, SMALL_DATA["max_eval_examples"])
     # The ONNX export (kd_engine.onnx_export): checked against PyTorch on the test split.
     exported = final["onnx"]
     assert exported["file"] == "model.onnx" and exported["opset"] == 17
@@ -317,7 +318,11 @@ SMALL_AUGMENTATION = {
 """Small settings for a method that binds models (an augmentation method: mate_kd and its
 family), each applied only where the method's settings have the field, so a newly registered
 one runs here without being named."""
-METHOD_OVERRIDES: dict[str, dict[str, Any]] = {}
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    # its default corpus is 20,000 rows, each embedded by the teacher (70 s of the matrix's
+    # ~5 min on 2 cores); 256 rows still retrieve its 32 neighbours per example
+    "minimax_knn": {"max_corpus_examples": 256},
+}
 """Per-method settings over the defaults (and over SMALL_AUGMENTATION), by method name."""
 
 
@@ -378,7 +383,7 @@ def test_every_registered_method_runs_through_the_worker(
     assert {"config.json", "model.safetensors", "metrics.json"} <= names
     final = client.metrics(job["id"])["final"]
     assert final["method"] == method
-    assert 0.0 <= final["test"]["accuracy"] <= 1.0
+    check_classification_metrics(final, SMALL_DATA["max_eval_examples"])
     # The smoke cap (max_steps) cuts every stage short: one warning per stage says so.
     # universal_kd fits its teacher probes in a stage of their own: no schedule warning. Only
     # annealing_kd also warns that the cap stops its temperature before T = 1.

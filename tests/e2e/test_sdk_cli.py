@@ -356,9 +356,11 @@ def test_cli_submit_watch_events_download_with_a_worker(
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(
         "teacher: builtin:minilm-l6\n"
+        "student: {num_layers: 1}\n"  # the CLI is under test, not the model: one layer
         "method: {name: finetune}\n"
         f"dataset: {json.dumps(SMALL_DATA)}\n"
         f"training: {json.dumps(TINY_TRAINING)}\n"
+        "export: {onnx: false}\n"  # checked in test_e2e / test_onnx_export
     )
     submitted = cli(stack, "submit", str(spec_file))
     assert submitted.returncode == 0, submitted.stderr

@@ -218,6 +218,7 @@ def test_spec_is_frozen() -> None:
         spec.teacher = "builtin:other"  # type: ignore[misc]
 
 
+@pytest.mark.slow  # a fresh interpreter (torch, transformers) per entry point
 @pytest.mark.parametrize(
     "first", ["kd_engine.data", "kd_engine.methods", "kd_engine.spec", "kd_engine.run", "api.main"]
 )

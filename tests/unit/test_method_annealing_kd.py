@@ -248,6 +248,7 @@ def run(
     return logs, progress, seen, student
 
 
+@pytest.mark.slow  # two stages of MiniLM training
 def test_training_anneals_then_starts_stage_two_from_the_best_stage_one_weights(
     minilm_classifier: PreTrainedModel, encoded: dict[str, Encoded]
 ) -> None:

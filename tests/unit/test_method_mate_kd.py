@@ -225,6 +225,7 @@ def test_a_generator_step_updates_the_generator_only(
     assert all(p.grad is None for p in student.parameters())
 
 
+@pytest.mark.slow  # max steps of a MiniLM generator
 def test_max_steps_raise_the_divergence_on_a_fixed_batch(
     minilm_classifier: PreTrainedModel,
     student: PreTrainedModel,

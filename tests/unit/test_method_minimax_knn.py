@@ -236,6 +236,7 @@ def test_loss_sums_kd_ce_and_a_kd_per_rank() -> None:
 # --- neighbour choice with real models ------------------------------------------------------
 
 
+@pytest.mark.slow  # MiniLM over a 96-row corpus, three times
 def test_chooses_the_largest_kl_candidates_of_the_current_student(
     minilm_classifier: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import Any, cast
 
 import pytest
 import torch
 from pydantic import ValidationError
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from kd_engine import registry
+from kd_engine.data.batching import encode_corpus
 from kd_engine.errors import SpecError
-from kd_engine.methods.base import Method, StepOutputs
+from kd_engine.methods.base import Method, Resources, StepOutputs
 from kd_engine.methods.chain import ChainMethod
 from kd_engine.methods.finetune import Finetune, FinetuneConfig
 from kd_engine.methods.vanilla_kd import VanillaKD, VanillaKDConfig
-from kd_engine.models.shapes import ModelShape
+from kd_engine.models.loading import load_tokenizer
+from kd_engine.models.shapes import ModelShape, shape_from_config
+from kd_engine.references import builtin_model_path
 from kd_engine.spec import JobSpec, TrainingSpec
 from kd_engine.stages import STUDENT as STUDENT_GROUP
 from kd_engine.stages import Stage
+from kd_engine.trainer import train
 
 STUDENT = [[1.0, 2.0, 0.0], [0.0, 0.0, 1.0]]
 TEACHER = [[3.0, 0.0, -1.0], [0.0, 2.0, 1.0]]
@@ -121,6 +133,7 @@ def test_registry_unknown_name_lists_known_names() -> None:
 
 # Small shapes every method is bound to before its loss: layer-mapping methods need a teacher
 # deeper than the student; hidden states and attentions are drawn to match them.
+CPU = torch.device("cpu")
 TEACHER_SHAPE = ModelShape(num_layers=4, hidden_size=8, num_labels=3, num_heads=2)
 STUDENT_SHAPE = ModelShape(num_layers=2, hidden_size=8, num_labels=3, num_heads=2)
 # Methods whose student has the teacher's architecture are bound to a student of its shape.
@@ -162,7 +175,8 @@ def test_every_registered_method_gives_a_finite_loss(name: str) -> None:
         assert stages
         if method.binds_models:
             # An augmentation method's loss needs real models bound to it (a generator, a
-            # neighbour index): tests/unit/test_method_mate_kd.py and its siblings run them.
+            # neighbour index): it trains a step of each stage on tiny real ones.
+            _check_bound_training(config, classes=3)
             continue
         for stage in stages:  # every stage's loss
             method.begin_stage(stage)
@@ -201,6 +215,85 @@ def _check_one_loss(method: Method, stage: Stage, classes: int = 3) -> None:
     assert all(torch.isfinite(grad).all() for grad in grads)
 
 
+def _tiny_bert(classes: int, seed: int) -> PreTrainedModel:
+    """A random 2-layer, 32-wide BERT classifier (``classes`` 1: regression) on the MiniLM
+    tokenizer's vocabulary (30522 ids), seeded."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=_tokenizer().vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        problem_type="regression" if classes == 1 else "single_label_classification",
+    )
+    config.num_labels = classes
+    return BertForSequenceClassification(config)
+
+
+@functools.cache
+def _tokenizer() -> PreTrainedTokenizerBase:
+    """The built-in MiniLM's tokenizer (it has a [MASK] token, which a generator needs)."""
+    return load_tokenizer(builtin_model_path("minilm-l6"))
+
+
+TINY_TEXTS = [
+    "a moving, funny film", "dull and far too long", "the cast is superb", "a mess of a plot",
+    "i laughed all the way", "nothing works here", "warm, clever and kind", "a tired sequel",
+]  # fmt: skip
+
+
+SMALL_BOUND = {
+    "generator_steps": 1,
+    "student_steps": 1,
+    "generator_layers": 1,
+    "num_neighbors": 4,
+    "num_candidates": 2,
+}
+"""Small settings of the methods that bind models, each applied where the method has it."""
+
+
+def _check_bound_training(config: Any, classes: int) -> None:
+    """A method that binds models (a generator, a corpus of neighbours) bound to a tiny real
+    teacher and student (:func:`_tiny_bert`) and trained by the real loop, one step per stage
+    (``classes`` 1 is a regression task, float targets): every stage ran its step, its losses
+    are finite, and the student's weights moved."""
+    tokenizer = _tokenizer()
+    pad = int(tokenizer.pad_token_id)
+    labels: list[int | float] = (
+        [0.5, -1.0, 2.0, 0.1, 1.5, -0.5, 0.0, 1.0] if classes == 1 else [0, 1, 2, 1, 0, 2, 1, 0]
+    )
+    data = dataclasses.replace(encode_corpus(TINY_TEXTS, tokenizer, 16), labels=labels)
+    teacher, student = _tiny_bert(classes, 0).eval(), _tiny_bert(classes, 1)
+    training = TrainingSpec(
+        epochs=1, batch_size=4, max_seq_length=16, max_steps=1, learning_rate=1e-2, device="cpu"
+    )
+    t_shape, s_shape = (shape_from_config(m.config.to_dict(), classes) for m in (teacher, student))
+    small = {k: v for k, v in SMALL_BOUND.items() if k in type(config).model_fields}
+    config = type(config).model_validate({**config.model_dump(), **small})
+    registry.check(config, t_shape, s_shape, training)
+    method = registry.build(config, t_shape, s_shape, training)
+    method.bind(
+        Resources(
+            student=student,
+            teacher=teacher,
+            device=CPU,
+            pad_id=pad,
+            mask_id=tokenizer.mask_token_id,
+            special_ids=frozenset(int(i) for i in tokenizer.all_special_ids),
+            corpus=encode_corpus(TINY_TEXTS[::-1] * 2, tokenizer, 16),
+            training=training,
+        )
+    )
+    before = [p.detach().clone() for p in student.parameters()]
+    result = train(student, teacher, method, data, data, training, pad, CPU)
+    assert [st["steps"] for st in result.stages] == [1] * len(method.stages(training))
+    losses = [v for r in result.history for v in cast(dict[str, float], r["train_losses"]).values()]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+
+
 # Methods that compare class distributions of their own (pseudo classifiers, a virtual
 # teacher, class-conditional negatives): a one-output regression task has none.
 NOT_FOR_REGRESSION = {"universal_kd", "teacher_free", "codir"}
@@ -219,7 +312,8 @@ def test_every_method_runs_a_regression_task_or_refuses_it_by_name(name: str) ->
     built = registry.build(config, teacher, student, TrainingSpec())
     methods = built.hop_methods if isinstance(built, ChainMethod) else [built]
     for method in methods:
-        if method.binds_models:  # run with real models in its own tests
+        if method.binds_models:  # its loss needs real models: a step of each stage on tiny ones
+            _check_bound_training(config, classes=1)
             continue
         for stage in method.stages(TrainingSpec()):
             method.begin_stage(stage)

@@ -25,6 +25,7 @@ from kd_engine.models.student import student_from_teacher
 from kd_engine.run import LOG_FILE, METRICS_FILE, RunResult, run_job
 from kd_engine.spec import JobSpec
 from kd_engine.trainer import Progress, TrainHooks, seed_everything, train
+from tests.checks import check_agreement, check_classification_metrics
 
 DATASET = {"source": "builtin:rotten_tomatoes", "max_train_examples": 32, "max_eval_examples": 16}
 TRAINING = {"epochs": 1, "batch_size": 16, "max_seq_length": 32, "device": "cpu", "max_steps": 2}
@@ -103,10 +104,22 @@ def test_takd_reports_every_hop(takd_run: RunResult) -> None:
         "assistant_1",
         None,
     )
+    check_classification_metrics(m, 16)  # the final student against the job's teacher
+    assert student["test"] == m["test"]
+    # Each hop's agreement with its own teacher: the job's teacher, then the assistant.
+    teacher_accuracy = {
+        "teacher": m["teacher_test"]["accuracy"],
+        "assistant_1": assistant["test"]["accuracy"],
+    }
     for hop in m["hops"]:
         assert hop["method"] == {"name": "vanilla_kd", "alpha": 0.7, "temperature": 2.0}
         assert set(hop["test"]) == {"accuracy", "macro_f1", "mcc"}
-        assert 0.0 <= hop["teacher_agreement"] <= 1.0
+        check_agreement(
+            hop["teacher_agreement"],
+            16,
+            hop["test"]["accuracy"],
+            teacher_accuracy[hop["teacher"]],
+        )
         assert [s["steps"] for s in hop["stages"]] == [2]
     assert assistant["student"]["num_layers"] == 2 and student["student"]["num_layers"] == 1
     assert assistant["parameters"] > student["parameters"]

@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification
 from kd_engine.models.attention_scores import SCORES_IMPLEMENTATION
 from kd_engine.run import RunResult, run_job
 from kd_engine.spec import JobSpec
+from tests.checks import check_classification_metrics
 
 DATASET = {"source": "builtin:rotten_tomatoes", "max_train_examples": 32, "max_eval_examples": 16}
 TRAINING = {"epochs": 1, "batch_size": 16, "max_seq_length": 32, "device": "cpu"}
@@ -91,7 +92,7 @@ def test_pkd_tinybert_ckd_run_end_to_end(
         assert stage_one and all(
             {"embedding", "hidden", "attention"} <= r.keys() for r in stage_one
         )
-    assert 0.0 <= m["test"]["accuracy"] <= 1.0
+    check_classification_metrics(m, 16)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["num_hidden_layers"] == 2
     assert SCORES_IMPLEMENTATION not in json.dumps(config)
@@ -121,5 +122,5 @@ def test_layer_method_runs_end_to_end(
     losses = m["epochs"][0]["train_losses"]
     assert {"loss", "ce", "kd", part} <= losses.keys()
     assert all(math.isfinite(v) for v in losses.values())
-    assert losses[part] >= 0.0
-    assert 0.0 <= m["test"]["accuracy"] <= 1.0
+    assert losses[part] > 0.0  # each of these parts is a positive distance or contrast
+    check_classification_metrics(m, 16)
