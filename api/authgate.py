@@ -28,11 +28,12 @@ import anyio
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import tenants
 from api.auth import CALLER_STATE, Caller, caller_for_header
-from api.errors import Unauthorized
+from api.errors import Unauthorized, database_error_response
 from api.limits import CLOSE, route_path
 
 log = logging.getLogger("distillery.api")
@@ -133,13 +134,9 @@ class AuthGate:
             await _error(e.status, e.code, e.message, e.headers)(scope, receive, send)
             return
         except SQLAlchemyError as e:
-            log.error("API key check before the body: database error: %s", e)
-            response = _error(
-                503,
-                "unavailable",
-                "the database is unavailable; the API key could not be checked, try again",
-                {"Retry-After": "5"},
-            )
+            # the same answer as any route's (503 + Retry-After when transient, else 500)
+            response = database_error_response(Request(scope), e)
+            response.headers.update(CLOSE)
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})[CALLER_STATE] = caller

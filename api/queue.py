@@ -64,4 +64,22 @@ def enqueue(celery: Celery, job_id: str, queue: str, timeout_s: float = 10.0) ->
     if not done.wait(timeout_s):
         raise BrokerUnavailable(f"no answer from the broker within {timeout_s:g} s")
     if errors:
+        if _timed_out(errors[0]):  # a socket timeout of the transport, not a refusal
+            raise BrokerUnavailable(
+                f"no answer from the broker within {timeout_s:g} s"
+            ) from errors[0]
         raise BrokerUnavailable(str(errors[0]) or type(errors[0]).__name__) from errors[0]
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether ``error`` or an exception it was raised from is a timeout (the builtin
+    ``TimeoutError``, or a client library's own ``TimeoutError`` such as redis-py's, which
+    kombu may wrap)."""
+    seen: set[int] = set()
+    cur: BaseException | None = error
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, TimeoutError) or type(cur).__name__ == "TimeoutError":
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False

@@ -25,6 +25,7 @@ JOB: dict[str, Any] = {
         "max_eval_examples": 8,
     },
     "training": {"epochs": 1, "batch_size": 8, "max_seq_length": 16, "device": "cpu"},
+    "export": {"onnx": False},  # not about export
 }
 
 

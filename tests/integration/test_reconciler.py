@@ -4,7 +4,6 @@ Redis: rows set up in the database, messages in (and taken out of) the real brok
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ from api import events, repository, tenants
 from api.db import Job, JobEvent, make_engine, make_sessionmaker, utcnow
 from api.main import create_app
 from api.settings import Settings
+from bench.http_faults import SilentBroker
 from worker import reconciler
 from worker.celery_app import make_celery
 from worker.heartbeat import Heartbeat
@@ -296,31 +296,6 @@ def test_get_does_not_change_a_stale_job(
     assert r.json()["status"] == "running"
     assert row(sessions, job_id).status == "running"
     assert event_types(sessions, job_id) == ["started"]
-
-
-class SilentBroker:
-    """A TCP server that accepts connections and never answers."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = int(self.sock.getsockname()[1])
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-
-    def close(self) -> None:
-        for c in self.conns:
-            c.close()
-        self.sock.close()
 
 
 def test_a_silent_broker_fails_the_submit_within_the_timeout(

@@ -29,6 +29,7 @@ SMALL: dict[str, Any] = {
     },
     "training": {"epochs": 1, "batch_size": 8, "max_seq_length": 16, "max_steps": 1,
                  "device": "cpu"},
+    "export": {"onnx": False},  # not about export
 }  # fmt: skip
 
 

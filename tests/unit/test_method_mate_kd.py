@@ -442,6 +442,7 @@ def test_a_mate_kd_job_writes_its_student_and_its_augmented_samples(tmp_path: Pa
             "max_eval_examples": 16,
         },
         "training": {"epochs": 1, "batch_size": 8, "max_seq_length": 24, "device": "cpu"},
+        "export": {"onnx": False},  # not about export
     }
     teacher = tmp_path / "teacher"
     run_job(

@@ -233,8 +233,13 @@ def test_run_job_builds_then_hits_and_reports_it(tmp_path: Path, minilm_path: Pa
         raise ValueError(ref)
 
     small: dict[str, Any] = {
-        "dataset": {"source": "builtin:rotten_tomatoes", "max_train_examples": 24},
+        "dataset": {
+            "source": "builtin:rotten_tomatoes",
+            "max_train_examples": 24,
+            "max_eval_examples": 32,
+        },
         "training": {"epochs": 1, "batch_size": 8, "max_seq_length": 16, "device": "cpu"},
+        "export": {"onnx": False},  # not about export (tests/unit/test_onnx_export.py is)
     }
     teacher_dir = tmp_path / "teacher"
     finetune = JobSpec.model_validate(
