@@ -622,15 +622,22 @@ def files_list(
     kind: Annotated[str | None, typer.Option(help="Only dataset or model files.")] = None,
     output: OutputOpt = Output.text,
 ) -> None:
-    """The uploads, newest first: id (whole), kind, name, size, created."""
+    """The uploads, newest first: id (whole), kind, name, status (uploading, ready, or failed
+    with its reason), size, created."""
     files = _client(ctx).list_files(kind)
     if output is Output.json:
         _json([_dump(f) for f in files])
         return
-    table = _table("id", "kind", "filename", "bytes", "created")
+    table = _table("id", "kind", "filename", "status", "bytes", "created")
     for f in files:
+        status = f"{f.status}: {f.error}" if f.error else f.status
         table.add_row(
-            f.id, f.purpose, f.filename, str(f.size_bytes), f.created_at.strftime("%Y-%m-%d %H:%M")
+            f.id,
+            f.purpose,
+            f.filename,
+            status,
+            str(f.size_bytes),
+            f.created_at.strftime("%Y-%m-%d %H:%M"),
         )
     _print_table(table)
 

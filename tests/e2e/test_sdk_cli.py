@@ -316,7 +316,8 @@ def test_cli_job_file_and_key_commands_without_a_worker(
     assert uploaded.returncode == 0, uploaded.stderr
     file_id = uploaded.stdout.strip()
     assert client.get_file(file_id).filename == "tiny.csv"
-    assert file_id in cli(stack, "files", "list", columns=80).stdout
+    files_table = cli(stack, "files", "list", columns=80).stdout
+    assert file_id in files_table and "ready" in files_table
     listed_files = json.loads(cli(stack, "files", "list", "-o", "json").stdout)
     assert {"id": file_id, "filename": "tiny.csv"}.items() <= listed_files[0].items()
     assert cli(stack, "files", "delete", file_id).returncode == 0
