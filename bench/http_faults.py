@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,23 +192,31 @@ def _bodies_and_stream(database_url: str, broker_url: str) -> None:
         admin.close()
 
 
-def _hung_broker(database_url: str, deadline_s: float, n: int) -> None:
+@contextmanager
+def hung_broker_api(database_url: str, deadline_s: float, root: Path) -> Iterator[str]:
+    """The app under a real uvicorn (its own threads and connection pool) in this process,
+    whose broker accepts TCP and never answers (:class:`SilentBroker`), its folders under
+    ``root``; yields its base URL. Stopped (and the broker closed) on exit.
+
+    Raises:
+        TimeoutError: uvicorn did not start within 60 s.
+    """
     import uvicorn
 
     from api.main import create_app
     from api.settings import Settings
-    from devstack.stack import bootstrap_key, free_port
+    from devstack.stack import free_port
 
-    silent, tmp = SilentBroker(), Path(tempfile.mkdtemp())
+    silent = SilentBroker()
     settings = Settings(
         database_url=database_url,
         broker_url=f"redis://127.0.0.1:{silent.port}/0",
         broker_publish_timeout_s=deadline_s,
-        artifacts_root=tmp / "artifacts",
-        models_root=tmp / "models",
-        data_root=tmp / "data",
-        uploads_root=tmp / "uploads",
-        cache_dir=tmp / "cache",
+        artifacts_root=root / "artifacts",
+        models_root=root / "models",
+        data_root=root / "data",
+        uploads_root=root / "uploads",
+        cache_dir=root / "cache",
         webhook_dispatcher_in_api=False,
     )
     port = free_port()
@@ -216,15 +225,26 @@ def _hung_broker(database_url: str, deadline_s: float, n: int) -> None:
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    key = bootstrap_key(database_url, tmp / "api_key", tenant="hung-broker")
     try:
-        results = concurrent_submits(f"http://127.0.0.1:{port}", key, n)
+        start = time.monotonic()
+        while not server.started:
+            if time.monotonic() - start > 60:
+                raise TimeoutError("uvicorn did not start within 60 s")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=15)
         silent.close()
+
+
+def _hung_broker(database_url: str, deadline_s: float, n: int) -> None:
+    from devstack.stack import bootstrap_key
+
+    tmp = Path(tempfile.mkdtemp())
+    with hung_broker_api(database_url, deadline_s, tmp) as url:
+        key = bootstrap_key(database_url, tmp / "api_key", tenant="hung-broker")
+        results = concurrent_submits(url, key, n)
     print(
         f"{n} concurrent submits, broker hung, deadline {deadline_s:g} s: statuses "
         f"{sorted({s for s, _ in results})}, answer times (s) "

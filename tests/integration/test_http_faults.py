@@ -13,29 +13,25 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from api.main import create_app
-from api.settings import Settings
 from bench.http_faults import (
     FINETUNE,
     MIB,
     MULTIPART,
-    SilentBroker,
     auth,
     concurrent_submits,
+    hung_broker_api,
     multipart_head,
     rss,
     stream_huge,
 )
-from devstack.stack import Stack, free_port, running_stack
+from devstack.stack import Stack, running_stack
 from tests.integration.conftest import new_key
 
 UPLOAD_CAP = 2 * MIB
@@ -225,37 +221,12 @@ def test_a_deeply_nested_jsonl_line_is_422_naming_the_line(stack: Stack) -> None
 
 @pytest.fixture
 def hung_api(pg_url: str, tmp_path: Path) -> Iterator[tuple[str, str, float]]:
-    """The app under a real uvicorn (its own threads and connection pool) whose broker
-    accepts TCP and never answers; yields (base URL, a key, the publish deadline in s)."""
-    silent = SilentBroker()
+    """The app under a real uvicorn whose broker accepts TCP and never answers
+    (:func:`bench.http_faults.hung_broker_api`); yields (base URL, a key, the publish
+    deadline in s)."""
     deadline_s = 4.0
-    settings = Settings(
-        database_url=pg_url,
-        broker_url=f"redis://127.0.0.1:{silent.port}/0",
-        broker_publish_timeout_s=deadline_s,
-        artifacts_root=tmp_path / "artifacts",
-        models_root=tmp_path / "models",
-        data_root=tmp_path / "data",
-        uploads_root=tmp_path / "uploads",
-        cache_dir=tmp_path / "cache",
-        webhook_dispatcher_in_api=False,
-    )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    start = time.monotonic()
-    while not server.started:
-        assert time.monotonic() - start < 60, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", new_key(pg_url, "hung-broker"), deadline_s
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        silent.close()
+    with hung_broker_api(pg_url, deadline_s, tmp_path) as url:
+        yield url, new_key(pg_url, "hung-broker"), deadline_s
 
 
 def test_concurrent_submits_with_a_hung_broker_keep_the_deadline(
