@@ -1,2 +1,2 @@
-"""Distillery's HTTP API (FastAPI): routers do HTTP, the service applies rules, the repository
-runs queries."""
+"""Distillery's HTTP API (FastAPI): routers, schemas, the dashboard, auth gates and the one
+mapping of domain errors to HTTP statuses. The rules live in :mod:`core`."""

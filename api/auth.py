@@ -14,14 +14,14 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api import tenants
 from api.deps import SessionDep
-from api.errors import Unauthorized
+from core import tenants
+from core.errors import Unauthorized
 
 bearer = HTTPBearer(
     auto_error=False,
     scheme_name="ApiKey",
-    description="An API key: `Authorization: Bearer dk_...` (python -m api.admin create-key, "
+    description="An API key: `Authorization: Bearer dk_...` (python -m core.admin create-key, "
     "or POST /v1/keys).",
 )
 

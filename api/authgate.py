@@ -31,10 +31,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import tenants
 from api.auth import CALLER_STATE, Caller, caller_for_header
-from api.errors import Unauthorized, database_error_response
+from api.errors import database_error_response, http_headers, http_status
 from api.limits import CLOSE, route_path
+from core import tenants
+from core.errors import Unauthorized
 
 log = logging.getLogger("distillery.api")
 
@@ -131,7 +132,7 @@ class AuthGate:
         try:
             caller = await anyio.to_thread.run_sync(check)
         except Unauthorized as e:
-            await _error(e.status, e.code, e.message, e.headers)(scope, receive, send)
+            await _error(http_status(e), e.code, e.message, http_headers(e))(scope, receive, send)
             return
         except SQLAlchemyError as e:
             # the same answer as any route's (503 + Retry-After when transient, else 500)

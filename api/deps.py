@@ -9,7 +9,7 @@ from celery import Celery
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.settings import Settings
+from core.settings import Settings
 
 
 def get_settings(request: Request) -> Settings:

@@ -1,4 +1,5 @@
-"""Domain errors carrying their HTTP status, and the handlers that turn every error into JSON.
+"""The one place errors become HTTP: each domain error type's status (:func:`http_status`),
+and the handlers that turn every error into JSON.
 
 Every error body has the shape ``{"error": {"code": str, "message": str, "field": str | None,
 "details": list | None}}``; no stack trace ever reaches a client.
@@ -17,69 +18,55 @@ from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.db_errors import is_transient, public_message
-from api.storage.base import InvalidKey, ObjectNotFound, StorageError, TooLarge
+from core.db_errors import is_transient, public_message
+from core.errors import (
+    Conflict,
+    DomainError,
+    InvalidSpec,
+    NotFound,
+    QuotaExceeded,
+    Unauthorized,
+    Unavailable,
+)
+from core.storage.base import InvalidKey, ObjectNotFound, StorageError, TooLarge
+from core.uploads.errors import InvalidUpload, UploadTooLarge
 from kd_engine.spec_fields import unknown_field_reason
 
 log = logging.getLogger("distillery.api")
 
 
-class DomainError(Exception):
-    """An error a client can act on."""
+_STATUS: dict[type[DomainError], int] = {
+    Unauthorized: 401,
+    NotFound: 404,
+    Conflict: 409,
+    InvalidSpec: 422,
+    InvalidUpload: 422,
+    UploadTooLarge: 413,
+    QuotaExceeded: 429,
+    Unavailable: 503,
+}
+"""The HTTP status of each domain error type (a subclass takes its nearest listed base's)."""
 
-    status = 400
-    code = "bad_request"
-    headers: dict[str, str] | None = None
-
-    def __init__(self, message: str, field: str | None = None, details: Any = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
-        self.details = details
-
-
-class Unauthorized(DomainError):
-    """No API key, or a malformed, unknown or revoked one (401)."""
-
-    status = 401
-    code = "unauthorized"
-    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012 (read-only)
+_HEADERS: dict[type[DomainError], dict[str, str]] = {
+    Unauthorized: {"WWW-Authenticate": "Bearer"},
+}
 
 
-class NotFound(DomainError):
-    """The resource does not exist (404)."""
-
-    status = 404
-    code = "not_found"
-
-
-class Conflict(DomainError):
-    """The resource's state forbids the request (409)."""
-
-    status = 409
-    code = "conflict"
+def http_status(exc: DomainError) -> int:
+    """The HTTP status that answers domain error ``exc``: its type's (or nearest base's) in
+    :data:`_STATUS`; 400 for a :class:`core.errors.DomainError` listed nowhere."""
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]  # type: ignore[index]
+    return 400
 
 
-class InvalidSpec(DomainError):
-    """The job spec is well-formed but cannot run (422), e.g. a reference that does not exist."""
-
-    status = 422
-    code = "invalid_spec"
-
-
-class QuotaExceeded(DomainError):
-    """A tenant's quota forbids the request (429); ``details`` holds ``limit`` and
-    ``current``."""
-
-    status = 429
-    code = "quota_exceeded"
-
-
-class Unavailable(DomainError):
-    """A backing service is down (503)."""
-
-    status = 503
-    code = "unavailable"
+def http_headers(exc: DomainError) -> dict[str, str] | None:
+    """Extra response headers for ``exc`` (``WWW-Authenticate`` on a 401), or None."""
+    for cls in type(exc).__mro__:
+        if cls in _HEADERS:
+            return _HEADERS[cls]  # type: ignore[index]
+    return None
 
 
 def _body(code: str, message: str, field: str | None = None, details: Any = None) -> dict[str, Any]:
@@ -153,7 +140,7 @@ DEFAULT_RETRY_AFTER_S = 5
 
 def database_error_response(request: Request, exc: Exception) -> JSONResponse:
     """The answer to a database error: 503 ``unavailable`` with ``Retry-After`` (the
-    settings' ``db_retry_after_s``) when it is transient (:func:`api.db_errors.is_transient`:
+    settings' ``db_retry_after_s``) when it is transient (:func:`core.db_errors.is_transient`:
     the database dropped the connection, is restarting or refuses connections), else 500
     ``internal``. Neither body names SQL, parameters or the driver's message; the log has
     them."""
@@ -180,8 +167,8 @@ def install(app: FastAPI) -> None:
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
         return JSONResponse(
             _body(exc.code, exc.message, exc.field, exc.details),
-            status_code=exc.status,
-            headers=exc.headers,
+            status_code=http_status(exc),
+            headers=http_headers(exc),
         )
 
     @app.exception_handler(RequestValidationError)

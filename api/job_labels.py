@@ -18,7 +18,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
-from api.db import JOB_NAME_MAX
+from core.db import JOB_NAME_MAX
 from kd_engine.spec import JobSpec
 from kd_engine.spec_fields import check_text
 

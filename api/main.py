@@ -8,14 +8,15 @@ from contextlib import asynccontextmanager
 import transformers
 from fastapi import FastAPI
 
-from api import authgate, errors, limits, logs, metrics, ui, webhooks
-from api.db import make_engine, make_sessionmaker
+from api import authgate, errors, limits, metrics, request_logs, ui
 from api.routers import events as events_router
 from api.routers import files, health, jobs, keys
 from api.routers import webhooks as webhooks_router
-from api.settings import Settings, get_settings
-from api.storage import check_storage
-from worker.celery_app import make_celery
+from core import logs, webhooks
+from core.db import make_engine, make_sessionmaker
+from core.queue import make_celery
+from core.settings import Settings, get_settings
+from core.storage import check_storage
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -54,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     limits.install(app, settings.max_json_body_bytes, settings.max_upload_bytes)
     authgate.install(app)  # outside the body limit: a request without a key gets 401 first
     metrics.install(app, settings, app.state.sessionmaker)
-    logs.install(app)
+    request_logs.install(app)
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(keys.router)

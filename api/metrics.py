@@ -30,9 +30,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import FINISHED, JOB_STATUSES, Job, utcnow
-from api.queue import broker_lists
-from api.settings import Settings
+from core.db import FINISHED, JOB_STATUSES, Job, utcnow
+from core.queue import broker_lists
+from core.settings import Settings
 
 log = logging.getLogger("distillery.metrics")
 

@@ -1,7 +1,7 @@
 """Path and query parameters shared by the routes, validated before anything reaches the
 database: a control character (NUL included) or an over-long value is a 422 naming the
 parameter. A job id that is printable but not a UUID passes here and is answered 404 (no job
-can have it) without a query (see :func:`api.refs.is_job_id`)."""
+can have it) without a query (see :func:`core.refs.is_job_id`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Annotated, Literal, get_args
 from fastapi import Path, Query
 from pydantic import AfterValidator
 
-from api.db import JOB_STATUSES
+from core.db import JOB_STATUSES
 from kd_engine.spec_fields import check_text
 
 

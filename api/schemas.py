@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from api.db import ApiKey, Artifact, File, Job, JobCheckpoint
-from api.tenants import KEY_NAME_MAX, check_key_name
+from core.db import ApiKey, Artifact, File, Job, JobCheckpoint
+from core.tenants import KEY_NAME_MAX, check_key_name
 
 
 class ProgressOut(BaseModel):

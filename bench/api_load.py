@@ -130,7 +130,7 @@ def main(
     from sqlalchemy import create_engine
     from sqlalchemy.orm import Session
 
-    from api import tenants
+    from core import tenants
 
     engine = create_engine(database_url)
     with Session(engine) as db:

@@ -105,7 +105,7 @@ class KeyHolder:
         from sqlalchemy import create_engine
         from sqlalchemy.orm import Session
 
-        from api import tenants
+        from core import tenants
 
         engine = create_engine(self.database_url)
         with Session(engine) as s:
@@ -186,7 +186,7 @@ def migrate(database_url: str) -> None:
 def build_app(database_url: str, broker_url: str, root: Path) -> Any:
     """The API app on ``database_url`` and ``broker_url`` with its roots under ``root``."""
     from api.main import create_app
-    from api.settings import Settings
+    from core.settings import Settings
 
     dirs = {}
     for name in ("artifacts", "models", "data", "uploads", "cache"):

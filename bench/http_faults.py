@@ -204,7 +204,7 @@ def hung_broker_api(database_url: str, deadline_s: float, root: Path) -> Iterato
     import uvicorn
 
     from api.main import create_app
-    from api.settings import Settings
+    from core.settings import Settings
     from devstack.stack import free_port
 
     silent = SilentBroker()

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from api import tenants
-from api.db import make_engine, make_sessionmaker
+from core import tenants
+from core.db import make_engine, make_sessionmaker
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVSTACK_TENANT = "default"

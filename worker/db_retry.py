@@ -1,4 +1,4 @@
-"""The worker's database work, retried through transient errors (:func:`api.db_errors.
+"""The worker's database work, retried through transient errors (:func:`core.db_errors.
 is_transient`: a dropped or terminated connection, a restarting database, one refusing
 connections) with exponential backoff and jitter (tenacity), up to a deadline.
 
@@ -27,8 +27,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from api.db_errors import is_transient, public_message
-from api.settings import Settings
+from core.db_errors import is_transient, public_message
+from core.settings import Settings
 
 log = logging.getLogger("distillery.worker")
 
@@ -48,7 +48,7 @@ class DatabaseUnavailable(Exception):
         what: the unit of work that failed (``progress``, ``event``, ``claim``...).
         seconds: how long it was retried.
         attempts: how many times it ran.
-        reason: the last error, without SQL (:func:`api.db_errors.public_message`).
+        reason: the last error, without SQL (:func:`core.db_errors.public_message`).
     """
 
     def __init__(self, what: str, seconds: float, attempts: int, reason: str) -> None:

@@ -12,8 +12,8 @@ from types import TracebackType
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import Job, utcnow
-from api.db_errors import public_message
+from core.db import Job, utcnow
+from core.db_errors import public_message
 
 log = logging.getLogger("distillery.worker")
 

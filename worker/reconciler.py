@@ -15,9 +15,9 @@ One pass (:func:`reconcile_once`) runs the functions of :data:`PASSES` in order:
   the broker does not hold (neither waiting in its queue's lists nor delivered and
   unacknowledged in the ``unacked`` hash of kombu's Redis transport, delivered less than the
   grace ago) is sent again. A duplicate delivery is harmless: only one claim of a queued job
-  succeeds (:func:`api.repository.claim`).
+  succeeds (:func:`core.repository.claim`).
 * :func:`release_waiting_jobs`: ``waiting`` jobs whose dependencies have finished move on.
-* :func:`sweep_uploads`: uploads that died (:func:`api.upload_liveness.sweep`).
+* :func:`sweep_uploads`: uploads that died (:func:`core.upload_liveness.sweep`).
 * :func:`sweep_dead_staging`: the local staging folders of attempts that are no longer alive
   (a killed worker's output and checkpoints, :mod:`worker.staging`) are removed.
 
@@ -54,13 +54,12 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import checkpoints, dependencies, events, repository, upload_liveness
-from api.db import Job, JobEvent, make_engine, make_sessionmaker, utcnow
-from api.db_errors import public_message
-from api.queue import BrokerUnavailable, broker_lists, enqueue
-from api.settings import Settings, get_settings
+from core import checkpoints, dependencies, events, repository, upload_liveness
+from core.db import Job, JobEvent, make_engine, make_sessionmaker, utcnow
+from core.db_errors import public_message
+from core.queue import BrokerUnavailable, broker_lists, enqueue, make_celery
+from core.settings import Settings, get_settings
 from worker import staging
-from worker.celery_app import make_celery
 
 log = logging.getLogger("distillery.reconciler")
 
@@ -277,7 +276,7 @@ def resend_lost_messages(ctx: PassContext) -> None:
 
 def release_waiting_jobs(ctx: PassContext) -> None:
     """Move on the ``waiting`` jobs whose dependencies have finished
-    (:func:`api.dependencies.release_waiting`: queued and sent when they all succeeded, failed
+    (:func:`core.dependencies.release_waiting`: queued and sent when they all succeeded, failed
     naming the one that did not). The worker releases them when a job ends; this pass covers a
     worker lost in between, a job failed by the reconciler, and a broker that was down."""
     with ctx.sessions() as s:
@@ -287,7 +286,7 @@ def release_waiting_jobs(ctx: PassContext) -> None:
 def sweep_uploads(ctx: PassContext) -> None:
     """Remove the uploads whose API process died (``uploading`` rows without a heartbeat for
     ``upload_stale_s``) with their files, and stored files without a row
-    (:func:`api.upload_liveness.sweep`)."""
+    (:func:`core.upload_liveness.sweep`)."""
     swept = upload_liveness.sweep(ctx.settings, ctx.sessions)
     ctx.report.swept_uploads.extend(swept.stale + swept.orphans)
 

@@ -14,19 +14,19 @@ from celery import Celery
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import checkpoints, dependencies, events, logs, refs, repository
-from api.db import make_engine, make_sessionmaker, utcnow
-from api.db_errors import is_transient, public_message, scrub
-from api.settings import Settings
-from api.storage import StorageError, artifact_storage
-from api.upload_names import name_uploads
+from core import checkpoints, dependencies, events, logs, refs, repository
+from core.db import make_engine, make_sessionmaker, utcnow
+from core.db_errors import is_transient, public_message, scrub
+from core.queue import make_celery
+from core.settings import Settings
+from core.storage import StorageError, artifact_storage
+from core.upload_names import name_uploads
 from kd_engine.checkpoint import Paused, SavedCheckpoint
 from kd_engine.distributed import run_job_distributed, worker_gpus
 from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, PretrainedStudent
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
 from worker import checkpoints as saved_checkpoints
-from worker.celery_app import make_celery
 from worker.db_retry import DatabaseUnavailable, Retrier
 from worker.heartbeat import Heartbeat
 from worker.staging import AttemptDirs
@@ -190,7 +190,7 @@ def _fmt_metrics(metrics: object) -> str:
 
 def _user_reason(exc: BaseException) -> str:
     """The reason a failed job shows: never SQL, parameters or a stack trace
-    (:func:`api.db_errors.public_message`)."""
+    (:func:`core.db_errors.public_message`)."""
     name = type(exc).__name__
     if "OutOfMemory" in name:
         return (
@@ -241,7 +241,7 @@ def _recoveries_event(
 def execute(job_id: str, settings: Settings) -> str:
     """Run job ``job_id`` if it can be claimed; return the final status, or ``skipped`` when
     another delivery already claimed it (or it was cancelled while queued). Every log record
-    of the run names the job (``job_id``: :mod:`api.logs`)."""
+    of the run names the job (``job_id``: :mod:`core.logs`)."""
     with logs.bound_job(job_id):
         try:
             return _execute(job_id, settings)
@@ -469,7 +469,7 @@ _CELERY_APPS: dict[str, Celery] = {}
 
 def release_dependents(settings: Settings, job_id: str) -> list[str]:
     """Once job ``job_id`` has reached a final state, move the jobs waiting for it on
-    (:func:`api.dependencies.release_after`: queued and enqueued when it succeeded, failed
+    (:func:`core.dependencies.release_after`: queued and enqueued when it succeeded, failed
     naming it otherwise). Returns their ids; an error is logged, not raised (the reconciler's
     pass releases them later)."""
     app = _CELERY_APPS.get(settings.broker_url)

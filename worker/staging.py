@@ -1,7 +1,7 @@
 """A job attempt's local staging folders, and the sweep of those a dead attempt left behind.
 
 Attempt ``n`` of job ``j`` stages under the artifact store's staging root
-(:meth:`api.storage.Storage.staging_root`: ``<artifacts root>/.partial`` for the local
+(:meth:`core.storage.Storage.staging_root`: ``<artifacts root>/.partial`` for the local
 backend, ``<storage cache>/.partial`` for s3):
 
 * ``<j>-<n>``: the job's output, published into the store when the job succeeds;
@@ -30,9 +30,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import Job
-from api.settings import Settings
-from api.storage import LocalStorage, artifact_storage
+from core.db import Job
+from core.settings import Settings
+from core.storage import LocalStorage, artifact_storage
 
 log = logging.getLogger("distillery.worker")
 

@@ -8,11 +8,12 @@ from typing import Any
 import transformers
 from celery.signals import setup_logging, worker_ready
 
-from api import logs
-from api.settings import get_settings
-from api.storage import StorageError, check_storage
+from core import logs
+from core.queue import TASK_NAME
+from core.settings import get_settings
+from core.storage import StorageError, check_storage
 from worker import reconciler, runner, staging
-from worker.celery_app import TASK_NAME, app
+from worker.celery_app import app
 
 log = logging.getLogger("distillery.worker")
 

@@ -13,8 +13,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from api.settings import Settings
-from api.storage import StorageError, artifact_storage, join_key
+from core.settings import Settings
+from core.storage import StorageError, artifact_storage, join_key
 from kd_engine.teacher_cache import CACHE_FILE
 
 log = logging.getLogger("distillery.worker")
@@ -27,7 +27,7 @@ def cache_prefix(tenant_id: str, key: str) -> str:
     """``cache/teacher/<tenant id>/<key>``: the prefix of one tenant's cache.
 
     Raises:
-        api.storage.InvalidKey: the tenant id or key is not a valid key segment.
+        core.storage.InvalidKey: the tenant id or key is not a valid key segment.
     """
     return join_key(CACHE_PREFIX, tenant_id, key)
 

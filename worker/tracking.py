@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from api.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger("distillery.worker")
 

@@ -13,14 +13,14 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from api import service, tenants
 from api.auth import CallerDep
-from api.db import FINISHED, Job
 from api.deps import SessionDep, SettingsDep
-from api.errors import InvalidSpec
-from api.events import EventType, list_events
 from api.params import JobId
-from api.webhooks import event_dict
+from core import service, tenants
+from core.db import FINISHED, Job
+from core.errors import InvalidSpec
+from core.events import EventType, list_events
+from core.webhooks import event_dict
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 

@@ -7,12 +7,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Form, Path, Query, Response, UploadFile
 from pydantic import AfterValidator
 
-from api import files, idempotency
 from api.auth import CallerDep
 from api.deps import SessionDep, SettingsDep
 from api.params import printable
 from api.routers.jobs import IdempotencyKeyHeader
 from api.schemas import FileList, FileOut
+from core import files, idempotency
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 FileId = Annotated[

@@ -13,10 +13,8 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from api import idempotency, repository, service
 from api.auth import CallerDep
 from api.deps import CeleryDep, SessionDep, SettingsDep
-from api.errors import Conflict, DomainError, InvalidSpec, NotFound
 from api.job_labels import JobSubmit, parse_pair
 from api.params import (
     ArtifactName,
@@ -36,8 +34,10 @@ from api.schemas import (
     JobOut,
     MetricsOut,
 )
-from api.settings import Settings
-from api.storage import (
+from core import idempotency, repository, service
+from core.errors import Conflict, DomainError, InvalidSpec, NotFound
+from core.settings import Settings
+from core.storage import (
     CHUNK_BYTES,
     FILE_MODE,
     LocalStorage,
@@ -46,7 +46,7 @@ from api.storage import (
     artifact_storage,
     join_key,
 )
-from api.upload_names import name_uploads_in_error
+from core.upload_names import name_uploads_in_error
 from kd_engine.report_html import CSP, REPORT_FILE
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

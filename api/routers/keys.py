@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from api import tenants
 from api.auth import CallerDep
 from api.deps import SessionDep
-from api.errors import NotFound
 from api.schemas import KeyCreate, KeyCreated, KeyList, KeyOut
+from core import tenants
+from core.errors import NotFound
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 KeyId = Annotated[str, Path(description="The key's id (a UUID).", max_length=64)]

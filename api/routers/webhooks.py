@@ -8,12 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from api import webhooks
 from api.auth import CallerDep
-from api.db import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEventType
 from api.deps import SessionDep, SettingsDep
-from api.errors import InvalidSpec, NotFound
 from api.params import printable
+from core import webhooks
+from core.db import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEventType
+from core.errors import InvalidSpec, NotFound
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 

@@ -3,7 +3,7 @@
 Every route but the login page takes :data:`api.ui.session.UiCallerDep` (the login cookie,
 checked like a bearer key) and reads through the same service functions as the JSON API, with
 the same tenant scoping. Errors are pages, not JSON: a missing or stale login redirects to
-``/ui/login`` (htmx requests get an ``HX-Redirect``); a :class:`api.errors.DomainError`
+``/ui/login`` (htmx requests get an ``HX-Redirect``); a :class:`core.errors.DomainError`
 (404 for another tenant's job, 409, ...) is an error page with its status and message.
 """
 
@@ -24,12 +24,9 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from starlette.templating import Jinja2Templates
 
-from api import idempotency, repository, service, tenants
 from api.auth import Caller
-from api.db import FINISHED, JOB_STATUSES, Job, Tenant
 from api.deps import CeleryDep, SessionDep, SettingsDep
-from api.errors import DomainError, InvalidSpec, validation_details
-from api.events import list_events
+from api.errors import http_status, validation_details
 from api.job_labels import JobSubmit
 from api.params import ArtifactName, CheckpointName, Cursor, JobId, NameFilter, StatusFilter
 from api.routers import jobs as jobs_api
@@ -42,8 +39,12 @@ from api.ui.session import (
     login_url,
     set_login_cookie,
 )
-from api.upload_names import filenames, label, name_uploads, name_uploads_in_error
-from api.webhooks import event_dict
+from core import idempotency, repository, service, tenants
+from core.db import FINISHED, JOB_STATUSES, Job, Tenant
+from core.errors import DomainError, InvalidSpec
+from core.events import list_events
+from core.upload_names import filenames, label, name_uploads, name_uploads_in_error
+from core.webhooks import event_dict
 
 PAGE_SIZE = 20
 EVENTS_PAGE = 200
@@ -91,7 +92,7 @@ class UiRoute(APIRoute):
                     clear_login_cookie(answer)
                 return answer
             except DomainError as e:
-                return _error_page(request, e.status, e.message, e.field)
+                return _error_page(request, http_status(e), e.message, e.field)
             except RequestValidationError as e:
                 first = validation_details(e.errors(), None)[:1]
                 field = first[0]["field"] if first else None
@@ -280,7 +281,7 @@ def submit(
     token: Annotated[str, Form(max_length=255)] = "",
 ) -> Response:
     """Validate the pasted spec as ``POST /v1/jobs`` does (the same JSON validation and
-    :func:`api.service.submit`; ``token`` is its idempotency key, so a double submit makes one
+    :func:`core.service.submit`; ``token`` is its idempotency key, so a double submit makes one
     job) and go to the new job's page (303); the form again with each bad field and its
     reason (422), or the quota / broker error (429, 503)."""
     try:
@@ -322,8 +323,8 @@ def submit(
             spec,
             errors,
             message=e.message if not e.field else "",
-            token=token if e.status != 422 else None,
-            status_code=e.status,
+            token=token if http_status(e) != 422 else None,
+            status_code=http_status(e),
         )
     return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
 

@@ -1,7 +1,7 @@
 """The dashboard's login: an API key kept in an HttpOnly, SameSite=Strict cookie.
 
 The cookie holds the key itself, and every dashboard page, fragment and download checks it with
-:func:`api.tenants.authenticate` exactly as :func:`api.auth.get_caller` checks a bearer key:
+:func:`core.tenants.authenticate` exactly as :func:`api.auth.get_caller` checks a bearer key:
 the same :class:`api.auth.Caller` (tenant and key id), so a revoked key ends its dashboard
 sessions at once and a key sees only its tenant's jobs.
 """
@@ -13,9 +13,9 @@ from urllib.parse import quote
 
 from fastapi import Depends, Request, Response
 
-from api import tenants
 from api.auth import Caller
 from api.deps import SessionDep
+from core import tenants
 
 COOKIE = "distillery_key"
 """Name of the dashboard's login cookie (scoped to ``/ui``)."""
@@ -45,10 +45,10 @@ def login_url(path: str = "", reason: str = "") -> str:
 
 
 def authenticate_key(session: SessionDep, key: str) -> Caller:
-    """The caller a key stands for (:func:`api.tenants.authenticate`, as for a bearer key).
+    """The caller a key stands for (:func:`core.tenants.authenticate`, as for a bearer key).
 
     Raises:
-        api.tenants.AuthError: a malformed, unknown or revoked key (the message says which).
+        core.tenants.AuthError: a malformed, unknown or revoked key (the message says which).
     """
     row = tenants.authenticate(session, key.strip())
     return Caller(tenant_id=row.tenant_id, key_id=row.id)

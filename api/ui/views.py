@@ -17,11 +17,11 @@ from typing import Any
 
 from markupsafe import Markup
 
-from api.db import Job
-from api.settings import Settings
-from api.storage import ObjectNotFound, StorageError, artifact_storage, join_key
 from api.ui.charts import PALETTE, Point, Series, line_chart, pareto_front, scatter_chart
-from api.upload_names import label as upload_label
+from core.db import Job
+from core.settings import Settings
+from core.storage import ObjectNotFound, StorageError, artifact_storage, join_key
+from core.upload_names import label as upload_label
 from kd_engine.evaluation import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from kd_engine.run import LOG_FILE
 

@@ -182,7 +182,7 @@ def check_dataset_files(
     job_labels = teacher_labels if teacher_labels and not out.regression else out.label_names
     for n, es in enumerate(spec.eval_sets):
         if scheme_of(es.source) == "builtin:":
-            continue  # built-ins are checked by name (api.service)
+            continue  # built-ins are checked by name (core.service)
         prefix = f"dataset.eval_sets.{n}"
         fields = DatasetFields(
             source=f"{prefix}.source",

@@ -2,7 +2,7 @@
 
 Existing jobs (a database from before tenants) are given to a tenant named ``default``, created
 here only when there are jobs to own; on a fresh install no tenant exists until the operator
-creates one (``python -m api.admin create-tenant``).
+creates one (``python -m core.admin create-tenant``).
 
 On SQLite the ``jobs`` table is rebuilt (batch mode) to add the NOT NULL foreign key;
 migrations/env.py turns SQLite's foreign-key enforcement off while migrating so that dropping

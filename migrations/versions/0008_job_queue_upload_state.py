@@ -15,7 +15,7 @@ would take them for usable files).
 import sqlalchemy as sa
 from alembic import op
 
-from api.settings import Settings
+from core.settings import Settings
 
 revision = "0008_job_queue_upload_state"
 down_revision = "0007_checkpoints"

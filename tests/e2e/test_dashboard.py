@@ -25,9 +25,9 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from sqlalchemy.orm import Session
 
-from api import tenants
-from api.db import make_engine
 from api.ui.session import COOKIE
+from core import tenants
+from core.db import make_engine
 from devstack.stack import Stack, running_stack
 from tests.conftest import ROOT
 

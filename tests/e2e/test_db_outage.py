@@ -24,8 +24,8 @@ import httpx
 import pytest
 from sqlalchemy import Connection, create_engine, make_url, text
 
-from api import events
-from api.db import make_engine, make_sessionmaker
+from core import events
+from core.db import make_engine, make_sessionmaker
 from devstack.client import Client
 from devstack.stack import Stack, running_stack
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from api.db import JobEvent, make_engine, make_sessionmaker
+from core.db import JobEvent, make_engine, make_sessionmaker
 from devstack.client import Client
 from devstack.stack import Stack, running_stack
 

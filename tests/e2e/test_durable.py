@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from api import events
-from api.db import make_engine, make_sessionmaker
+from core import events
+from core.db import make_engine, make_sessionmaker
 from devstack.client import Client
 from devstack.stack import Stack, running_stack
 

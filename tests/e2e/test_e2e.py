@@ -21,7 +21,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from api.settings import Settings
+from core.queue import TASK_NAME, make_celery
+from core.settings import Settings
 from devstack.client import Client
 from devstack.stack import DEVSTACK_TENANT, Stack, running_stack
 from kd_engine import registry
@@ -30,7 +31,6 @@ from kd_engine.plan import overridden_training_fields, plan_job
 from kd_engine.references import builtin_model_path
 from kd_engine.spec import JobSpec
 from tests.checks import check_classification_metrics
-from worker.celery_app import TASK_NAME, make_celery
 
 pytestmark = pytest.mark.e2e
 
@@ -236,8 +236,8 @@ def queue_directly(stack: Stack, spec: dict[str, Any]) -> dict[str, Any]:
     without the API's submit checks; return it as the API shows it."""
     import uuid
 
-    from api import repository, tenants
-    from api.db import make_engine, make_sessionmaker
+    from core import repository, tenants
+    from core.db import make_engine, make_sessionmaker
     from kd_engine.spec import JobSpec
 
     valid = JobSpec.model_validate(spec)

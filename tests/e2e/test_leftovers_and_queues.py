@@ -28,7 +28,7 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from api.db import File, Job, JobEvent, make_engine, make_sessionmaker
+from core.db import File, Job, JobEvent, make_engine, make_sessionmaker
 from devstack.client import ApiError, Client
 from devstack.stack import ROOT, Stack, free_port, running_stack
 

@@ -1,5 +1,5 @@
 """Fixtures shared by the API tests: the app's settings on the test database and broker with
-temporary roots, a database session, and an API key of a fresh tenant (as ``python -m api.admin
+temporary roots, a database session, and an API key of a fresh tenant (as ``python -m core.admin
 create-key`` makes one)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from api import tenants
-from api.settings import Settings
+from core import tenants
+from core.settings import Settings
 
 
 @pytest.fixture

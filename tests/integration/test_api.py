@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
-from api import repository, tenants
-from api.db import Job
 from api.main import create_app
-from api.settings import Settings
+from core import repository, tenants
+from core.db import Job
+from core.settings import Settings
 from kd_engine import registry
 from kd_engine.report_html import format_number
 
@@ -28,7 +28,7 @@ FINETUNE = {
 
 @pytest.fixture
 def api_key(settings: Settings) -> str:
-    """A key of a fresh tenant ``test`` (made like ``python -m api.admin create-key``)."""
+    """A key of a fresh tenant ``test`` (made like ``python -m core.admin create-key``)."""
     return make_key(settings, "test")
 
 
@@ -263,7 +263,7 @@ def test_a_running_job_without_heartbeat_is_requeued_by_the_reconciler_not_by_a_
 ) -> None:
     from datetime import timedelta
 
-    from api.db import utcnow
+    from core.db import utcnow
 
     job = client.post("/v1/jobs", json=FINETUNE).json()
     fresh = client.post("/v1/jobs", json=FINETUNE).json()

@@ -19,11 +19,11 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
 from transformers import BertConfig, BertForSequenceClassification
 
-from api import checkpoints, events, quotas, repository
-from api.db import Job
 from api.main import create_app
-from api.settings import Settings
-from api.storage import artifact_storage
+from core import checkpoints, events, quotas, repository
+from core.db import Job
+from core.settings import Settings
+from core.storage import artifact_storage
 from kd_engine.checkpoint import SavedCheckpoint
 from tests.integration.conftest import new_key
 from worker import checkpoints as worker_checkpoints

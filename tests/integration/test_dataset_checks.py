@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
-from api.db import Job
 from api.main import create_app
-from api.settings import Settings
+from core.db import Job
+from core.settings import Settings
 
 FINETUNE: dict[str, Any] = {
     "teacher": "builtin:minilm-l6",

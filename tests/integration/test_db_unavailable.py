@@ -16,11 +16,11 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from api import repository, tenants
-from api.db import Job, make_engine, make_sessionmaker
-from api.db_errors import is_transient, public_message
 from api.main import create_app
-from api.settings import Settings
+from core import repository, tenants
+from core.db import Job, make_engine, make_sessionmaker
+from core.db_errors import is_transient, public_message
+from core.settings import Settings
 from worker import db_retry
 from worker.db_retry import DatabaseUnavailable
 

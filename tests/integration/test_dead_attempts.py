@@ -16,10 +16,10 @@ import pytest
 from sqlalchemy import create_engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import checkpoints, repository, tenants
-from api.db import Job, JobEvent, utcnow
-from api.settings import Settings
-from api.storage import artifact_storage
+from core import checkpoints, repository, tenants
+from core.db import Job, JobEvent, utcnow
+from core.settings import Settings
+from core.storage import artifact_storage
 from worker import staging
 from worker.reconciler import reconcile_once
 

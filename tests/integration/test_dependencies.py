@@ -14,13 +14,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, update
 from sqlalchemy.orm import Session
 
-from api import dependencies, events, repository, tenants
-from api.db import Job, make_sessionmaker, utcnow
 from api.main import create_app
-from api.settings import Settings
+from core import dependencies, events, repository, tenants
+from core.db import Job, make_sessionmaker, utcnow
+from core.queue import make_celery
+from core.settings import Settings
 from kd_engine.references import builtin_model_path
 from tests.integration.test_api import FINETUNE, auth, make_key, queued_job_ids
-from worker.celery_app import make_celery
 
 SMALL = {
     "dataset": {

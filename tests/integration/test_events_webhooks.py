@@ -25,11 +25,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from api import events, tenants
-from api.db import WebhookDelivery
 from api.main import create_app
-from api.settings import Settings
-from api.webhooks import deliver_due
+from core import events, tenants
+from core.db import WebhookDelivery
+from core.settings import Settings
+from core.webhooks import deliver_due
 
 ROOT = Path(__file__).resolve().parents[2]
 FINETUNE = {
@@ -392,7 +392,7 @@ def test_the_operator_can_allow_private_hosts_or_set_an_allow_list(
 class Receiver:
     """A real HTTP server on 127.0.0.1 that answers with ``codes`` in turn (the last one
     repeated) and checks each request's Standard Webhooks signature with ``secret`` using its
-    own HMAC code (not api.webhooks)."""
+    own HMAC code (not core.webhooks)."""
 
     def __init__(self, codes: list[int]) -> None:
         self.codes = codes
@@ -613,7 +613,7 @@ def test_the_dispatcher_process_delivers(client: TestClient, settings: Settings)
             "PYTHONPATH": str(ROOT),
         }
         subprocess.run(
-            [sys.executable, "-m", "api.webhooks_dispatch", "--once"],
+            [sys.executable, "-m", "core.webhooks_dispatch", "--once"],
             cwd=ROOT,
             env=env,
             check=True,

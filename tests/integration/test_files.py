@@ -21,9 +21,9 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from api.db import File, Job
 from api.main import create_app
-from api.settings import Settings
+from core.db import File, Job
+from core.settings import Settings
 from kd_engine.references import builtin_model_path
 from tests.integration.conftest import new_key
 

@@ -10,7 +10,6 @@ import redis
 import schemathesis
 
 from api.main import create_app
-from api.settings import Settings
 from bench.fuzz import (
     KeyHolder,
     Recorder,
@@ -19,6 +18,7 @@ from bench.fuzz import (
     reference_pool,
     run_stateless,
 )
+from core.settings import Settings
 
 PER_OPERATION = 12  # x 2 generation modes x every operation (+ POSTs): ~330 cases, ~30 s
 

@@ -21,10 +21,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
-from api import repository
-from api.db import Job, utcnow
 from api.main import create_app
-from api.settings import Settings
+from core import repository
+from core.db import Job, utcnow
+from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 FINETUNE: dict[str, Any] = {
@@ -429,7 +429,7 @@ def _model_dir(settings: Settings, name: str) -> Path:
 def test_a_model_directory_with_a_symlink_out_of_the_root_is_refused(
     client: TestClient, settings: Settings, tmp_path: Path
 ) -> None:
-    from api import refs
+    from core import refs
 
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"not yours")
@@ -590,7 +590,7 @@ def _age(settings: Settings, job_id: str, days: float) -> None:
 def test_retention_deletes_finished_jobs_older_than_the_period(
     client: TestClient, settings: Settings
 ) -> None:
-    from api.retention import delete_expired
+    from core.retention import delete_expired
 
     old = submit(client)
     old_root = succeed_with_files(settings, old["id"], {"config.json": b"{}"})
@@ -632,7 +632,7 @@ def test_retention_command_runs_against_the_configured_database(
         "DISTILLERY_RETENTION_DAYS": "2",
     }
     out = subprocess.run(
-        [sys.executable, "-m", "api.retention"],
+        [sys.executable, "-m", "core.retention"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -644,7 +644,7 @@ def test_retention_command_runs_against_the_configured_database(
     assert count_jobs(settings) == 0
     env.pop("DISTILLERY_RETENTION_DAYS")
     out = subprocess.run(
-        [sys.executable, "-m", "api.retention"],
+        [sys.executable, "-m", "core.retention"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -19,10 +19,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select, update
 from sqlalchemy.orm import Session
 
-from api import idempotency, repository, tenants
-from api.db import IdempotencyKey, Job, utcnow
 from api.main import create_app
-from api.settings import Settings
+from core import idempotency, repository, tenants
+from core.db import IdempotencyKey, Job, utcnow
+from core.settings import Settings
 
 FINETUNE = {
     "teacher": "builtin:minilm-l6",

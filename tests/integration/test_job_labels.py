@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from api.settings import Settings
+from core.settings import Settings
 from tests.integration.test_files import csv_bytes, rows, upload
 from tests.integration.test_ui import _metrics, _succeed, login
 

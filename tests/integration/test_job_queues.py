@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select, update
 from sqlalchemy.orm import Session
 
-from api import repository, tenants
-from api.db import Job
 from api.main import create_app
-from api.settings import Settings
+from core import repository, tenants
+from core.db import Job
+from core.settings import Settings
 from tests.integration.test_api import FINETUNE
 from tests.integration.test_dependencies import (
     SMALL,

@@ -11,9 +11,9 @@ import uuid
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from api import logs, repository, tenants
 from api.main import create_app
-from api.settings import Settings
+from core import logs, repository, tenants
+from core.settings import Settings
 from worker.runner import execute
 
 

@@ -13,10 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from api import repository, tenants
-from api.db import Job, utcnow
 from api.main import create_app
-from api.settings import Settings
+from core import repository, tenants
+from core.db import Job, utcnow
+from core.settings import Settings
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

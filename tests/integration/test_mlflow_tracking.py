@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from api import tenants
 from api.main import create_app
-from api.settings import Settings
+from core import tenants
+from core.settings import Settings
 from worker.runner import execute
 
 SPEC: dict[str, Any] = {
@@ -49,7 +49,7 @@ def _submit(settings: Settings, spec: dict[str, Any] = SPEC) -> str:
 
 
 def _events(settings: Settings, job_id: str) -> list[tuple[str, str]]:
-    from api import events
+    from core import events
 
     engine = create_engine(settings.database_url)
     with Session(engine) as s:

@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from api import events
 from api.main import create_app
-from api.settings import Settings
+from core import events
+from core.settings import Settings
 from kd_engine.distributed import WORKER_GPUS_ENV
 
 JOB: dict[str, Any] = {

@@ -13,10 +13,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
-from api import tenants
-from api.db import Job
 from api.main import create_app
-from api.settings import Settings
+from core import tenants
+from core.db import Job
+from core.settings import Settings
 
 RT = {"source": "builtin:rotten_tomatoes"}
 

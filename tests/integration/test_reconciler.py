@@ -17,13 +17,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select, update
 from sqlalchemy.orm import Session
 
-from api import events, repository, tenants
-from api.db import Job, JobEvent, make_engine, make_sessionmaker, utcnow
 from api.main import create_app
-from api.settings import Settings
 from bench.http_faults import SilentBroker
+from core import events, repository, tenants
+from core.db import Job, JobEvent, make_engine, make_sessionmaker, utcnow
+from core.queue import make_celery
+from core.settings import Settings
 from worker import reconciler
-from worker.celery_app import make_celery
 from worker.heartbeat import Heartbeat
 from worker.reconciler import reconcile_once
 

@@ -12,11 +12,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from api import tenants
-from api.db import Job
 from api.main import create_app
-from api.settings import Settings
-from api.storage import artifact_storage
+from core import tenants
+from core.db import Job
+from core.settings import Settings
+from core.storage import artifact_storage
 from kd_engine.teacher_cache import CACHE_FILE
 from worker.runner import execute
 from worker.teacher_caches import CACHE_PREFIX

@@ -19,9 +19,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from api import quotas, repository, tenants
 from api.main import create_app
-from api.settings import Settings
+from core import quotas, repository, tenants
+from core.settings import Settings
 from kd_engine.references import builtin_model_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -310,7 +310,7 @@ def test_stored_bytes_quota_counts_the_tenants_artifacts(
 
 def admin(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "api.admin", *args, "--database-url", settings.database_url],
+        [sys.executable, "-m", "core.admin", *args, "--database-url", settings.database_url],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -19,11 +19,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from api import repository, tenants
-from api.db import utcnow
 from api.main import create_app
-from api.settings import Settings
 from api.ui.session import COOKIE
+from core import repository, tenants
+from core.db import utcnow
+from core.settings import Settings
 from tests.integration.conftest import new_key
 
 FINETUNE: dict[str, Any] = {

@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from api import tenants
-from api.db import File, utcnow
 from api.main import create_app
-from api.settings import Settings
-from api.upload_liveness import UploadHeartbeat, heartbeat_interval_s
+from core import tenants
+from core.db import File, utcnow
+from core.settings import Settings
+from core.upload_liveness import UploadHeartbeat, heartbeat_interval_s
 from tests.integration.test_files import csv_bytes, rows, upload
 from worker.reconciler import reconcile_once
 

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from api.settings import Settings
-from api.storage import LocalStorage
-from api.uploads.archives import ArchiveLimits, ArchiveTooLarge, open_archive
-from api.uploads.errors import InvalidUpload, UploadTooLarge
-from api.uploads.models import ModelReport, model_limits, unpack_model
+from core.settings import Settings
+from core.storage import LocalStorage
+from core.uploads.archives import ArchiveLimits, ArchiveTooLarge, open_archive
+from core.uploads.errors import InvalidUpload, UploadTooLarge
+from core.uploads.models import ModelReport, model_limits, unpack_model
 
 LIMITS = ArchiveLimits(max_members=64, max_unpacked_bytes=512 << 20)
 TEXTS = ["a gripping, beautifully acted film", "dull and far too long"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from api.storage import LocalStorage
+from core.storage import LocalStorage
 
 ROOT = Path(__file__).resolve().parents[2]
 STRACE = shutil.which("strace")
@@ -25,7 +25,7 @@ def publish_killed_at(store: LocalStorage, source: Path, *paths: Path) -> int:
     """Run ``store.put_dir(<job>, source, keep=("checkpoints",))`` in a new Python process,
     SIGKILLed by strace at its first rename whose source is one of ``paths``; its exit code."""
     code = (
-        "import sys; from pathlib import Path; from api.storage import LocalStorage; "
+        "import sys; from pathlib import Path; from core.storage import LocalStorage; "
         "LocalStorage(Path(sys.argv[1])).put_dir('job1', Path(sys.argv[2]), keep=('checkpoints',))"
     )
     traced = [f"--trace-path={p}" for p in paths]

@@ -15,8 +15,8 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from api.settings import Settings
-from api.storage import (
+from core.settings import Settings
+from core.storage import (
     InvalidKey,
     LocalStorage,
     ObjectNotFound,
@@ -26,7 +26,7 @@ from api.storage import (
     artifact_storage,
     validate_key,
 )
-from api.storage.s3 import S3Storage
+from core.storage.s3 import S3Storage
 from tests import s3
 
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from api.db import Job
-from api.errors import InvalidSpec
 from api.ui.charts import Point, Series, line_chart, nice_ticks, pareto_front, scatter_chart
 from api.ui.routes import parse_spec_text
 from api.ui.views import compare_groups, comparison_table, curves, main_metric
+from core.db import Job
+from core.errors import InvalidSpec
 
 
 def test_pareto_front_keeps_points_nothing_beats() -> None:

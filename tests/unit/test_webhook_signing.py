@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-from api.webhooks import new_secret, secret_bytes, sign
+from core.webhooks import new_secret, secret_bytes, sign
 
 VECTOR_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 VECTOR_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"

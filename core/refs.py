@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from api.settings import Settings
-from api.storage import artifact_storage, join_key, upload_storage
+from core.settings import Settings
+from core.storage import artifact_storage, join_key, upload_storage
 from kd_engine.references import (
     builtin_model_path,
     check_model_files,
@@ -97,7 +97,7 @@ def job_key(job_id: str) -> str:
 
 def job_dir(settings: Settings, job_id: str) -> Path:
     """The artifact directory of a job (a local directory: the artifact store's
-    :meth:`~api.storage.Storage.local_path` of the job's prefix, which may not exist).
+    :meth:`~core.storage.Storage.local_path` of the job's prefix, which may not exist).
 
     Raises:
         ValueError: ``job_id`` is not a job id (so it cannot escape the artifacts root).

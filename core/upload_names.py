@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from api.db import File
+from core.db import File
 
 FILE_REF = re.compile(r"file-[0-9a-f]{32}")
 """An upload's id anywhere in a text."""
@@ -56,7 +56,7 @@ _QUOTED_REF = re.compile(r"(['\"]?)(" + FILE_REF.pattern + r")\1")
 
 
 def name_uploads_in_error(session: Session, error: Exception, tenant_id: str) -> None:
-    """Put the filenames of the uploads a :class:`~api.errors.DomainError`'s message names
+    """Put the filenames of the uploads a :class:`~core.errors.DomainError`'s message names
     beside their ids (in place); the session is rolled back first (the request failed), and
     the message is left as it was if the lookup fails."""
     message = getattr(error, "message", None)

@@ -1,12 +1,54 @@
-"""Sending a job to the workers (after the job row is committed)."""
+"""The job queue: the Celery app factory, the task's name, and sending a job to the workers
+(after the job row is committed).
+
+Long GPU tasks: late acks, reject on worker loss, prefetch 1, JSON only, a visibility timeout
+above the longest job, socket timeouts so that a silent broker fails a publish (see
+docs/production.md). The API sends through an app made here; the worker
+(:mod:`worker.celery_app`) makes its own from the same factory with its task modules included.
+Importing this module does not import torch.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 from celery import Celery
 
-from worker.celery_app import TASK_NAME
+from core.settings import Settings
+
+TASK_NAME = "distillery.run_job"
+"""The one task: its only argument is the job id (also the Celery task id)."""
+
+
+def make_celery(settings: Settings, *, include: Sequence[str] = ()) -> Celery:
+    """A configured Celery app for ``settings.broker_url``; ``include`` names the modules that
+    define tasks (a worker's; an app that only sends tasks needs none)."""
+    app = Celery("distillery", broker=settings.broker_url, include=list(include))
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=1,
+        worker_hijack_root_logger=False,
+        task_default_queue=settings.queue,
+        broker_transport_options={
+            # Must be here: the Redis transport's own default is 1 h (a longer job would be
+            # delivered again while it runs).
+            "visibility_timeout": settings.visibility_timeout_s,
+            # A broker that accepts TCP but never answers must not hang a publish forever.
+            "socket_timeout": settings.broker_publish_timeout_s,
+            "socket_connect_timeout": settings.broker_publish_timeout_s,
+        },
+        broker_connection_timeout=settings.broker_publish_timeout_s,
+        broker_connection_retry_on_startup=True,
+    )
+    return app
+
 
 PRIORITY_SEP = "\x06\x16"
 """kombu's Redis transport keeps priority ``p`` > 0 of queue ``q`` in list ``q + SEP + p``."""

@@ -1,5 +1,5 @@
 """Where artifacts and uploads are stored: one small interface (:class:`Storage`), a local
-folder backend (:class:`LocalStorage`), an S3-compatible one (:class:`api.storage.s3.S3Storage`,
+folder backend (:class:`LocalStorage`), an S3-compatible one (:class:`core.storage.s3.S3Storage`,
 imported only when chosen), and the stores this server's settings name
 (``DISTILLERY_STORAGE_BACKEND``).
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from api.settings import Settings
-from api.storage.base import (
+from core.settings import Settings
+from core.storage.base import (
     CHUNK_BYTES,
     KEY_RULE,
     InvalidKey,
@@ -23,10 +23,10 @@ from api.storage.base import (
     join_key,
     validate_key,
 )
-from api.storage.local import FILE_MODE, LocalStorage, sha256_file
+from core.storage.local import FILE_MODE, LocalStorage, sha256_file
 
 if TYPE_CHECKING:
-    from api.storage.s3 import S3Storage
+    from core.storage.s3 import S3Storage
 
 __all__ = [
     "CHUNK_BYTES",
@@ -73,7 +73,7 @@ def s3_client(settings: Settings) -> Any:
 def _s3_store(settings: Settings, name: str) -> S3Storage:
     """The S3 store ``<s3_prefix>/<name>`` of the settings, one per process and setting (its
     bucket is checked once, when it is first made)."""
-    from api.storage.s3 import S3Storage
+    from core.storage.s3 import S3Storage
 
     secret = settings.s3_secret_access_key
     ident = (

@@ -19,7 +19,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.db import ApiKey, Tenant, utcnow
+from core.db import ApiKey, Tenant, utcnow
 
 KEY_PATTERN = re.compile(r"^(dk_[a-z0-9]{8})_([A-Za-z0-9_-]{32,128})$")
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -1,9 +1,9 @@
-"""``python -m api.admin``: administer tenants, API keys and quotas in the database of the
+"""``python -m core.admin``: administer tenants, API keys and quotas in the database of the
 settings (``DISTILLERY_DATABASE_URL``, or ``--database-url``). Run ``alembic upgrade head``
 first. On a fresh install this is how the first tenant and key are made::
 
-    python -m api.admin create-tenant acme --max-active-jobs 4
-    python -m api.admin create-key acme --name alice     # prints the key once
+    python -m core.admin create-tenant acme --max-active-jobs 4
+    python -m core.admin create-key acme --name alice     # prints the key once
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from rich.console import Console
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from api import quotas, tenants
-from api.db import Tenant, make_engine, make_sessionmaker
-from api.settings import Settings
+from core import quotas, tenants
+from core.db import Tenant, make_engine, make_sessionmaker
+from core.settings import Settings
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
 err = Console(stderr=True)
@@ -98,7 +98,7 @@ def create_key(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Create an API key for a tenant. The key is printed once, alone on stdout (details go to
-    stderr), e.g. KEY=$(python -m api.admin create-key acme)."""
+    stderr), e.g. KEY=$(python -m core.admin create-key acme)."""
     with _session(database_url) as s:
         t = _tenant(s, tenant)
         try:

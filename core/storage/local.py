@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from api.storage.base import (
+from core.storage.base import (
     CHUNK_BYTES,
     InvalidKey,
     ObjectNotFound,

@@ -38,7 +38,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from api.storage.base import (
+from core.storage.base import (
     CHUNK_BYTES,
     InvalidKey,
     ObjectNotFound,
@@ -49,7 +49,7 @@ from api.storage.base import (
     join_key,
     validate_key,
 )
-from api.storage.local import sha256_file
+from core.storage.local import sha256_file
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client  # pragma: no cover

@@ -13,8 +13,8 @@ from typing import Any, Literal, get_args
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api import webhooks
-from api.db import JobEvent, utcnow
+from core import webhooks
+from core.db import JobEvent, utcnow
 
 EventType = Literal[
     "queued",
@@ -53,7 +53,7 @@ def record(
     """Add an event to job ``job_id``'s log (flushed, not committed: the caller commits it
     with the change it reports). An event sent as a webhook (succeeded, failed, cancelled,
     checkpoint) also gets its pending deliveries, in the same transaction (the outbox: see
-    :func:`api.webhooks.enqueue`).
+    :func:`core.webhooks.enqueue`).
 
     Raises:
         ValueError: ``type_`` is not one of :data:`EVENT_TYPES` or ``level`` not one of

@@ -1,7 +1,7 @@
 """Uploads in progress and the ones that died: the heartbeat of an upload's row, and the sweeper
 of what dead uploads (and older versions) left in the upload store.
 
-An upload's row is committed as ``uploading`` before any byte is stored (:mod:`api.files`).
+An upload's row is committed as ``uploading`` before any byte is stored (:mod:`core.files`).
 While the API receives and checks the file, an :class:`UploadHeartbeat` thread writes the
 row's ``size_bytes`` (the bytes stored so far: the quota counts them) and ``updated_at`` every
 :func:`heartbeat_interval_s`. An API process killed meanwhile leaves the row ``uploading``
@@ -22,10 +22,10 @@ from sqlalchemy import Connection, Engine, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import File, utcnow
-from api.refs import is_file_id
-from api.settings import Settings
-from api.storage import LocalStorage, Storage, StorageError, upload_storage
+from core.db import File, utcnow
+from core.refs import is_file_id
+from core.settings import Settings
+from core.storage import LocalStorage, Storage, StorageError, upload_storage
 
 log = logging.getLogger("distillery.uploads")
 

@@ -202,7 +202,7 @@ class File(Base):
 
 class JobEvent(Base):
     """One entry of a job's event log (``GET /v1/jobs/{id}/events``): ``id`` orders the events
-    of a job (and of all jobs); ``type`` is one of :data:`api.events.EVENT_TYPES`, ``level``
+    of a job (and of all jobs); ``type`` is one of :data:`core.events.EVENT_TYPES`, ``level``
     ``info``, ``warning`` or ``error``; ``data`` is the event's JSON details."""
 
     __tablename__ = "job_events"

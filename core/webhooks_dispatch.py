@@ -1,6 +1,6 @@
-"""The webhook dispatcher as its own process: ``python -m api.webhooks_dispatch`` sends due
+"""The webhook dispatcher as its own process: ``python -m core.webhooks_dispatch`` sends due
 deliveries every ``webhook_poll_interval_s`` until SIGTERM or Ctrl-C (several may run; see
-:func:`api.webhooks.deliver_due`). ``--once`` makes one pass and exits."""
+:func:`core.webhooks.deliver_due`). ``--once`` makes one pass and exits."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import logging
 import signal
 import threading
 
-from api.db import make_engine, make_sessionmaker
-from api.settings import get_settings
-from api.webhooks import deliver_due
+from core.db import make_engine, make_sessionmaker
+from core.settings import get_settings
+from core.webhooks import deliver_due
 
 log = logging.getLogger("distillery.webhooks")
 

@@ -2,21 +2,19 @@
 the job being worked on in every record (``job_id``; ``-`` outside a job).
 
 The job id lives in a context variable: a worker binds it for the whole run of a job
-(:func:`bound_job`), the API for a request whose path names a job (:func:`install`). Log
-shippers (Loki, CloudWatch, Elasticsearch) then filter a job's lines on one field.
+(:func:`bound_job`), the API for a request whose path names a job
+(:func:`api.request_logs.install`). Log shippers (Loki, CloudWatch, Elasticsearch) then filter a job's lines on one field.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Literal
 
-from fastapi import FastAPI, Request, Response
 from pythonjsonlogger.json import JsonFormatter
 
 LogFormat = Literal["text", "json"]
@@ -26,7 +24,6 @@ job_id_var: ContextVar[str | None] = ContextVar("distillery_job_id", default=Non
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [job %(job_id)s] %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(job_id)s %(message)s"
-_JOB_PATH = re.compile(r"^/v1/jobs/([^/]+)")
 
 
 class JobIdFilter(logging.Filter):
@@ -73,17 +70,3 @@ def bound_job(job_id: str) -> Iterator[None]:
         yield
     finally:
         job_id_var.reset(token)
-
-
-def install(app: FastAPI) -> None:
-    """Bind the job id of requests whose path is ``/v1/jobs/<id>...`` while they are handled."""
-
-    @app.middleware("http")
-    async def bind(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        match = _JOB_PATH.match(request.url.path)
-        if match is None:
-            return await call_next(request)
-        with bound_job(match.group(1)):
-            return await call_next(request)

@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from api import (
+from core import (
     checkpoints,
     dependencies,
     events,
@@ -22,11 +22,11 @@ from api import (
     repository,
     tenants,
 )
-from api.db import FINISHED, Artifact, Job, JobCheckpoint, utcnow
-from api.errors import Conflict, InvalidSpec, NotFound, Unavailable
-from api.queue import BrokerUnavailable, enqueue
-from api.settings import Settings
-from api.storage import InvalidKey, StorageError, artifact_storage, join_key
+from core.db import FINISHED, Artifact, Job, JobCheckpoint, utcnow
+from core.errors import Conflict, InvalidSpec, NotFound, Unavailable
+from core.queue import BrokerUnavailable, enqueue
+from core.settings import Settings
+from core.storage import InvalidKey, StorageError, artifact_storage, join_key
 from kd_engine import memory, registry
 from kd_engine.checkpoint import STUDENT_DIR
 from kd_engine.data.builtins import BUILTIN_EVAL_ONLY, BUILTIN_LABELS, BUILTIN_REGRESSION
@@ -93,7 +93,7 @@ def _model_config(
         if other is None:
             raise InvalidSpec(f"{ref!r}: no such job", field)
         if other.status in PENDING_DEPENDENCY and _DEFERRING.get():
-            return None  # a dependency: checked when it succeeds (api.dependencies)
+            return None  # a dependency: checked when it succeeds (core.dependencies)
         if other.status != "succeeded":
             raise InvalidSpec(
                 f"{ref!r} is {other.status}; a model reference needs a succeeded job", field
@@ -482,7 +482,7 @@ def validate_references(
 ) -> None:
     """Every check of a spec's references and files at submit: datasets, corpus, teacher
     (with the student, generator, fit, memory and task checks) and the dataset files' content.
-    Run again by :func:`api.dependencies.release_waiting` once a waiting job's dependencies
+    Run again by :func:`core.dependencies.release_waiting` once a waiting job's dependencies
     have succeeded (then with no reference deferred).
 
     Raises:

@@ -1,18 +1,17 @@
-"""The errors an upload check raises; the API's JSON error handlers answer them as they are."""
+"""The errors an upload check raises (domain errors: the API maps them to 422 and 413)."""
 
 from __future__ import annotations
 
-from api.errors import DomainError
+from core.errors import DomainError
 
 
 class InvalidUpload(DomainError):
-    """The upload cannot be used (422); the message names the member, line or column.
+    """The upload cannot be used; the message names the member, line or column.
 
     Attributes:
         member: the archive member at fault, or None.
     """
 
-    status = 422
     code = "invalid_upload"
 
     def __init__(self, message: str, field: str | None = "file", member: str | None = None) -> None:
@@ -21,14 +20,13 @@ class InvalidUpload(DomainError):
 
 
 class UploadTooLarge(DomainError):
-    """The upload, or what it unpacks to, is over a cap (413).
+    """The upload, or what it unpacks to, is over a cap.
 
     Attributes:
         limit: the cap (bytes, or a count of archive members when ``what`` is ``members``).
         what: ``"bytes"`` or ``"members"``.
     """
 
-    status = 413
     code = "too_large"
 
     def __init__(

@@ -2,12 +2,12 @@
 pretrained student's ``student.model`` or ``method.generator``) waits for it.
 
 At submit (:func:`check_references`) every ``job:`` reference must be a job of the same tenant
-that has succeeded or is still :data:`api.service.PENDING_DEPENDENCY` (waiting, queued, running,
+that has succeeded or is still :data:`core.service.PENDING_DEPENDENCY` (waiting, queued, running,
 pausing, paused); the new job is then stored ``waiting``, with one ``job_dependencies`` row per
 unfinished job, and not sent to the broker. :func:`release_waiting` moves waiting jobs on:
 
 * every dependency succeeded: the checks that need its model (the teacher's labels against the
-  dataset, the method's fit, the memory budget: :func:`api.service.validate_references`) run
+  dataset, the method's fit, the memory budget: :func:`core.service.validate_references`) run
   now; the job goes ``waiting -> queued`` (a ``queued`` event "dependency <id> succeeded") and
   is enqueued, or ``waiting -> failed`` naming the field and the reason;
 * a dependency failed, was cancelled or deleted: ``waiting -> failed`` naming it and its status.
@@ -27,12 +27,12 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api import events, repository
-from api.db import Job as JobRow
-from api.db import JobDependency, utcnow
-from api.errors import InvalidSpec
-from api.queue import BrokerUnavailable, enqueue
-from api.settings import Settings
+from core import events, repository
+from core.db import Job as JobRow
+from core.db import JobDependency, utcnow
+from core.errors import InvalidSpec
+from core.queue import BrokerUnavailable, enqueue
+from core.settings import Settings
 from kd_engine.spec import JobSpec, PretrainedStudent
 
 log = logging.getLogger("distillery.api")
@@ -60,7 +60,7 @@ def check_references(session: Session, spec: JobSpec, tenant_id: str) -> list[st
         InvalidSpec: naming the field, for a job that does not exist or is another tenant's
             (``no such job``) or that is cancelling, failed or cancelled (its status).
     """
-    from api.service import PENDING_DEPENDENCY
+    from core.service import PENDING_DEPENDENCY
 
     pending: list[str] = []
     for field, job_id in job_references(spec):
@@ -125,7 +125,7 @@ def _release(
     deps: list[str],
     queue: str,
 ) -> bool:
-    from api.service import validate_references
+    from core.service import validate_references
 
     # The job's own queue (not this process's): its memory budget and where it is sent.
     settings = settings.model_copy(update={"queue": queue})
@@ -231,7 +231,7 @@ def release_waiting(
         session: a session with no pending changes (it is committed and rolled back here).
         settings: the roots and budgets the deferred checks read (its ``queue`` is
             replaced by each job's).
-        celery: the app that sends the task (:func:`api.queue.enqueue`).
+        celery: the app that sends the task (:func:`core.queue.enqueue`).
         only: consider just these waiting jobs (e.g. :func:`dependents` of a job that has
             just finished); None: every waiting job (the reconciler's pass). Jobs that waited
             for a job failed here are then considered too (a failure cascades down a chain).

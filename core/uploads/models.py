@@ -1,7 +1,7 @@
 """An uploaded model: a tar or zip of a transformers directory, checked before anything reads
 it as a model, then unpacked into storage.
 
-Order: the archive's members are listed and checked (:mod:`api.uploads.archives`: paths,
+Order: the archive's members are listed and checked (:mod:`core.uploads.archives`: paths,
 links, devices, member count, declared size); file names are checked (safetensors weights,
 no pickles, no code); ``config.json`` is read from the archive and checked (a supported
 encoder or sequence classifier, no remote code, labels that make sense); only then are the
@@ -19,9 +19,9 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from safetensors import SafetensorError, safe_open
 
-from api.settings import Settings
-from api.storage import KEY_RULE, InvalidKey, Storage, join_key, validate_key
-from api.uploads.archives import (
+from core.settings import Settings
+from core.storage import KEY_RULE, InvalidKey, Storage, join_key, validate_key
+from core.uploads.archives import (
     ArchiveLimits,
     ArchiveRejected,
     ArchiveTooLarge,
@@ -29,7 +29,7 @@ from api.uploads.archives import (
     open_archive,
     strip_single_top_dir,
 )
-from api.uploads.errors import InvalidUpload, UploadTooLarge
+from core.uploads.errors import InvalidUpload, UploadTooLarge
 from kd_engine.models.loading import (
     SUPPORTED_MODEL_TYPES,
     classifier_label_names,

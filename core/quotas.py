@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api import checkpoints
-from api.db import FINISHED, JOB_STATUSES, Artifact, File, Job, Tenant
-from api.errors import QuotaExceeded
-from api.settings import Settings
+from core import checkpoints
+from core.db import FINISHED, JOB_STATUSES, Artifact, File, Job, Tenant
+from core.errors import QuotaExceeded
+from core.settings import Settings
 
 ACTIVE_STATUSES = tuple(s for s in JOB_STATUSES if s not in FINISHED)
 """Statuses that count against ``max_active_jobs``: every one but the final ones."""

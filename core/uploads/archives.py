@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
-from api.storage import Storage, StoredObject, TooLarge, join_key
+from core.storage import Storage, StoredObject, TooLarge, join_key
 
 _HIDDEN = re.compile(r"^(\.|__MACOSX$)")  # .git, .gitattributes, ._x (AppleDouble), __MACOSX
 _READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)

@@ -14,9 +14,9 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from api.db import Job, JobCheckpoint, utcnow
-from api.refs import job_key
-from api.storage import join_key
+from core.db import Job, JobCheckpoint, utcnow
+from core.refs import job_key
+from core.storage import join_key
 
 CHECKPOINTS_DIR = "checkpoints"
 """The folder of a job's checkpoints inside its artifact prefix."""
@@ -122,7 +122,7 @@ def remove(session: Session, job_id: str, names: Sequence[str] | None = None) ->
 
 def tenant_bytes_query(tenant_id: str) -> Any:
     """A scalar select of the bytes the tenant's checkpoints store (for
-    :func:`api.quotas.stored_bytes`)."""
+    :func:`core.quotas.stored_bytes`)."""
     return (
         select(func.coalesce(func.sum(JobCheckpoint.size_bytes), 0))
         .select_from(JobCheckpoint)

@@ -191,7 +191,7 @@ class Settings(BaseSettings):
         None,
         gt=0,
         description="Finished jobs (and their artifacts) older than this many days are deleted "
-        "by `python -m api.retention`; None keeps them forever.",
+        "by `python -m core.retention`; None keeps them forever.",
     )
     dataset_check_rows: int = Field(
         250_000,
@@ -253,7 +253,7 @@ class Settings(BaseSettings):
     webhook_dispatcher_in_api: bool = Field(
         True,
         description="Run the webhook dispatcher as a thread of each API process (set False "
-        "when it runs as its own process: python -m api.webhooks_dispatch).",
+        "when it runs as its own process: python -m core.webhooks_dispatch).",
     )
     events_stream_poll_s: float = Field(
         0.5, gt=0, description="Seconds between two database reads of an event stream (SSE)."

@@ -1,7 +1,7 @@
 """Retention: delete finished jobs (and their artifacts) older than the operator's period.
 
 ``DISTILLERY_RETENTION_DAYS`` (default unset: keep everything) is the period; run
-``python -m api.retention`` (from cron, a systemd timer or a Kubernetes CronJob) to apply it.
+``python -m core.retention`` (from cron, a systemd timer or a Kubernetes CronJob) to apply it.
 A job counts from when it finished; queued, running and cancelling jobs are never deleted, nor
 a job whose model an unfinished job names as ``job:<id>`` (it is deleted by a later run).
 """
@@ -14,9 +14,9 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from api import repository, service
-from api.db import make_engine, make_sessionmaker, utcnow
-from api.settings import Settings, get_settings
+from core import repository, service
+from core.db import make_engine, make_sessionmaker, utcnow
+from core.settings import Settings, get_settings
 
 log = logging.getLogger("distillery.retention")
 

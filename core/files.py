@@ -4,14 +4,14 @@ job's ``file-<id>`` references at submit.
 
 An upload gets its row first, ``uploading`` and committed, so that no byte is ever stored
 without a row; then it is streamed into storage in chunks (never whole in memory) under its id
-while a heartbeat (:class:`api.upload_liveness.UploadHeartbeat`) records the bytes received,
+while a heartbeat (:class:`core.upload_liveness.UploadHeartbeat`) records the bytes received,
 and checked: a dataset with :func:`kd_engine.data.inspect.inspect_dataset`, a model archive
-with :func:`api.uploads.models.unpack_model` (the archive is deleted once unpacked). A file
+with :func:`core.uploads.models.unpack_model` (the archive is deleted once unpacked). A file
 that passes its checks and fits the tenant's stored-bytes quota becomes ``ready``; one its
 checks refuse becomes ``failed`` with the reason and its bytes are deleted; on any other
 refusal (quota, a replayed ``Idempotency-Key``, an error) the row and the bytes are deleted.
 A process that dies meanwhile leaves an ``uploading`` row that stops beating: the reconciler's
-sweep (:func:`api.upload_liveness.sweep`) removes it with its files.
+sweep (:func:`core.upload_liveness.sweep`) removes it with its files.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from api import idempotency, quotas, refs
-from api.db import FINISHED, File, IdempotencyKey, Job, utcnow
-from api.errors import Conflict, InvalidSpec, NotFound
-from api.settings import Settings
-from api.storage import StorageError, StoredObject, TooLarge, join_key, upload_storage
-from api.upload_liveness import UploadHeartbeat, heartbeat_interval_s
-from api.uploads.errors import InvalidUpload, UploadTooLarge
-from api.uploads.models import model_limits, unpack_model
+from core import idempotency, quotas, refs
+from core.db import FINISHED, File, IdempotencyKey, Job, utcnow
+from core.errors import Conflict, InvalidSpec, NotFound
+from core.settings import Settings
+from core.storage import StorageError, StoredObject, TooLarge, join_key, upload_storage
+from core.upload_liveness import UploadHeartbeat, heartbeat_interval_s
+from core.uploads.errors import InvalidUpload, UploadTooLarge
+from core.uploads.models import model_limits, unpack_model
 from kd_engine.data.inspect import DatasetFields, inspect_dataset
 from kd_engine.errors import SpecError
 from kd_engine.spec_fields import check_text
@@ -255,7 +255,7 @@ def _ready(
     sha256: str,
     report: dict[str, object],
 ) -> str:
-    """Make the upload's row ``ready`` (inside :func:`api.idempotency.create_once`'s
+    """Make the upload's row ``ready`` (inside :func:`core.idempotency.create_once`'s
     transaction, the tenant locked): its own bytes so far are left out of the quota check,
     which then counts its final ``size``.
 

@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from api.db import FINISHED, Artifact, IdempotencyKey, Job, utcnow
-from api.refs import is_job_id
+from core.db import FINISHED, Artifact, IdempotencyKey, Job, utcnow
+from core.refs import is_job_id
 
 
 def create_job(

@@ -22,9 +22,9 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.db import IdempotencyKey, utcnow
-from api.errors import InvalidSpec
-from api.tenants import lock_tenant
+from core.db import IdempotencyKey, utcnow
+from core.errors import InvalidSpec
+from core.tenants import lock_tenant
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255

@@ -1,13 +1,13 @@
 """Webhooks: endpoints of a tenant, signed deliveries of job events, and their dispatcher.
 
-The outbox pattern: :func:`enqueue` (called by :func:`api.events.record`) adds one pending
-:class:`~api.db.WebhookDelivery` per matching endpoint in the transaction of the event, so a
+The outbox pattern: :func:`enqueue` (called by :func:`core.events.record`) adds one pending
+:class:`~core.db.WebhookDelivery` per matching endpoint in the transaction of the event, so a
 delivery exists if and only if its event was committed. :func:`deliver_due` sends due
 deliveries, signed per the Standard Webhooks specification (headers ``webhook-id``,
 ``webhook-timestamp``, ``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}"
 keyed with the secret's base64-decoded bytes>``), records every attempt and retries failures
 with exponential backoff. It runs as a thread of the API (:class:`Dispatcher`) or as its own
-process (``python -m api.webhooks_dispatch``); several may run at once (rows are claimed with
+process (``python -m core.webhooks_dispatch``); several may run at once (rows are claimed with
 ``FOR UPDATE SKIP LOCKED`` on PostgreSQL).
 
 SSRF: an endpoint's URL must be http(s) and its host must resolve to public addresses only,
@@ -38,7 +38,7 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import (
+from core.db import (
     WEBHOOK_EVENT_TYPES,
     Job,
     JobEvent,
@@ -49,7 +49,7 @@ from api.db import (
     make_sessionmaker,
     utcnow,
 )
-from api.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger("distillery.webhooks")
 
@@ -207,7 +207,7 @@ def create_endpoint(
 
     Raises:
         UrlRefused: ``url`` is refused by :func:`check_url`.
-        ValueError: an event type not in :data:`api.db.WEBHOOK_EVENT_TYPES`.
+        ValueError: an event type not in :data:`core.db.WEBHOOK_EVENT_TYPES`.
     """
     chosen = list(dict.fromkeys(events)) if events else list(WEBHOOK_EVENT_TYPES)
     for e in chosen:
