@@ -3,7 +3,8 @@ the job being worked on in every record (``job_id``; ``-`` outside a job).
 
 The job id lives in a context variable: a worker binds it for the whole run of a job
 (:func:`bound_job`), the API for a request whose path names a job
-(:func:`api.request_logs.install`). Log shippers (Loki, CloudWatch, Elasticsearch) then filter a job's lines on one field.
+(:func:`api.request_logs.install`). Log shippers (Loki, CloudWatch, Elasticsearch) then
+filter a job's lines on one field.
 """
 
 from __future__ import annotations
