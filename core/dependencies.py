@@ -2,12 +2,12 @@
 pretrained student's ``student.model`` or ``method.generator``) waits for it.
 
 At submit (:func:`check_references`) every ``job:`` reference must be a job of the same tenant
-that has succeeded or is still :data:`core.service.PENDING_DEPENDENCY` (waiting, queued, running,
+that has succeeded or is still :data:`core.validation.PENDING_DEPENDENCY` (waiting, queued, running,
 pausing, paused); the new job is then stored ``waiting``, with one ``job_dependencies`` row per
 unfinished job, and not sent to the broker. :func:`release_waiting` moves waiting jobs on:
 
 * every dependency succeeded: the checks that need its model (the teacher's labels against the
-  dataset, the method's fit, the memory budget: :func:`core.service.validate_references`) run
+  dataset, the method's fit, the memory budget: :func:`core.validation.validate_references`) run
   now; the job goes ``waiting -> queued`` (a ``queued`` event "dependency <id> succeeded") and
   is enqueued, or ``waiting -> failed`` naming the field and the reason;
 * a dependency failed, was cancelled or deleted: ``waiting -> failed`` naming it and its status.
@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import events, repository
+from core import events, repository, validation
 from core.db import Job as JobRow
 from core.db import JobDependency, utcnow
 from core.errors import InvalidSpec
@@ -60,14 +60,12 @@ def check_references(session: Session, spec: JobSpec, tenant_id: str) -> list[st
         InvalidSpec: naming the field, for a job that does not exist or is another tenant's
             (``no such job``) or that is cancelling, failed or cancelled (its status).
     """
-    from core.service import PENDING_DEPENDENCY
-
     pending: list[str] = []
     for field, job_id in job_references(spec):
         other = repository.get_tenant_job(session, job_id, tenant_id=tenant_id)
         if other is None:
             raise InvalidSpec(f"'job:{job_id}': no such job", field)
-        if other.status in PENDING_DEPENDENCY:
+        if other.status in validation.PENDING_DEPENDENCY:
             if job_id not in pending:
                 pending.append(job_id)
         elif other.status != "succeeded":
@@ -125,13 +123,11 @@ def _release(
     deps: list[str],
     queue: str,
 ) -> bool:
-    from core.service import validate_references
-
     # The job's own queue (not this process's): its memory budget and where it is sent.
     settings = settings.model_copy(update={"queue": queue})
     try:
         spec = JobSpec.model_validate(spec_data)
-        validate_references(session, spec, settings, tenant_id)
+        validation.validate_references(session, spec, settings, tenant_id)
     except InvalidSpec as e:
         session.rollback()
         reason = f"{e.field}: {e.message}" if e.field else e.message

@@ -34,7 +34,7 @@ from api.schemas import (
     JobOut,
     MetricsOut,
 )
-from core import idempotency, repository, service
+from core import idempotency, repository, service, validation
 from core.errors import Conflict, DomainError, InvalidSpec, NotFound
 from core.settings import Settings
 from core.storage import (
@@ -91,7 +91,7 @@ def submit_job(
         raise
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return JobOut.of(job, service.stored_plan(session, job.id))
+    return JobOut.of(job, validation.stored_plan(session, job.id))
 
 
 @router.get("", response_model=JobList)
@@ -133,7 +133,7 @@ def list_jobs(
 def get_job(job_id: JobId, session: SessionDep, caller: CallerDep) -> JobOut:
     """Status, progress, timestamps and error reason of a job, and its plan."""
     job = service.get(session, job_id, tenant_id=caller.tenant_id)
-    return JobOut.of(job, service.stored_plan(session, job.id))
+    return JobOut.of(job, validation.stored_plan(session, job.id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
