@@ -22,7 +22,7 @@ help:
 	@echo "make up        run the embedded stack until Ctrl-C; prints the URL and an API key"
 	@echo "make test      setup + services + browser + pytest (exit code of pytest is kept)"
 	@echo "make check     the fast lane: unit tests that need no service and run no job"
-	@echo "make lint      ruff check, ruff format --check, mypy"
+	@echo "make lint      ruff check, ruff format --check, mypy, lint-imports (the package layering)"
 	@echo "make fmt       ruff format + ruff check --fix"
 
 setup:
@@ -80,6 +80,7 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 fmt: setup
 	$(PY) -m ruff format .
