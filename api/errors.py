@@ -57,7 +57,7 @@ def http_status(exc: DomainError) -> int:
     :data:`_STATUS`; 400 for a :class:`core.errors.DomainError` listed nowhere."""
     for cls in type(exc).__mro__:
         if cls in _STATUS:
-            return _STATUS[cls]  # type: ignore[index]
+            return _STATUS[cls]
     return 400
 
 
@@ -65,7 +65,7 @@ def http_headers(exc: DomainError) -> dict[str, str] | None:
     """Extra response headers for ``exc`` (``WWW-Authenticate`` on a 401), or None."""
     for cls in type(exc).__mro__:
         if cls in _HEADERS:
-            return _HEADERS[cls]  # type: ignore[index]
+            return _HEADERS[cls]
     return None
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from api.errors import http_status
 from core.settings import Settings
 from core.storage import LocalStorage
 from core.uploads.archives import ArchiveLimits, ArchiveTooLarge, open_archive
@@ -199,7 +200,7 @@ def test_a_pickle_checkpoint_is_refused_with_the_conversion_hint(
     archive = tar_with(tmp_path, lambda tar: add_bytes(tar, "pytorch_model.bin", buf.getvalue()))
     with pytest.raises(InvalidUpload) as e:
         unpack_model(archive, store, "f4", LIMITS)
-    assert e.value.status == 422
+    assert http_status(e.value) == 422
     assert e.value.member == "pytorch_model.bin"
     assert "'pytorch_model.bin'" in e.value.message
     assert "save_pretrained(dir, safe_serialization=True)" in e.value.message
@@ -291,7 +292,7 @@ def test_a_bomb_is_refused_as_too_large_before_writing(
     limits = ArchiveLimits(max_members=64, max_unpacked_bytes=1 << 20)
     with pytest.raises(UploadTooLarge) as e:
         unpack_model(out, store, "u", limits)
-    assert e.value.status == 413
+    assert http_status(e.value) == 413
     assert e.value.limit == 1 << 20
     assert e.value.what == "bytes"
     assert_empty(store.root)
