@@ -25,7 +25,7 @@ from core.errors import Conflict, NotFound, Unavailable
 from core.queue import BrokerUnavailable, enqueue
 from core.settings import Settings
 from core.storage import InvalidKey, StorageError, artifact_storage, join_key
-from kd_engine.checkpoint import STUDENT_DIR
+from kd_engine.names import STUDENT_DIR
 from kd_engine.spec import (
     JobSpec,
 )

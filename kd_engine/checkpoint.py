@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from kd_engine import names
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 """The checkpoint's description (JSON), read by :func:`read_checkpoint_info`."""
 
-STUDENT_DIR = "student"
+STUDENT_DIR = names.STUDENT_DIR
 """The checkpoint's transformers directory of the student (config, safetensors, tokenizer)."""
 
 FORMAT_VERSION = 1

@@ -16,6 +16,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef
 from transformers import PreTrainedModel
 
+from kd_engine import names
 from kd_engine.data.batching import Encoded, batches, collate
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -45,8 +46,8 @@ def predict_logits(
     return torch.cat(out)
 
 
-CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc")
-REGRESSION_METRICS = ("pearson", "spearman")  # selectable; "mse" is reported too (lower = better)
+CLASSIFICATION_METRICS = names.CLASSIFICATION_METRICS
+REGRESSION_METRICS = names.REGRESSION_METRICS  # selectable; "mse" is reported too (lower = better)
 
 
 def classification_metrics(logits: torch.Tensor, labels: Sequence[int | float]) -> dict[str, float]:

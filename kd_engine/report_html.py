@@ -25,11 +25,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kd_engine import report_plots
+from kd_engine import names, report_plots
 from kd_engine.evaluation import CLASSIFICATION_METRICS, ECE_BINS, REGRESSION_METRICS
 from kd_engine.reports import retention
 
-REPORT_FILE = "report.html"
+REPORT_FILE = names.REPORT_FILE
 """The report's file name among a job's artifacts."""
 
 METRIC_NAMES = {
@@ -41,7 +41,7 @@ METRIC_NAMES = {
     "mse": "MSE",
 }
 DASH = "—"
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+CSP = names.CSP
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222;

@@ -20,7 +20,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
-from kd_engine import registry
+from kd_engine import names, registry
 from kd_engine.checkpoint import (
     Checkpointer,
     CheckpointPolicy,
@@ -64,8 +64,8 @@ from kd_engine.trainer import (
     selection_metric,
 )
 
-METRICS_FILE = "metrics.json"
-LOG_FILE = "train_log.jsonl"
+METRICS_FILE = names.METRICS_FILE
+LOG_FILE = names.LOG_FILE
 
 
 @dataclass(frozen=True)

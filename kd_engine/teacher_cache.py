@@ -36,13 +36,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kd_engine import names
 from kd_engine.data.batching import Encoded, collate
 from kd_engine.evaluation import model_inputs
 from kd_engine.methods.base import Method
 
 log = logging.getLogger("kd_engine.teacher_cache")
 
-CACHE_FILE = "teacher_logits.safetensors"
+CACHE_FILE = names.CACHE_FILE
 """The cache's file inside its directory."""
 FORMAT = "1"
 """Version of the file's layout; part of the key."""

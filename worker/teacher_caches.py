@@ -15,7 +15,7 @@ from pathlib import Path
 
 from core.settings import Settings
 from core.storage import StorageError, artifact_storage, join_key
-from kd_engine.teacher_cache import CACHE_FILE
+from kd_engine.names import CACHE_FILE
 
 log = logging.getLogger("distillery.worker")
 

@@ -47,7 +47,7 @@ from core.storage import (
     join_key,
 )
 from core.upload_names import name_uploads_in_error
-from kd_engine.report_html import CSP, REPORT_FILE
+from kd_engine.names import CSP, REPORT_FILE
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 IdempotencyKeyHeader = Annotated[

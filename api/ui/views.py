@@ -22,8 +22,7 @@ from core.db import Job
 from core.settings import Settings
 from core.storage import ObjectNotFound, StorageError, artifact_storage, join_key
 from core.upload_names import label as upload_label
-from kd_engine.evaluation import CLASSIFICATION_METRICS, REGRESSION_METRICS
-from kd_engine.run import LOG_FILE
+from kd_engine.names import CLASSIFICATION_METRICS, LOG_FILE, REGRESSION_METRICS
 
 MAIN_METRICS = ("accuracy", "pearson", "spearman", "macro_f1", "mcc")
 """A job's main metric: its selection metric when higher is better, else the first of these
