@@ -25,7 +25,7 @@ log() { printf 'bootstrap: %s\n' "$*"; }
 want_stamp() {
   {
     cat pyproject.toml "$LOCK" "$WHEELS" "${BASH_SOURCE[0]}"
-    for pkg in api worker kd_engine devstack distillery_sdk; do
+    for pkg in api core worker kd_engine devstack distillery_sdk; do
       [[ -f "$pkg/__init__.py" ]] && printf 'pkg:%s\n' "$pkg"
     done
     true
