@@ -2,7 +2,7 @@
 pretrained student's ``student.model`` or ``method.generator``) waits for it.
 
 At submit (:func:`check_references`) every ``job:`` reference must be a job of the same tenant
-that has succeeded or is still :data:`api.service.PENDING_DEPENDENCY` (waiting, queued, running,
+that has succeeded or is still :data:`api.job_status.PENDING_DEPENDENCY` (waiting, queued, running,
 pausing, paused); the new job is then stored ``waiting``, with one ``job_dependencies`` row per
 unfinished job, and not sent to the broker. :func:`release_waiting` moves waiting jobs on:
 
@@ -31,6 +31,7 @@ from api import events, repository
 from api.db import Job as JobRow
 from api.db import JobDependency, utcnow
 from api.errors import InvalidSpec
+from api.job_status import PENDING_DEPENDENCY, JobStatus
 from api.queue import BrokerUnavailable, enqueue
 from api.settings import Settings
 from kd_engine.spec import JobSpec, PretrainedStudent
@@ -60,8 +61,6 @@ def check_references(session: Session, spec: JobSpec, tenant_id: str) -> list[st
         InvalidSpec: naming the field, for a job that does not exist or is another tenant's
             (``no such job``) or that is cancelling, failed or cancelled (its status).
     """
-    from api.service import PENDING_DEPENDENCY
-
     pending: list[str] = []
     for field, job_id in job_references(spec):
         other = repository.get_tenant_job(session, job_id, tenant_id=tenant_id)
@@ -70,7 +69,7 @@ def check_references(session: Session, spec: JobSpec, tenant_id: str) -> list[st
         if other.status in PENDING_DEPENDENCY:
             if job_id not in pending:
                 pending.append(job_id)
-        elif other.status != "succeeded":
+        elif other.status != JobStatus.SUCCEEDED:
             raise InvalidSpec(
                 f"'job:{job_id}' is {other.status}; a model reference needs a succeeded job "
                 "(or one still waiting, queued, running or paused, which this job then waits "
@@ -97,7 +96,7 @@ def dependents(session: Session, job_id: str) -> list[str]:
     q = (
         select(JobDependency.job_id)
         .join(JobRow, JobRow.id == JobDependency.job_id)
-        .where(JobDependency.depends_on == job_id, JobRow.status == "waiting")
+        .where(JobDependency.depends_on == job_id, JobRow.status == JobStatus.WAITING)
         .order_by(JobRow.created_at)
     )
     return list(session.scalars(q))
@@ -105,7 +104,12 @@ def dependents(session: Session, job_id: str) -> list[str]:
 
 def _fail(session: Session, job_id: str, reason: str, data: dict[str, object]) -> bool:
     if not repository.transition(
-        session, job_id, ("waiting",), "failed", error=reason, finished_at=utcnow()
+        session,
+        job_id,
+        (JobStatus.WAITING,),
+        JobStatus.FAILED,
+        error=reason,
+        finished_at=utcnow(),
     ):
         session.rollback()
         return False
@@ -145,7 +149,7 @@ def _release(
         session.rollback()
         reason = f"the stored job spec is invalid: {e.errors()[0].get('msg')}"
         return _fail(session, job_id, reason, {"depends_on": deps})
-    if not repository.transition(session, job_id, ("waiting",), "queued"):
+    if not repository.transition(session, job_id, (JobStatus.WAITING,), JobStatus.QUEUED):
         session.rollback()
         return False
     names = ", ".join(deps)
@@ -162,7 +166,12 @@ def _release(
     except BrokerUnavailable as e:
         reason = f"the job could not be queued (broker unavailable: {e}); submit it again"
         if repository.transition(
-            session, job_id, ("queued",), "failed", error=reason, finished_at=utcnow()
+            session,
+            job_id,
+            (JobStatus.QUEUED,),
+            JobStatus.FAILED,
+            error=reason,
+            finished_at=utcnow(),
         ):
             events.record(session, job_id, "failed", reason, level="error")
         session.commit()
@@ -176,7 +185,7 @@ def _pass(
     session: Session, settings: Settings, celery: Celery, only: Collection[str] | None
 ) -> list[str]:
     q = select(JobRow.id, JobRow.tenant_id, JobRow.spec, JobRow.queue).where(
-        JobRow.status == "waiting"
+        JobRow.status == JobStatus.WAITING
     )
     if only is not None:
         q = q.where(JobRow.id.in_(list(only)))
@@ -198,7 +207,7 @@ def _pass(
     for row in waiting:
         deps = sorted(link.depends_on for link in links if link.job_id == row.id)
         gone = [(d, statuses.get(d, "deleted")) for d in deps]
-        bad = [(d, s) for d, s in gone if s in ("failed", "cancelled", "deleted")]
+        bad = [(d, s) for d, s in gone if s in (JobStatus.FAILED, JobStatus.CANCELLED, "deleted")]
         if bad:
             dep, status = bad[0]
             reason = (
@@ -207,7 +216,7 @@ def _pass(
             )
             if _fail(session, row.id, reason, {"dependency": dep, "dependency_status": status}):
                 changed.append(row.id)
-        elif all(s == "succeeded" for _, s in gone) and _release(
+        elif all(s == JobStatus.SUCCEEDED for _, s in gone) and _release(
             session, settings, celery, row.id, row.tenant_id, row.spec, deps, row.queue
         ):
             changed.append(row.id)
@@ -245,7 +254,7 @@ def release_waiting(
     while todo is None or todo:
         step = _pass(session, settings, celery, todo)
         changed += step
-        failed = [j for j in step if _status(session, j) == "failed"]
+        failed = [j for j in step if _status(session, j) == JobStatus.FAILED]
         todo = sorted({d for j in failed for d in dependents(session, j)})
         session.rollback()
     return changed

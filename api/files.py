@@ -28,8 +28,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from api import idempotency, quotas, refs
-from api.db import FINISHED, File, IdempotencyKey, Job, utcnow
+from api.db import File, IdempotencyKey, Job, utcnow
 from api.errors import Conflict, InvalidSpec, NotFound
+from api.job_status import FINISHED
 from api.settings import Settings
 from api.storage import StorageError, StoredObject, TooLarge, join_key, upload_storage
 from api.upload_liveness import UploadHeartbeat, heartbeat_interval_s

@@ -10,8 +10,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api import checkpoints
-from api.db import FINISHED, JOB_STATUSES, Artifact, File, Job, Tenant
+from api.db import Artifact, File, Job, Tenant
 from api.errors import QuotaExceeded
+from api.job_status import FINISHED, JOB_STATUSES
 from api.settings import Settings
 
 ACTIVE_STATUSES = tuple(s for s in JOB_STATUSES if s not in FINISHED)

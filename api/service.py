@@ -22,8 +22,9 @@ from api import (
     repository,
     tenants,
 )
-from api.db import FINISHED, Artifact, Job, JobCheckpoint, utcnow
+from api.db import Artifact, Job, JobCheckpoint, utcnow
 from api.errors import Conflict, InvalidSpec, NotFound, Unavailable
+from api.job_status import FINISHED, PENDING_DEPENDENCY, JobStatus
 from api.queue import BrokerUnavailable, enqueue
 from api.settings import Settings
 from api.storage import InvalidKey, StorageError, artifact_storage, join_key
@@ -65,13 +66,10 @@ def scheme_of_or_none(ref: str) -> str | None:
         return None
 
 
-PENDING_DEPENDENCY = ("waiting", "queued", "running", "pausing", "paused")
-"""Statuses of a job that another job may name as ``job:<id>`` before it has finished (the new
-job then waits for it); ``cancelling``, ``failed`` and ``cancelled`` jobs are refused."""
-
 _DEFERRING: ContextVar[bool] = ContextVar("distillery_deferring", default=False)
 """True while :func:`submit` validates a spec: a ``job:`` reference to an unfinished job (see
-:data:`PENDING_DEPENDENCY`) is then accepted like a hub id, its checks left for the release."""
+:data:`api.job_status.PENDING_DEPENDENCY`) is then accepted like a hub id, its checks left for
+the release."""
 
 
 def _model_config(
@@ -94,7 +92,7 @@ def _model_config(
             raise InvalidSpec(f"{ref!r}: no such job", field)
         if other.status in PENDING_DEPENDENCY and _DEFERRING.get():
             return None  # a dependency: checked when it succeeds (api.dependencies)
-        if other.status != "succeeded":
+        if other.status != JobStatus.SUCCEEDED:
             raise InvalidSpec(
                 f"{ref!r} is {other.status}; a model reference needs a succeeded job", field
             )
@@ -680,11 +678,10 @@ def submit(
             stored_spec,
             tenant_id=tenant_id,
             queue=settings.queue,
+            status=JobStatus.WAITING if pending else JobStatus.QUEUED,
         )
         row.name, row.labels = name, metadata or None
         if pending:
-            row.status = "waiting"
-            session.flush()
             dependencies.add_dependencies(session, job_id, pending)
             events.record(
                 session,
@@ -715,7 +712,7 @@ def submit(
     job = get(session, outcome.resource_id, tenant_id=tenant_id)
     if outcome.replayed:
         return job, True
-    if job.status == "waiting":  # not sent; released here if its dependency just finished
+    if job.status == JobStatus.WAITING:  # not sent; released here if its dependency just finished
         dependencies.release_waiting(session, settings, celery, only=[job.id])
         return get(session, job.id, tenant_id=tenant_id), False
     _send(session, celery, settings, job)
@@ -738,8 +735,8 @@ def _send(session: Session, celery: Celery, settings: Settings, job: Job) -> Non
         repository.transition(
             session,
             job.id,
-            ("queued",),
-            "failed",
+            (JobStatus.QUEUED,),
+            JobStatus.FAILED,
             error=f"{NOT_QUEUED} (broker unavailable: {e}); submit it again with the same "
             "Idempotency-Key (or without one)",
             finished_at=utcnow(),
@@ -763,7 +760,7 @@ def _send(session: Session, celery: Celery, settings: Settings, job: Job) -> Non
 def _never_queued(job: Job) -> bool:
     """Whether ``job`` failed because the broker never took it (it never ran)."""
     return (
-        job.status == "failed"
+        job.status == JobStatus.FAILED
         and job.started_at is None
         and (job.error or "").startswith(NOT_QUEUED)
     )
@@ -797,7 +794,12 @@ def _queue_again(
         quotas.check_active_jobs(session, tenant_id, settings)
         quotas.check_stored_bytes(session, tenant_id, settings)
         if not repository.transition(
-            session, job.id, ("failed",), "queued", error=None, finished_at=None
+            session,
+            job.id,
+            (JobStatus.FAILED,),
+            JobStatus.QUEUED,
+            error=None,
+            finished_at=None,
         ):
             session.rollback()
             return get(session, job.id, tenant_id=tenant_id)
@@ -851,16 +853,22 @@ def cancel(
     now = utcnow()
     was = job.status
     if repository.transition(
-        session, job_id, ("waiting", "queued", "paused"), "cancelled", finished_at=now
+        session,
+        job_id,
+        (JobStatus.WAITING, JobStatus.QUEUED, JobStatus.PAUSED),
+        JobStatus.CANCELLED,
+        finished_at=now,
     ):
-        where = was if was in ("waiting", "paused") else "queued"
+        where = was if was in (JobStatus.WAITING, JobStatus.PAUSED) else JobStatus.QUEUED
         events.record(session, job_id, "cancelled", f"cancelled while {where}")
         session.commit()
         if settings is not None and celery is not None:
             dependencies.release_after(session, settings, celery, job_id)
         session.refresh(job)
         return job
-    if repository.transition(session, job_id, ("running", "pausing"), "cancelling"):
+    if repository.transition(
+        session, job_id, (JobStatus.RUNNING, JobStatus.PAUSING), JobStatus.CANCELLING
+    ):
         events.record(session, job_id, "cancelling", "cancel requested; the worker stops soon")
         session.commit()
         session.refresh(job)
@@ -873,7 +881,7 @@ def cancel(
 
 
 def _finished_verb(status: str) -> str:
-    return "been cancelled" if status == "cancelled" else status
+    return "been cancelled" if status == JobStatus.CANCELLED else status
 
 
 def delete(session: Session, settings: Settings, job_id: str, *, tenant_id: str) -> None:
@@ -955,9 +963,9 @@ def pause(session: Session, job_id: str, *, tenant_id: str) -> Job:
         Conflict: the job is in any other status (``details.status`` names it).
     """
     job = get(session, job_id, tenant_id=tenant_id)
-    if repository.transition(session, job_id, ("queued",), "paused"):
+    if repository.transition(session, job_id, (JobStatus.QUEUED,), JobStatus.PAUSED):
         events.record(session, job_id, "paused", "paused while queued; resume it to queue it again")
-    elif repository.transition(session, job_id, ("running",), "pausing"):
+    elif repository.transition(session, job_id, (JobStatus.RUNNING,), JobStatus.PAUSING):
         events.record(
             session, job_id, "pausing", "pause requested; the worker checkpoints and stops soon"
         )
@@ -986,7 +994,7 @@ def resume(
         Unavailable: the broker is down; the job stays paused (503).
     """
     job = get(session, job_id, tenant_id=tenant_id)
-    if not repository.transition(session, job_id, ("paused",), "queued"):
+    if not repository.transition(session, job_id, (JobStatus.PAUSED,), JobStatus.QUEUED):
         session.rollback()
         session.refresh(job)
         raise Conflict(
@@ -1000,7 +1008,7 @@ def resume(
     try:
         enqueue(celery, job_id, job.queue)  # the queue its memory was checked for
     except BrokerUnavailable:
-        if repository.transition(session, job_id, ("queued",), "paused"):
+        if repository.transition(session, job_id, (JobStatus.QUEUED,), JobStatus.PAUSED):
             events.record(
                 session,
                 job_id,

@@ -14,10 +14,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.db import Job, utcnow
 from api.db_errors import public_message
+from api.job_status import LIVE
 
 log = logging.getLogger("distillery.worker")
 
-LIVE_STATUSES = ("running", "cancelling", "pausing")
+LIVE_STATUSES = LIVE
 """Statuses of a job a worker is executing (its heartbeat is kept fresh)."""
 
 

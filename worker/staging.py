@@ -31,12 +31,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db import Job
+from api.job_status import LIVE
 from api.settings import Settings
 from api.storage import LocalStorage, artifact_storage
 
 log = logging.getLogger("distillery.worker")
 
-LIVE_STATUSES = ("running", "pausing", "cancelling")
+LIVE_STATUSES = LIVE
 """Statuses in which a job's current attempt is alive (a worker holds it)."""
 
 TMP_GRACE_S = 3600.0

@@ -15,16 +15,18 @@ from sqlalchemy import select
 
 from api import service, tenants
 from api.auth import CallerDep
-from api.db import FINISHED, Job
+from api.db import Job
 from api.deps import SessionDep, SettingsDep
 from api.errors import InvalidSpec
 from api.events import EventType, list_events
+from api.job_status import FINISHED
 from api.params import JobId
 from api.webhooks import event_dict
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
-FINAL_EVENTS = ("succeeded", "failed", "cancelled")
+FINAL_EVENTS: tuple[str, ...] = FINISHED
+"""The event types that end a job's stream (each final status records its own event)."""
 STREAM_BATCH = 200
 KEY_REVOKED_COMMENT = ": the API key of this stream was revoked (or its tenant removed); closed\n\n"
 """The comment an event stream ends with when its key no longer authenticates (a client that

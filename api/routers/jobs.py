@@ -18,6 +18,7 @@ from api.auth import CallerDep
 from api.deps import CeleryDep, SessionDep, SettingsDep
 from api.errors import Conflict, DomainError, InvalidSpec, NotFound
 from api.job_labels import JobSubmit, parse_pair
+from api.job_status import JobStatus
 from api.params import (
     ArtifactName,
     CheckpointName,
@@ -174,7 +175,7 @@ def job_metrics(job_id: JobId, session: SessionDep, caller: CallerDep) -> Metric
         job_id=job.id,
         status=job.status,
         epochs=epochs,
-        final=metrics if job.status == "succeeded" else None,
+        final=metrics if job.status == JobStatus.SUCCEEDED else None,
     )
 
 
@@ -197,13 +198,13 @@ def job_report(
     job = service.get(session, job_id, tenant_id=caller.tenant_id)
     names = {a.name for a in service.artifacts(session, job_id, tenant_id=caller.tenant_id)}
     if REPORT_FILE not in names:
-        if job.status in ("failed", "cancelled"):
-            why = f" ({job.error})" if job.error and job.status == "failed" else ""
+        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            why = f" ({job.error})" if job.error and job.status == JobStatus.FAILED else ""
             raise NotFound(
                 f"job {job_id} is {job.status}{why}: it stopped before its report was "
                 "written (only a job that succeeds has one); submit it again to get one"
             )
-        if job.status != "succeeded":
+        if job.status != JobStatus.SUCCEEDED:
             raise NotFound(f"job {job_id} is {job.status}; its report is written when it succeeds")
         error = (job.metrics or {}).get("report", {}).get("error")
         raise NotFound(
@@ -271,7 +272,7 @@ def download_archive(
     are 0644 files in a 0755 folder, owned by uid 0)."""
     job = service.get(session, job_id, tenant_id=caller.tenant_id)
     names = [a.name for a in service.artifacts(session, job_id, tenant_id=caller.tenant_id)]
-    if job.status != "succeeded" or not names:
+    if job.status != JobStatus.SUCCEEDED or not names:
         raise Conflict(f"job {job_id} is {job.status}; the archive exists once it succeeds")
     mtime = (job.finished_at or job.created_at).timestamp()
     members = [(join_key(job_id, name), f"{job_id}/{name}") for name in names]

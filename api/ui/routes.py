@@ -26,11 +26,12 @@ from starlette.templating import Jinja2Templates
 
 from api import idempotency, repository, service, tenants
 from api.auth import Caller
-from api.db import FINISHED, JOB_STATUSES, Job, Tenant
+from api.db import Job, Tenant
 from api.deps import CeleryDep, SessionDep, SettingsDep
 from api.errors import DomainError, InvalidSpec, validation_details
 from api.events import list_events
 from api.job_labels import JobSubmit
+from api.job_status import FINISHED, JOB_STATUSES, JobStatus
 from api.params import ArtifactName, CheckpointName, Cursor, JobId, NameFilter, StatusFilter
 from api.routers import jobs as jobs_api
 from api.ui import views
@@ -346,7 +347,9 @@ def _job_context(session: SessionDep, caller: Caller, job: Job) -> dict[str, Any
         "finished": job.status in FINISHED,
         "artifacts": service.artifacts(session, job.id, tenant_id=caller.tenant_id),
         "checkpoints": service.job_checkpoints(session, job.id, tenant_id=caller.tenant_id),
-        "table": views.comparison_table(job.metrics or {}) if job.status == "succeeded" else [],
+        "table": views.comparison_table(job.metrics or {})
+        if job.status == JobStatus.SUCCEEDED
+        else [],
         "spec_json": json.dumps(job.spec, indent=2),
     }
 
@@ -426,7 +429,7 @@ def curves_page(
     evaluations and of stages."""
     job = service.get(session, job_id, tenant_id=caller.tenant_id)
     names = [a.name for a in service.artifacts(session, job_id, tenant_id=caller.tenant_id)]
-    log = views.read_train_log(settings, job_id, names) if job.status == "succeeded" else []
+    log = views.read_train_log(settings, job_id, names) if job.status == JobStatus.SUCCEEDED else []
     return page(
         request,
         "curves.html",
@@ -491,7 +494,7 @@ def compare_page(request: Request, session: SessionDep, caller: UiCallerDep) -> 
     rows = list(
         session.scalars(
             select(Job)
-            .where(Job.tenant_id == caller.tenant_id, Job.status == "succeeded")
+            .where(Job.tenant_id == caller.tenant_id, Job.status == JobStatus.SUCCEEDED)
             .order_by(Job.finished_at.desc(), Job.id.desc())
             .limit(COMPARE_MAX_JOBS)
         )
