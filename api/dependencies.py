@@ -23,18 +23,17 @@ import logging
 from collections.abc import Collection
 
 from celery import Celery
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api import events, repository
 from api.db import Job as JobRow
 from api.db import JobDependency, utcnow
-from api.errors import InvalidSpec
 from api.job_status import PENDING_DEPENDENCY, JobStatus
 from api.queue import BrokerUnavailable, enqueue
 from api.settings import Settings
-from kd_engine.spec import JobSpec, PretrainedStudent
+from kd_engine.errors import SpecError
+from kd_engine.spec import JobSpec, PretrainedStudent, stored_spec
 
 log = logging.getLogger("distillery.api")
 
@@ -58,23 +57,23 @@ def check_references(session: Session, spec: JobSpec, tenant_id: str) -> list[st
     without repeats, in field order; [] when every job it names has succeeded.
 
     Raises:
-        InvalidSpec: naming the field, for a job that does not exist or is another tenant's
+        SpecError: naming the field, for a job that does not exist or is another tenant's
             (``no such job``) or that is cancelling, failed or cancelled (its status).
     """
     pending: list[str] = []
     for field, job_id in job_references(spec):
         other = repository.get_tenant_job(session, job_id, tenant_id=tenant_id)
         if other is None:
-            raise InvalidSpec(f"'job:{job_id}': no such job", field)
+            raise SpecError(field, f"'job:{job_id}': no such job")
         if other.status in PENDING_DEPENDENCY:
             if job_id not in pending:
                 pending.append(job_id)
         elif other.status != JobStatus.SUCCEEDED:
-            raise InvalidSpec(
+            raise SpecError(
+                field,
                 f"'job:{job_id}' is {other.status}; a model reference needs a succeeded job "
                 "(or one still waiting, queued, running or paused, which this job then waits "
                 "for)",
-                field,
             )
     return pending
 
@@ -134,21 +133,16 @@ def _release(
     # The job's own queue (not this process's): its memory budget and where it is sent.
     settings = settings.model_copy(update={"queue": queue})
     try:
-        spec = JobSpec.model_validate(spec_data)
+        spec = stored_spec(spec_data)
         validate_references(session, spec, settings, tenant_id)
-    except InvalidSpec as e:
+    except SpecError as e:
         session.rollback()
-        reason = f"{e.field}: {e.message}" if e.field else e.message
         return _fail(
             session,
             job_id,
-            f"its dependencies succeeded but the job cannot run: {reason}",
+            f"its dependencies succeeded but the job cannot run: {e}",
             {"depends_on": deps, "field": e.field},
         )
-    except ValidationError as e:
-        session.rollback()
-        reason = f"the stored job spec is invalid: {e.errors()[0].get('msg')}"
-        return _fail(session, job_id, reason, {"depends_on": deps})
     if not repository.transition(session, job_id, (JobStatus.WAITING,), JobStatus.QUEUED):
         session.rollback()
         return False

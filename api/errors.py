@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.db_errors import is_transient, public_message
 from api.storage.base import InvalidKey, ObjectNotFound, StorageError, TooLarge
+from kd_engine.errors import SpecError
 from kd_engine.spec_fields import unknown_field_reason
 
 log = logging.getLogger("distillery.api")
@@ -61,7 +62,10 @@ class Conflict(DomainError):
 
 
 class InvalidSpec(DomainError):
-    """The job spec is well-formed but cannot run (422), e.g. a reference that does not exist."""
+    """A request value outside the job spec that is well-formed but refused (422): a cursor,
+    an ``Idempotency-Key`` reused with another body, a webhook URL, a form field. A job spec
+    that cannot run raises :class:`kd_engine.errors.SpecError` (the one error of a spec, from
+    the API's checks and the worker's alike), answered with the same body."""
 
     status = 422
     code = "invalid_spec"
@@ -182,6 +186,14 @@ def install(app: FastAPI) -> None:
             _body(exc.code, exc.message, exc.field, exc.details),
             status_code=exc.status,
             headers=exc.headers,
+        )
+
+    @app.exception_handler(SpecError)
+    async def _spec(_: Request, exc: SpecError) -> JSONResponse:
+        """422 ``invalid_spec``: ``field`` is the spec path, ``message`` the reason."""
+        return JSONResponse(
+            _body(InvalidSpec.code, exc.reason, exc.field, exc.details),
+            status_code=InvalidSpec.status,
         )
 
     @app.exception_handler(RequestValidationError)

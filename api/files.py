@@ -430,24 +430,23 @@ def check_reference(session: Session, ref: str, field: str, kind: Purpose, tenan
     ``kind``.
 
     Raises:
-        InvalidSpec: naming ``field``: no such upload (or another tenant's: the same answer),
+        SpecError: naming ``field``: no such upload (or another tenant's: the same answer),
             one still uploading, a failed one, or one of the other kind.
     """
     row = session.get(File, ref) if refs.is_file_id(ref) else None
     if row is None or row.tenant_id != tenant_id:
-        raise InvalidSpec(f"{ref!r}: no such uploaded file (GET /v1/files lists yours)", field)
+        raise SpecError(field, f"{ref!r}: no such uploaded file (GET /v1/files lists yours)")
     if row.status == "uploading":
-        raise InvalidSpec(
+        raise SpecError(
+            field,
             f"{ref!r} is still uploading (being received or checked); submit once "
             f"GET /v1/files/{ref} says ready",
-            field,
         )
     if row.status != "ready":
-        raise InvalidSpec(
-            f"{ref!r} is an upload its checks refused ({row.error}); upload a fixed file", field
+        raise SpecError(
+            field, f"{ref!r} is an upload its checks refused ({row.error}); upload a fixed file"
         )
     if row.kind != kind:
-        raise InvalidSpec(
-            f"{ref!r} ({row.filename}) is an uploaded {row.kind}; this field needs a {kind}",
-            field,
+        raise SpecError(
+            field, f"{ref!r} ({row.filename}) is an uploaded {row.kind}; this field needs a {kind}"
         )

@@ -24,7 +24,7 @@ from api.upload_names import name_uploads
 from kd_engine.checkpoint import Paused, SavedCheckpoint
 from kd_engine.distributed import run_job_distributed, worker_gpus
 from kd_engine.run import run_job
-from kd_engine.spec import JobSpec, PretrainedStudent
+from kd_engine.spec import PretrainedStudent, stored_spec
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
 from worker import checkpoints as saved_checkpoints
 from worker.celery_app import make_celery
@@ -360,7 +360,7 @@ def _execute(job_id: str, settings: Settings) -> str:
         should_pause=lambda: status["value"] == JobStatus.PAUSING,
     )
     try:
-        spec = JobSpec.model_validate(spec_data)
+        spec = stored_spec(spec_data)  # the typed spec, parsed once for the whole attempt
         teacher = refs.model_location(spec.teacher, settings)
         student = (
             refs.model_location(spec.student.model, settings)

@@ -48,6 +48,7 @@ from api.storage import (
     join_key,
 )
 from api.upload_names import name_uploads_in_error
+from kd_engine.errors import SpecError
 from kd_engine.report_html import CSP, REPORT_FILE
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -87,7 +88,7 @@ def submit_job(
             name=spec.name,
             metadata=spec.metadata,
         )
-    except DomainError as e:  # an upload named by its filename too, not only its id
+    except (DomainError, SpecError) as e:  # an upload named by its filename too, not its id
         name_uploads_in_error(session, e, caller.tenant_id)
         raise
     if replayed:

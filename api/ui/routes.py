@@ -45,6 +45,7 @@ from api.ui.session import (
 )
 from api.upload_names import filenames, label, name_uploads, name_uploads_in_error
 from api.webhooks import event_dict
+from kd_engine.errors import SpecError
 
 PAGE_SIZE = 20
 EVENTS_PAGE = 200
@@ -312,6 +313,16 @@ def submit(
             idempotency_key=idempotency.check_key(token or None),
             name=job_spec.name,
             metadata=job_spec.metadata,
+        )
+    except SpecError as e:  # the spec cannot run: its field and reason, as the API answers
+        name_uploads_in_error(session, e, caller.tenant_id)
+        return _spec_form(
+            request,
+            session,
+            caller,
+            spec,
+            [{"field": e.field, "reason": e.reason}],
+            status_code=422,
         )
     except DomainError as e:
         name_uploads_in_error(session, e, caller.tenant_id)
