@@ -107,3 +107,12 @@ def test_the_named_groups_agree_with_the_table() -> None:
                 reachable.add(nxt)
                 frontier.append(nxt)
     assert reachable == set(JobStatus)  # no status the lifecycle cannot reach
+
+
+def test_the_clients_copies_of_the_final_statuses_are_the_servers() -> None:
+    """The SDK (a distribution of its own, which must not import the server) and the devstack
+    client keep their own tuple of final statuses: equal to the server's."""
+    from devstack.client import FINAL
+    from distillery_sdk.models import FINAL_STATUSES
+
+    assert set(FINAL_STATUSES) == set(FINISHED) == set(FINAL)
