@@ -309,7 +309,7 @@ def _execute(job_id: str, settings: Settings) -> str:
 
     tracker = JobTracker(settings, job_id, tenant_id, attempt, spec_data, warn)
     tracker.start()
-    outcome = "failed"
+    outcome: str = JobStatus.FAILED
     epochs: list[dict[str, Any]] = []
     status: dict[str, str] = {"value": JobStatus.RUNNING}
 
