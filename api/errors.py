@@ -61,16 +61,6 @@ class Conflict(DomainError):
     code = "conflict"
 
 
-class InvalidSpec(DomainError):
-    """A request value outside the job spec that is well-formed but refused (422): a cursor,
-    an ``Idempotency-Key`` reused with another body, a webhook URL, a form field. A job spec
-    that cannot run raises :class:`kd_engine.errors.SpecError` (the one error of a spec, from
-    the API's checks and the worker's alike), answered with the same body."""
-
-    status = 422
-    code = "invalid_spec"
-
-
 class QuotaExceeded(DomainError):
     """A tenant's quota forbids the request (429); ``details`` holds ``limit`` and
     ``current``."""
@@ -190,10 +180,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(SpecError)
     async def _spec(_: Request, exc: SpecError) -> JSONResponse:
-        """422 ``invalid_spec``: ``field`` is the spec path, ``message`` the reason."""
+        """422 ``invalid_spec``: ``field`` is the spec path (or the query, header or form
+        field: a cursor, an ``Idempotency-Key``), ``message`` the reason. The one error of a
+        value the API refuses after parsing, from the API's checks and the worker's alike
+        (pydantic's own refusals are answered by ``_validation`` below, with the same body)."""
         return JSONResponse(
-            _body(InvalidSpec.code, exc.reason, exc.field, exc.details),
-            status_code=InvalidSpec.status,
+            _body("invalid_spec", exc.reason, exc.field, exc.details), status_code=422
         )
 
     @app.exception_handler(RequestValidationError)

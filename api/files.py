@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from api import idempotency, quotas, refs
 from api.db import File, IdempotencyKey, Job, utcnow
-from api.errors import Conflict, InvalidSpec, NotFound
+from api.errors import Conflict, NotFound
 from api.job_status import FINISHED
 from api.settings import Settings
 from api.storage import StorageError, StoredObject, TooLarge, join_key, upload_storage
@@ -103,14 +103,14 @@ def clean_column(value: str | None, field: str) -> str | None:
     control character).
 
     Raises:
-        InvalidSpec: naming ``field``.
+        SpecError: naming ``field``.
     """
     if not value:
         return None
     try:
         return check_text(value, max_chars=MAX_COLUMN_CHARS)
     except ValueError as e:
-        raise InvalidSpec(str(e), field) from None
+        raise SpecError(field, str(e)) from None
 
 
 def _receive(
@@ -300,7 +300,7 @@ def create(
     Raises:
         InvalidUpload: a bad name or suffix (no row is made), a dataset or archive its checks
             refuse (422, naming the line, column or member; the row is kept ``failed`` with
-            that reason); InvalidSpec: a bad column field, or the key used with another file
+            that reason); SpecError: a bad column field, or the key used with another file
             (422).
         UploadTooLarge: over ``settings.max_upload_bytes`` or an archive's caps (413; the row
             is kept ``failed``).

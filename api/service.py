@@ -385,7 +385,7 @@ def submit(
     Raises:
         SpecError: a reference does not exist (or is another tenant's job) or does not fit
             the method (422).
-        InvalidSpec: the idempotency key was used with another spec (422).
+        SpecError: the idempotency key was used with another spec (422).
         QuotaExceeded: the tenant has its maximum of active jobs or of stored bytes (429).
         Unavailable: the broker is down or did not answer within
             ``settings.broker_publish_timeout_s``; the job is kept as failed with that reason

@@ -17,11 +17,11 @@ from api import service, tenants
 from api.auth import CallerDep
 from api.db import Job
 from api.deps import SessionDep, SettingsDep
-from api.errors import InvalidSpec
 from api.events import EventType, list_events
 from api.job_status import FINISHED
 from api.params import JobId
 from api.webhooks import event_dict
+from kd_engine.errors import SpecError
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
@@ -118,11 +118,11 @@ def stream_job_events(
         try:
             start = int(last_event_id.strip())
         except ValueError:
-            raise InvalidSpec(
-                "Last-Event-ID: must be an event id (an integer)", "Last-Event-ID"
+            raise SpecError(
+                "Last-Event-ID", "Last-Event-ID: must be an event id (an integer)"
             ) from None
         if start < 0:
-            raise InvalidSpec("Last-Event-ID: must be 0 or more", "Last-Event-ID")
+            raise SpecError("Last-Event-ID", "Last-Event-ID: must be 0 or more")
     session.close()  # the stream reads with short sessions of its own; hold no connection
     sessions = request.app.state.sessionmaker
 

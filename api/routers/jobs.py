@@ -16,7 +16,7 @@ from starlette.background import BackgroundTask
 from api import idempotency, repository, service
 from api.auth import CallerDep
 from api.deps import CeleryDep, SessionDep, SettingsDep
-from api.errors import Conflict, DomainError, InvalidSpec, NotFound
+from api.errors import Conflict, DomainError, NotFound
 from api.job_labels import JobSubmit, parse_pair
 from api.job_status import JobStatus
 from api.params import (
@@ -114,7 +114,7 @@ def list_jobs(
     try:
         pairs = dict(parse_pair(p) for p in metadata or [])
     except ValueError as e:
-        raise InvalidSpec(f"metadata: {e}", "metadata") from None
+        raise SpecError("metadata", f"metadata: {e}") from None
     try:
         jobs, next_cursor = repository.list_jobs(
             session,
@@ -127,7 +127,7 @@ def list_jobs(
             metadata=pairs,
         )
     except ValueError as e:
-        raise InvalidSpec(str(e), "cursor") from None
+        raise SpecError("cursor", str(e)) from None
     return JobList(items=[JobOut.of(j) for j in jobs], next_cursor=next_cursor)
 
 

@@ -12,8 +12,9 @@ from api import webhooks
 from api.auth import CallerDep
 from api.db import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEventType
 from api.deps import SessionDep, SettingsDep
-from api.errors import InvalidSpec, NotFound
+from api.errors import NotFound
 from api.params import printable
+from kd_engine.errors import SpecError
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -152,7 +153,7 @@ def create_webhook(
             description=body.description,
         )
     except webhooks.UrlRefused as err:
-        raise InvalidSpec(f"url: {err}", "url") from None
+        raise SpecError("url", f"url: {err}") from None
     return WebhookCreated(**WebhookOut.of(e).model_dump(), secret=e.secret)
 
 

@@ -28,7 +28,7 @@ from api import idempotency, repository, service, tenants
 from api.auth import Caller
 from api.db import Job, Tenant
 from api.deps import CeleryDep, SessionDep, SettingsDep
-from api.errors import DomainError, InvalidSpec, validation_details
+from api.errors import DomainError, validation_details
 from api.events import list_events
 from api.job_labels import JobSubmit
 from api.job_status import FINISHED, JOB_STATUSES, JobStatus
@@ -94,6 +94,8 @@ class UiRoute(APIRoute):
                 return answer
             except DomainError as e:
                 return _error_page(request, e.status, e.message, e.field)
+            except SpecError as e:
+                return _error_page(request, 422, e.reason, e.field)
             except RequestValidationError as e:
                 first = validation_details(e.errors(), None)[:1]
                 field = first[0]["field"] if first else None
@@ -190,7 +192,7 @@ def jobs_page(
             session, status, PAGE_SIZE, cursor, tenant_id=caller.tenant_id, name_contains=name
         )
     except ValueError as e:
-        raise InvalidSpec(str(e), "cursor") from None
+        raise SpecError("cursor", str(e)) from None
     names = filenames(session, (views.dataset_ref(j.spec) for j in rows), caller.tenant_id)
     return page(
         request,
@@ -244,29 +246,27 @@ def parse_spec_text(text: str) -> dict[str, Any]:
     """A pasted job spec (JSON, or YAML) as a mapping.
 
     Raises:
-        InvalidSpec: not JSON or YAML, or not a mapping (field ``spec``, 422).
+        SpecError: not JSON or YAML, or not a mapping (field ``spec``, 422).
     """
     try:
         data = json.loads(text)
     except RecursionError:
-        raise InvalidSpec(
-            "the spec nests arrays or objects too deeply to be read", "spec"
-        ) from None
+        raise SpecError("spec", "the spec nests arrays or objects too deeply to be read") from None
     except ValueError:
         try:
             data = yaml.safe_load(text)
         except RecursionError:
-            raise InvalidSpec(
-                "the spec nests lists or mappings too deeply to be read", "spec"
+            raise SpecError(
+                "spec", "the spec nests lists or mappings too deeply to be read"
             ) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
             reason = getattr(e, "problem", None) or str(e)
-            raise InvalidSpec(f"neither JSON nor YAML{where}: {reason}", "spec") from None
+            raise SpecError("spec", f"neither JSON nor YAML{where}: {reason}") from None
     if not isinstance(data, dict):
-        raise InvalidSpec(
-            "the spec must be a mapping (teacher, method, dataset, training, ...)", "spec"
+        raise SpecError(
+            "spec", "the spec must be a mapping (teacher, method, dataset, training, ...)"
         )
     return data
 
@@ -288,13 +288,13 @@ def submit(
     try:
         data = parse_spec_text(spec)
         job_spec = JobSubmit.model_validate_json(json.dumps(data, default=str))
-    except DomainError as e:
+    except SpecError as e:
         return _spec_form(
             request,
             session,
             caller,
             spec,
-            [{"field": e.field or "spec", "reason": e.message}],
+            [{"field": e.field or "spec", "reason": e.reason}],
             token=token,
             status_code=422,
         )
