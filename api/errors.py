@@ -22,7 +22,6 @@ from core.db_errors import is_transient, public_message
 from core.errors import (
     Conflict,
     DomainError,
-    InvalidSpec,
     NotFound,
     QuotaExceeded,
     Unauthorized,
@@ -30,6 +29,7 @@ from core.errors import (
 )
 from core.storage.base import InvalidKey, ObjectNotFound, StorageError, TooLarge
 from core.uploads.errors import InvalidUpload, UploadTooLarge
+from kd_engine.errors import SpecError
 from kd_engine.spec_fields import unknown_field_reason
 
 log = logging.getLogger("distillery.api")
@@ -39,7 +39,6 @@ _STATUS: dict[type[DomainError], int] = {
     Unauthorized: 401,
     NotFound: 404,
     Conflict: 409,
-    InvalidSpec: 422,
     InvalidUpload: 422,
     UploadTooLarge: 413,
     QuotaExceeded: 429,
@@ -169,6 +168,16 @@ def install(app: FastAPI) -> None:
             _body(exc.code, exc.message, exc.field, exc.details),
             status_code=http_status(exc),
             headers=http_headers(exc),
+        )
+
+    @app.exception_handler(SpecError)
+    async def _spec(_: Request, exc: SpecError) -> JSONResponse:
+        """422 ``invalid_spec``: ``field`` is the spec path (or the query, header or form
+        field: a cursor, an ``Idempotency-Key``), ``message`` the reason. The one error of a
+        value the API refuses after parsing, from the API's checks and the worker's alike
+        (pydantic's own refusals are answered by ``_validation`` below, with the same body)."""
+        return JSONResponse(
+            _body("invalid_spec", exc.reason, exc.field, exc.details), status_code=422
         )
 
     @app.exception_handler(RequestValidationError)

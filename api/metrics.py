@@ -30,7 +30,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import FINISHED, JOB_STATUSES, Job, utcnow
+from core.db import Job, utcnow
+from core.job_status import FINISHED, JOB_STATUSES, LIVE
 from core.queue import broker_lists
 from core.settings import Settings
 
@@ -130,9 +131,7 @@ class ServiceCollector(Collector):
                 select(Job.status, Job.method, func.count()).group_by(Job.status, Job.method)
             ).all()
             running = s.execute(
-                select(Job.id, Job.worker, Job.heartbeat_at).where(
-                    Job.status.in_(("running", "pausing", "cancelling"))
-                )
+                select(Job.id, Job.worker, Job.heartbeat_at).where(Job.status.in_(LIVE))
             ).all()
             finished = s.execute(
                 select(Job.method, Job.status, Job.started_at, Job.finished_at, Job.metrics).where(
@@ -142,7 +141,7 @@ class ServiceCollector(Collector):
         jobs = GaugeMetricFamily(
             "distillery_jobs", "Jobs by status and method.", labels=["status", "method"]
         )
-        by_status = {status: 0 for status in JOB_STATUSES}
+        by_status: dict[str, int] = {status: 0 for status in JOB_STATUSES}
         for status, method, n in counts:
             jobs.add_metric([status, method], float(n))
             by_status[status] = by_status.get(status, 0) + int(n)

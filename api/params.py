@@ -5,12 +5,12 @@ can have it) without a query (see :func:`core.refs.is_job_id`)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from typing import Annotated
 
 from fastapi import Path, Query
 from pydantic import AfterValidator
 
-from core.db import JOB_STATUSES
+from core.job_status import JobStatus
 from kd_engine.spec_fields import check_text
 
 
@@ -38,18 +38,6 @@ CheckpointName = Annotated[
     Path(description="A checkpoint name from the job's checkpoint list.", max_length=128),
     AfterValidator(printable),
 ]
-JobStatus = Literal[
-    "waiting",
-    "queued",
-    "running",
-    "pausing",
-    "paused",
-    "cancelling",
-    "succeeded",
-    "failed",
-    "cancelled",
-]
-assert get_args(JobStatus) == JOB_STATUSES
 StatusFilter = Annotated[JobStatus | None, Query(description="Only jobs in this status.")]
 Cursor = Annotated[
     str | None,

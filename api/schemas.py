@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from core.db import ApiKey, Artifact, File, Job, JobCheckpoint
+from core.job_status import JobStatus
 from core.tenants import KEY_NAME_MAX, check_key_name
 
 
@@ -84,7 +85,7 @@ class JobOut(BaseModel):
     id: str
     name: str | None = Field(description="The job's name, if it was given one.")
     metadata: dict[str, str] = Field(description="The job's free-form string labels.")
-    status: str = Field(
+    status: JobStatus = Field(
         description="waiting (for a job it names as job:<id>), queued, running, pausing, paused, "
         "cancelling, succeeded, failed, cancelled"
     )
@@ -227,7 +228,7 @@ class MetricsOut(BaseModel):
     """Per-epoch train loss and dev metrics; test metrics, size and latency once finished."""
 
     job_id: str
-    status: str
+    status: JobStatus
     epochs: list[dict[str, Any]]
     final: dict[str, Any] | None = Field(
         description="Test metrics, teacher comparison, parameters, bytes, latency (seconds)."

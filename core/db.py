@@ -23,21 +23,6 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-JOB_STATUSES = (
-    "waiting",
-    "queued",
-    "running",
-    "pausing",
-    "paused",
-    "cancelling",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
-"""``waiting``: for a job it depends on (``job:<id>`` teacher or student) to succeed;
-``pausing``: asked to pause, its worker checkpoints and stops; ``paused``: holds no worker
-until resumed."""
-FINISHED = ("succeeded", "failed", "cancelled")
 JOB_NAME_MAX = 128
 """The longest job ``name`` (characters)."""
 
@@ -128,6 +113,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(36), ForeignKey("tenants.id"), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
+    """A :class:`~core.job_status.JobStatus` value; changed only by
+    :func:`core.repository.transition`."""
     queue: Mapped[str] = mapped_column(String(64))
     method: Mapped[str] = mapped_column(String(64))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -2,7 +2,7 @@
 pretrained student's ``student.model`` or ``method.generator``) waits for it.
 
 At submit (:func:`check_references`) every ``job:`` reference must be a job of the same tenant
-that has succeeded or is still :data:`core.validation.PENDING_DEPENDENCY` (waiting, queued, running,
+that has succeeded or is still :data:`core.job_status.PENDING_DEPENDENCY` (waiting, queued, running,
 pausing, paused); the new job is then stored ``waiting``, with one ``job_dependencies`` row per
 unfinished job, and not sent to the broker. :func:`release_waiting` moves waiting jobs on:
 
@@ -23,17 +23,17 @@ import logging
 from collections.abc import Collection
 
 from celery import Celery
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import events, repository, validation
 from core.db import Job as JobRow
 from core.db import JobDependency, utcnow
-from core.errors import InvalidSpec
+from core.job_status import PENDING_DEPENDENCY, JobStatus
 from core.queue import BrokerUnavailable, enqueue
 from core.settings import Settings
-from kd_engine.spec import JobSpec, PretrainedStudent
+from kd_engine.errors import SpecError
+from kd_engine.spec import JobSpec, PretrainedStudent, stored_spec
 
 log = logging.getLogger("distillery.api")
 
@@ -57,23 +57,23 @@ def check_references(session: Session, spec: JobSpec, tenant_id: str) -> list[st
     without repeats, in field order; [] when every job it names has succeeded.
 
     Raises:
-        InvalidSpec: naming the field, for a job that does not exist or is another tenant's
+        SpecError: naming the field, for a job that does not exist or is another tenant's
             (``no such job``) or that is cancelling, failed or cancelled (its status).
     """
     pending: list[str] = []
     for field, job_id in job_references(spec):
         other = repository.get_tenant_job(session, job_id, tenant_id=tenant_id)
         if other is None:
-            raise InvalidSpec(f"'job:{job_id}': no such job", field)
-        if other.status in validation.PENDING_DEPENDENCY:
+            raise SpecError(field, f"'job:{job_id}': no such job")
+        if other.status in PENDING_DEPENDENCY:
             if job_id not in pending:
                 pending.append(job_id)
-        elif other.status != "succeeded":
-            raise InvalidSpec(
+        elif other.status != JobStatus.SUCCEEDED:
+            raise SpecError(
+                field,
                 f"'job:{job_id}' is {other.status}; a model reference needs a succeeded job "
                 "(or one still waiting, queued, running or paused, which this job then waits "
                 "for)",
-                field,
             )
     return pending
 
@@ -95,7 +95,7 @@ def dependents(session: Session, job_id: str) -> list[str]:
     q = (
         select(JobDependency.job_id)
         .join(JobRow, JobRow.id == JobDependency.job_id)
-        .where(JobDependency.depends_on == job_id, JobRow.status == "waiting")
+        .where(JobDependency.depends_on == job_id, JobRow.status == JobStatus.WAITING)
         .order_by(JobRow.created_at)
     )
     return list(session.scalars(q))
@@ -103,7 +103,12 @@ def dependents(session: Session, job_id: str) -> list[str]:
 
 def _fail(session: Session, job_id: str, reason: str, data: dict[str, object]) -> bool:
     if not repository.transition(
-        session, job_id, ("waiting",), "failed", error=reason, finished_at=utcnow()
+        session,
+        job_id,
+        (JobStatus.WAITING,),
+        JobStatus.FAILED,
+        error=reason,
+        finished_at=utcnow(),
     ):
         session.rollback()
         return False
@@ -126,22 +131,17 @@ def _release(
     # The job's own queue (not this process's): its memory budget and where it is sent.
     settings = settings.model_copy(update={"queue": queue})
     try:
-        spec = JobSpec.model_validate(spec_data)
+        spec = stored_spec(spec_data)
         validation.validate_references(session, spec, settings, tenant_id)
-    except InvalidSpec as e:
+    except SpecError as e:
         session.rollback()
-        reason = f"{e.field}: {e.message}" if e.field else e.message
         return _fail(
             session,
             job_id,
-            f"its dependencies succeeded but the job cannot run: {reason}",
+            f"its dependencies succeeded but the job cannot run: {e}",
             {"depends_on": deps, "field": e.field},
         )
-    except ValidationError as e:
-        session.rollback()
-        reason = f"the stored job spec is invalid: {e.errors()[0].get('msg')}"
-        return _fail(session, job_id, reason, {"depends_on": deps})
-    if not repository.transition(session, job_id, ("waiting",), "queued"):
+    if not repository.transition(session, job_id, (JobStatus.WAITING,), JobStatus.QUEUED):
         session.rollback()
         return False
     names = ", ".join(deps)
@@ -158,7 +158,12 @@ def _release(
     except BrokerUnavailable as e:
         reason = f"the job could not be queued (broker unavailable: {e}); submit it again"
         if repository.transition(
-            session, job_id, ("queued",), "failed", error=reason, finished_at=utcnow()
+            session,
+            job_id,
+            (JobStatus.QUEUED,),
+            JobStatus.FAILED,
+            error=reason,
+            finished_at=utcnow(),
         ):
             events.record(session, job_id, "failed", reason, level="error")
         session.commit()
@@ -172,7 +177,7 @@ def _pass(
     session: Session, settings: Settings, celery: Celery, only: Collection[str] | None
 ) -> list[str]:
     q = select(JobRow.id, JobRow.tenant_id, JobRow.spec, JobRow.queue).where(
-        JobRow.status == "waiting"
+        JobRow.status == JobStatus.WAITING
     )
     if only is not None:
         q = q.where(JobRow.id.in_(list(only)))
@@ -194,7 +199,7 @@ def _pass(
     for row in waiting:
         deps = sorted(link.depends_on for link in links if link.job_id == row.id)
         gone = [(d, statuses.get(d, "deleted")) for d in deps]
-        bad = [(d, s) for d, s in gone if s in ("failed", "cancelled", "deleted")]
+        bad = [(d, s) for d, s in gone if s in (JobStatus.FAILED, JobStatus.CANCELLED, "deleted")]
         if bad:
             dep, status = bad[0]
             reason = (
@@ -203,7 +208,7 @@ def _pass(
             )
             if _fail(session, row.id, reason, {"dependency": dep, "dependency_status": status}):
                 changed.append(row.id)
-        elif all(s == "succeeded" for _, s in gone) and _release(
+        elif all(s == JobStatus.SUCCEEDED for _, s in gone) and _release(
             session, settings, celery, row.id, row.tenant_id, row.spec, deps, row.queue
         ):
             changed.append(row.id)
@@ -241,7 +246,7 @@ def release_waiting(
     while todo is None or todo:
         step = _pass(session, settings, celery, todo)
         changed += step
-        failed = [j for j in step if _status(session, j) == "failed"]
+        failed = [j for j in step if _status(session, j) == JobStatus.FAILED]
         todo = sorted({d for j in failed for d in dependents(session, j)})
         session.rollback()
     return changed

@@ -47,13 +47,6 @@ class Conflict(DomainError):
     code = "conflict"
 
 
-class InvalidSpec(DomainError):
-    """The job spec (or a request) is well-formed but cannot run, e.g. a reference that does
-    not exist."""
-
-    code = "invalid_spec"
-
-
 class QuotaExceeded(DomainError):
     """A tenant's quota forbids the request; ``details`` holds ``limit`` and ``current``."""
 

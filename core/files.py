@@ -28,8 +28,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core import idempotency, quotas, refs
-from core.db import FINISHED, File, IdempotencyKey, Job, utcnow
-from core.errors import Conflict, InvalidSpec, NotFound
+from core.db import File, IdempotencyKey, Job, utcnow
+from core.errors import Conflict, NotFound
+from core.job_status import FINISHED
 from core.settings import Settings
 from core.storage import StorageError, StoredObject, TooLarge, join_key, upload_storage
 from core.upload_liveness import UploadHeartbeat, heartbeat_interval_s
@@ -102,14 +103,14 @@ def clean_column(value: str | None, field: str) -> str | None:
     control character).
 
     Raises:
-        InvalidSpec: naming ``field``.
+        SpecError: naming ``field``.
     """
     if not value:
         return None
     try:
         return check_text(value, max_chars=MAX_COLUMN_CHARS)
     except ValueError as e:
-        raise InvalidSpec(str(e), field) from None
+        raise SpecError(field, str(e)) from None
 
 
 def _receive(
@@ -299,7 +300,7 @@ def create(
     Raises:
         InvalidUpload: a bad name or suffix (no row is made), a dataset or archive its checks
             refuse (422, naming the line, column or member; the row is kept ``failed`` with
-            that reason); InvalidSpec: a bad column field, or the key used with another file
+            that reason); SpecError: a bad column field, or the key used with another file
             (422).
         UploadTooLarge: over ``settings.max_upload_bytes`` or an archive's caps (413; the row
             is kept ``failed``).
@@ -429,24 +430,23 @@ def check_reference(session: Session, ref: str, field: str, kind: Purpose, tenan
     ``kind``.
 
     Raises:
-        InvalidSpec: naming ``field``: no such upload (or another tenant's: the same answer),
+        SpecError: naming ``field``: no such upload (or another tenant's: the same answer),
             one still uploading, a failed one, or one of the other kind.
     """
     row = session.get(File, ref) if refs.is_file_id(ref) else None
     if row is None or row.tenant_id != tenant_id:
-        raise InvalidSpec(f"{ref!r}: no such uploaded file (GET /v1/files lists yours)", field)
+        raise SpecError(field, f"{ref!r}: no such uploaded file (GET /v1/files lists yours)")
     if row.status == "uploading":
-        raise InvalidSpec(
+        raise SpecError(
+            field,
             f"{ref!r} is still uploading (being received or checked); submit once "
             f"GET /v1/files/{ref} says ready",
-            field,
         )
     if row.status != "ready":
-        raise InvalidSpec(
-            f"{ref!r} is an upload its checks refused ({row.error}); upload a fixed file", field
+        raise SpecError(
+            field, f"{ref!r} is an upload its checks refused ({row.error}); upload a fixed file"
         )
     if row.kind != kind:
-        raise InvalidSpec(
-            f"{ref!r} ({row.filename}) is an uploaded {row.kind}; this field needs a {kind}",
-            field,
+        raise SpecError(
+            field, f"{ref!r} ({row.filename}) is an uploaded {row.kind}; this field needs a {kind}"
         )

@@ -23,8 +23,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db import IdempotencyKey, utcnow
-from core.errors import InvalidSpec
 from core.tenants import lock_tenant
+from kd_engine.errors import SpecError
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
@@ -44,18 +44,18 @@ def check_key(value: str | None) -> str | None:
     None when the header was not sent.
 
     Raises:
-        InvalidSpec: naming ``Idempotency-Key`` (422).
+        SpecError: naming ``Idempotency-Key`` (422).
     """
     if value is None:
         return None
     if not value:
-        raise InvalidSpec("must not be empty", HEADER)
+        raise SpecError(HEADER, "must not be empty")
     if len(value) > MAX_KEY_LENGTH:
-        raise InvalidSpec(
-            f"at most {MAX_KEY_LENGTH} characters (got {len(value)}); a UUID is a good key", HEADER
+        raise SpecError(
+            HEADER, f"at most {MAX_KEY_LENGTH} characters (got {len(value)}); a UUID is a good key"
         )
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise InvalidSpec("control characters are not allowed", HEADER)
+        raise SpecError(HEADER, "control characters are not allowed")
     return value
 
 
@@ -74,7 +74,7 @@ def find(
     """The resource id recorded for an unexpired ``key`` on ``route``, or None.
 
     Raises:
-        InvalidSpec: the key was used with another body (422 naming ``Idempotency-Key``).
+        SpecError: the key was used with another body (422 naming ``Idempotency-Key``).
     """
     row = session.scalar(
         select(IdempotencyKey).where(
@@ -87,10 +87,10 @@ def find(
     if row is None:
         return None
     if row.request_sha256 != request_sha256:
-        raise InvalidSpec(
+        raise SpecError(
+            HEADER,
             f"this key was used for another request with a different body (for {route}); "
             "send a new key for a new request",
-            HEADER,
         )
     return row.resource_id
 
@@ -111,7 +111,7 @@ def create_once(
     runs under the lock.
 
     Raises:
-        InvalidSpec: the key was used with another body (422).
+        SpecError: the key was used with another body (422).
         Whatever ``create`` raises (the transaction is rolled back).
     """
     try:

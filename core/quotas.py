@@ -10,8 +10,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core import checkpoints
-from core.db import FINISHED, JOB_STATUSES, Artifact, File, Job, Tenant
+from core.db import Artifact, File, Job, Tenant
 from core.errors import QuotaExceeded
+from core.job_status import FINISHED, JOB_STATUSES
 from core.settings import Settings
 
 ACTIVE_STATUSES = tuple(s for s in JOB_STATUSES if s not in FINISHED)

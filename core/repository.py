@@ -11,7 +11,8 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.db import FINISHED, Artifact, IdempotencyKey, Job, utcnow
+from core.db import Artifact, IdempotencyKey, Job, utcnow
+from core.job_status import FINISHED, INITIAL, LIVE, JobStatus, check_transition
 from core.refs import is_job_id
 
 
@@ -23,15 +24,23 @@ def create_job(
     *,
     tenant_id: str,
     queue: str = "cpu",
+    status: JobStatus = JobStatus.QUEUED,
 ) -> Job:
-    """Insert a queued job of ``tenant_id`` bound for the Celery queue ``queue`` (the API
-    passes its ``DISTILLERY_QUEUE``; ``cpu``, the settings' default, for callers that do not
-    care), not committed."""
+    """Insert a job of ``tenant_id`` in ``status`` (``queued``, or ``waiting`` for a job that
+    names an unfinished one) bound for the Celery queue ``queue`` (the API passes its
+    ``DISTILLERY_QUEUE``; ``cpu``, the settings' default, for callers that do not care), not
+    committed.
+
+    Raises:
+        ValueError: ``status`` is not one a job starts in (:data:`core.job_status.INITIAL`).
+    """
+    if status not in INITIAL:
+        raise ValueError(f"a job starts queued or waiting, not {status}")
     now = utcnow()
     job = Job(
         id=job_id,
         tenant_id=tenant_id,
-        status="queued",
+        status=status,
         queue=queue,
         method=method,
         spec=spec,
@@ -127,8 +136,8 @@ def list_jobs(
 def transition(
     session: Session,
     job_id: str,
-    from_statuses: tuple[str, ...],
-    to_status: str,
+    from_statuses: tuple[JobStatus, ...],
+    to_status: JobStatus,
     *,
     on_attempt: int | None = None,
     **values: Any,
@@ -136,9 +145,21 @@ def transition(
     """Set ``status = to_status`` (and ``values``) only if the status is one of
     ``from_statuses`` and, with ``on_attempt``, the job is still on that attempt (a worker that
     stalled past its heartbeat timeout, whose job was re-queued and claimed again, must not
-    finish the new attempt's job). Returns whether the row changed. Not committed."""
+    finish the new attempt's job). Returns whether the row changed. Not committed.
+
+    The one place a job's status changes (but its creation, :func:`create_job`): every pair
+    ``from_statuses`` -> ``to_status`` must be in the lifecycle's table
+    (:data:`core.job_status.TRANSITIONS`).
+
+    Raises:
+        core.job_status.IllegalTransition: the table does not let ``to_status`` follow one of
+            ``from_statuses`` (a bug of the caller; nothing is changed).
+    """
+    sources = check_transition(from_statuses, to_status)
+    if "status" in values:
+        raise ValueError("the status is to_status; pass it once")
     now = utcnow()
-    where = [Job.id == job_id, Job.status.in_(from_statuses)]
+    where = [Job.id == job_id, Job.status.in_(sources)]
     if on_attempt is not None:
         where.append(Job.attempt == on_attempt)
     res = session.execute(
@@ -153,7 +174,7 @@ def transition(
 def owns(session: Session, job_id: str, attempt: int) -> bool:
     """Whether job ``job_id`` is still running (or pausing, cancelling) on ``attempt``."""
     status = session.scalar(select(Job.status).where(Job.id == job_id, Job.attempt == attempt))
-    return status in ("running", "pausing", "cancelling")
+    return status in LIVE
 
 
 def claim(session: Session, job_id: str, worker: str) -> bool:
@@ -162,8 +183,8 @@ def claim(session: Session, job_id: str, worker: str) -> bool:
     return transition(
         session,
         job_id,
-        ("queued",),
-        "running",
+        (JobStatus.QUEUED,),
+        JobStatus.RUNNING,
         attempt=Job.attempt + 1,
         started_at=now,
         heartbeat_at=now,
@@ -194,7 +215,7 @@ def heartbeat(
         where.append(Job.attempt == attempt)
     session.execute(
         update(Job)
-        .where(*where, Job.status.in_(("running", "pausing", "cancelling")))
+        .where(*where, Job.status.in_(LIVE))
         .values(**values)
         .execution_options(synchronize_session=False)
     )

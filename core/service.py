@@ -20,8 +20,9 @@ from core import (
     tenants,
     validation,
 )
-from core.db import FINISHED, Artifact, Job, JobCheckpoint, utcnow
+from core.db import Artifact, Job, JobCheckpoint, utcnow
 from core.errors import Conflict, NotFound, Unavailable
+from core.job_status import FINISHED, JobStatus
 from core.queue import BrokerUnavailable, enqueue
 from core.settings import Settings
 from core.storage import InvalidKey, StorageError, artifact_storage, join_key
@@ -63,8 +64,9 @@ def submit(
     retry creates the job.
 
     Raises:
-        InvalidSpec: a reference does not exist (or is another tenant's job) or does not fit
-            the method; the idempotency key was used with another spec (422).
+        SpecError: a reference does not exist (or is another tenant's job) or does not fit
+            the method (422).
+        SpecError: the idempotency key was used with another spec (422).
         QuotaExceeded: the tenant has its maximum of active jobs or of stored bytes (429).
         Unavailable: the broker is down or did not answer within
             ``settings.broker_publish_timeout_s``; the job is kept as failed with that reason
@@ -85,8 +87,10 @@ def submit(
         if earlier is not None:
             return _replay(session, celery, settings, earlier, tenant_id), True
     pending = dependencies.check_references(session, spec, tenant_id)
-    validation.validate_references(session, spec, settings, tenant_id, defer_pending=bool(pending))
-    plan = validation.job_plan(session, spec, settings, tenant_id)
+    configs = validation.validate_references(
+        session, spec, settings, tenant_id, defer_pending=bool(pending)
+    )
+    plan = validation.job_plan(spec, configs)
     planned: dict[str, Any] = {"plan": plan.as_dict()} if plan is not None else {}
 
     def create() -> str:
@@ -100,11 +104,10 @@ def submit(
             stored_spec,
             tenant_id=tenant_id,
             queue=settings.queue,
+            status=JobStatus.WAITING if pending else JobStatus.QUEUED,
         )
         row.name, row.labels = name, metadata or None
         if pending:
-            row.status = "waiting"
-            session.flush()
             dependencies.add_dependencies(session, job_id, pending)
             events.record(
                 session,
@@ -135,7 +138,7 @@ def submit(
     job = get(session, outcome.resource_id, tenant_id=tenant_id)
     if outcome.replayed:
         return job, True
-    if job.status == "waiting":  # not sent; released here if its dependency just finished
+    if job.status == JobStatus.WAITING:  # not sent; released here if its dependency just finished
         dependencies.release_waiting(session, settings, celery, only=[job.id])
         return get(session, job.id, tenant_id=tenant_id), False
     _send(session, celery, settings, job)
@@ -158,8 +161,8 @@ def _send(session: Session, celery: Celery, settings: Settings, job: Job) -> Non
         repository.transition(
             session,
             job.id,
-            ("queued",),
-            "failed",
+            (JobStatus.QUEUED,),
+            JobStatus.FAILED,
             error=f"{NOT_QUEUED} (broker unavailable: {e}); submit it again with the same "
             "Idempotency-Key (or without one)",
             finished_at=utcnow(),
@@ -183,7 +186,7 @@ def _send(session: Session, celery: Celery, settings: Settings, job: Job) -> Non
 def _never_queued(job: Job) -> bool:
     """Whether ``job`` failed because the broker never took it (it never ran)."""
     return (
-        job.status == "failed"
+        job.status == JobStatus.FAILED
         and job.started_at is None
         and (job.error or "").startswith(NOT_QUEUED)
     )
@@ -217,7 +220,12 @@ def _queue_again(
         quotas.check_active_jobs(session, tenant_id, settings)
         quotas.check_stored_bytes(session, tenant_id, settings)
         if not repository.transition(
-            session, job.id, ("failed",), "queued", error=None, finished_at=None
+            session,
+            job.id,
+            (JobStatus.FAILED,),
+            JobStatus.QUEUED,
+            error=None,
+            finished_at=None,
         ):
             session.rollback()
             return get(session, job.id, tenant_id=tenant_id)
@@ -271,16 +279,22 @@ def cancel(
     now = utcnow()
     was = job.status
     if repository.transition(
-        session, job_id, ("waiting", "queued", "paused"), "cancelled", finished_at=now
+        session,
+        job_id,
+        (JobStatus.WAITING, JobStatus.QUEUED, JobStatus.PAUSED),
+        JobStatus.CANCELLED,
+        finished_at=now,
     ):
-        where = was if was in ("waiting", "paused") else "queued"
+        where = was if was in (JobStatus.WAITING, JobStatus.PAUSED) else JobStatus.QUEUED
         events.record(session, job_id, "cancelled", f"cancelled while {where}")
         session.commit()
         if settings is not None and celery is not None:
             dependencies.release_after(session, settings, celery, job_id)
         session.refresh(job)
         return job
-    if repository.transition(session, job_id, ("running", "pausing"), "cancelling"):
+    if repository.transition(
+        session, job_id, (JobStatus.RUNNING, JobStatus.PAUSING), JobStatus.CANCELLING
+    ):
         events.record(session, job_id, "cancelling", "cancel requested; the worker stops soon")
         session.commit()
         session.refresh(job)
@@ -293,7 +307,7 @@ def cancel(
 
 
 def _finished_verb(status: str) -> str:
-    return "been cancelled" if status == "cancelled" else status
+    return "been cancelled" if status == JobStatus.CANCELLED else status
 
 
 def delete(session: Session, settings: Settings, job_id: str, *, tenant_id: str) -> None:
@@ -375,9 +389,9 @@ def pause(session: Session, job_id: str, *, tenant_id: str) -> Job:
         Conflict: the job is in any other status (``details.status`` names it).
     """
     job = get(session, job_id, tenant_id=tenant_id)
-    if repository.transition(session, job_id, ("queued",), "paused"):
+    if repository.transition(session, job_id, (JobStatus.QUEUED,), JobStatus.PAUSED):
         events.record(session, job_id, "paused", "paused while queued; resume it to queue it again")
-    elif repository.transition(session, job_id, ("running",), "pausing"):
+    elif repository.transition(session, job_id, (JobStatus.RUNNING,), JobStatus.PAUSING):
         events.record(
             session, job_id, "pausing", "pause requested; the worker checkpoints and stops soon"
         )
@@ -406,7 +420,7 @@ def resume(
         Unavailable: the broker is down; the job stays paused (503).
     """
     job = get(session, job_id, tenant_id=tenant_id)
-    if not repository.transition(session, job_id, ("paused",), "queued"):
+    if not repository.transition(session, job_id, (JobStatus.PAUSED,), JobStatus.QUEUED):
         session.rollback()
         session.refresh(job)
         raise Conflict(
@@ -420,7 +434,7 @@ def resume(
     try:
         enqueue(celery, job_id, job.queue)  # the queue its memory was checked for
     except BrokerUnavailable:
-        if repository.transition(session, job_id, ("queued",), "paused"):
+        if repository.transition(session, job_id, (JobStatus.QUEUED,), JobStatus.PAUSED):
             events.record(
                 session,
                 job_id,

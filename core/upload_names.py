@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core.db import File
+from kd_engine.errors import SpecError
 
 FILE_REF = re.compile(r"file-[0-9a-f]{32}")
 """An upload's id anywhere in a text."""
@@ -56,14 +57,16 @@ _QUOTED_REF = re.compile(r"(['\"]?)(" + FILE_REF.pattern + r")\1")
 
 
 def name_uploads_in_error(session: Session, error: Exception, tenant_id: str) -> None:
-    """Put the filenames of the uploads a :class:`~core.errors.DomainError`'s message names
-    beside their ids (in place); the session is rolled back first (the request failed), and
-    the message is left as it was if the lookup fails."""
-    message = getattr(error, "message", None)
+    """Put the filenames of the uploads a :class:`~core.errors.DomainError`'s message (a
+    :class:`~kd_engine.errors.SpecError`'s reason) names beside their ids (in place); the
+    session is rolled back first (the request failed), and the message is left as it was if
+    the lookup fails."""
+    attr = "reason" if isinstance(error, SpecError) else "message"
+    message = getattr(error, attr, None)
     if not isinstance(message, str) or not FILE_REF.search(message):
         return
     try:
         session.rollback()
-        error.message = name_uploads(session, message, tenant_id)  # type: ignore[attr-defined]
+        setattr(error, attr, name_uploads(session, message, tenant_id))
     except SQLAlchemyError:
         session.rollback()

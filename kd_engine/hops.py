@@ -20,8 +20,8 @@ from kd_engine.evaluation import count_parameters, predict_logits, task_metrics
 from kd_engine.export import save_archive
 from kd_engine.methods.base import Resources
 from kd_engine.methods.chain import Hop
-from kd_engine.models.loading import load_classifier, read_config
-from kd_engine.models.shapes import ModelShape, planned_student_shape, shape_from_config
+from kd_engine.models.loading import load_classifier
+from kd_engine.models.shapes import ModelShape, shape_from_config
 from kd_engine.models.student import (
     cut_pretrained,
     fresh_student,
@@ -107,18 +107,6 @@ def hop_student_report(job: Job, hop: Hop) -> dict[str, Any]:
             "seed": job.spec.training.seed + hop.reinit_seed,
         }
     return (hop.student or job.spec.student).model_dump(mode="json")
-
-
-def student_shape(
-    spec: JobSpec, teacher: ModelShape, student_path: Path | str | None
-) -> ModelShape:
-    """The shape of the job's student, before it is built (a pretrained one's from its config,
-    cut to its chosen layers)."""
-    if isinstance(spec.student, PretrainedStudent):
-        if student_path is None:
-            raise ValueError("student.model: no local path was given for the pretrained student")
-        return planned_student_shape(spec.student, teacher, read_config(student_path))
-    return planned_student_shape(spec.student, teacher)
 
 
 @dataclass

@@ -35,9 +35,10 @@ from kd_engine.data.corpus import load_corpus
 from kd_engine.data.loading import PathResolver, resolve_regression
 from kd_engine.data.split_artifact import write_split_file
 from kd_engine.distributed import current as current_rank
+from kd_engine.errors import SpecError
 from kd_engine.evaluation import count_parameters, task_metrics, weights_bytes
 from kd_engine.export import save_student, write_json
-from kd_engine.hops import HopRun, Job, hop_model, run_hop, student_shape
+from kd_engine.hops import HopRun, Job, hop_model, run_hop
 from kd_engine.latency import ROUNDS, SPREAD_LIMIT, interleaved_latency
 from kd_engine.methods.chain import ChainMethod, plan_hops
 from kd_engine.models.loading import (
@@ -49,11 +50,10 @@ from kd_engine.models.loading import (
     read_config,
     teacher_task,
 )
-from kd_engine.models.shapes import shape_from_config
 from kd_engine.onnx_export import export_report
 from kd_engine.report_html import write_report
 from kd_engine.reports import evaluate_sets, split_diagnostics, teacher_match
-from kd_engine.spec import JobSpec
+from kd_engine.spec import JobSpec, PretrainedStudent
 from kd_engine.teacher_cache import CacheStore, cache_key, eligible, load_or_build, off_report
 from kd_engine.trainer import (
     Progress,
@@ -62,6 +62,12 @@ from kd_engine.trainer import (
     pick_device,
     seed_everything,
     selection_metric,
+)
+from kd_engine.validation import (
+    ModelConfigs,
+    base_encoder_reason,
+    check_models,
+    check_teacher_labels,
 )
 
 METRICS_FILE = names.METRICS_FILE
@@ -80,22 +86,35 @@ def _label_names(
     spec: JobSpec, uses_teacher: bool, teacher_cfg: dict[str, object], data: TransferSet
 ) -> list[str]:
     """The class order the student uses: the teacher's when it is a classifier. A regression
-    job has one output, named as the teacher's (``LABEL_0`` for a base encoder)."""
+    job has one output, named as the teacher's (``LABEL_0`` for a base encoder).
+
+    Raises:
+        SpecError: a base-encoder teacher for a method that learns from it (``teacher``), or
+            a classifier teacher whose labels are not the dataset's (``dataset.source``);
+            the messages of :mod:`kd_engine.validation`, as at submit.
+    """
     if not is_sequence_classifier(teacher_cfg):
         if uses_teacher:
-            raise ValueError(
-                f"teacher {spec.teacher!r} is a base encoder, not a fine-tuned sequence "
-                "classifier; run a finetune job first and use job:<its id> as the teacher"
-            )
+            raise SpecError("teacher", base_encoder_reason(spec.teacher, spec.method.name))
         return list(REGRESSION_OUTPUT) if data.regression else data.label_names
     names = classifier_label_names(teacher_cfg)
     if data.regression:
         return names if len(names) == 1 else list(REGRESSION_OUTPUT)
-    if sorted(names) != sorted(data.label_names):
-        raise ValueError(
-            f"the teacher's labels {names} do not match the dataset's labels {data.label_names}"
-        )
+    check_teacher_labels(names, data.label_names)
     return names
+
+
+def _student_config(spec: JobSpec, student_path: Path | str | None) -> dict[str, object] | None:
+    """A pretrained student's ``config.json`` (None for any other student).
+
+    Raises:
+        SpecError: a pretrained student without a local path (``student.model``).
+    """
+    if not isinstance(spec.student, PretrainedStudent):
+        return None
+    if student_path is None:
+        raise SpecError("student.model", "no local path was given for the pretrained student")
+    return read_config(student_path)
 
 
 def _tagged(records: list[dict[str, object]], hop: str, many: bool) -> list[dict[str, object]]:
@@ -343,6 +362,7 @@ def run_job(
     stage("prepare")
     method_cls = registry.get(spec.method.name).method_cls
     teacher_cfg = read_config(teacher_path)
+    student_cfg = _student_config(spec, student_path)
     regression = resolve_regression(spec.dataset.task, teacher_task(teacher_cfg))
     data = load_transfer_set(spec.dataset, resolve, regression)
     names = _label_names(spec, method_cls.uses_teacher, teacher_cfg, data)
@@ -356,9 +376,13 @@ def run_job(
     # training.seed fixes them too (not only the training loop).
     seed_everything(spec.training.seed)
     teacher = load_classifier(teacher_path, names)
-    teacher_shape = shape_from_config(teacher.config.to_dict(), len(names))
-    planned = student_shape(spec, teacher_shape, student_path)
-    registry.check(spec.method, teacher_shape, planned, spec.training)
+    # The worker's re-check: the one check the API ran at submit, on the models it has now
+    # (the loaded teacher's config, with the job's labels); the method's fit included.
+    checked = check_models(
+        spec, ModelConfigs(teacher.config.to_dict(), student_cfg), num_labels=len(names)
+    )
+    teacher_shape, planned = checked.teacher, checked.student
+    assert teacher_shape is not None and planned is not None  # both configs were given
     hops = plan_hops(spec.method, teacher_shape, planned)
     max_len = spec.training.max_seq_length
     job = Job(

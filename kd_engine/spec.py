@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kd_engine import methods as _methods  # noqa: F401  (fills the registry)
 from kd_engine import registry
+from kd_engine.errors import SpecError
 from kd_engine.methods.born_again import resolve_init
 from kd_engine.spec_fields import MAX_TEXT_CHARS, ColumnName, Seed
 from kd_engine.students_spec import (
@@ -236,3 +237,21 @@ class JobSpec(_Strict):
         validation so that the stored spec writes them out (see
         :func:`kd_engine.methods.born_again.resolve_init`)."""
         return resolve_init(data)
+
+
+def stored_spec(data: Any) -> JobSpec:
+    """The typed spec of a job as stored (the JSON the API validated at submit): what the
+    worker and the dependency release work from, parsed once.
+
+    Raises:
+        SpecError: the stored JSON is no longer a valid spec (a spec stored by an older
+            version); ``field`` is the path of the first bad value (``spec`` for the whole).
+    """
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ()) if not str(p).startswith("function"))
+        raise SpecError(
+            field or "spec", f"the stored job spec is invalid: {first.get('msg')}"
+        ) from None

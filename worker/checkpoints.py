@@ -19,6 +19,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import checkpoints, events, repository
+from core.job_status import JobStatus
 from core.settings import Settings
 from core.storage import ObjectNotFound, StorageError, artifact_storage, sha256_file
 from kd_engine.checkpoint import CheckpointPolicy, SavedCheckpoint, read_checkpoint_info
@@ -250,7 +251,7 @@ def settle_paused(sm: sessionmaker[Session], job_id: str, saved: SavedCheckpoint
     event; return the status. A cancel that arrived meanwhile leaves it cancelling (the caller
     then finishes it as cancelled)."""
     with sm() as s:
-        if repository.transition(s, job_id, ("pausing",), "paused", worker=None):
+        if repository.transition(s, job_id, (JobStatus.PAUSING,), JobStatus.PAUSED, worker=None):
             events.record(
                 s,
                 job_id,
@@ -264,7 +265,7 @@ def settle_paused(sm: sessionmaker[Session], job_id: str, saved: SavedCheckpoint
                 },
             )
             s.commit()
-            return "paused"
+            return JobStatus.PAUSED
         s.rollback()
         job = repository.get_job(s, job_id)
         return job.status if job is not None else "missing"

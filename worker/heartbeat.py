@@ -14,10 +14,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Job, utcnow
 from core.db_errors import public_message
+from core.job_status import LIVE
 
 log = logging.getLogger("distillery.worker")
 
-LIVE_STATUSES = ("running", "cancelling", "pausing")
+LIVE_STATUSES = LIVE
 """Statuses of a job a worker is executing (its heartbeat is kept fresh)."""
 
 

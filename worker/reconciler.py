@@ -57,6 +57,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core import checkpoints, dependencies, events, repository, upload_liveness
 from core.db import Job, JobEvent, make_engine, make_sessionmaker, utcnow
 from core.db_errors import public_message
+from core.job_status import LIVE, JobStatus
 from core.queue import BrokerUnavailable, broker_lists, enqueue, make_celery
 from core.settings import Settings, get_settings
 from worker import staging
@@ -151,23 +152,25 @@ def recover_lost_workers(ctx: PassContext) -> None:
         stale = list(
             s.execute(
                 select(Job.id, Job.status, Job.attempt, Job.progress, Job.queue).where(
-                    Job.status.in_(("running", "cancelling", "pausing")), last_seen < limit
+                    Job.status.in_(LIVE), last_seen < limit
                 )
             )
         )
     for job_id, status, attempt, progress, queue in stale:
         step = (progress or {}).get("step", 0)
         with ctx.sessions() as s:
-            if status == "cancelling":
+            if status == JobStatus.CANCELLING:
                 if repository.transition(
-                    s, job_id, ("cancelling",), "cancelled", finished_at=utcnow()
+                    s, job_id, (JobStatus.CANCELLING,), JobStatus.CANCELLED, finished_at=utcnow()
                 ):
                     events.record(
                         s, job_id, "cancelled", "the worker was lost while cancelling; cancelled"
                     )
                     ctx.report.cancelled.append(job_id)
-            elif status == "pausing":
-                if repository.transition(s, job_id, ("pausing",), "paused", worker=None):
+            elif status == JobStatus.PAUSING:
+                if repository.transition(
+                    s, job_id, (JobStatus.PAUSING,), JobStatus.PAUSED, worker=None
+                ):
                     events.record(
                         s, job_id, "paused", f"the worker was lost while pausing at step {step}"
                     )
@@ -184,8 +187,8 @@ def recover_lost_workers(ctx: PassContext) -> None:
                 if repository.transition(
                     s,
                     job_id,
-                    ("running",),
-                    "queued",
+                    (JobStatus.RUNNING,),
+                    JobStatus.QUEUED,
                     worker=None,
                     heartbeat_at=None,
                 ):
@@ -214,7 +217,12 @@ def recover_lost_workers(ctx: PassContext) -> None:
                     f"{timeout:g} s each time); submit the job again"
                 )
                 if repository.transition(
-                    s, job_id, ("running",), "failed", finished_at=utcnow(), error=reason
+                    s,
+                    job_id,
+                    (JobStatus.RUNNING,),
+                    JobStatus.FAILED,
+                    finished_at=utcnow(),
+                    error=reason,
                 ):
                     events.record(s, job_id, "failed", reason, level="error")
                     ctx.report.failed.append(job_id)
@@ -262,7 +270,7 @@ def resend_lost_messages(ctx: PassContext) -> None:
         queued = list(
             s.execute(
                 select(Job.id, Job.queue)
-                .where(Job.status == "queued", Job.updated_at < limit)
+                .where(Job.status == JobStatus.QUEUED, Job.updated_at < limit)
                 .order_by(Job.created_at)
             )
         )

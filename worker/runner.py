@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core import checkpoints, dependencies, events, logs, refs, repository
 from core.db import make_engine, make_sessionmaker, utcnow
 from core.db_errors import is_transient, public_message, scrub
+from core.job_status import LIVE, JobStatus, sources_of
 from core.queue import make_celery
 from core.settings import Settings
 from core.storage import StorageError, artifact_storage
@@ -24,7 +25,7 @@ from core.upload_names import name_uploads
 from kd_engine.checkpoint import Paused, SavedCheckpoint
 from kd_engine.distributed import run_job_distributed, worker_gpus
 from kd_engine.run import run_job
-from kd_engine.spec import JobSpec, PretrainedStudent
+from kd_engine.spec import PretrainedStudent, stored_spec
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
 from worker import checkpoints as saved_checkpoints
 from worker.db_retry import DatabaseUnavailable, Retrier
@@ -45,26 +46,27 @@ def sessions_for(database_url: str) -> sessionmaker[Session]:
 def _finish(
     sm: sessionmaker[Session],
     job_id: str,
-    status: str,
+    status: JobStatus,
     message: str,
     attempt: int | None = None,
     **values: Any,
 ) -> None:
-    """Set the job's final ``status`` with its event, if it is still on ``attempt``."""
+    """Set the job's final ``status`` (from any status a worker holds it in) with its event,
+    if it is still on ``attempt``."""
     with sm() as s:
-        if status == "failed":  # an upload named by its filename beside its id
+        if status == JobStatus.FAILED:  # an upload named by its filename beside its id
             message = name_uploads(s, message)
             values = {**values, "error": message} if "error" in values else values
         if repository.transition(
             s,
             job_id,
-            ("running", "pausing", "cancelling"),
+            sources_of(status, LIVE),
             status,
             on_attempt=attempt,
             finished_at=utcnow(),
             **values,
         ):
-            level = "error" if status == "failed" else "info"
+            level = "error" if status == JobStatus.FAILED else "info"
             events.record(s, job_id, status, message, level=level)
         s.commit()
 
@@ -132,8 +134,8 @@ def _record_published(
         published = repository.transition(
             s,
             job_id,
-            ("running", "pausing", "cancelling"),
-            "succeeded",
+            LIVE,
+            JobStatus.SUCCEEDED,
             on_attempt=attempt,
             finished_at=utcnow(),
             metrics=metrics,
@@ -307,9 +309,9 @@ def _execute(job_id: str, settings: Settings) -> str:
 
     tracker = JobTracker(settings, job_id, tenant_id, attempt, spec_data, warn)
     tracker.start()
-    outcome = "failed"
+    outcome: str = JobStatus.FAILED
     epochs: list[dict[str, Any]] = []
-    status = {"value": "running"}
+    status: dict[str, str] = {"value": JobStatus.RUNNING}
 
     def write_progress(p: Progress) -> str:
         with sm() as s:
@@ -349,14 +351,16 @@ def _execute(job_id: str, settings: Settings) -> str:
 
     hooks = TrainHooks(
         on_progress=on_progress,
-        should_stop=lambda: status["value"] not in ("running", "pausing") or beat.lost,
+        should_stop=lambda: (
+            status["value"] not in (JobStatus.RUNNING, JobStatus.PAUSING) or beat.lost
+        ),
         log=on_log,
         every=settings.progress_every_steps,
         on_checkpoint=on_checkpoint,
-        should_pause=lambda: status["value"] == "pausing",
+        should_pause=lambda: status["value"] == JobStatus.PAUSING,
     )
     try:
-        spec = JobSpec.model_validate(spec_data)
+        spec = stored_spec(spec_data)  # the typed spec, parsed once for the whole attempt
         teacher = refs.model_location(spec.teacher, settings)
         student = (
             refs.model_location(spec.student.model, settings)
@@ -403,21 +407,21 @@ def _execute(job_id: str, settings: Settings) -> str:
             return "lost"
         db("checkpoint clean-up", lambda: saved_checkpoints.keep_students(sm, settings, job_id))
         log.info("job %s: succeeded", job_id)
-        outcome = "succeeded"
-        return "succeeded"
+        outcome = JobStatus.SUCCEEDED
+        return JobStatus.SUCCEEDED
     except Paused as p:
         if p.checkpoint.name not in stored_names and p.checkpoint.path.is_dir():
             on_checkpoint(p.checkpoint)
         paused_at = p.checkpoint
         final = db("pause", lambda: saved_checkpoints.settle_paused(sm, job_id, paused_at))
-        if final == "cancelling":
+        if final == JobStatus.CANCELLING:
             db(
                 "finish",
                 lambda: _finish(
-                    sm, job_id, "cancelled", "cancelled by request while pausing", attempt
+                    sm, job_id, JobStatus.CANCELLED, "cancelled by request while pausing", attempt
                 ),
             )
-            final = "cancelled"
+            final = JobStatus.CANCELLED
         log.info("job %s: %s", job_id, final)
         outcome = final
         return final
@@ -429,12 +433,16 @@ def _execute(job_id: str, settings: Settings) -> str:
         db(
             "finish",
             lambda: _finish(
-                sm, job_id, "cancelled", "cancelled by request; the worker stopped", attempt
+                sm,
+                job_id,
+                JobStatus.CANCELLED,
+                "cancelled by request; the worker stopped",
+                attempt,
             ),
         )
         log.info("job %s: cancelled", job_id)
-        outcome = "cancelled"
-        return "cancelled"
+        outcome = JobStatus.CANCELLED
+        return JobStatus.CANCELLED
     except DatabaseUnavailable as e:
         # No verdict: the job stays running, its heartbeat (stopped below) goes stale and the
         # reconciler re-queues it; the next attempt resumes from the newest checkpoint.
@@ -444,8 +452,8 @@ def _execute(job_id: str, settings: Settings) -> str:
     except ValueError as e:
         reason = _user_reason(e) if isinstance(e, ValidationError) else scrub(str(e))
         log.warning("job %s: failed: %s", job_id, reason)
-        db("finish", lambda: _finish(sm, job_id, "failed", reason, attempt, error=reason))
-        return "failed"
+        db("finish", lambda: _finish(sm, job_id, JobStatus.FAILED, reason, attempt, error=reason))
+        return JobStatus.FAILED
     except Exception as e:
         if is_transient(e):  # a database error that escaped the retries is never a verdict
             log.warning(
@@ -455,8 +463,8 @@ def _execute(job_id: str, settings: Settings) -> str:
             return "interrupted"
         log.exception("job %s: failed", job_id)
         reason = _user_reason(e)
-        db("finish", lambda: _finish(sm, job_id, "failed", reason, attempt, error=reason))
-        return "failed"
+        db("finish", lambda: _finish(sm, job_id, JobStatus.FAILED, reason, attempt, error=reason))
+        return JobStatus.FAILED
     finally:
         beat.stop()  # first: nothing below may keep a stopped attempt's job looking alive
         tracker.end(outcome)

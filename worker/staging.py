@@ -31,12 +31,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Job
+from core.job_status import LIVE
 from core.settings import Settings
 from core.storage import LocalStorage, artifact_storage
 
 log = logging.getLogger("distillery.worker")
 
-LIVE_STATUSES = ("running", "pausing", "cancelling")
+LIVE_STATUSES = LIVE
 """Statuses in which a job's current attempt is alive (a worker holds it)."""
 
 TMP_GRACE_S = 3600.0

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from core.job_status import JobStatus
 from core.settings import Settings
 
 log = logging.getLogger("distillery.worker")
@@ -190,7 +191,8 @@ class JobTracker:
         ``failed`` -> FAILED, anything else -> KILLED). Idempotent."""
         if not self.active:
             return
-        mlflow_status = {"succeeded": "FINISHED", "failed": "FAILED"}.get(status, "KILLED")
+        outcomes: dict[str, str] = {JobStatus.SUCCEEDED: "FINISHED", JobStatus.FAILED: "FAILED"}
+        mlflow_status = outcomes.get(status, "KILLED")
         try:
             self.client.set_terminated(self.run_id, status=mlflow_status)
             self.ended = True

@@ -17,14 +17,16 @@ from api.auth import CallerDep
 from api.deps import SessionDep, SettingsDep
 from api.params import JobId
 from core import service, tenants
-from core.db import FINISHED, Job
-from core.errors import InvalidSpec
+from core.db import Job
 from core.events import EventType, list_events
+from core.job_status import FINISHED
 from core.webhooks import event_dict
+from kd_engine.errors import SpecError
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
-FINAL_EVENTS = ("succeeded", "failed", "cancelled")
+FINAL_EVENTS: tuple[str, ...] = FINISHED
+"""The event types that end a job's stream (each final status records its own event)."""
 STREAM_BATCH = 200
 KEY_REVOKED_COMMENT = ": the API key of this stream was revoked (or its tenant removed); closed\n\n"
 """The comment an event stream ends with when its key no longer authenticates (a client that
@@ -116,11 +118,11 @@ def stream_job_events(
         try:
             start = int(last_event_id.strip())
         except ValueError:
-            raise InvalidSpec(
-                "Last-Event-ID: must be an event id (an integer)", "Last-Event-ID"
+            raise SpecError(
+                "Last-Event-ID", "Last-Event-ID: must be an event id (an integer)"
             ) from None
         if start < 0:
-            raise InvalidSpec("Last-Event-ID: must be 0 or more", "Last-Event-ID")
+            raise SpecError("Last-Event-ID", "Last-Event-ID: must be 0 or more")
     session.close()  # the stream reads with short sessions of its own; hold no connection
     sessions = request.app.state.sessionmaker
 

@@ -35,7 +35,8 @@ from api.schemas import (
     MetricsOut,
 )
 from core import idempotency, repository, service, validation
-from core.errors import Conflict, DomainError, InvalidSpec, NotFound
+from core.errors import Conflict, DomainError, NotFound
+from core.job_status import JobStatus
 from core.settings import Settings
 from core.storage import (
     CHUNK_BYTES,
@@ -47,7 +48,8 @@ from core.storage import (
     join_key,
 )
 from core.upload_names import name_uploads_in_error
-from kd_engine.names import CSP, REPORT_FILE
+from kd_engine.errors import SpecError
+from kd_engine.report_html import CSP, REPORT_FILE
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 IdempotencyKeyHeader = Annotated[
@@ -86,7 +88,7 @@ def submit_job(
             name=spec.name,
             metadata=spec.metadata,
         )
-    except DomainError as e:  # an upload named by its filename too, not only its id
+    except (DomainError, SpecError) as e:  # an upload named by its filename too, not its id
         name_uploads_in_error(session, e, caller.tenant_id)
         raise
     if replayed:
@@ -112,7 +114,7 @@ def list_jobs(
     try:
         pairs = dict(parse_pair(p) for p in metadata or [])
     except ValueError as e:
-        raise InvalidSpec(f"metadata: {e}", "metadata") from None
+        raise SpecError("metadata", f"metadata: {e}") from None
     try:
         jobs, next_cursor = repository.list_jobs(
             session,
@@ -125,7 +127,7 @@ def list_jobs(
             metadata=pairs,
         )
     except ValueError as e:
-        raise InvalidSpec(str(e), "cursor") from None
+        raise SpecError("cursor", str(e)) from None
     return JobList(items=[JobOut.of(j) for j in jobs], next_cursor=next_cursor)
 
 
@@ -174,7 +176,7 @@ def job_metrics(job_id: JobId, session: SessionDep, caller: CallerDep) -> Metric
         job_id=job.id,
         status=job.status,
         epochs=epochs,
-        final=metrics if job.status == "succeeded" else None,
+        final=metrics if job.status == JobStatus.SUCCEEDED else None,
     )
 
 
@@ -197,13 +199,13 @@ def job_report(
     job = service.get(session, job_id, tenant_id=caller.tenant_id)
     names = {a.name for a in service.artifacts(session, job_id, tenant_id=caller.tenant_id)}
     if REPORT_FILE not in names:
-        if job.status in ("failed", "cancelled"):
-            why = f" ({job.error})" if job.error and job.status == "failed" else ""
+        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            why = f" ({job.error})" if job.error and job.status == JobStatus.FAILED else ""
             raise NotFound(
                 f"job {job_id} is {job.status}{why}: it stopped before its report was "
                 "written (only a job that succeeds has one); submit it again to get one"
             )
-        if job.status != "succeeded":
+        if job.status != JobStatus.SUCCEEDED:
             raise NotFound(f"job {job_id} is {job.status}; its report is written when it succeeds")
         error = (job.metrics or {}).get("report", {}).get("error")
         raise NotFound(
@@ -271,7 +273,7 @@ def download_archive(
     are 0644 files in a 0755 folder, owned by uid 0)."""
     job = service.get(session, job_id, tenant_id=caller.tenant_id)
     names = [a.name for a in service.artifacts(session, job_id, tenant_id=caller.tenant_id)]
-    if job.status != "succeeded" or not names:
+    if job.status != JobStatus.SUCCEEDED or not names:
         raise Conflict(f"job {job_id} is {job.status}; the archive exists once it succeeds")
     mtime = (job.finished_at or job.created_at).timestamp()
     members = [(join_key(job_id, name), f"{job_id}/{name}") for name in names]

@@ -13,7 +13,8 @@ from api.deps import SessionDep, SettingsDep
 from api.params import printable
 from core import webhooks
 from core.db import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEventType
-from core.errors import InvalidSpec, NotFound
+from core.errors import NotFound
+from kd_engine.errors import SpecError
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -152,7 +153,7 @@ def create_webhook(
             description=body.description,
         )
     except webhooks.UrlRefused as err:
-        raise InvalidSpec(f"url: {err}", "url") from None
+        raise SpecError("url", f"url: {err}") from None
     return WebhookCreated(**WebhookOut.of(e).model_dump(), secret=e.secret)
 
 

@@ -40,11 +40,13 @@ from api.ui.session import (
     set_login_cookie,
 )
 from core import idempotency, repository, service, tenants
-from core.db import FINISHED, JOB_STATUSES, Job, Tenant
-from core.errors import DomainError, InvalidSpec
+from core.db import Job, Tenant
+from core.errors import DomainError
 from core.events import list_events
+from core.job_status import FINISHED, JOB_STATUSES, JobStatus
 from core.upload_names import filenames, label, name_uploads, name_uploads_in_error
 from core.webhooks import event_dict
+from kd_engine.errors import SpecError
 
 PAGE_SIZE = 20
 EVENTS_PAGE = 200
@@ -93,6 +95,8 @@ class UiRoute(APIRoute):
                 return answer
             except DomainError as e:
                 return _error_page(request, http_status(e), e.message, e.field)
+            except SpecError as e:
+                return _error_page(request, 422, e.reason, e.field)
             except RequestValidationError as e:
                 first = validation_details(e.errors(), None)[:1]
                 field = first[0]["field"] if first else None
@@ -189,7 +193,7 @@ def jobs_page(
             session, status, PAGE_SIZE, cursor, tenant_id=caller.tenant_id, name_contains=name
         )
     except ValueError as e:
-        raise InvalidSpec(str(e), "cursor") from None
+        raise SpecError("cursor", str(e)) from None
     names = filenames(session, (views.dataset_ref(j.spec) for j in rows), caller.tenant_id)
     return page(
         request,
@@ -243,29 +247,27 @@ def parse_spec_text(text: str) -> dict[str, Any]:
     """A pasted job spec (JSON, or YAML) as a mapping.
 
     Raises:
-        InvalidSpec: not JSON or YAML, or not a mapping (field ``spec``, 422).
+        SpecError: not JSON or YAML, or not a mapping (field ``spec``, 422).
     """
     try:
         data = json.loads(text)
     except RecursionError:
-        raise InvalidSpec(
-            "the spec nests arrays or objects too deeply to be read", "spec"
-        ) from None
+        raise SpecError("spec", "the spec nests arrays or objects too deeply to be read") from None
     except ValueError:
         try:
             data = yaml.safe_load(text)
         except RecursionError:
-            raise InvalidSpec(
-                "the spec nests lists or mappings too deeply to be read", "spec"
+            raise SpecError(
+                "spec", "the spec nests lists or mappings too deeply to be read"
             ) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
             reason = getattr(e, "problem", None) or str(e)
-            raise InvalidSpec(f"neither JSON nor YAML{where}: {reason}", "spec") from None
+            raise SpecError("spec", f"neither JSON nor YAML{where}: {reason}") from None
     if not isinstance(data, dict):
-        raise InvalidSpec(
-            "the spec must be a mapping (teacher, method, dataset, training, ...)", "spec"
+        raise SpecError(
+            "spec", "the spec must be a mapping (teacher, method, dataset, training, ...)"
         )
     return data
 
@@ -287,13 +289,13 @@ def submit(
     try:
         data = parse_spec_text(spec)
         job_spec = JobSubmit.model_validate_json(json.dumps(data, default=str))
-    except DomainError as e:
+    except SpecError as e:
         return _spec_form(
             request,
             session,
             caller,
             spec,
-            [{"field": e.field or "spec", "reason": e.message}],
+            [{"field": e.field or "spec", "reason": e.reason}],
             token=token,
             status_code=422,
         )
@@ -312,6 +314,16 @@ def submit(
             idempotency_key=idempotency.check_key(token or None),
             name=job_spec.name,
             metadata=job_spec.metadata,
+        )
+    except SpecError as e:  # the spec cannot run: its field and reason, as the API answers
+        name_uploads_in_error(session, e, caller.tenant_id)
+        return _spec_form(
+            request,
+            session,
+            caller,
+            spec,
+            [{"field": e.field, "reason": e.reason}],
+            status_code=422,
         )
     except DomainError as e:
         name_uploads_in_error(session, e, caller.tenant_id)
@@ -347,7 +359,9 @@ def _job_context(session: SessionDep, caller: Caller, job: Job) -> dict[str, Any
         "finished": job.status in FINISHED,
         "artifacts": service.artifacts(session, job.id, tenant_id=caller.tenant_id),
         "checkpoints": service.job_checkpoints(session, job.id, tenant_id=caller.tenant_id),
-        "table": views.comparison_table(job.metrics or {}) if job.status == "succeeded" else [],
+        "table": views.comparison_table(job.metrics or {})
+        if job.status == JobStatus.SUCCEEDED
+        else [],
         "spec_json": json.dumps(job.spec, indent=2),
     }
 
@@ -427,7 +441,7 @@ def curves_page(
     evaluations and of stages."""
     job = service.get(session, job_id, tenant_id=caller.tenant_id)
     names = [a.name for a in service.artifacts(session, job_id, tenant_id=caller.tenant_id)]
-    log = views.read_train_log(settings, job_id, names) if job.status == "succeeded" else []
+    log = views.read_train_log(settings, job_id, names) if job.status == JobStatus.SUCCEEDED else []
     return page(
         request,
         "curves.html",
@@ -492,7 +506,7 @@ def compare_page(request: Request, session: SessionDep, caller: UiCallerDep) -> 
     rows = list(
         session.scalars(
             select(Job)
-            .where(Job.tenant_id == caller.tenant_id, Job.status == "succeeded")
+            .where(Job.tenant_id == caller.tenant_id, Job.status == JobStatus.SUCCEEDED)
             .order_by(Job.finished_at.desc(), Job.id.desc())
             .limit(COMPARE_MAX_JOBS)
         )

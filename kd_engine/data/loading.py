@@ -11,6 +11,7 @@ from kd_engine.data.examples import Example, TransferSet
 from kd_engine.data.files import column, label_order, read_rows
 from kd_engine.data.inspect import finite_number, is_integer_label
 from kd_engine.data.splits import split_off, subset
+from kd_engine.errors import SpecError
 from kd_engine.references import scheme_of
 from kd_engine.spec import DatasetSpec, EvalSetSpec, Task
 
@@ -31,15 +32,16 @@ def resolve_regression(
         teacher, decided by the labels (:func:`looks_like_regression`).
 
     Raises:
-        ValueError: ``dataset.task`` contradicts the teacher (message starts with the field).
+        SpecError: ``dataset.task`` contradicts the teacher.
     """
     if task == "auto":
         return None if teacher_task is None else teacher_task == "regression"
     if teacher_task is not None and teacher_task != task:
-        raise ValueError(
-            f"dataset.task: it is {task} but the teacher is a {teacher_task} model "
+        raise SpecError(
+            "dataset.task",
+            f"it is {task} but the teacher is a {teacher_task} model "
             f"({'one output' if teacher_task == 'regression' else 'several classes'}); "
-            "leave task at 'auto' or use a teacher of that kind"
+            "leave task at 'auto' or use a teacher of that kind",
         )
     return task == "regression"
 

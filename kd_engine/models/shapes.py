@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from kd_engine.errors import SpecError
 from kd_engine.models.student import resolve_pretrained_layers
 from kd_engine.models.text_students import BILSTM_MODEL_TYPE, CNN_MODEL_TYPE
 from kd_engine.students_spec import (
@@ -80,20 +81,20 @@ def planned_student_shape(
     student, its ``config.json`` dict; cut to its chosen ``layers`` / ``num_layers``).
 
     Raises:
-        ValueError: a pretrained student without its config ("student.model: ..."), or whose
+        SpecError: a pretrained student without its config (``student.model``), or whose
             chosen layers are out of range of its own ("student.layers: ..." /
             "student.num_layers: ..."; see :func:`~kd_engine.models.student.
             resolve_pretrained_layers`).
     """
     if isinstance(student, PretrainedStudent):
         if student_config is None:
-            raise ValueError("student.model: the pretrained student's config is needed")
+            raise SpecError("student.model", "the pretrained student's config is needed")
         shape = shape_from_config(student_config, teacher.num_labels)
         if student.layers is None and student.num_layers is None:
             return shape
         if not shape.transformer:
             field = "student.layers" if student.layers is not None else "student.num_layers"
-            raise ValueError(f"{field}: only a transformer's layers can be chosen")
+            raise SpecError(field, "only a transformer's layers can be chosen")
         kept = resolve_pretrained_layers(student, shape.num_layers)
         return replace(shape, num_layers=len(kept))
     if isinstance(student, BiLSTMStudent):

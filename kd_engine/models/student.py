@@ -8,6 +8,7 @@ import copy
 import torch
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedModel
 
+from kd_engine.errors import SpecError
 from kd_engine.students_spec import FreshStudent, FromTeacherStudent, PretrainedStudent
 
 
@@ -44,14 +45,15 @@ def _chosen_layers(
     if layers is not None:
         bad = [i for i in layers if i >= available]
         if bad:
-            raise ValueError(
-                f"student.layers: index {bad[0]} is out of range; {owner} has {available} "
-                f"layers (0..{available - 1})"
+            raise SpecError(
+                "student.layers",
+                f"index {bad[0]} is out of range; {owner} has {available} "
+                f"layers (0..{available - 1})",
             )
         return list(layers)
     if num_layers is not None and num_layers > available:
-        raise ValueError(
-            f"student.num_layers: {num_layers} is more than {owner}'s {available} layers"
+        raise SpecError(
+            "student.num_layers", f"{num_layers} is more than {owner}'s {available} layers"
         )
     return None
 

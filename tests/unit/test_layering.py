@@ -14,7 +14,6 @@ from api.errors import http_headers, http_status
 from core.errors import (
     Conflict,
     DomainError,
-    InvalidSpec,
     NotFound,
     QuotaExceeded,
     Unauthorized,
@@ -32,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
         (Unauthorized("x"), 401),
         (NotFound("x"), 404),
         (Conflict("x"), 409),
-        (InvalidSpec("x", "teacher"), 422),
         (InvalidUpload("x"), 422),
         (UploadTooLarge("x", limit=1), 413),
         (QuotaExceeded("x"), 429),
@@ -45,10 +43,10 @@ def test_each_domain_error_has_one_http_status(error: DomainError, status: int) 
 
 
 def test_a_subclass_takes_its_base_status_and_only_401_has_headers() -> None:
-    class StaleReference(InvalidSpec):
+    class StaleUpload(InvalidUpload):
         code = "stale"
 
-    assert http_status(StaleReference("x")) == 422
+    assert http_status(StaleUpload("x")) == 422
     assert http_headers(Unauthorized("x")) == {"WWW-Authenticate": "Bearer"}
     assert http_headers(NotFound("x")) is None
 

@@ -13,7 +13,7 @@ from api.ui.charts import Point, Series, line_chart, nice_ticks, pareto_front, s
 from api.ui.routes import parse_spec_text
 from api.ui.views import compare_groups, comparison_table, curves, main_metric
 from core.db import Job
-from core.errors import InvalidSpec
+from kd_engine.errors import SpecError
 
 
 def test_pareto_front_keeps_points_nothing_beats() -> None:
@@ -179,6 +179,6 @@ def test_curves_from_the_stored_evaluations_and_the_train_log() -> None:
 def test_a_pasted_spec_nested_too_deeply_is_a_422_naming_the_spec() -> None:
     """json.loads and yaml.safe_load raised RecursionError on it (a 500 page)."""
     for text in ("[" * 100_000 + "]" * 100_000, "a: " + "[" * 100_000):
-        with pytest.raises(InvalidSpec, match="too deeply") as e:
+        with pytest.raises(SpecError, match="too deeply") as e:
             parse_spec_text(text)
         assert e.value.field == "spec"
