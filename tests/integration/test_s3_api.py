@@ -67,9 +67,9 @@ def test_uploads_and_a_job_go_through_the_bucket(
     assert data.status_code == 201, data.text
     data_id = data.json()["id"]
     objects = s3.all_objects(s3_endpoint, bucket)
-    assert f"core/uploads/{data_id}/data.csv" in objects
-    assert f"core/uploads/{model_id}/model/config.json" in objects
-    assert f"core/uploads/{model_id}/model/model.safetensors" in objects
+    assert f"api/uploads/{data_id}/data.csv" in objects
+    assert f"api/uploads/{model_id}/model/config.json" in objects
+    assert f"api/uploads/{model_id}/model/model.safetensors" in objects
     assert not [o for o in objects if o.endswith("/archive")]  # unpacked, then deleted
     assert test_files.stored_files(on_s3) == []  # nothing in the local uploads root
 
