@@ -27,8 +27,8 @@ from rich.table import Table
 
 from distillery_sdk.client import Client
 from distillery_sdk.config import ConfigError, config_path, resolve
+from distillery_sdk.contracts import JobMetrics
 from distillery_sdk.errors import DistilleryError
-from distillery_sdk.metrics import JobMetrics
 from distillery_sdk.models import Event, Job
 
 console = Console(highlight=False, soft_wrap=True)

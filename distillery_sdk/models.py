@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from distillery_sdk.metrics import EvaluationRecord, JobMetrics
+from distillery_sdk.contracts import Block, EvaluationRecord, JobMetrics, event_payload
 
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 """A job in one of these statuses will not change any more."""
@@ -129,7 +129,7 @@ class CheckpointList(_Model):
 class Metrics(_Model):
     """Per-epoch train loss and dev metrics so far (``epochs``) and, once the job succeeded,
     ``final``: its ``metrics.json`` less the epochs (test metrics of the student and teacher,
-    agreement, parameters, latency, ONNX...; :class:`~distillery_sdk.metrics.JobMetrics`)."""
+    agreement, parameters, latency, ONNX...; :class:`~distillery_sdk.contracts.JobMetrics`)."""
 
     job_id: str
     status: str
@@ -148,6 +148,17 @@ class Event(_Model):
     type: str
     message: str
     data: dict[str, Any]
+
+    @property
+    def payload(self) -> Block | None:
+        """``data`` typed for the events that carry details (``checkpoint``, ``resumed``,
+        ``paused``, ``succeeded``, ``epoch``: :data:`~distillery_sdk.contracts.EVENT_PAYLOADS`),
+        None for the others.
+
+        Raises:
+            pydantic.ValidationError: ``data`` does not fit its type's payload.
+        """
+        return event_payload(self.type, self.data)
 
 
 class EventList(_Model):

@@ -1,4 +1,5 @@
-"""Typed contracts of a job's results, each defined once: the progress record and ``metrics.json``.
+"""Typed contracts of a job's results, each defined once: the progress record, ``metrics.json``
+and the structured event payloads.
 
 Pure pydantic, no torch: the engine writes these (:mod:`kd_engine.run`, :mod:`kd_engine.trainer`),
 the worker stores them, the report (:mod:`kd_engine.report_html`), the dashboard
@@ -393,6 +394,108 @@ class JobMetrics(Block):
     def to_json(self) -> dict[str, Any]:
         """The JSON the model was read from (keys it did not have stay absent)."""
         return self.model_dump(mode="json", exclude_unset=True)
+
+
+class CheckpointSaved(Block):
+    """The ``data`` of a ``checkpoint`` event: a checkpoint stored (``name``; at ``step`` of
+    ``total_steps`` of ``hop`` of ``num_hops``, in ``stage``), why (``reason``: ``interval``,
+    ``stage_end``, ``pause``) and its ``size_bytes`` in the artifact store."""
+
+    name: str | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    hop: int | None = None
+    num_hops: int | None = None
+    stage: str | None = None
+    reason: str | None = None
+    size_bytes: int | None = None
+
+
+class Resumed(Block):
+    """The ``data`` of a ``resumed`` event: the ``checkpoint`` an attempt continued from, its
+    ``step`` of ``total_steps``, ``hop`` of ``num_hops``, ``stage``, and the ``attempt``."""
+
+    checkpoint: str | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    hop: int | None = None
+    num_hops: int | None = None
+    stage: str | None = None
+    attempt: int | None = None
+
+
+class PausedAt(Block):
+    """The ``data`` of a ``paused`` event of a running job: the ``checkpoint`` it paused at and
+    its ``step`` of ``total_steps`` (empty for a job paused while queued)."""
+
+    checkpoint: str | None = None
+    step: int | None = None
+    total_steps: int | None = None
+
+
+class Succeeded(Block):
+    """The ``data`` of a ``succeeded`` event: the trained model's ``test`` metrics and the
+    names of the job's ``artifacts``."""
+
+    test: Scores = Field(default_factory=dict)
+    artifacts: list[str] = Field(default_factory=list)
+
+
+EVENT_PAYLOADS: dict[str, type[Block]] = {
+    "checkpoint": CheckpointSaved,
+    "resumed": Resumed,
+    "paused": PausedAt,
+    "succeeded": Succeeded,
+    "epoch": EvaluationRecord,
+}
+"""The typed ``data`` of the job events that carry structured details, by event type (the
+others carry at most a ``message``-like detail; see docs/usage.md, "Events")."""
+
+
+def event_payload(event_type: str, data: Mapping[str, Any]) -> Block | None:
+    """The ``data`` of an event of type ``event_type`` as its typed payload
+    (:data:`EVENT_PAYLOADS`), or None for a type without one.
+
+    Raises:
+        pydantic.ValidationError: ``data`` does not fit the payload (the error names the key).
+    """
+    model = EVENT_PAYLOADS.get(event_type)
+    return model.model_validate(dict(data)) if model is not None else None
+
+
+class FinishedHopRecord(BaseModel):
+    """A finished hop in a checkpoint manifest: its training result
+    (:class:`kd_engine.trainer.TrainResult` as a dict) and its ``hops[]`` report."""
+
+    result: dict[str, Any]
+    report: dict[str, Any]
+
+
+class CheckpointManifest(BaseModel):
+    """A checkpoint's ``manifest.json`` (:mod:`kd_engine.checkpoint`; written and read there):
+    ``format`` (the checkpoint format's version), the ``spec_hash`` of the run that wrote it,
+    its ``name``, where it was taken (``step`` of ``total_steps`` of ``hop`` of ``num_hops``,
+    ``stage`` and its 1-based ``stage_index``), why (``reason``), the latest ``dev`` metrics,
+    the unix ``time`` it was written, whether the job's teacher taught a hop so far
+    (``teacher_taught``), the loop's counters and running sums (``loop``: the scalar fields of
+    :class:`kd_engine.checkpoint.LoopState`) and the ``finished`` hops. The tensors are in the
+    checkpoint's safetensors and ``state.pt`` files, not here."""
+
+    format: int
+    spec_hash: str
+    name: str
+    step: int
+    total_steps: int
+    hop: int
+    num_hops: int
+    stage: str
+    stage_index: int
+    reason: str
+    dev: dict[str, float]
+    time: float
+    teacher_taught: bool
+    loop: dict[str, Any]
+    finished: list[FinishedHopRecord]
 
 
 def load_metrics(data: Mapping[str, Any] | JobMetrics | None) -> JobMetrics:

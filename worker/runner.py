@@ -21,7 +21,7 @@ from api.settings import Settings
 from api.storage import StorageError, artifact_storage
 from api.upload_names import name_uploads
 from kd_engine.checkpoint import Paused, SavedCheckpoint
-from kd_engine.contracts import JobMetrics, Progress
+from kd_engine.contracts import JobMetrics, Progress, Succeeded
 from kd_engine.distributed import run_job_distributed, worker_gpus
 from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, PretrainedStudent
@@ -148,7 +148,7 @@ def _record_published(
             "succeeded",
             f"the {'fine-tuned teacher' if typed.trained == 'teacher' else 'student'} "
             "is ready to download",
-            data={"test": typed.test or {}, "artifacts": [f[0] for f in files]},
+            data=Succeeded(test=typed.test or {}, artifacts=[f[0] for f in files]).model_dump(),
         )
         s.commit()
     return True

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.dataclasses import is_pydantic_dataclass
 from pydantic.fields import FieldInfo
 
-from distillery_sdk import metrics as sdk_metrics
+from distillery_sdk import contracts as sdk_contracts
 from distillery_sdk import models as sdk_models
 from kd_engine import contracts
 from kd_engine.contracts import JobMetrics, Progress, load_metrics, unmodelled_keys
@@ -153,8 +153,8 @@ def _field_shapes(cls: type) -> dict[str, object]:
     ("sdk", "engine"),
     [
         (sdk_models.Progress, contracts.Progress),
-        (sdk_metrics.JobMetrics, contracts.JobMetrics),
-        (sdk_metrics.EvaluationRecord, contracts.EvaluationRecord),
+        (sdk_contracts.JobMetrics, contracts.JobMetrics),
+        (sdk_contracts.EvaluationRecord, contracts.EvaluationRecord),
     ],
 )
 def test_the_sdk_copies_match_the_engine_definitions(sdk: type, engine: type) -> None:
@@ -182,7 +182,7 @@ def test_the_shape_comparison_sees_a_drift() -> None:
     assert _field_shapes(A) != _field_shapes(B)
     assert _field_shapes(A) != _field_shapes(C)
     assert _field_shapes(A) != _field_shapes(D)
-    assert _shape(sdk_metrics.JobMetrics) != _shape(sdk_models.Metrics)
+    assert _shape(sdk_contracts.JobMetrics) != _shape(sdk_models.Metrics)
 
 
 def test_every_engine_block_has_an_sdk_copy() -> None:
@@ -193,17 +193,17 @@ def test_every_engine_block_has_an_sdk_copy() -> None:
     }
     sdk = {
         n
-        for n, v in vars(sdk_metrics).items()
-        if isinstance(v, type) and issubclass(v, sdk_metrics.Block)
+        for n, v in vars(sdk_contracts).items()
+        if isinstance(v, type) and issubclass(v, sdk_contracts.Block)
     }
     assert engine == sdk
     for name in engine:
-        assert _shape(getattr(sdk_metrics, name)) == _shape(getattr(contracts, name)), name
+        assert _shape(getattr(sdk_contracts, name)) == _shape(getattr(contracts, name)), name
 
 
 def test_the_sdk_reads_a_servers_metrics_json() -> None:
     raw = {k: v for k, v in old_metrics().items() if k != "epochs"}
-    final = sdk_metrics.JobMetrics.model_validate(raw)
+    final = sdk_contracts.JobMetrics.model_validate(raw)
     assert final.model_dump(mode="json", exclude_unset=True) == raw
     assert final.teacher is not None and final.teacher.parameters == raw["teacher"]["parameters"]
 
@@ -213,7 +213,65 @@ def test_metrics_model_has_no_torch() -> None:
     source = Path(contracts.__file__).read_text()
     imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     assert all(
-        line.split()[1].split(".")[0] in ("__future__", "collections", "dataclasses", "typing", "pydantic")
+        line.split()[1].split(".")[0]
+        in ("__future__", "collections", "dataclasses", "typing", "pydantic")
         for line in imports
     ), imports
     assert isinstance(JobMetrics.model_json_schema(), dict)
+
+
+def test_event_payloads_are_typed_and_the_sdk_reads_them_alike() -> None:
+    assert {k: v.__name__ for k, v in contracts.EVENT_PAYLOADS.items()} == {
+        k: v.__name__ for k, v in sdk_contracts.EVENT_PAYLOADS.items()
+    }
+    data = {
+        "name": "step-00000004",
+        "step": 4,
+        "total_steps": 9,
+        "hop": 1,
+        "num_hops": 1,
+        "stage": "train",
+        "reason": "interval",
+        "size_bytes": 1234,
+    }
+    saved = contracts.event_payload("checkpoint", data)
+    assert isinstance(saved, contracts.CheckpointSaved) and saved.model_dump() == data
+    assert contracts.event_payload("stage", {"stage": "prepare"}) is None
+    event = sdk_models.Event(
+        id=1, time="2026-01-01T00:00:00Z", level="info", type="checkpoint", message="", data=data
+    )
+    assert isinstance(event.payload, sdk_contracts.CheckpointSaved)
+    assert event.payload.size_bytes == 1234
+    epoch = sdk_models.Event(
+        id=2, time="t", level="info", type="epoch", message="", data={"step": 3, "dev": {"f": 1}}
+    )
+    assert isinstance(epoch.payload, sdk_contracts.EvaluationRecord) and epoch.payload.step == 3
+    with pytest.raises(ValidationError):
+        contracts.event_payload("succeeded", {"test": {"accuracy": "high"}})
+
+
+def test_a_checkpoint_manifest_keeps_its_loop_state_exactly() -> None:
+    """The manifest model passes the loop's sums through untouched (a resume is bit-exact)."""
+    sums = {"loss": 0.1 + 0.2, "kd": 1e-300}
+    m = contracts.CheckpointManifest(
+        format=1,
+        spec_hash="abc",
+        name="step-00000002",
+        step=2,
+        total_steps=4,
+        hop=1,
+        num_hops=1,
+        stage="train",
+        stage_index=1,
+        reason="pause",
+        dev={},
+        time=1.5,
+        teacher_taught=False,
+        loop={"sums": sums, "step": 2, "stage_best": {}},
+        finished=[],
+    )
+    back = contracts.CheckpointManifest.model_validate(json.loads(json.dumps(m.model_dump())))
+    assert back == m and back.loop["sums"] == sums
+    assert list(m.model_dump())[:3] == ["format", "spec_hash", "name"]
+    with pytest.raises(ValidationError):
+        contracts.CheckpointManifest.model_validate({**m.model_dump(), "step": "two"})
