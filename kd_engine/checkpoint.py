@@ -27,14 +27,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from kd_engine.contracts import CheckpointManifest, FinishedHopRecord
+from kd_engine.contracts import CheckpointInfo, CheckpointManifest, FinishedHopRecord
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -48,6 +48,8 @@ STUDENT_DIR = "student"
 """The checkpoint's transformers directory of the student (config, safetensors, tokenizer)."""
 
 FORMAT_VERSION = 1
+
+Info = TypeVar("Info", bound=CheckpointInfo)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,12 @@ class Paused(Exception):
         self.checkpoint = checkpoint
 
 
-def _manifest(path: Path) -> CheckpointManifest:
+def _manifest(path: Path, model: type[Info]) -> Info:
+    """``path``'s manifest read as ``model`` (the info alone, or the whole manifest).
+
+    Raises:
+        ValueError: no readable manifest of this format version, or it does not fit ``model``.
+    """
     try:
         data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -123,9 +130,10 @@ def _manifest(path: Path) -> CheckpointManifest:
     if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: {MANIFEST} is not a checkpoint manifest of this version")
     try:
-        return CheckpointManifest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise ValueError(f"{path}: {MANIFEST} does not fit its model: {e}") from None
+        wrong = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise ValueError(f"{path}: {MANIFEST} is not a checkpoint manifest: {wrong}") from None
 
 
 def read_checkpoint_info(path: Path) -> SavedCheckpoint:
@@ -135,7 +143,7 @@ def read_checkpoint_info(path: Path) -> SavedCheckpoint:
         ValueError: ``path`` is not a complete checkpoint (no readable manifest).
     """
     path = Path(path)
-    m = _manifest(path)
+    m = _manifest(path, CheckpointInfo)
     return SavedCheckpoint(
         path=path,
         name=m.name,
@@ -432,7 +440,7 @@ def load_checkpoint(path: Path, spec: JobSpec, num_hops: int) -> Resume:
     """
     path = Path(path)
     try:
-        m = _manifest(path)
+        m = _manifest(path, CheckpointManifest)
     except ValueError as e:
         raise ValueError(f"resume_from: {e}") from e
     if m.spec_hash != spec_hash(spec):
