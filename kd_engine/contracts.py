@@ -211,15 +211,8 @@ class LatencyReport(Block):
     def figure(self, who: str, batch: str) -> Spread | None:
         """The :class:`Spread` of ``who`` (``student``, ``teacher``, ``speedup``) at ``batch``
         (``batch1``, ``batch32``), or None."""
-        block = getattr(self, batch, None) if batch in ("batch1", "batch32") else None
-        if block is None and self.model_extra:
-            raw = self.model_extra.get(batch)
-            block = (
-                {k: Spread.model_validate(v) for k, v in raw.items()}
-                if isinstance(raw, Mapping)
-                else None
-            )
-        return block.get(who) if isinstance(block, dict) else None
+        block = {"batch1": self.batch1, "batch32": self.batch32}.get(batch)
+        return block.get(who) if block is not None else None
 
 
 class Calibration(Block):
