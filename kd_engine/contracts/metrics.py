@@ -1,34 +1,12 @@
-"""Typed contracts of a job's results, each defined once: the progress record, ``metrics.json``
-and the structured event payloads.
-
-Pure pydantic, no torch: the engine writes these (:mod:`kd_engine.run`, :mod:`kd_engine.trainer`),
-the worker stores them, the report (:mod:`kd_engine.report_html`), the dashboard
-(:mod:`api.ui.views`) and the API read them. The SDK (``distillery_sdk``) keeps its own copies
-(it installs without the server); ``tests/unit/test_contracts.py`` keeps them equal.
-
-``metrics.json`` (:class:`JobMetrics`):
-
-- ``schema_version``: written by the engine (:data:`METRICS_SCHEMA_VERSION`); a file written
-  before the field existed reads as version 1 (the same layout). A change that renames or
-  retypes a key raises the version.
-- every block is optional when read: a job stored before a block existed, a running job's
-  metrics (``epochs`` only) and a job without a teacher (no ``teacher_test``, ``teacher``)
-  all validate, the missing blocks None (or empty). The writer's file always has the blocks
-  :data:`ALWAYS_WRITTEN` lists.
-- unknown keys are kept (``extra="allow"``), at every level: a reader older than the writer
-  ignores a newer block and writes it back unchanged; ``model_dump(mode="json",
-  exclude_unset=True)`` gives back the JSON it was read from. ``tests/unit/test_contracts.py``
-  checks that a real job's file has no key this model does not name.
-"""
+"""``metrics.json``: :class:`JobMetrics` and its blocks (see :mod:`kd_engine.contracts` for the
+version and unknown-key rules). Pure pydantic."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic.dataclasses import dataclass
 
 METRICS_SCHEMA_VERSION = 1
 """The ``schema_version`` the engine writes into ``metrics.json``."""
@@ -64,63 +42,6 @@ a teacher, a classification task, a chain with an ensemble, extra evaluation set
 Scores = dict[str, float]
 """Test or dev metrics by name: ``accuracy``, ``macro_f1``, ``mcc`` (classification) or
 ``pearson``, ``spearman``, ``mse`` (regression); see :mod:`kd_engine.evaluation`."""
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where a running job is (the trainer's report, the API's ``progress`` field, stored in
-    ``jobs.progress``): stage (``prepare``, a training stage of the method such as ``tinybert
-    intermediate`` or ``annealing T=3/7``, ``teacher cache``, ``evaluate``, ``export``,
-    ``done``) and its position (``stage_index`` of ``num_stages``), epochs and optimiser steps
-    over the whole job and within the stage, and the latest losses (mean over the epoch so far).
-    A job that trains several models (``takd``, ``born_again``, ``teacher_free_self``) also says
-    which (``hop`` of ``num_hops``; its stage names start with ``hop 2/3 assistant_2: ``), and
-    its epochs and steps then count within that model's training. In an adversarial stage
-    (``mate_kd`` and its family) ``phase`` says whose steps a report is about: ``generator``
-    (its max steps; ``losses`` holds the divergence reached, ``generator_kl`` or
-    ``generator_mse``) or ``student`` (the min steps; the method's losses).
-
-    Attributes:
-        stage: the stage's name.
-        epoch: epochs begun over the whole job (1-based; 0 outside training).
-        step: optimiser steps taken over the whole job.
-        total_steps: optimiser steps the whole job will take.
-        losses: mean losses since the epoch began (or the dev metric, on evaluation).
-        stage_index: 1-based position of the stage (0 outside training).
-        num_stages: how many training stages the job has.
-        stage_epoch: epochs begun within the stage.
-        stage_step: optimiser steps taken within the stage.
-        stage_steps: optimiser steps the stage will take.
-        hop: 1-based position of the model being trained in a job that trains several, 0 when
-            not set.
-        num_hops: how many models the job trains (0 when not set).
-        phase: ``generator``, ``student`` or '' (see above).
-    """
-
-    stage: str
-    epoch: int = 0
-    step: int = 0
-    total_steps: int = 0
-    losses: dict[str, float] = dataclasses.field(default_factory=dict)
-    stage_index: int = 0
-    num_stages: int = 0
-    stage_epoch: int = 0
-    stage_step: int = 0
-    stage_steps: int = 0
-    hop: Annotated[
-        int, Field(description="Which model of a multi-model job is training (1-based).")
-    ] = 0
-    num_hops: Annotated[
-        int, Field(description="How many models the job trains (takd, born_again).")
-    ] = 0
-    phase: Annotated[
-        str,
-        Field(
-            description="Within an adversarial stage (mate_kd and its family): 'generator' for "
-            "a report of the generator's max steps (losses: the divergence they reached, e.g. "
-            "generator_kl) and 'student' for the student's min steps; '' otherwise."
-        ),
-    ] = ""
 
 
 class Block(BaseModel):
@@ -387,115 +308,6 @@ class JobMetrics(Block):
     def to_json(self) -> dict[str, Any]:
         """The JSON the model was read from (keys it did not have stay absent)."""
         return self.model_dump(mode="json", exclude_unset=True)
-
-
-class CheckpointSaved(Block):
-    """The ``data`` of a ``checkpoint`` event: a checkpoint stored (``name``; at ``step`` of
-    ``total_steps`` of ``hop`` of ``num_hops``, in ``stage``), why (``reason``: ``interval``,
-    ``stage_end``, ``pause``) and its ``size_bytes`` in the artifact store."""
-
-    name: str | None = None
-    step: int | None = None
-    total_steps: int | None = None
-    hop: int | None = None
-    num_hops: int | None = None
-    stage: str | None = None
-    reason: str | None = None
-    size_bytes: int | None = None
-
-
-class Resumed(Block):
-    """The ``data`` of a ``resumed`` event: the ``checkpoint`` an attempt continued from, its
-    ``step`` of ``total_steps``, ``hop`` of ``num_hops``, ``stage``, and the ``attempt``."""
-
-    checkpoint: str | None = None
-    step: int | None = None
-    total_steps: int | None = None
-    hop: int | None = None
-    num_hops: int | None = None
-    stage: str | None = None
-    attempt: int | None = None
-
-
-class PausedAt(Block):
-    """The ``data`` of a ``paused`` event of a running job: the ``checkpoint`` it paused at and
-    its ``step`` of ``total_steps`` (empty for a job paused while queued)."""
-
-    checkpoint: str | None = None
-    step: int | None = None
-    total_steps: int | None = None
-
-
-class Succeeded(Block):
-    """The ``data`` of a ``succeeded`` event: the trained model's ``test`` metrics and the
-    names of the job's ``artifacts``."""
-
-    test: Scores = Field(default_factory=dict)
-    artifacts: list[str] = Field(default_factory=list)
-
-
-EVENT_PAYLOADS: dict[str, type[Block]] = {
-    "checkpoint": CheckpointSaved,
-    "resumed": Resumed,
-    "paused": PausedAt,
-    "succeeded": Succeeded,
-    "epoch": EvaluationRecord,
-}
-"""The typed ``data`` of the job events that carry structured details, by event type (the
-others carry at most a ``message``-like detail; see docs/usage.md, "Events")."""
-
-
-def event_payload(event_type: str, data: Mapping[str, Any]) -> Block | None:
-    """The ``data`` of an event of type ``event_type`` as its typed payload
-    (:data:`EVENT_PAYLOADS`), or None for a type without one.
-
-    Raises:
-        pydantic.ValidationError: ``data`` does not fit the payload (the error names the key).
-    """
-    model = EVENT_PAYLOADS.get(event_type)
-    return model.model_validate(dict(data)) if model is not None else None
-
-
-class FinishedHopRecord(BaseModel):
-    """A finished hop in a checkpoint manifest: its training result
-    (:class:`kd_engine.trainer.TrainResult` as a dict) and its ``hops[]`` report."""
-
-    result: dict[str, Any]
-    report: dict[str, Any]
-
-
-class CheckpointInfo(BaseModel):
-    """What a checkpoint's ``manifest.json`` says of it (:func:`kd_engine.checkpoint.
-    read_checkpoint_info`): ``format`` (the checkpoint format's version), its ``name``, where it
-    was taken (``step`` of ``total_steps`` of ``hop`` of ``num_hops``, ``stage`` and its 1-based
-    ``stage_index``), why (``reason``: ``interval``, ``stage_end``, ``pause``) and the latest
-    ``dev`` metrics. The rest of the manifest is ignored here (:class:`CheckpointManifest`)."""
-
-    format: int
-    name: str
-    step: int
-    total_steps: int
-    hop: int
-    num_hops: int
-    stage: str
-    stage_index: int
-    reason: str
-    dev: dict[str, float]
-
-
-class CheckpointManifest(CheckpointInfo):
-    """A checkpoint's whole ``manifest.json`` (:mod:`kd_engine.checkpoint`; written and read
-    for a resume there): :class:`CheckpointInfo`, the ``spec_hash`` of the run that wrote it,
-    the unix ``time`` it was written, whether the job's teacher taught a hop so far
-    (``teacher_taught``), the loop's counters and running sums (``loop``: the scalar fields of
-    :class:`kd_engine.checkpoint.LoopState`) and the ``finished`` hops. The tensors are in the
-    checkpoint's safetensors and ``state.pt`` files, not here."""
-
-    spec_hash: str
-    time: float
-    teacher_taught: bool
-    loop: dict[str, Any]
-    finished: list[FinishedHopRecord]
 
 
 def load_metrics(data: Mapping[str, Any] | JobMetrics | None) -> JobMetrics:
