@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -34,6 +35,7 @@ from core.db import Job, utcnow
 from core.job_status import FINISHED, JOB_STATUSES, LIVE
 from core.queue import broker_lists
 from core.settings import Settings
+from kd_engine.contracts import StageSummary, load_metrics
 
 log = logging.getLogger("distillery.metrics")
 
@@ -177,8 +179,8 @@ class ServiceCollector(Collector):
                     max(0.0, (ended - started).total_seconds())
                 )
             for stage in _stages(metrics):
-                stage_seconds.setdefault((method, str(stage.get("name", ""))), []).append(
-                    float(stage.get("seconds", 0.0))
+                stage_seconds.setdefault((method, stage.name or ""), []).append(
+                    stage.seconds or 0.0
                 )
         return [
             jobs,
@@ -203,12 +205,15 @@ class ServiceCollector(Collector):
         ]
 
 
-def _stages(metrics: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The per-stage summaries (``metrics.stages``) of a succeeded job's metrics."""
-    stages = (metrics or {}).get("stages")
-    if not isinstance(stages, list):
+def _stages(metrics: dict[str, Any] | None) -> list[StageSummary]:
+    """The per-stage summaries (``metrics.stages``) with their seconds of a succeeded job's
+    metrics; none for metrics that do not fit :class:`~kd_engine.contracts.JobMetrics` (the
+    scrape never fails)."""
+    try:
+        stages = load_metrics(metrics).stages
+    except ValidationError:
         return []
-    return [s for s in stages if isinstance(s, dict) and isinstance(s.get("seconds"), int | float)]
+    return [s for s in stages if s.seconds is not None]
 
 
 def install(app: FastAPI, settings: Settings, sessions: sessionmaker[Session]) -> None:

@@ -11,38 +11,7 @@ from pydantic import BaseModel, Field, field_validator
 from core.db import ApiKey, Artifact, File, Job, JobCheckpoint
 from core.job_status import JobStatus
 from core.tenants import KEY_NAME_MAX, check_key_name
-
-
-class ProgressOut(BaseModel):
-    """Where a running job is: stage (``prepare``, a training stage of the method such as
-    ``tinybert intermediate`` or ``annealing T=3/7``, ``evaluate``, ``export``, ``done``) and
-    its position (``stage_index`` of ``num_stages``), epochs and optimiser steps over the whole
-    job and within the stage, and the latest losses (mean over the epoch so far). A job that
-    trains several models (``takd``, ``born_again``, ``teacher_free_self``) also says which
-    (``hop`` of ``num_hops``; its stage names start with ``hop 2/3 assistant_2: ``), and its
-    epochs and steps then count within that model's training. In an adversarial stage
-    (``mate_kd`` and its family) ``phase`` says whose steps a report is about: ``generator``
-    (its max steps; ``losses`` holds the divergence reached, ``generator_kl`` or
-    ``generator_mse``) or ``student`` (the min steps; the method's losses)."""
-
-    stage: str
-    epoch: int = 0
-    step: int = 0
-    total_steps: int = 0
-    losses: dict[str, float] = Field(default_factory=dict)
-    stage_index: int = 0
-    num_stages: int = 0
-    stage_epoch: int = 0
-    stage_step: int = 0
-    stage_steps: int = 0
-    hop: int = Field(0, description="Which model of a multi-model job is training (1-based).")
-    num_hops: int = Field(0, description="How many models the job trains (takd, born_again).")
-    phase: str = Field(
-        "",
-        description="Within an adversarial stage (mate_kd and its family): 'generator' for a "
-        "report of the generator's max steps (losses: the divergence they reached, e.g. "
-        "generator_kl) and 'student' for the student's min steps; '' otherwise.",
-    )
+from kd_engine.contracts import EvaluationRecord, JobMetrics, Progress
 
 
 class PlanValueOut(BaseModel):
@@ -97,7 +66,7 @@ class JobOut(BaseModel):
     )
     spec: dict[str, Any]
     attempt: int
-    progress: ProgressOut | None
+    progress: Progress | None
     error: str | None = Field(description="Why the job failed, when it did.")
     created_at: datetime
     updated_at: datetime
@@ -126,7 +95,7 @@ class JobOut(BaseModel):
             queue=job.queue,
             spec=job.spec,
             attempt=job.attempt,
-            progress=ProgressOut(**job.progress) if job.progress else None,
+            progress=Progress(**job.progress) if job.progress else None,
             error=job.error,
             created_at=job.created_at,
             updated_at=job.updated_at,
@@ -225,13 +194,15 @@ class ArtifactList(BaseModel):
 
 
 class MetricsOut(BaseModel):
-    """Per-epoch train loss and dev metrics; test metrics, size and latency once finished."""
+    """Per-epoch train loss and dev metrics; test metrics, size and latency once finished.
+    Served with ``exclude_unset``: a block the job's ``metrics.json`` lacks stays absent."""
 
     job_id: str
     status: JobStatus
-    epochs: list[dict[str, Any]]
-    final: dict[str, Any] | None = Field(
-        description="Test metrics, teacher comparison, parameters, bytes, latency (seconds)."
+    epochs: list[EvaluationRecord]
+    final: JobMetrics | None = Field(
+        description="The job's metrics.json less its epochs (kd_engine.contracts.JobMetrics): "
+        "test metrics, teacher comparison, parameters, bytes, latency (seconds), ONNX, report."
     )
 
 

@@ -19,6 +19,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 import yaml
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -26,6 +27,7 @@ from rich.table import Table
 
 from distillery_sdk.client import Client
 from distillery_sdk.config import ConfigError, config_path, resolve
+from distillery_sdk.contracts import JobMetrics
 from distillery_sdk.errors import DistilleryError
 from distillery_sdk.models import Event, Job
 
@@ -336,7 +338,7 @@ def _report_final(client: Client, job: Job, output: Output = Output.text) -> int
         if output is Output.json:
             return 0  # the last line was the succeeded job
         console.print(f"[bold green]job {job.id} succeeded[/]")
-        final = client.metrics(job.id).final or {}
+        final = client.metrics(job.id).final or JobMetrics()
         _print_metrics(final, job.method)
         return 0
     if job.status == "failed":
@@ -346,17 +348,22 @@ def _report_final(client: Client, job: Job, output: Output = Output.text) -> int
     return 1
 
 
-def _print_metrics(final: dict[str, Any], method: str = "") -> None:
+def _figures(block: BaseModel | None) -> dict[str, Any]:
+    """A ``metrics.json`` block's keys as stored (absent ones left out)."""
+    return block.model_dump(mode="json", exclude_unset=True) if block is not None else {}
+
+
+def _print_metrics(final: JobMetrics, method: str = "") -> None:
     """The test metrics of the student (and of the teacher, for a KD job) with their size and
     speed, then the teacher agreement and where the best dev score was. One row per metric
     and a column per model, so that no name or value is cut; a finetune job's model is the
     fine-tuned teacher, not a student."""
     trained = "teacher (fine-tuned)" if method == "finetune" else "student"
     rows: dict[str, dict[str, Any]] = {
-        trained: {**(final.get("test") or {}), **(final.get("student") or {})},
+        trained: {**(final.test or {}), **_figures(final.student)},
     }
-    if final.get("teacher_test") or final.get("teacher"):
-        rows["teacher"] = {**(final.get("teacher_test") or {}), **(final.get("teacher") or {})}
+    if final.teacher_test or final.teacher:
+        rows["teacher"] = {**(final.teacher_test or {}), **_figures(final.teacher)}
     names = [
         n
         for n in dict.fromkeys(k for r in rows.values() for k in r)
@@ -369,9 +376,14 @@ def _print_metrics(final: dict[str, Any], method: str = "") -> None:
     for n in names:
         table.add_row(n, *(_fmt(r.get(n)) for r in rows.values()))
     _print_table(table)
-    for k in ("teacher_agreement", "best_epoch", "best_stage", "train_seconds"):
-        if final.get(k) is not None:
-            console.print(f"{k}: {_fmt(final[k])}")
+    for k, v in (
+        ("teacher_agreement", final.teacher_agreement),
+        ("best_epoch", final.best_epoch),
+        ("best_stage", final.best_stage),
+        ("train_seconds", final.train_seconds),
+    ):
+        if v is not None:
+            console.print(f"{k}: {_fmt(v)}")
 
 
 def _fmt(v: Any) -> str:

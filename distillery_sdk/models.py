@@ -1,7 +1,9 @@
 """Typed answers of the API: pydantic models mirroring ``api/schemas.py``.
 
 The API's own schemas import the ORM (SQLAlchemy), so the SDK keeps these small mirrors;
-``tests/e2e/test_sdk.py`` checks that their fields match the API's. Unknown fields a newer
+``tests/e2e/test_sdk_cli.py`` checks that their fields match the API's, and
+``tests/unit/test_contracts.py`` that the engine's contracts (``Progress``, ``metrics.json``)
+and the SDK's copies have the same fields and types. Unknown fields a newer
 API adds are ignored.
 """
 
@@ -11,6 +13,8 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from distillery_sdk.contracts import Block, EvaluationRecord, JobMetrics, event_payload
 
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 """A job in one of these statuses will not change any more."""
@@ -124,12 +128,13 @@ class CheckpointList(_Model):
 
 class Metrics(_Model):
     """Per-epoch train loss and dev metrics so far (``epochs``) and, once the job succeeded,
-    ``final`` (test metrics of the student and teacher, agreement, parameters, latency)."""
+    ``final``: its ``metrics.json`` less the epochs (test metrics of the student and teacher,
+    agreement, parameters, latency, ONNX...; :class:`~distillery_sdk.contracts.JobMetrics`)."""
 
     job_id: str
     status: str
-    epochs: list[dict[str, Any]]
-    final: dict[str, Any] | None
+    epochs: list[EvaluationRecord]
+    final: JobMetrics | None
 
 
 class Event(_Model):
@@ -143,6 +148,17 @@ class Event(_Model):
     type: str
     message: str
     data: dict[str, Any]
+
+    @property
+    def payload(self) -> Block | None:
+        """``data`` typed for the events that carry details (``checkpoint``, ``resumed``,
+        ``paused``, ``succeeded``, ``epoch``: :data:`~distillery_sdk.contracts.EVENT_PAYLOADS`),
+        None for the others.
+
+        Raises:
+            pydantic.ValidationError: ``data`` does not fit its type's payload.
+        """
+        return event_payload(self.type, self.data)
 
 
 class EventList(_Model):

@@ -27,13 +27,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from kd_engine import names
+from kd_engine.contracts import CheckpointInfo, CheckpointManifest, FinishedHopRecord
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -47,6 +49,8 @@ STUDENT_DIR = names.STUDENT_DIR
 """The checkpoint's transformers directory of the student (config, safetensors, tokenizer)."""
 
 FORMAT_VERSION = 1
+
+Info = TypeVar("Info", bound=CheckpointInfo)
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,12 @@ class Paused(Exception):
         self.checkpoint = checkpoint
 
 
-def _manifest(path: Path) -> dict[str, Any]:
+def _manifest(path: Path, model: type[Info]) -> Info:
+    """``path``'s manifest read as ``model`` (the info alone, or the whole manifest).
+
+    Raises:
+        ValueError: no readable manifest of this format version, or it does not fit ``model``.
+    """
     try:
         data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -121,7 +130,11 @@ def _manifest(path: Path) -> dict[str, Any]:
         ) from e
     if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: {MANIFEST} is not a checkpoint manifest of this version")
-    return data
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        wrong = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise ValueError(f"{path}: {MANIFEST} is not a checkpoint manifest: {wrong}") from None
 
 
 def read_checkpoint_info(path: Path) -> SavedCheckpoint:
@@ -131,18 +144,18 @@ def read_checkpoint_info(path: Path) -> SavedCheckpoint:
         ValueError: ``path`` is not a complete checkpoint (no readable manifest).
     """
     path = Path(path)
-    m = _manifest(path)
+    m = _manifest(path, CheckpointInfo)
     return SavedCheckpoint(
         path=path,
-        name=str(m["name"]),
-        step=int(m["step"]),
-        total_steps=int(m["total_steps"]),
-        hop=int(m["hop"]),
-        num_hops=int(m["num_hops"]),
-        stage=str(m["stage"]),
-        stage_index=int(m["stage_index"]),
-        reason=str(m["reason"]),
-        dev={str(k): float(v) for k, v in m["dev"].items()},
+        name=m.name,
+        step=m.step,
+        total_steps=m.total_steps,
+        hop=m.hop,
+        num_hops=m.num_hops,
+        stage=m.stage,
+        stage_index=m.stage_index,
+        reason=m.reason,
+        dev=dict(m.dev),
         student_dir=path / STUDENT_DIR,
     )
 
@@ -335,24 +348,24 @@ class Checkpointer:
         """Write ``state`` as a checkpoint (atomically) and return its description."""
         name = checkpoint_name(self.hop, self.num_hops, state.step)
         final = Path(self.policy.directory) / name
-        manifest: dict[str, Any] = {
-            "format": FORMAT_VERSION,
-            "spec_hash": self.spec_hash,
-            "name": name,
-            "step": state.step,
-            "total_steps": state.total_steps,
-            "hop": self.hop,
-            "num_hops": self.num_hops,
-            "stage": state.stage_name,
+        manifest = CheckpointManifest(
+            format=FORMAT_VERSION,
+            spec_hash=self.spec_hash,
+            name=name,
+            step=state.step,
+            total_steps=state.total_steps,
+            hop=self.hop,
+            num_hops=self.num_hops,
+            stage=state.stage_name,
             # 1-based: the stage under way, or (a stage-end checkpoint) the one that ended
-            "stage_index": state.stage_index + 1 if state.mid_stage else state.stage_index,
-            "reason": reason,
-            "dev": state.dev,
-            "time": time.time(),
-            "teacher_taught": self.teacher_taught,
-            "loop": {k: getattr(state, k) for k in _SCALARS},
-            "finished": [{"result": f.result, "report": f.report} for f in self.finished],
-        }
+            stage_index=state.stage_index + 1 if state.mid_stage else state.stage_index,
+            reason=reason,
+            dev=state.dev,
+            time=time.time(),
+            teacher_taught=self.teacher_taught,
+            loop={k: getattr(state, k) for k in _SCALARS},
+            finished=[FinishedHopRecord(result=f.result, report=f.report) for f in self.finished],
+        )
 
         def write(tmp: Path) -> None:
             tensors = {f"student.{k}": v for k, v in _cpu(state.student).items()}
@@ -392,7 +405,8 @@ class Checkpointer:
             for f in sorted(Path(self.out_dir).iterdir()):
                 if f.is_file() and not f.name.startswith("."):
                     shutil.copy2(f, out / f.name)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            text = json.dumps(manifest.model_dump(), indent=1)
+            (tmp / MANIFEST).write_text(text, encoding="utf-8")
 
         write_atomically(final, write)
         self.last_time = time.monotonic()
@@ -427,16 +441,16 @@ def load_checkpoint(path: Path, spec: JobSpec, num_hops: int) -> Resume:
     """
     path = Path(path)
     try:
-        m = _manifest(path)
+        m = _manifest(path, CheckpointManifest)
     except ValueError as e:
         raise ValueError(f"resume_from: {e}") from e
-    if m.get("spec_hash") != spec_hash(spec):
+    if m.spec_hash != spec_hash(spec):
         raise ValueError(
             f"resume_from: the checkpoint {path} was written by a run of another job spec; "
             "a run resumes only from its own spec's checkpoints"
         )
-    if int(m["num_hops"]) != num_hops:
-        raise ValueError(f"resume_from: the checkpoint {path} trains {m['num_hops']} models")
+    if m.num_hops != num_hops:
+        raise ValueError(f"resume_from: the checkpoint {path} trains {m.num_hops} models")
     weights = load_file(str(path / "weights.safetensors"))
     student = {k[len("student.") :]: v for k, v in weights.items() if k.startswith("student.")}
     n_modules = 1 + max(
@@ -454,7 +468,7 @@ def load_checkpoint(path: Path, spec: JobSpec, num_hops: int) -> Resume:
     # moves to its parameters' device when loaded).
     extra = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     loop = LoopState(
-        **m["loop"],
+        **m.loop,
         data_generator=extra["data_generator"],
         student=student,
         modules=modules,
@@ -465,17 +479,16 @@ def load_checkpoint(path: Path, spec: JobSpec, num_hops: int) -> Resume:
         method_extra=extra["method_extra"],
         rng=extra["rng"],
     )
-    logits = load_file(str(path / "hop_logits.safetensors")) if m["finished"] else {}
+    logits = load_file(str(path / "hop_logits.safetensors")) if m.finished else {}
     finished = [
-        FinishedHop(f["result"], logits[f"hop{i + 1}"], f["report"])
-        for i, f in enumerate(m["finished"])
+        FinishedHop(f.result, logits[f"hop{i + 1}"], f.report) for i, f in enumerate(m.finished)
     ]
     prev = path / "previous.safetensors"
     return Resume(
         path=path,
-        hop=int(m["hop"]),
+        hop=m.hop,
         num_hops=num_hops,
-        teacher_taught=bool(m["teacher_taught"]),
+        teacher_taught=m.teacher_taught,
         finished=finished,
         previous=load_file(str(prev)) if prev.exists() else None,
         loop=loop,

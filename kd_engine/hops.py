@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kd_engine import registry
 from kd_engine.augment.samples import SAMPLES_FILE, decode_samples, write_samples
 from kd_engine.checkpoint import Checkpointer, Resume
+from kd_engine.contracts import Progress
 from kd_engine.data.batching import Encoded
 from kd_engine.evaluation import count_parameters, predict_logits, task_metrics
 from kd_engine.export import save_archive
@@ -40,7 +41,7 @@ from kd_engine.spec import (
     StudentSpec,
 )
 from kd_engine.teacher_cache import TeacherCache, eligible
-from kd_engine.trainer import Progress, TrainHooks, TrainResult, seed_everything, train
+from kd_engine.trainer import TrainHooks, TrainResult, seed_everything, train
 
 
 def build_student(

@@ -12,8 +12,10 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kd_engine.contracts import EvaluationRecord
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -54,23 +56,23 @@ def _value(x: object) -> float:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else math.nan
 
 
-def curve_positions(epochs: Sequence[Mapping[str, Any]]) -> list[float]:
+def curve_positions(epochs: Sequence[EvaluationRecord]) -> list[float]:
     """The x position of each dev-evaluation record: its ``step``, plus the last step of every
     earlier hop (a chain's hops each count steps from 0), so the hops follow one another."""
     xs: list[float] = []
     offset, last_step, last_hop = 0, 0, None
     for i, r in enumerate(epochs):
-        hop = r.get("hop")
+        hop = r.hop
         if i and hop != last_hop:
             offset += last_step
         last_hop = hop
-        step = _value(r.get("step"))
+        step = _value(r.step)
         last_step = int(step) if math.isfinite(step) else 0
         xs.append(float(offset + last_step))
     return xs
 
 
-def learning_curves(epochs: Sequence[Mapping[str, Any]]) -> str | None:
+def learning_curves(epochs: Sequence[EvaluationRecord]) -> str | None:
     """Two panels from ``metrics.json``'s ``epochs`` (one record per dev evaluation): the mean
     training losses since the previous evaluation (``train_losses``: the total and each part)
     and the dev metrics, against the optimiser step; a dashed line and the name where a stage
@@ -81,20 +83,15 @@ def learning_curves(epochs: Sequence[Mapping[str, Any]]) -> str | None:
     fig = _figure(10.0, 3.8, constrained=False)
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.13, top=0.92, wspace=0.15)
     loss_ax, dev_ax = fig.subplots(1, 2)
-    for ax, field, title in (
-        (loss_ax, "train_losses", "training loss"),
-        (dev_ax, "dev", "dev metrics"),
+    for ax, series, title in (
+        (loss_ax, [r.train_losses for r in epochs], "training loss"),
+        (dev_ax, [r.dev for r in epochs], "dev metrics"),
     ):
         keys: list[str] = []
-        for r in epochs:
-            values = r.get(field)
-            if isinstance(values, Mapping):
-                keys += [str(k) for k in values if str(k) not in keys]
+        for values in series:
+            keys += [k for k in values if k not in keys]
         for key in keys:
-            ys = [
-                _value(v.get(key)) if isinstance(v := r.get(field), Mapping) else math.nan
-                for r in epochs
-            ]
+            ys = [_value(values.get(key)) for values in series]
             width = 2.0 if key == "loss" else 1.2
             ax.plot(xs, ys, marker="o", markersize=3, linewidth=width, label=key)
         ax.set_title(title)
@@ -104,7 +101,7 @@ def learning_curves(epochs: Sequence[Mapping[str, Any]]) -> str | None:
             ax.legend(fontsize="small")
         previous = None
         for i, r in enumerate(epochs):
-            segment = (r.get("hop"), r.get("stage"))
+            segment = (r.hop, r.stage)
             if segment != previous:
                 name = "/".join(str(s) for s in segment if s is not None)
                 if i:

@@ -29,6 +29,7 @@ from kd_engine.checkpoint import (
     load_checkpoint,
     spec_hash,
 )
+from kd_engine.contracts import METRICS_SCHEMA_VERSION, JobMetrics, Progress
 from kd_engine.data import TransferSet, load_eval_sets, load_transfer_set, relabel
 from kd_engine.data.batching import encode, encode_corpus
 from kd_engine.data.corpus import load_corpus
@@ -56,7 +57,6 @@ from kd_engine.reports import evaluate_sets, split_diagnostics, teacher_match
 from kd_engine.spec import JobSpec, PretrainedStudent
 from kd_engine.teacher_cache import CacheStore, cache_key, eligible, load_or_build, off_report
 from kd_engine.trainer import (
-    Progress,
     TrainHooks,
     TrainResult,
     pick_device,
@@ -154,10 +154,16 @@ def _write_report(
     """Write ``report.html`` (:func:`kd_engine.report_html.write_report`) from the finished
     metrics; returns ``metrics.json``'s ``report``: ``file``, ``bytes`` and ``seconds``, or
     ``error`` (logged as a warning and added to ``metrics["warnings"]``): a report that cannot
-    be drawn never fails the job."""
+    be drawn never fails the job.
+
+    Raises:
+        pydantic.ValidationError: ``metrics`` breaks :class:`~kd_engine.contracts.JobMetrics`
+            (a bug of the writer, not a report problem).
+    """
+    typed = JobMetrics.model_validate(metrics)
     started = time.perf_counter()
     try:
-        path = write_report(metrics, out_dir)
+        path = write_report(typed, out_dir)
     except Exception as e:  # the report is a convenience; the student is the job's result
         message = f"the report was not written: {type(e).__name__}: {e}"
         metrics["warnings"].append(message)
@@ -472,6 +478,7 @@ def run_job(
 
     s_logits = final.test_logits
     metrics: dict[str, Any] = {
+        "schema_version": METRICS_SCHEMA_VERSION,
         "method": spec.method.name,
         "task": task,
         "labels": data.label_names,
@@ -539,6 +546,7 @@ def run_job(
     metrics["onnx"] = _onnx(student, job, metrics["warnings"], log)
     # Last: the report reads every block of the metrics (add new ones above this line).
     metrics["report"] = _write_report(metrics, out_dir, log)
+    JobMetrics.model_validate(metrics)  # the contract every reader relies on
     write_json(out_dir / METRICS_FILE, metrics)
     log({"event": "done", "test": metrics["test"]})
     return RunResult(metrics=metrics, out_dir=out_dir)

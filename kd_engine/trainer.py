@@ -36,6 +36,7 @@ from kd_engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from kd_engine.contracts import Progress as Progress  # re-exported: defined once there
 from kd_engine.data.batching import Encoded, batches, num_batches
 from kd_engine.distributed import DistContext, RankFinished, current
 from kd_engine.evaluation import model_inputs, predict_logits, task_metrics
@@ -48,45 +49,6 @@ from kd_engine.teacher_cache import TeacherCache
 
 class Cancelled(Exception):
     """Raised inside the loop when ``should_stop`` says the job was cancelled."""
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A progress report.
-
-    Attributes:
-        stage: the stage's name (``prepare``, ``tinybert intermediate``, ``evaluate``, ...).
-        epoch: epochs begun over the whole job (1-based; 0 outside training).
-        step: optimiser steps taken over the whole job.
-        total_steps: optimiser steps the whole job will take.
-        losses: mean losses since the epoch began (or the dev metric, on evaluation).
-        stage_index: 1-based position of the stage (0 outside training).
-        num_stages: how many training stages the job has.
-        stage_epoch: epochs begun within the stage.
-        stage_step: optimiser steps taken within the stage.
-        stage_steps: optimiser steps the stage will take.
-        hop: 1-based position of the model being trained in a job that trains several (a chain
-            such as ``takd``; see :mod:`kd_engine.methods.chain`), 0 when not set. Epochs and
-            steps then count within the hop.
-        num_hops: how many models the job trains (0 when not set).
-        phase: within an adversarial stage (MATE-KD and its family), ``generator`` for a report
-            of the generator's max steps (``losses`` then holds the divergence they reached,
-            e.g. ``generator_kl``) and ``student`` for the student's min steps; '' otherwise.
-    """
-
-    stage: str
-    epoch: int
-    step: int
-    total_steps: int
-    losses: dict[str, float]
-    stage_index: int = 0
-    num_stages: int = 0
-    stage_epoch: int = 0
-    stage_step: int = 0
-    stage_steps: int = 0
-    hop: int = 0
-    num_hops: int = 0
-    phase: str = ""
 
 
 @dataclass

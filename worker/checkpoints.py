@@ -23,6 +23,7 @@ from core.job_status import JobStatus
 from core.settings import Settings
 from core.storage import ObjectNotFound, StorageError, artifact_storage, sha256_file
 from kd_engine.checkpoint import CheckpointPolicy, SavedCheckpoint, read_checkpoint_info
+from kd_engine.contracts import CheckpointSaved, PausedAt, Resumed
 from worker.db_retry import Retrier
 
 log = logging.getLogger("distillery.worker")
@@ -96,16 +97,16 @@ def _record_stored(
             "checkpoint",
             f"checkpoint {saved.name} saved at step {saved.step} of {saved.total_steps}{hop} "
             f"({saved.reason})",
-            data={
-                "name": saved.name,
-                "step": saved.step,
-                "total_steps": saved.total_steps,
-                "hop": saved.hop,
-                "num_hops": saved.num_hops,
-                "stage": saved.stage,
-                "reason": saved.reason,
-                "size_bytes": row.size_bytes,
-            },
+            data=CheckpointSaved(
+                name=saved.name,
+                step=saved.step,
+                total_steps=saved.total_steps,
+                hop=saved.hop,
+                num_hops=saved.num_hops,
+                stage=saved.stage,
+                reason=saved.reason,
+                size_bytes=row.size_bytes,
+            ).model_dump(),
         )
         old = checkpoints.beyond_keep(s, job_id, settings.checkpoints_keep)
         checkpoints.remove(s, job_id, old)
@@ -233,15 +234,15 @@ def record_resumed(
             job_id,
             "resumed",
             f"resumed from checkpoint {info.name} at step {info.step} of {info.total_steps}{hop}",
-            data={
-                "checkpoint": info.name,
-                "step": info.step,
-                "total_steps": info.total_steps,
-                "hop": info.hop,
-                "num_hops": info.num_hops,
-                "stage": info.stage,
-                "attempt": attempt,
-            },
+            data=Resumed(
+                checkpoint=info.name,
+                step=info.step,
+                total_steps=info.total_steps,
+                hop=info.hop,
+                num_hops=info.num_hops,
+                stage=info.stage,
+                attempt=attempt,
+            ).model_dump(),
         )
         s.commit()
 
@@ -258,11 +259,9 @@ def settle_paused(sm: sessionmaker[Session], job_id: str, saved: SavedCheckpoint
                 "paused",
                 f"paused at step {saved.step} of {saved.total_steps} (checkpoint {saved.name}); "
                 "the worker is free",
-                data={
-                    "checkpoint": saved.name,
-                    "step": saved.step,
-                    "total_steps": saved.total_steps,
-                },
+                data=PausedAt(
+                    checkpoint=saved.name, step=saved.step, total_steps=saved.total_steps
+                ).model_dump(),
             )
             s.commit()
             return JobStatus.PAUSED

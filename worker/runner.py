@@ -23,10 +23,11 @@ from core.settings import Settings
 from core.storage import StorageError, artifact_storage
 from core.upload_names import name_uploads
 from kd_engine.checkpoint import Paused, SavedCheckpoint
+from kd_engine.contracts import JobMetrics, Progress, Succeeded
 from kd_engine.distributed import run_job_distributed, worker_gpus
 from kd_engine.run import run_job
 from kd_engine.spec import PretrainedStudent, stored_spec
-from kd_engine.trainer import Cancelled, Progress, TrainHooks
+from kd_engine.trainer import Cancelled, TrainHooks
 from worker import checkpoints as saved_checkpoints
 from worker.db_retry import DatabaseUnavailable, Retrier
 from worker.heartbeat import Heartbeat
@@ -118,19 +119,18 @@ def _record_published(
     """One transaction: the artifacts' rows, ``succeeded`` and its event (if still owned)."""
     with sm() as s:
         repository.replace_artifacts(s, job_id, files)
-        stages = metrics.get("stages") or []
-        steps = sum(int(st.get("steps", 0)) for st in stages)
-        done = {
-            "stage": "done",
-            "epoch": sum(int(st.get("epochs", 0)) for st in stages),
-            "step": steps,
-            "total_steps": steps,
-            "losses": {},
-            "stage_index": len(stages),
-            "num_stages": len(stages),
-            "hop": len(metrics.get("hops") or []),
-            "num_hops": len(metrics.get("hops") or []),
-        }
+        typed = JobMetrics.model_validate(metrics)
+        steps = sum(st.steps or 0 for st in typed.stages)
+        done = Progress(
+            "done",
+            epoch=sum(st.epochs or 0 for st in typed.stages),
+            step=steps,
+            total_steps=steps,
+            stage_index=len(typed.stages),
+            num_stages=len(typed.stages),
+            hop=len(typed.hops),
+            num_hops=len(typed.hops),
+        )
         published = repository.transition(
             s,
             job_id,
@@ -139,7 +139,7 @@ def _record_published(
             on_attempt=attempt,
             finished_at=utcnow(),
             metrics=metrics,
-            progress=done,
+            progress=dataclasses.asdict(done),
         )
         if not published:  # cancelled meanwhile, or another attempt owns it: keep its rows
             s.rollback()
@@ -148,9 +148,9 @@ def _record_published(
             s,
             job_id,
             "succeeded",
-            f"the {'fine-tuned teacher' if metrics.get('trained') == 'teacher' else 'student'} "
+            f"the {'fine-tuned teacher' if typed.trained == 'teacher' else 'student'} "
             "is ready to download",
-            data={"test": metrics.get("test", {}), "artifacts": [f[0] for f in files]},
+            data=Succeeded(test=typed.test or {}, artifacts=[f[0] for f in files]).model_dump(),
         )
         s.commit()
     return True

@@ -27,6 +27,7 @@ from typing import Any
 
 from core.job_status import JobStatus
 from core.settings import Settings
+from kd_engine.contracts import load_metrics
 
 log = logging.getLogger("distillery.worker")
 
@@ -174,12 +175,12 @@ class JobTracker:
         if not self.active:
             return
         try:
-            stages = metrics.get("stages") or []
-            step = sum(int(st.get("steps", 0)) for st in stages if isinstance(st, Mapping))
+            typed = load_metrics(metrics)
+            step = sum(st.steps or 0 for st in typed.stages)
             final: dict[str, float] = {}
-            for part in ("test", "teacher_test"):
-                if isinstance(metrics.get(part), Mapping):
-                    final.update(numeric_metrics(metrics[part], part))
+            for part, scores in (("test", typed.test), ("teacher_test", typed.teacher_test)):
+                if scores is not None:
+                    final.update(numeric_metrics(scores, part))
             if final:
                 self._metrics(final, step)
             self.client.log_artifacts(self.run_id, str(student_dir), artifact_path="student")

@@ -48,6 +48,7 @@ from core.storage import (
     join_key,
 )
 from core.upload_names import name_uploads_in_error
+from kd_engine.contracts import load_metrics
 from kd_engine.errors import SpecError
 from kd_engine.report_html import CSP, REPORT_FILE
 
@@ -166,18 +167,14 @@ def delete_job(
     return Response(status_code=204)
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsOut)
+@router.get("/{job_id}/metrics", response_model=MetricsOut, response_model_exclude_unset=True)
 def job_metrics(job_id: JobId, session: SessionDep, caller: CallerDep) -> MetricsOut:
     """Per-epoch train loss and dev metrics so far; final test metrics once succeeded."""
     job = service.get(session, job_id, tenant_id=caller.tenant_id)
-    metrics = dict(job.metrics or {})
-    epochs = metrics.pop("epochs", [])
-    return MetricsOut(
-        job_id=job.id,
-        status=job.status,
-        epochs=epochs,
-        final=metrics if job.status == JobStatus.SUCCEEDED else None,
-    )
+    stored = dict(job.metrics or {})
+    epochs = load_metrics({"epochs": stored.pop("epochs", [])}).epochs
+    final = load_metrics(stored) if job.status == JobStatus.SUCCEEDED else None  # less its epochs
+    return MetricsOut(job_id=job.id, status=job.status, epochs=epochs, final=final)
 
 
 @router.get(
@@ -207,7 +204,8 @@ def job_report(
             )
         if job.status != JobStatus.SUCCEEDED:
             raise NotFound(f"job {job_id} is {job.status}; its report is written when it succeeds")
-        error = (job.metrics or {}).get("report", {}).get("error")
+        report = load_metrics(job.metrics).report
+        error = report.error if report is not None else None
         raise NotFound(
             f"job {job_id} has no report: {error}"
             if error

@@ -209,6 +209,7 @@ def jobs_page(
             "next_cursor": next_cursor,
             "cursor": cursor,
             "main_metric": views.main_metric,
+            "metrics_of": views.metrics_of,
         },
     )
 
@@ -359,7 +360,8 @@ def _job_context(session: SessionDep, caller: Caller, job: Job) -> dict[str, Any
         "finished": job.status in FINISHED,
         "artifacts": service.artifacts(session, job.id, tenant_id=caller.tenant_id),
         "checkpoints": service.job_checkpoints(session, job.id, tenant_id=caller.tenant_id),
-        "table": views.comparison_table(job.metrics or {})
+        "metrics": views.metrics_of(job),
+        "table": views.comparison_table(views.metrics_of(job))
         if job.status == JobStatus.SUCCEEDED
         else [],
         "spec_json": json.dumps(job.spec, indent=2),

@@ -1,27 +1,37 @@
 """What the dashboard shows, read from a job's stored state: its learning curves, the teacher
 vs student table and the compare page's points. Plain data (no HTTP, no templates).
 
-Sources: ``jobs.metrics`` (``epochs``: one record per dev evaluation, written while the job runs;
-once it succeeded, the whole ``metrics.json``: ``test``, ``teacher_test``, ``student`` and
-``teacher`` sizes and latencies, ``stages``) and the job's ``train_log.jsonl`` artifact (its
-``step`` records: the losses every ``progress_every_steps`` steps), see :mod:`kd_engine.run`.
+Sources: ``jobs.metrics``, read as :class:`kd_engine.contracts.JobMetrics` (``epochs``: one
+record per dev evaluation, written while the job runs; once it succeeded, the whole
+``metrics.json``: ``test``, ``teacher_test``, ``student`` and ``teacher`` sizes and latencies,
+``stages``) and the job's ``train_log.jsonl`` artifact (its ``step`` records: the losses every
+``progress_every_steps`` steps), see :mod:`kd_engine.run`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from markupsafe import Markup
+from pydantic import ValidationError
 
 from api.ui.charts import PALETTE, Point, Series, line_chart, pareto_front, scatter_chart
 from core.db import Job
 from core.settings import Settings
 from core.storage import ObjectNotFound, StorageError, artifact_storage, join_key
 from core.upload_names import label as upload_label
+from kd_engine.contracts import (
+    EvaluationRecord,
+    JobMetrics,
+    ModelFigures,
+    StageSummary,
+    load_metrics,
+)
 from kd_engine.names import CLASSIFICATION_METRICS, LOG_FILE, REGRESSION_METRICS
 
 MAIN_METRICS = ("accuracy", "pearson", "spearman", "macro_f1", "mcc")
@@ -32,14 +42,27 @@ MAX_CURVE_POINTS = 2000
 MAX_LOG_BYTES = 32 * 1024**2
 """A train log larger than this is read up to here only."""
 
+log = logging.getLogger(__name__)
 
-def main_metric(metrics: dict[str, Any]) -> str | None:
+
+def metrics_of(job: Job) -> JobMetrics:
+    """The job's stored metrics as :class:`~kd_engine.contracts.JobMetrics` (empty when it has
+    none). Stored metrics that do not fit the model (never written by the engine) are logged
+    and shown as empty, so that one bad row never breaks a page."""
+    try:
+        return load_metrics(job.metrics)
+    except ValidationError as e:
+        log.warning("job %s: its stored metrics do not fit metrics.json's model: %s", job.id, e)
+        return JobMetrics()
+
+
+def main_metric(metrics: JobMetrics) -> str | None:
     """The metric a job is ranked by: ``selection_metric`` when it is a higher-is-better test
     metric, else the first of :data:`MAIN_METRICS` in ``test``; None without test metrics."""
-    test = metrics.get("test") or {}
-    chosen = metrics.get("selection_metric")
+    test = metrics.test or {}
+    chosen = metrics.selection_metric
     if chosen in test and chosen in (*CLASSIFICATION_METRICS, *REGRESSION_METRICS):
-        return str(chosen)
+        return chosen
     return next((m for m in MAIN_METRICS if m in test), None)
 
 
@@ -92,14 +115,14 @@ def _ratio(student: Any, teacher: Any) -> str:
     return f"{s / t:.3g}x" if s is not None and t else ""
 
 
-def comparison_table(metrics: dict[str, Any]) -> list[TableRow]:
+def comparison_table(metrics: JobMetrics) -> list[TableRow]:
     """Teacher vs student from a succeeded job's metrics: each test metric, parameters, weights
     size, CPU/GPU latency per example at batch 1 and 32, and teacher agreement. Teacher cells
     are '—' where the job did not use a teacher (``finetune``)."""
-    test = metrics.get("test") or {}
-    teacher_test = metrics.get("teacher_test") or {}
-    student = metrics.get("student") or {}
-    teacher = metrics.get("teacher") or {}
+    test = metrics.test or {}
+    teacher_test = metrics.teacher_test or {}
+    student = metrics.student or ModelFigures()
+    teacher = metrics.teacher or ModelFigures()
     rows = [
         TableRow(
             f"test {name}",
@@ -112,30 +135,25 @@ def comparison_table(metrics: dict[str, Any]) -> list[TableRow]:
     rows.append(
         TableRow(
             "parameters",
-            fmt_value(teacher.get("parameters")),
-            fmt_value(student.get("parameters")),
-            _ratio(student.get("parameters"), teacher.get("parameters")),
+            fmt_value(teacher.parameters),
+            fmt_value(student.parameters),
+            _ratio(student.parameters, teacher.parameters),
         )
     )
-    rows.append(
-        TableRow("weights size", fmt_bytes(teacher.get("bytes")), fmt_bytes(student.get("bytes")))
-    )
-    for batch in (1, 32):
-        key = f"latency_s_batch{batch}"
-        rows.append(
-            TableRow(
-                f"latency per example, batch {batch}",
-                fmt_ms(teacher.get(key)),
-                fmt_ms(student.get(key)),
-                _ratio(student.get(key), teacher.get(key)),
-            )
-        )
-    for key, label in (
-        ("teacher_agreement", "agreement with the teacher"),
-        ("teacher_mean_abs_diff", "mean |student - teacher|"),
+    rows.append(TableRow("weights size", fmt_bytes(teacher.bytes), fmt_bytes(student.bytes)))
+    for batch, t, s in (
+        (1, teacher.latency_s_batch1, student.latency_s_batch1),
+        (32, teacher.latency_s_batch32, student.latency_s_batch32),
     ):
-        if key in metrics:
-            rows.append(TableRow(label, "", fmt_value(metrics[key])))
+        rows.append(
+            TableRow(f"latency per example, batch {batch}", fmt_ms(t), fmt_ms(s), _ratio(s, t))
+        )
+    for value, label in (
+        (metrics.teacher_agreement, "agreement with the teacher"),
+        (metrics.teacher_mean_abs_diff, "mean |student - teacher|"),
+    ):
+        if value is not None:
+            rows.append(TableRow(label, "", fmt_value(value)))
     return rows
 
 
@@ -169,15 +187,18 @@ def _thin(
     return points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
 
 
-def _by_stage(records: Iterable[dict[str, Any]], y_of: Any, markers: bool = False) -> list[Series]:
+def _by_stage(records: Iterable[Any], y_of: Any, markers: bool = False) -> list[Series]:
+    """One series per stage (and hop) of ``records``: train-log dicts or
+    :class:`~kd_engine.contracts.EvaluationRecord` (read through :func:`_field`)."""
     series: dict[str, Series] = {}
     for r in records:
-        x, y = _num(r.get("step")), _num(y_of(r))
+        x, y = _num(_field(r, "step")), _num(y_of(r))
         if x is None or y is None:
             continue
-        name = str(r.get("stage") or "training")
-        if r.get("hop"):
-            name = f"{r['hop']}: {name}" if not name.startswith("hop ") else name
+        name = str(_field(r, "stage") or "training")
+        hop = _field(r, "hop")
+        if hop:
+            name = f"{hop}: {name}" if not name.startswith("hop ") else name
         s = series.setdefault(
             name, Series(name, color=PALETTE[len(series) % len(PALETTE)], markers=markers)
         )
@@ -187,6 +208,11 @@ def _by_stage(records: Iterable[dict[str, Any]], y_of: Any, markers: bool = Fals
     return list(series.values())
 
 
+def _field(record: Any, name: str) -> Any:
+    """``record[name]`` of a train-log dict, or the attribute of a typed record."""
+    return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
+
+
 @dataclass
 class Curves:
     """A job's learning curves, drawn, and the per-evaluation and per-stage tables."""
@@ -194,9 +220,9 @@ class Curves:
     train_loss: Markup
     dev: Markup
     train_loss_source: str
-    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: list[EvaluationRecord] = field(default_factory=list)
     dev_metrics: list[str] = field(default_factory=list)
-    stages: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[StageSummary] = field(default_factory=list)
 
 
 def curves(job: Job, log_records: Sequence[dict[str, Any]]) -> Curves:
@@ -204,8 +230,8 @@ def curves(job: Job, log_records: Sequence[dict[str, Any]]) -> Curves:
     stage (from the train log's ``step`` records once the job has succeeded; before that, the
     mean train loss of each dev evaluation), and every dev metric against the step (one line
     per metric, a marker per evaluation)."""
-    metrics = job.metrics or {}
-    evaluations = [e for e in metrics.get("epochs") or [] if isinstance(e, dict)]
+    metrics = metrics_of(job)
+    evaluations = metrics.epochs
     steps = [r for r in log_records if r.get("event") == "step" and "loss" in r]
     if steps:
         loss = _by_stage(steps, lambda r: r.get("loss"))
@@ -214,19 +240,19 @@ def curves(job: Job, log_records: Sequence[dict[str, Any]]) -> Curves:
             "(so each curve restarts at an epoch boundary)"
         )
     else:
-        loss = _by_stage(evaluations, lambda r: r.get("train_loss"), markers=True)
+        loss = _by_stage(evaluations, lambda r: r.train_loss, markers=True)
         source = "the mean train loss at each dev evaluation"
     names: list[str] = []
     for e in evaluations:
-        for k in e.get("dev") or {}:
+        for k in e.dev:
             if k not in names:
                 names.append(k)
     dev_series = []
     for i, name in enumerate(names):
         pts = [
-            (float(e["step"]), float(e["dev"][name]))
+            (float(e.step), float(e.dev[name]))
             for e in evaluations
-            if _num(e.get("step")) is not None and _num((e.get("dev") or {}).get(name)) is not None
+            if e.step is not None and _num(e.dev.get(name)) is not None
         ]
         dev_series.append(Series(f"dev {name}", pts, PALETTE[i % len(PALETTE)], markers=True))
     return Curves(
@@ -235,7 +261,7 @@ def curves(job: Job, log_records: Sequence[dict[str, Any]]) -> Curves:
         train_loss_source=source,
         evaluations=evaluations,
         dev_metrics=names,
-        stages=[s for s in metrics.get("stages") or [] if isinstance(s, dict)],
+        stages=metrics.stages,
     )
 
 
@@ -275,11 +301,11 @@ def dataset_ref(spec: dict[str, Any]) -> str:
     return str(ds.get("source") or ds.get("train") or "?") if isinstance(ds, dict) else "?"
 
 
-def _latency_reliable(metrics: dict[str, Any]) -> bool:
+def _latency_reliable(metrics: JobMetrics) -> bool:
     """Whether the student's batch-1 latency was timed reliably (metrics.json's
     ``latency.batch1.student.reliable``; True for a job timed before the flag existed)."""
-    figure = ((metrics.get("latency") or {}).get("batch1") or {}).get("student") or {}
-    return figure.get("reliable") is not False if isinstance(figure, dict) else True
+    figure = metrics.latency.figure("student", "batch1") if metrics.latency is not None else None
+    return figure is None or figure.reliable is not False
 
 
 def compare_groups(
@@ -293,21 +319,21 @@ def compare_groups(
     names = filenames or {}
     groups: dict[tuple[str, str], list[CompareRow]] = {}
     for job in jobs:
-        metrics = job.metrics or {}
+        metrics = metrics_of(job)
         metric = main_metric(metrics)
-        value = _num((metrics.get("test") or {}).get(metric)) if metric else None
+        value = _num((metrics.test or {}).get(metric)) if metric else None
         if metric is None or value is None:
             continue
-        student = metrics.get("student") or {}
+        student = metrics.student or ModelFigures()
         row = CompareRow(
             job_id=job.id,
             method=job.method,
             dataset=upload_label(dataset_ref(job.spec), names),
             metric=metric,
             value=value,
-            latency_s=_num(student.get("latency_s_batch1")),
-            parameters=student.get("parameters"),
-            bytes=student.get("bytes"),
+            latency_s=_num(student.latency_s_batch1),
+            parameters=student.parameters,
+            bytes=student.bytes,
             teacher=upload_label(str(job.spec.get("teacher", "")), names),
             reliable=_latency_reliable(metrics),
         )

@@ -90,7 +90,6 @@ def client(stack: Stack) -> Iterator[Client]:
     ("sdk", "api"),
     [
         (models.Job, schemas.JobOut),
-        (models.Progress, schemas.ProgressOut),
         (models.JobList, schemas.JobList),
         (models.Artifact, schemas.ArtifactOut),
         (models.ArtifactList, schemas.ArtifactList),

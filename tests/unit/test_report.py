@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from kd_engine.contracts import EvaluationRecord
 from kd_engine.evaluation import confusion, expected_calibration_error, kl_teacher_student
 from kd_engine.report_html import REPORT_FILE, format_number, render_report, write_report
 from kd_engine.report_plots import curve_positions
@@ -460,13 +461,13 @@ def test_numbers_keep_small_values_visible() -> None:
 
 def test_curve_positions_chain_the_hops() -> None:
     records = [
-        {"hop": "a", "step": 2},
-        {"hop": "a", "step": 4},
-        {"hop": "b", "step": 1},
-        {"hop": "b", "step": 3},
+        EvaluationRecord(hop="a", step=2),
+        EvaluationRecord(hop="a", step=4),
+        EvaluationRecord(hop="b", step=1),
+        EvaluationRecord(hop="b", step=3),
     ]
     assert curve_positions(records) == [2.0, 4.0, 5.0, 7.0]
-    assert curve_positions([{"step": 1}, {"step": 2}]) == [1.0, 2.0]
+    assert curve_positions([EvaluationRecord(step=1), EvaluationRecord(step=2)]) == [1.0, 2.0]
 
 
 def test_a_report_that_cannot_be_written_is_a_warning_not_a_failure(tmp_path: Path) -> None:

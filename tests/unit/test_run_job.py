@@ -12,6 +12,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from kd_engine.contracts import (
+    ALWAYS_WRITTEN,
+    METRICS_SCHEMA_VERSION,
+    JobMetrics,
+    unmodelled_keys,
+)
 from kd_engine.data import Example, load_transfer_set
 from kd_engine.data.batching import encode
 from kd_engine.data.split_artifact import SPLIT_FILE
@@ -207,6 +213,23 @@ def test_vanilla_kd_latency_is_timed_interleaved_with_its_spread(kd_run: RunResu
         assert speedup["reliable"] == (speedup["spread"] <= SPREAD_LIMIT)
     report = (kd_run.out_dir / "report.html").read_text(encoding="utf-8")
     assert "timed interleaved" in report and "faster at batch 1" in report
+
+
+@pytest.mark.parametrize("which", ["teacher_run", "kd_run"])
+def test_metrics_json_fits_its_model(which: str, request: pytest.FixtureRequest) -> None:
+    """A real job's metrics.json validates against kd_engine.contracts.JobMetrics: every key
+    it holds is a field (none kept as an unknown extra), every always-written block is there,
+    the version is the writer's, and reading it back gives the same JSON."""
+    run: RunResult = request.getfixturevalue(which)
+    written = json.loads((run.out_dir / METRICS_FILE).read_text())
+    m = JobMetrics.model_validate(written)
+    assert written["schema_version"] == METRICS_SCHEMA_VERSION == m.schema_version
+    assert set(ALWAYS_WRITTEN) <= set(written)
+    assert unmodelled_keys(m) == []
+    assert m.to_json() == written
+    assert m.test == run.metrics["test"] and m.student is not None and m.report is not None
+    assert m.report.file == REPORT_FILE and m.onnx is not None and m.onnx.file == "model.onnx"
+    assert (m.teacher is not None) == (which == "kd_run")
 
 
 def test_vanilla_kd_agreement_matches_the_saved_models(

@@ -11,8 +11,9 @@ import pytest
 
 from api.ui.charts import Point, Series, line_chart, nice_ticks, pareto_front, scatter_chart
 from api.ui.routes import parse_spec_text
-from api.ui.views import compare_groups, comparison_table, curves, main_metric
+from api.ui.views import compare_groups, comparison_table, curves, main_metric, metrics_of
 from core.db import Job
+from kd_engine.contracts import load_metrics
 from kd_engine.errors import SpecError
 
 
@@ -56,12 +57,17 @@ def test_charts_escape_text_and_say_when_empty() -> None:
 
 
 def test_main_metric_prefers_the_selection_metric() -> None:
-    assert main_metric({"test": {"accuracy": 0.8, "macro_f1": 0.7}}) == "accuracy"
-    assert main_metric({"test": {"accuracy": 0.8, "mcc": 0.2}, "selection_metric": "mcc"}) == "mcc"
-    assert main_metric({"test": {"pearson": 0.8, "mse": 0.1}, "selection_metric": "mse"}) == (
-        "pearson"
+    assert main_metric(load_metrics({"test": {"accuracy": 0.8, "macro_f1": 0.7}})) == "accuracy"
+    assert (
+        main_metric(
+            load_metrics({"test": {"accuracy": 0.8, "mcc": 0.2}, "selection_metric": "mcc"})
+        )
+        == "mcc"
     )
-    assert main_metric({}) is None
+    assert main_metric(
+        load_metrics({"test": {"pearson": 0.8, "mse": 0.1}, "selection_metric": "mse"})
+    ) == ("pearson")
+    assert main_metric(load_metrics({})) is None
 
 
 METRICS: dict[str, Any] = {
@@ -98,7 +104,7 @@ METRICS: dict[str, Any] = {
 
 
 def test_comparison_table_rows_and_ratios() -> None:
-    rows = {r.label: r for r in comparison_table(METRICS)}
+    rows = {r.label: r for r in comparison_table(load_metrics(METRICS))}
     assert rows["test accuracy"].teacher == "0.9" and rows["test accuracy"].student == "0.8"
     assert rows["parameters"].ratio == "0.25x"
     assert rows["latency per example, batch 1"].student == "2 ms"
@@ -106,7 +112,10 @@ def test_comparison_table_rows_and_ratios() -> None:
     assert rows["weights size"].student == "4.0 KiB" and rows["weights size"].teacher == "—"
     assert rows["agreement with the teacher"].student == "0.93"
     # a finetune job: no teacher columns
-    alone = {r.label: r for r in comparison_table({"test": {"accuracy": 0.5}, "student": {}})}
+    alone = {
+        r.label: r
+        for r in comparison_table(load_metrics({"test": {"accuracy": 0.5}, "student": {}}))
+    }
     assert alone["test accuracy"].teacher == "—" and alone["test accuracy"].ratio == ""
 
 
@@ -174,6 +183,16 @@ def test_curves_from_the_stored_evaluations_and_the_train_log() -> None:
     after = curves(job, [*log, {"event": "stage", "stage": "kd"}])
     assert "train_log.jsonl" in after.train_loss_source
     assert after.train_loss.count("<polyline") == 1 and "<circle" not in after.train_loss
+
+
+def test_stored_metrics_that_break_the_model_show_as_empty_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bad = _job("bad", {"test": {"accuracy": "high"}})
+    assert metrics_of(bad).to_json() == {}
+    assert "bad: its stored metrics do not fit" in caplog.text
+    assert compare_groups([bad, _job("ok", {"test": {"accuracy": 0.5}})])[0].rows[0].job_id == "ok"
+    assert metrics_of(_job("ok", METRICS)).teacher_agreement == 0.93
 
 
 def test_a_pasted_spec_nested_too_deeply_is_a_422_naming_the_spec() -> None:
