@@ -188,7 +188,7 @@ def _check_teacher(session: Session, spec: JobSpec, settings: Settings, tenant_i
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (BiLSTM and CNN students cannot teach)",
             "teacher",
         )
-    uses_teacher = registry.get(spec.method.name).method_cls.uses_teacher
+    uses_teacher = registry.get(spec.method.name).method_cls.needs.teacher
     classifier = is_sequence_classifier(config)
     if uses_teacher and not classifier:
         raise InvalidSpec(
@@ -345,7 +345,7 @@ def _check_memory(
     if isinstance(spec.student, PretrainedStudent) and student_config is None:
         return  # a hub student: its size is known only to the worker
     labels = len(classifier_label_names(teacher_config)) or 2
-    uses_teacher = registry.get(spec.method.name).method_cls.uses_teacher
+    uses_teacher = registry.get(spec.method.name).method_cls.needs.teacher
     try:
         student = memory.student_size(spec.student, teacher_config, student_config, labels)
     except ValueError:

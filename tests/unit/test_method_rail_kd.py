@@ -287,7 +287,7 @@ def test_config_defaults_and_bounds() -> None:
     assert (c.redraw_every_steps, c.teacher_layers, c.seed, c.temperature) == (None, None, None, 1)
     assert c.include_last_layer is True
     assert c.ce_weight == c.kd_weight == c.rail_weight == pytest.approx(1 / 3)
-    assert RAILKD.needs_hidden_states and not RAILKD.any_student_architecture
+    assert RAILKD.needs.hidden_states and not RAILKD.any_student_architecture
     with pytest.raises(ValidationError):
         RAILKDConfig(redraw_every_steps=0)
     with pytest.raises(ValidationError):

@@ -181,8 +181,8 @@ def test_defaults_and_config_bounds() -> None:
     ):
         with pytest.raises(ValidationError):
             UniversalKDConfig.model_validate(bad)
-    assert UniversalKD.needs_hidden_states and UniversalKD.any_student_architecture
-    assert not UniversalKD.needs_attentions
+    assert UniversalKD.needs.hidden_states and UniversalKD.any_student_architecture
+    assert not UniversalKD.needs.attentions
 
 
 def test_building_makes_one_zero_probe_per_layer_in_two_groups() -> None:

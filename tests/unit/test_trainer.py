@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kd_engine.data import TransferSet
 from kd_engine.data.batching import Encoded, encode
 from kd_engine.evaluation import predict_logits
-from kd_engine.methods.base import LossResult, Method, StepOutputs
+from kd_engine.methods.base import LossResult, Method, Needs, StepOutputs
 from kd_engine.methods.finetune import Finetune, FinetuneConfig
 from kd_engine.methods.vanilla_kd import VanillaKD, VanillaKDConfig
 from kd_engine.models.shapes import ModelShape
@@ -332,7 +332,7 @@ def test_cap_warnings_name_only_the_stages_cut_short() -> None:
 class NanMethod(Method):
     """A method whose loss is NaN (as after a divergence)."""
 
-    uses_teacher = False
+    needs = Needs(teacher=False)
     config_cls = FinetuneConfig
 
     def loss(
@@ -372,7 +372,7 @@ class InfAtStep(Method):
     """Fine-tuning whose loss becomes infinite at micro-step ``bad`` (counted from 0)."""
 
     config_cls = FinetuneConfig
-    uses_teacher = False
+    needs = Needs(teacher=False)
     bad = 3
 
     def __init__(self, *args: object) -> None:
