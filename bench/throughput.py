@@ -55,6 +55,7 @@ from kd_engine.references import builtin_model_path
 from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, TrainingSpec
 from kd_engine.stages import STUDENT, ParamGroup
+from kd_engine.tasks import CLASSIFICATION
 from kd_engine.trainer import Progress, TrainHooks, train
 
 BATCH = 32
@@ -80,12 +81,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _fwd(model: Any, batch: dict[str, torch.Tensor], method: Method, device: torch.device) -> Any:
-    out = model(
-        **model_inputs(batch, device),
-        output_hidden_states=method.needs.hidden_states,
-        output_attentions=method.needs.attentions,
-    )
-    return StepOutputs(out.logits, out.hidden_states, out.attentions)
+    return CLASSIFICATION.forward(model, batch, method.needs, device)
 
 
 def _autocast(device: torch.device) -> Any:

@@ -344,25 +344,14 @@ class _Losses:
         Raises:
             ValueError: a loss was NaN or infinite (the message names the step and stage).
         """
-        if not self.pending:
-            return 0
-        tensors = [t for _, t, _ in self.pending]
-        tensors += [
-            v for _, _, p in self.pending for v in p.values() if isinstance(v, torch.Tensor)
-        ]
-        values = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist())
-        totals = [next(values) for _ in self.pending]
         pending, self.pending = self.pending, []
-        for (step, _, parts), total in zip(pending, totals, strict=True):
-            if not math.isfinite(total):
+        rows = _read_back([{"loss": total, **parts} for _, total, parts in pending])
+        for (step, _, _), row in zip(pending, rows, strict=True):
+            if not math.isfinite(row["loss"]):
                 raise ValueError(
-                    f"the loss became {total} at step {step} (stage {stage!r}): lower "
+                    f"the loss became {row['loss']} at step {step} (stage {stage!r}): lower "
                     "training.learning_rate or check the data"
                 )
-            row = {"loss": total}
-            row.update(
-                {k: next(values) if isinstance(v, torch.Tensor) else v for k, v in parts.items()}
-            )
             for k, v in row.items():
                 sums[k] = sums.get(k, 0.0) + v
         return len(pending)
@@ -716,11 +705,14 @@ def _detached(v: float | torch.Tensor) -> float | torch.Tensor:
 
 
 def _read_back(rows: list[Mapping[str, float | torch.Tensor]]) -> list[dict[str, float]]:
-    """Named values (0-d tensors or floats) as floats, the tensors read back in one transfer."""
+    """Named values (0-d tensors or floats) as floats, in order, the tensors read back in one
+    transfer (gathered on the first tensor's device)."""
     tensors = [v for row in rows for v in row.values() if isinstance(v, torch.Tensor)]
     if not tensors:
         return [{k: float(v) for k, v in row.items()} for row in rows]
-    values = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist())
+    device = tensors[0].device
+    stacked = torch.stack([t.detach().float().reshape(()).to(device) for t in tensors])
+    values = iter(stacked.tolist())
     return [
         {k: next(values) if isinstance(v, torch.Tensor) else float(v) for k, v in row.items()}
         for row in rows

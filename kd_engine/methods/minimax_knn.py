@@ -446,7 +446,7 @@ class MinimaxKNN(Method):
             total = total + alpha_aug * kd_aug
             parts["kd_augmented"] = kd_aug.detach()
             kl_chosen = sum(kl for *_, kl in self.chosen) / max(1, len(self.chosen))
-            parts["kl_chosen"] = torch.tensor(float(kl_chosen))
+            parts["kl_chosen"] = torch.tensor(float(kl_chosen), device=kd.device)
         return LossResult(total=total, parts=parts)
 
 
