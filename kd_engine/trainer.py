@@ -771,7 +771,7 @@ class _StageRun:
         for p in self.frozen:
             p.requires_grad_(False)
         mid_stage = r is not None and r.mid_stage
-        if r is not None and not r.mid_stage:  # a stage-end checkpoint: the stage begins now
+        if r is not None and not mid_stage:  # a stage-end checkpoint: the stage begins now
             loop.method.load_extra_state(r.method_extra)
             set_rng_state(r.rng)
         loop.method.begin_stage(stage)
@@ -781,12 +781,10 @@ class _StageRun:
         max_norm = loop.cfg.max_grad_norm
         self.clip = [(g.parameters(), g.max_grad_norm or max_norm) for g in active]
         if not mid_stage:
-            loop.hooks.log(
-                {"event": "stage", "stage": stage.name, "index": self.index + 1}
-                | {"steps": self.n_steps}
-            )
+            record = {"stage": stage.name, "index": self.index + 1, "steps": self.n_steps}
+            loop.hooks.log({"event": "stage", **record})
         self.started = time.perf_counter()
-        if r is not None and r.mid_stage:
+        if r is not None and mid_stage:
             self._resume_within(r)
 
     def _resume_within(self, r: LoopState) -> None:

@@ -349,3 +349,27 @@ def test_checking_a_method_allocates_no_parameters(name: str) -> None:
         return
     own = [p for g in small.param_groups() for m in g.modules for p in m.parameters()]
     assert len(registered) >= len(own)
+
+
+def test_every_method_declares_what_its_hooks_need() -> None:
+    """The loop computes what a method's ``Needs`` declare and never looks at which hooks a
+    class overrides: a method with its own ``augment``, generator steps or ``bind`` that did
+    not declare them would silently train without them. (This test is the one place that
+    looks at overrides.)"""
+    declared = {}
+    for name in registry.names():
+        cls = registry.get(name).method_cls
+        needs = cls.needs
+        if cls.augment is not Method.augment:
+            assert needs.augmented, name
+        if cls.generator_step is not Method.generator_step:
+            assert needs.generator, name
+        if cls.bind is not Method.bind:
+            assert needs.models, name
+        if needs.attention_scores:
+            assert needs.attentions, name
+        declared[name] = needs
+    assert declared["mate_kd"].generator and declared["minimax_knn"].augmented
+    assert not declared["minimax_knn"].generator and not declared["finetune"].teacher
+    assert declared["vanilla_kd"].teacher_inference_only
+    assert not declared["cilda"].teacher_inference_only
