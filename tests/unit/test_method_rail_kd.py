@@ -265,7 +265,11 @@ def test_method_projections_learn_and_loss_weights(mode: str) -> None:
     student = StepOutputs(torch.randn(3, 2, generator=g, requires_grad=True), s_hidden)
     teacher = StepOutputs(torch.randn(3, 2, generator=g), hidden_states(3, 5, 6, g))
     res = method.loss(student, teacher, torch.tensor([0, 1, 1]), torch.ones(3, 3))
-    expected = 0.2 * res.parts["ce"] + 0.3 * res.parts["kd"] + (1 / 3) * res.parts["rail"]
+    expected = (
+        0.2 * float(res.parts["ce"])
+        + 0.3 * float(res.parts["kd"])
+        + (1 / 3) * float(res.parts["rail"])
+    )
     assert float(res.total.detach()) == pytest.approx(expected, rel=1e-6)
     res.total.backward()
     used = [p for p in module.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
