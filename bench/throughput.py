@@ -55,6 +55,7 @@ from kd_engine.references import builtin_model_path
 from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, TrainingSpec
 from kd_engine.stages import STUDENT, ParamGroup
+from kd_engine.tasks import CLASSIFICATION
 from kd_engine.trainer import Progress, TrainHooks, train
 
 BATCH = 32
@@ -80,12 +81,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _fwd(model: Any, batch: dict[str, torch.Tensor], method: Method, device: torch.device) -> Any:
-    out = model(
-        **model_inputs(batch, device),
-        output_hidden_states=method.needs_hidden_states,
-        output_attentions=method.needs_attentions,
-    )
-    return StepOutputs(out.logits, out.hidden_states, out.attentions)
+    return CLASSIFICATION.forward(model, batch, method.needs, device)
 
 
 def _autocast(device: torch.device) -> Any:
@@ -137,7 +133,7 @@ def _floor(
     t_outs: list[StepOutputs | None] = []
     t_sec = 0.0
     for i, (batch, aug) in enumerate(zip(data, augmented, strict=True)):
-        if teacher is None or not method.uses_teacher:
+        if teacher is None or not method.needs.teacher:
             t_outs.append(None)
             continue
         _sync(device)
@@ -367,8 +363,8 @@ def _measure(
         row["collate_ms"] = 1000 * (time.perf_counter() - t0) / (warmup + steps)
         student_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
         restore = (
-            record_attentions([student, teacher], scores=method.attention_scores)
-            if method.needs_attentions
+            record_attentions([student, teacher], scores=method.needs.attention_scores)
+            if method.needs.attentions
             else (lambda: None)
         )
         try:

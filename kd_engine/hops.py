@@ -221,7 +221,7 @@ def run_hop(
     method = registry.build(
         hop.method, job.shape(hop_teacher or job.teacher), job.shape(student), spec.training
     )
-    kd_teacher = hop_teacher if method.uses_teacher else None
+    kd_teacher = hop_teacher if method.needs.teacher else None
     job.teacher_taught |= kd_teacher is job.teacher
     tokenizer = job.tokenizer
     method.bind(

@@ -147,7 +147,7 @@ def _hops(
         if teacher is None or student is None:
             raise ValueError(f"{config.name} plans its models from the teacher's shape")
         return plan_hops(config, teacher, student)
-    return [Hop("student", None, _NO_SHAPE, config, "job" if cls.uses_teacher else "none")]
+    return [Hop("student", None, _NO_SHAPE, config, "job" if cls.needs.teacher else "none")]
 
 
 def _planned(

@@ -246,7 +246,7 @@ def _teacher_cache(
     taught = [
         h
         for h in job.hops
-        if h.teacher == "job" and registry.get(h.method.name).method_cls.uses_teacher
+        if h.teacher == "job" and registry.get(h.method.name).method_cls.needs.teacher
     ]
     if not any(eligible(registry.get(h.method.name).method_cls) for h in taught):
         return off_report("no model of this job learns from the teacher's logits alone")
@@ -371,7 +371,7 @@ def run_job(
     student_cfg = _student_config(spec, student_path)
     regression = resolve_regression(spec.dataset.task, teacher_task(teacher_cfg))
     data = load_transfer_set(spec.dataset, resolve, regression)
-    names = _label_names(spec, method_cls.uses_teacher, teacher_cfg, data)
+    names = _label_names(spec, method_cls.needs.teacher, teacher_cfg, data)
     data = relabel(data, names)
     # Read before training, so that a bad eval set fails the job at once.
     eval_sets = load_eval_sets(spec.dataset, resolve, data.label_names, data.regression)

@@ -57,7 +57,7 @@ def eligible(method: Method | type[Method]) -> bool:
     teacher logits come from the cache, while the teacher still runs live on the augmented
     inputs (and in the method's own generator steps)."""
     return bool(
-        method.uses_teacher and not method.needs_hidden_states and not method.needs_attentions
+        method.needs.teacher and not method.needs.hidden_states and not method.needs.attentions
     )
 
 

@@ -39,11 +39,12 @@ from kd_engine.checkpoint import (
 from kd_engine.contracts import Progress as Progress  # re-exported: defined once there
 from kd_engine.data.batching import Encoded, batches, num_batches
 from kd_engine.distributed import DistContext, RankFinished, current
-from kd_engine.evaluation import model_inputs, predict_logits, task_metrics
+from kd_engine.evaluation import predict_logits, task_metrics
 from kd_engine.methods.base import Method, StepOutputs
 from kd_engine.models.attention_scores import record_attentions
 from kd_engine.spec import TrainingSpec
 from kd_engine.stages import STUDENT, ParamGroup, Stage, lr_factor
+from kd_engine.tasks import CLASSIFICATION, Task
 from kd_engine.teacher_cache import TeacherCache
 
 
@@ -192,42 +193,12 @@ def precision_plan(
 
 
 def teacher_inference_only(method: Method) -> bool:
-    """True when the loop's forward pass is the only use of the teacher: the method has no
-    ``bind`` (resources such as a generator), ``prepare``, ``augment`` or generator steps of
-    its own. Only then does the teacher run in half precision (``training.precision``): a
-    generator's gradients through the teacher, or embeddings a method computes with it, stay
-    fp32."""
-    cls = type(method)
-    return all(
-        getattr(cls, name) is getattr(Method, name)
-        for name in ("bind", "prepare", "augment", "generator_steps", "generator_step")
-    )
-
-
-def _as_float(out: StepOutputs) -> StepOutputs:
-    """A half-precision teacher's outputs in fp32, for the losses."""
-
-    def f(xs: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
-        return tuple(x.float() for x in xs) if xs is not None else None
-
-    res = StepOutputs(out.logits.float(), f(out.hidden_states), f(out.attentions))
-    if out.augmented is not None:
-        res.augmented = _as_float(out.augmented)
-    return res
-
-
-def _forward(
-    model: PreTrainedModel | torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    method: Method,
-    device: torch.device,
-) -> StepOutputs:
-    out = model(
-        **model_inputs(batch, device),
-        output_hidden_states=method.needs_hidden_states,
-        output_attentions=method.needs_attentions,
-    )
-    return StepOutputs(out.logits, out.hidden_states, out.attentions)
+    """True when the loop's forward passes are the only use of the teacher, as the method
+    declares it (:attr:`~kd_engine.methods.base.Needs.teacher_inference_only`: it neither runs
+    the models itself, nor augments, nor has a generator). Only then does the teacher run in
+    half precision (``training.precision``): a generator's gradients through the teacher, or
+    embeddings a method computes with it, stay fp32."""
+    return method.needs.teacher_inference_only
 
 
 def train(
@@ -243,6 +214,7 @@ def train(
     checkpointer: Checkpointer | None = None,
     resume: LoopState | None = None,
     teacher_cache: TeacherCache | None = None,
+    task: Task = CLASSIFICATION,
 ) -> TrainResult:
     """Train ``student`` in place with ``method``'s stages; on return it holds the weights of
     the best evaluation of a stage that may select (the last weights if none may).
@@ -260,8 +232,11 @@ def train(
     from it by example id instead of a teacher forward; the teacher still runs on augmented
     batches.
 
+    ``task`` (:mod:`kd_engine.tasks`) runs the models and gives the losses their targets; the
+    loop does not look inside a step's outputs.
+
     For a method that needs attention maps, both models run with an attention implementation
-    that reports them (probabilities, or scores when ``method.attention_scores``) during
+    that reports them (probabilities, or scores when ``method.needs.attention_scores``) during
     training, and get their own implementation back on return.
 
     Raises:
@@ -275,14 +250,14 @@ def train(
     if ctx is not None:
         hooks = _rank_hooks(hooks or TrainHooks(), ctx)
     restore = (
-        record_attentions([student, teacher], scores=method.attention_scores)
-        if method.needs_attentions
+        record_attentions([student, teacher], scores=method.needs.attention_scores)
+        if method.needs.attentions
         else (lambda: None)
     )
     loop = _Loop(student, teacher, method, train_data, dev_data, cfg, pad_id, device, hooks)
     try:
         loop.checkpointer, loop.resume = checkpointer, resume
-        loop.teacher_cache = teacher_cache
+        loop.teacher_cache, loop.task = teacher_cache, task
         result = loop()
     finally:
         loop.release()
@@ -331,32 +306,24 @@ class _Losses:
         Raises:
             ValueError: a loss was NaN or infinite (the message names the step and stage).
         """
-        if not self.pending:
-            return 0
-        tensors = [t for _, t, _ in self.pending]
-        tensors += [
-            v for _, _, p in self.pending for v in p.values() if isinstance(v, torch.Tensor)
-        ]
-        values = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist())
-        totals = [next(values) for _ in self.pending]
         pending, self.pending = self.pending, []
-        for (step, _, parts), total in zip(pending, totals, strict=True):
-            if not math.isfinite(total):
+        rows = _read_back([{"loss": total, **parts} for _, total, parts in pending])
+        for (step, _, _), row in zip(pending, rows, strict=True):
+            if not math.isfinite(row["loss"]):
                 raise ValueError(
-                    f"the loss became {total} at step {step} (stage {stage!r}): lower "
+                    f"the loss became {row['loss']} at step {step} (stage {stage!r}): lower "
                     "training.learning_rate or check the data"
                 )
-            row = {"loss": total}
-            row.update(
-                {k: next(values) if isinstance(v, torch.Tensor) else v for k, v in parts.items()}
-            )
             for k, v in row.items():
                 sums[k] = sums.get(k, 0.0) + v
         return len(pending)
 
 
 class _Loop:
-    """The state of one training run (one instance per call of :func:`train`)."""
+    """The state of one training run (one instance per call of :func:`train`): the models, the
+    job-wide counters, the best and restore states, and what every stage shares (evaluation,
+    selection, the micro-step's forward and backward, checkpoints). Each stage is run by a
+    :class:`_StageRun`."""
 
     def __init__(
         self,
@@ -400,6 +367,7 @@ class _Loop:
         self.checkpointer: Checkpointer | None = None
         self.resume: LoopState | None = None
         self.teacher_cache: TeacherCache | None = None
+        self.task: Task = CLASSIFICATION
         self.dev: dict[str, float] = {}  # the latest dev metrics
         self.dist = current()  # a data-parallel run's rank, or None
         self.autocast_dtype, self.teacher_dtype = precision_plan(cfg.precision, device)
@@ -410,6 +378,28 @@ class _Loop:
 
     def __call__(self) -> TrainResult:
         seed_everything(self.cfg.seed)
+        self._place_models()
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.method.prepare(self.train_data)
+        first = 0
+        if self.resume is None:
+            for warning in self.result.warnings:
+                self.hooks.log({"event": "warning", "message": warning})
+        else:
+            first = self._load(self.resume, generator)
+        for index in range(first, len(self.stages)):
+            resume, self.resume = self.resume, None
+            _StageRun(self, index, generator, resume).run()
+        if self.best_state is not None and "best" not in self._live:
+            self.student.load_state_dict(self.best_state)
+        self._live.clear()
+        self.result.seconds = time.perf_counter() - self.started
+        return self.result
+
+    def _place_models(self) -> None:
+        """Move the models and the method's modules to the device (the teacher in eval mode,
+        in half precision when :func:`precision_plan` says so, its fp32 weights kept); wrap
+        the student for data parallelism on several ranks."""
         self.student.to(self.device).train()  # type: ignore[arg-type]
         for group in self.groups[1:]:
             for module in group.modules:
@@ -421,21 +411,6 @@ class _Loop:
             self.teacher.to(self.device).eval()  # type: ignore[arg-type]
         if self.dist is not None:
             self.forward_student = self.dist.wrap(self.student, self.device)
-        generator = torch.Generator().manual_seed(self.cfg.seed)
-        self.method.prepare(self.train_data)
-        first = 0
-        if self.resume is None:
-            for warning in self.result.warnings:
-                self.hooks.log({"event": "warning", "message": warning})
-        else:
-            first = self._load(self.resume, generator)
-        for index in range(first, len(self.stages)):
-            self._run_stage(index, self.stages[index], generator)
-        if self.best_state is not None and "best" not in self._live:
-            self.student.load_state_dict(self.best_state)
-        self._live.clear()
-        self.result.seconds = time.perf_counter() - self.started
-        return self.result
 
     def release(self) -> None:
         """Give the teacher its fp32 weights back (when it ran in half precision)."""
@@ -470,6 +445,33 @@ class _Loop:
         if "restore" in self._live:
             self.restore_state = state
         self._live.clear()
+
+    def select(self, stage: Stage, dev: dict[str, float], score: float) -> None:
+        """Best and restore bookkeeping after an evaluation of ``stage`` whose selection
+        metric is ``score``: the exported checkpoint (``best``, among stages that select; the
+        first evaluation of such a stage when none came before) and the stage's restore point.
+        Only marks them as the current weights; :meth:`_materialise` copies them later."""
+        metric = selection_metric(self.cfg, dev)
+        best = self.result.best_dev.get(metric, -math.inf)
+        first = self.best_state is None and "best" not in self._live
+        if stage.selects_best and (first or score > best):
+            self.result.best_epoch, self.result.best_step = self.epoch, self.step
+            self.result.best_stage, self.result.best_dev = stage.name, dev
+            self._live.add("best")
+        if score > self.restore_score:
+            self.restore_score = score
+            self._live.add("restore")
+        self.dev = dict(dev)
+
+    def restore_best(self) -> None:
+        """At the end of a stage that restores its best weights: load them (unless they are
+        the current ones) and forget them."""
+        if "restore" in self._live:  # the weights are the stage's best already
+            self._live.discard("restore")
+        elif self.restore_state is not None:
+            self._materialise()  # a best state that is the current weights: copy it first
+            self.student.load_state_dict(self.restore_state)
+        self.restore_state, self.restore_score = None, -math.inf
 
     def _stage_lr(self, stage: Stage) -> float:
         """The stage's peak LR: its own, else ``training.learning_rate``."""
@@ -570,287 +572,13 @@ class _Loop:
             raise Paused(saved)
         return saved
 
-    def _run_stage(self, index: int, stage: Stage, generator: torch.Generator) -> None:
-        cfg, hooks, method = self.cfg, self.hooks, self.method
-        r, self.resume = self.resume, None
-        n_steps = self.steps[index]
-        trains = set(stage.trains) if stage.trains is not None else {g.name for g in self.groups}
-        active = [g for g in self.groups if g.name in trains]
-        frozen = [p for g in self.groups if g.name not in trains for p in g.parameters()]
-        for p in frozen:
-            p.requires_grad_(False)
-        if r is not None and not r.mid_stage:  # a stage-end checkpoint: the stage begins now
-            method.load_extra_state(r.method_extra)
-            set_rng_state(r.rng)
-        method.begin_stage(stage)
-        if r is None or not r.mid_stage:
-            self.generator_block = 0
-        optimizer, scheduler = self._optimizer(stage, active)
-        clip = [(g.parameters(), g.max_grad_norm or cfg.max_grad_norm) for g in active]
-        if r is None or not r.mid_stage:
-            hooks.log({"event": "stage", "stage": stage.name, "index": index + 1, "steps": n_steps})
-        stage_started = time.perf_counter()
-        position = {"stage_index": index + 1, "num_stages": len(self.stages)}
-        stage_step, stage_epoch = 0, 0
-        stage_best: dict[str, float] = {}
-        n_batches = num_batches(len(self.train_data), cfg.batch_size)
-        skip, epoch_start = 0, generator.get_state()
-        sums: dict[str, float] = {}
-        n_micro = 0
-        pending = _Losses()  # losses of micro-steps not yet read back
-        if r is not None and r.mid_stage:
-            assert r.optimizer is not None and r.scheduler is not None
-            optimizer.load_state_dict(r.optimizer)
-            scheduler.load_state_dict(r.scheduler)
-            method.load_extra_state(r.method_extra)
-            stage_step, stage_epoch = r.stage_step, r.stage_epoch
-            stage_best = dict(r.stage_best)
-            sums, n_micro, skip = dict(r.sums), r.n_micro, r.micro_next
-            set_rng_state(r.rng)
-        ckpt = self.checkpointer
-
-        def evaluate(sums: dict[str, float], n_micro: int, at: str) -> None:
-            dev = self._dev_metrics()
-            metric = selection_metric(cfg, dev)
-            score = dev[metric]
-            record: dict[str, object] = {
-                "stage": method.stage_label(),
-                "stage_index": index + 1,
-                "epoch": self.epoch,
-                "stage_epoch": stage_epoch,
-                "step": self.step,
-                "stage_step": stage_step,
-                "at": at,
-                "train_loss": sums.get("loss", 0.0) / max(1, n_micro),
-                "train_losses": {k: v / max(1, n_micro) for k, v in sums.items()},
-                "dev": dev,
-                "seconds": time.perf_counter() - self.started,
-            }
-            self.result.history.append(record)
-            hooks.log({"event": "epoch" if at == "epoch_end" else "evaluation", **record})
-            hooks.on_progress(
-                Progress(
-                    "evaluate",
-                    self.epoch,
-                    self.step,
-                    self.total,
-                    {f"dev_{metric}": score},
-                    stage_epoch=stage_epoch,
-                    stage_step=stage_step,
-                    stage_steps=n_steps,
-                    stage_index=index + 1,
-                    num_stages=len(self.stages),
-                )
-            )
-            if not stage_best or score > stage_best[metric]:
-                stage_best.clear()
-                stage_best.update(dev)
-            best = self.result.best_dev.get(metric, -math.inf)
-            first = self.best_state is None and "best" not in self._live
-            if stage.selects_best and (first or score > best):
-                self.result.best_epoch, self.result.best_step = self.epoch, self.step
-                self.result.best_stage, self.result.best_dev = stage.name, dev
-                self._live.add("best")
-            if score > self.restore_score:
-                self.restore_score = score
-                self._live.add("restore")
-            self.dev = dict(dev)
-
-        def snapshot(mid_stage: bool, micro_next: int) -> LoopState:
-            counters = {
-                "stage_step": stage_step,
-                "stage_epoch": stage_epoch,
-                "micro_next": micro_next,
-                "n_micro": n_micro,
-                "sums": dict(sums),
-                "stage_best": dict(stage_best),
-            }
-            if mid_stage:
-                return self._snapshot(index, True, epoch_start, optimizer, scheduler, counters)
-            return self._snapshot(index + 1, False, generator.get_state(), None, None, counters)
-
-        while stage_step < n_steps:
-            if skip:  # resuming within this epoch: its counters and sums are restored
-                generator.set_state(epoch_start := r.data_generator)  # type: ignore[union-attr]
-            else:
-                self.epoch += 1
-                stage_epoch += 1
-                sums = {}
-                n_micro = 0
-                epoch_start = generator.get_state()
-            for micro, batch in enumerate(
-                batches(
-                    self.train_data, cfg.batch_size, self.pad_id, generator, cfg.group_by_length
-                )
-            ):
-                if micro < skip:  # consumed before the checkpoint
-                    continue
-                weight = 1.0
-                if self.dist is not None:  # this rank's slice of the global batch
-                    batch, weight = self.dist.shard(batch)
-                if micro % cfg.grad_accumulation_steps == 0:
-                    self._generator_steps(stage_step, batch, position, n_steps, stage_epoch)
-                method.start_step(self.epoch, self.step)
-                method.start_batch(batch)
-                # On several ranks, gradients are all-reduced only on a group's last micro-batch.
-                sync = (micro + 1) % cfg.grad_accumulation_steps == 0 or micro + 1 >= n_batches
-                res_total, parts = self._micro_step(batch, weight, sync)
-                pending.add(self.step, res_total, parts)
-                # Step after every grad_accumulation_steps micro-batches, and after the epoch's
-                # last one (a partial group), so that each epoch takes the same number of steps.
-                if (micro + 1) % cfg.grad_accumulation_steps and micro + 1 < n_batches:
-                    continue
-                for params, max_norm in clip:
-                    torch.nn.utils.clip_grad_norm_(params, max_norm)
-                self._materialise()  # the weights are about to change
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                stage_step += 1
-                reported = stage_step % hooks.every == 0 or stage_step == n_steps
-                if reported:
-                    n_micro += pending.flush(sums, stage.name)
-                    losses = {k: v / n_micro for k, v in sums.items()}
-                    hooks.on_progress(
-                        Progress(
-                            method.stage_label(),
-                            self.epoch,
-                            self.step,
-                            self.total,
-                            losses,
-                            stage_epoch=stage_epoch,
-                            stage_step=stage_step,
-                            stage_steps=n_steps,
-                            stage_index=index + 1,
-                            num_stages=len(self.stages),
-                            phase="student" if self.generator_block else "",
-                        )
-                    )
-                    hooks.log(
-                        {
-                            "event": "step",
-                            "stage": method.stage_label(),
-                            "epoch": self.epoch,
-                            "step": self.step,
-                            **losses,
-                            "lr": scheduler.get_last_lr()[0],
-                        }
-                    )
-                    if hooks.should_stop():
-                        raise Cancelled()
-                every = cfg.eval_every_steps or stage.eval_every_steps
-                if (
-                    every
-                    and stage.evaluates
-                    and stage_step % every == 0
-                    and stage_step < n_steps
-                    and micro + 1 < n_batches
-                ):
-                    n_micro += pending.flush(sums, stage.name)
-                    evaluate(sums, n_micro, "step")
-                if ckpt is not None and stage_step < n_steps:
-                    reason = (
-                        "pause"
-                        if reported and hooks.should_pause()
-                        else "interval"
-                        if ckpt.due(self.step)
-                        else None
-                    )
-                    if reason is not None:
-                        n_micro += pending.flush(sums, stage.name)
-                        self._checkpoint(snapshot(True, micro + 1), reason)
-                if stage_step >= n_steps:
-                    break
-            skip = 0
-            n_micro += pending.flush(sums, stage.name)
-            if stage.evaluates:
-                evaluate(sums, n_micro, "epoch_end")
-            if hooks.should_stop():
-                raise Cancelled()
-
-        for p in frozen:
-            p.requires_grad_(True)
-        if stage.restore_best:
-            if "restore" in self._live:  # the weights are the stage's best already
-                self._live.discard("restore")
-            elif self.restore_state is not None:
-                self._materialise()  # a best state that is the current weights: copy it first
-                self.student.load_state_dict(self.restore_state)
-            self.restore_state, self.restore_score = None, -math.inf
-        lr = self._stage_lr(stage)
-        summary: dict[str, object] = {
-            "name": stage.name,
-            "index": index + 1,
-            "loss": stage.loss,
-            "steps": stage_step,
-            "epochs": stage_epoch,
-            "learning_rate": lr,
-            "schedule": stage.schedule or cfg.schedule,
-            "trains": sorted(trains),
-            "selects_best": stage.selects_best,
-            "restored_best": stage.restore_best,
-            "best_dev": dict(stage_best),
-            "seconds": time.perf_counter() - stage_started,
-        }
-        self.result.stages.append(summary)
-        hooks.log({"event": "stage_end", **summary})
-        if ckpt is None:
-            return
-        last = index == len(self.stages) - 1 and ckpt.hop == ckpt.num_hops
-        if not last and hooks.should_pause():
-            self._checkpoint(snapshot(False, 0), "pause")
-        elif not last and ckpt.policy.at_stage_end:
-            self._checkpoint(snapshot(False, 0), "stage_end")
-
-    def _generator_steps(
-        self,
-        stage_step: int,
-        batch: dict[str, torch.Tensor],
-        position: dict[str, int],
-        n_steps: int,
-        stage_epoch: int,
-    ) -> None:
-        """Run the method's generator (max) steps due before student step ``stage_step`` and
-        report the divergence they reached (a ``generator`` phase progress report and log
-        record). Nothing happens for a method without a generator."""
-        n = self.method.generator_steps(stage_step) if stage_step < n_steps else 0
-        if not n:
-            return
-        self.generator_block += 1
-        sums: dict[str, float] = {}
-        for _ in range(n):
-            for k, v in self.method.generator_step(batch).items():
-                sums[k] = sums.get(k, 0.0) + v
-        means = {k: v / n for k, v in sums.items()}
-        label = self.method.stage_label()
-        self.hooks.log(
-            {"event": "generator", "stage": label, "step": self.step, "steps": n, **means}
-        )
-        if self.generator_block % max(1, self.hooks.every) == 1 or self.hooks.every == 1:
-            self.hooks.on_progress(
-                Progress(
-                    label,
-                    self.epoch,
-                    self.step,
-                    self.total,
-                    means,
-                    stage_epoch=stage_epoch,
-                    stage_step=stage_step,
-                    stage_steps=n_steps,
-                    stage_index=position["stage_index"],
-                    num_stages=position["num_stages"],
-                    phase="generator",
-                )
-            )
-
-    def _micro_step(
+    def micro_step(
         self, batch: dict[str, torch.Tensor], weight: float = 1.0, sync: bool = True
     ) -> tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]:
         """Forward both models (and, when the method augments the batch, both on the augmented
         batch too), compute the method's loss, back-propagate; returns the loss, detached and
         not read back (the loop reads its losses in one go at its next report, see
-        :class:`_Losses`), and its parts.
+        :class:`_Losses`), and its parts (detached tensors, not read back either).
 
         Autocast and the teacher's dtype follow ``training.precision`` (:func:`precision_plan`;
         the teacher runs in inference mode, its outputs are cast to fp32 for the loss). On
@@ -866,33 +594,41 @@ class _Loop:
         with local:  # forward and backward inside, as DDP's no_sync requires
             return self._forward_backward(batch, weight)
 
+    def _teacher_outputs(
+        self, batch: dict[str, torch.Tensor], augmented: dict[str, torch.Tensor] | None
+    ) -> StepOutputs | None:
+        """The teacher's outputs on the batch (from the cache when there is one) and on the
+        augmented batch, in fp32; None when the method does not use the teacher."""
+        if not self.method.needs.teacher or self.teacher is None:
+            return None
+        task, needs, device = self.task, self.method.needs, self.device
+        with torch.inference_mode():
+            if self.teacher_cache is not None:  # the frozen teacher's logits, cached
+                logits = self.teacher_cache.logits_for(batch["example_ids"], device)
+                out = task.from_logits(logits)
+            else:
+                out = task.forward(self.teacher, batch, needs, device)
+            if augmented is not None:
+                out = out.with_augmented(task.forward(self.teacher, augmented, needs, device))
+            return out.as_float() if self.teacher_dtype is not None else out
+
     def _forward_backward(
         self, batch: dict[str, torch.Tensor], weight: float
     ) -> tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]:
-        device, method = self.device, self.method
+        device, method, task = self.device, self.method, self.task
         dtype = self.autocast_dtype
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            t_out = None
-            augmented = method.augment(batch)
-            if method.uses_teacher and self.teacher is not None:
-                with torch.inference_mode():
-                    if self.teacher_cache is not None:  # the frozen teacher's logits, cached
-                        ids = batch["example_ids"]
-                        t_out = StepOutputs(self.teacher_cache.logits_for(ids, device))
-                    else:
-                        t_out = _forward(self.teacher, batch, method, device)
-                    if augmented is not None:
-                        t_out.augmented = _forward(self.teacher, augmented, method, device)
-                    if self.teacher_dtype is not None:
-                        t_out = _as_float(t_out)
-            s_out = _forward(self.forward_student, batch, method, device)
+            augmented = method.augment(batch) if method.needs.augmented else None
+            t_out = self._teacher_outputs(batch, augmented)
+            s_out = task.forward(self.forward_student, batch, method.needs, device)
             if augmented is not None:
-                s_out.augmented = _forward(self.forward_student, augmented, method, device)
-            labels = batch["labels"].to(device)
-            res = method.loss(s_out, t_out, labels, batch["attention_mask"].to(device))
+                s_aug = task.forward(self.forward_student, augmented, method.needs, device)
+                s_out = s_out.with_augmented(s_aug)
+            targets = task.targets(batch, device)
+            res = method.loss(s_out, t_out, targets, batch["attention_mask"].to(device))
         if self.dist is None:
             (res.total / self.cfg.grad_accumulation_steps).backward()
-            return res.total.detach(), res.parts
+            return res.total.detach(), {k: _detached(v) for k, v in res.parts.items()}
         names = list(res.parts)
         means = self.dist.mean_losses(
             [float(res.total.detach()) * weight, *(float(res.parts[k]) * weight for k in names)]
@@ -900,3 +636,352 @@ class _Loop:
         if math.isfinite(means[0]):  # every rank sees the same mean: all skip, or none
             (res.total * weight / self.cfg.grad_accumulation_steps).backward()
         return torch.tensor(means[0]), dict(zip(names, means[1:], strict=True))
+
+    def generator_steps(self, run: _StageRun, batch: dict[str, torch.Tensor]) -> None:
+        """Run the method's generator (max) steps due before the stage's next student step and
+        report the divergence they reached (a ``generator`` phase progress report and log
+        record, read back once per block). Nothing happens for a method without a generator
+        (``needs.generator`` False)."""
+        if not self.method.needs.generator or run.step >= run.n_steps:
+            return
+        n = self.method.generator_steps(run.step)
+        if not n:
+            return
+        self.generator_block += 1
+        values = _read_back([self.method.generator_step(batch) for _ in range(n)])
+        sums: dict[str, float] = {}
+        for row in values:
+            for k, v in row.items():
+                sums[k] = sums.get(k, 0.0) + v
+        means = {k: v / n for k, v in sums.items()}
+        label = self.method.stage_label()
+        self.hooks.log(
+            {"event": "generator", "stage": label, "step": self.step, "steps": n, **means}
+        )
+        if self.generator_block % max(1, self.hooks.every) == 1 or self.hooks.every == 1:
+            self.hooks.on_progress(run.progress(label, means, phase="generator"))
+
+
+def _detached(v: float | torch.Tensor) -> float | torch.Tensor:
+    return v.detach() if isinstance(v, torch.Tensor) else v
+
+
+def _read_back(rows: list[Mapping[str, float | torch.Tensor]]) -> list[dict[str, float]]:
+    """Named values (0-d tensors or floats) as floats, in order, the tensors read back in one
+    transfer (gathered on the first tensor's device)."""
+    tensors = [v for row in rows for v in row.values() if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [{k: float(v) for k, v in row.items()} for row in rows]
+    device = tensors[0].device
+    stacked = torch.stack([t.detach().float().reshape(()).to(device) for t in tensors])
+    values = iter(stacked.tolist())
+    return [
+        {k: next(values) if isinstance(v, torch.Tensor) else float(v) for k, v in row.items()}
+        for row in rows
+    ]
+
+
+class _StageRun:
+    """One stage of a run, step by step: :meth:`begin` (freeze what the stage does not train,
+    the method's stage, a fresh optimiser; or what a checkpoint of the stage holds), then
+    epochs of micro-steps (:meth:`micro_step`) and optimiser steps (:meth:`optimizer_step`)
+    with their progress reports, dev evaluations (:meth:`evaluate`) and checkpoints
+    (:meth:`checkpoint_if_due`), then :meth:`end` (the stage's best weights restored, its
+    summary, a stage-end checkpoint).
+
+    Counters here are the stage's own (``step``, ``epoch``); the job's are on the loop.
+    ``sums`` and ``n_micro`` are the epoch's loss sums and micro-steps read back so far;
+    ``pending`` holds those not read back yet.
+    """
+
+    def __init__(
+        self, loop: _Loop, index: int, generator: torch.Generator, resume: LoopState | None
+    ) -> None:
+        self.loop, self.index, self.generator, self.resume = loop, index, generator, resume
+        self.stage = loop.stages[index]
+        self.n_steps = loop.steps[index]
+        self.n_batches = num_batches(len(loop.train_data), loop.cfg.batch_size)
+        stage_trains = self.stage.trains
+        self.trains = (
+            set(stage_trains) if stage_trains is not None else {g.name for g in loop.groups}
+        )
+        self.step = self.epoch = 0
+        self.best: dict[str, float] = {}  # the stage's best dev metrics
+        self.sums: dict[str, float] = {}
+        self.n_micro = 0
+        self.pending = _Losses()
+        self.skip = 0  # micro-batches of the current epoch consumed before a checkpoint
+        self.epoch_start = generator.get_state()  # the data order's state at the epoch start
+        self.started = time.perf_counter()
+
+    # --- the stage, start to end --------------------------------------------------------
+
+    def run(self) -> None:
+        """Run the stage (from its checkpoint, when resuming within it)."""
+        self.begin()
+        while self.step < self.n_steps:
+            self.run_epoch()
+        self.end()
+
+    def begin(self) -> None:
+        """Freeze the groups the stage does not train, start the method's stage and build the
+        optimiser, or restore all of it from a checkpoint (one taken at the previous stage's
+        end, or within this stage)."""
+        loop, r, stage = self.loop, self.resume, self.stage
+        active = [g for g in loop.groups if g.name in self.trains]
+        self.frozen = [p for g in loop.groups if g.name not in self.trains for p in g.parameters()]
+        for p in self.frozen:
+            p.requires_grad_(False)
+        mid_stage = r is not None and r.mid_stage
+        if r is not None and not mid_stage:  # a stage-end checkpoint: the stage begins now
+            loop.method.load_extra_state(r.method_extra)
+            set_rng_state(r.rng)
+        loop.method.begin_stage(stage)
+        if not mid_stage:
+            loop.generator_block = 0
+        self.optimizer, self.scheduler = loop._optimizer(stage, active)
+        max_norm = loop.cfg.max_grad_norm
+        self.clip = [(g.parameters(), g.max_grad_norm or max_norm) for g in active]
+        if not mid_stage:
+            record = {"stage": stage.name, "index": self.index + 1, "steps": self.n_steps}
+            loop.hooks.log({"event": "stage", **record})
+        self.started = time.perf_counter()
+        if r is not None and mid_stage:
+            self._resume_within(r)
+
+    def _resume_within(self, r: LoopState) -> None:
+        """Continue from a checkpoint taken within this stage: optimiser, scheduler, method
+        state, counters, the epoch's loss sums, the data order and the RNGs."""
+        assert r.optimizer is not None and r.scheduler is not None
+        self.optimizer.load_state_dict(r.optimizer)
+        self.scheduler.load_state_dict(r.scheduler)
+        self.loop.method.load_extra_state(r.method_extra)
+        self.step, self.epoch = r.stage_step, r.stage_epoch
+        self.best = dict(r.stage_best)
+        self.sums, self.n_micro, self.skip = dict(r.sums), r.n_micro, r.micro_next
+        self.epoch_start = r.data_generator
+        set_rng_state(r.rng)
+
+    def run_epoch(self) -> None:
+        """One epoch (or the rest of one, when resuming), its evaluation and cancel check."""
+        loop, cfg = self.loop, self.loop.cfg
+        if self.skip:  # resuming within this epoch: its counters and sums are restored
+            self.generator.set_state(self.epoch_start)
+        else:
+            loop.epoch += 1
+            self.epoch += 1
+            self.sums, self.n_micro = {}, 0
+            self.epoch_start = self.generator.get_state()
+        data = batches(
+            loop.train_data, cfg.batch_size, loop.pad_id, self.generator, cfg.group_by_length
+        )
+        for micro, batch in enumerate(data):
+            if micro < self.skip:  # consumed before the checkpoint
+                continue
+            self.micro_step(micro, batch)
+            if not self._group_ends(micro):
+                continue
+            self.optimizer_step()
+            reported = self.step % loop.hooks.every == 0 or self.step == self.n_steps
+            if reported:
+                self.report()
+            if self._evaluation_due(micro):
+                self.read_losses()
+                self.evaluate("step")
+            self.checkpoint_if_due(micro, reported)
+            if self.step >= self.n_steps:
+                break
+        self.skip = 0
+        self.read_losses()
+        if self.stage.evaluates:
+            self.evaluate("epoch_end")
+        if loop.hooks.should_stop():
+            raise Cancelled()
+
+    def end(self) -> None:
+        """Unfreeze, restore the stage's best weights if it asks, record its summary, and write
+        a stage-end (or pause) checkpoint unless it was the job's last stage."""
+        loop, stage, cfg = self.loop, self.stage, self.loop.cfg
+        for p in self.frozen:
+            p.requires_grad_(True)
+        if stage.restore_best:
+            loop.restore_best()
+        summary: dict[str, object] = {
+            "name": stage.name,
+            "index": self.index + 1,
+            "loss": stage.loss,
+            "steps": self.step,
+            "epochs": self.epoch,
+            "learning_rate": loop._stage_lr(stage),
+            "schedule": stage.schedule or cfg.schedule,
+            "trains": sorted(self.trains),
+            "selects_best": stage.selects_best,
+            "restored_best": stage.restore_best,
+            "best_dev": dict(self.best),
+            "seconds": time.perf_counter() - self.started,
+        }
+        loop.result.stages.append(summary)
+        loop.hooks.log({"event": "stage_end", **summary})
+        ckpt = loop.checkpointer
+        if ckpt is None:
+            return
+        last = self.index == len(loop.stages) - 1 and ckpt.hop == ckpt.num_hops
+        if not last and loop.hooks.should_pause():
+            loop._checkpoint(self.snapshot(False, 0), "pause")
+        elif not last and ckpt.policy.at_stage_end:
+            loop._checkpoint(self.snapshot(False, 0), "stage_end")
+
+    # --- steps --------------------------------------------------------------------------
+
+    def micro_step(self, micro: int, batch: dict[str, torch.Tensor]) -> None:
+        """Micro-batch ``micro`` of the epoch: this rank's shard of it, the generator steps
+        due before its accumulation group, the method's per-step hooks, forward and backward;
+        its losses are kept, not read back."""
+        loop, cfg = self.loop, self.loop.cfg
+        weight = 1.0
+        if loop.dist is not None:  # this rank's slice of the global batch
+            batch, weight = loop.dist.shard(batch)
+        if micro % cfg.grad_accumulation_steps == 0:
+            loop.generator_steps(self, batch)
+        loop.method.start_step(loop.epoch, loop.step)
+        loop.method.start_batch(batch)
+        # On several ranks, gradients are all-reduced only on a group's last micro-batch.
+        total, parts = loop.micro_step(batch, weight, sync=self._group_ends(micro))
+        self.pending.add(loop.step, total, parts)
+
+    def _group_ends(self, micro: int) -> bool:
+        """Whether micro-batch ``micro`` ends an accumulation group: every
+        ``grad_accumulation_steps`` micro-batches, and the epoch's last one (a partial group),
+        so that each epoch takes the same number of steps."""
+        accumulation = self.loop.cfg.grad_accumulation_steps
+        return (micro + 1) % accumulation == 0 or micro + 1 >= self.n_batches
+
+    def optimizer_step(self) -> None:
+        """Clip each group's gradients, step the optimiser and the schedule."""
+        for params, max_norm in self.clip:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.loop._materialise()  # the weights are about to change
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loop.step += 1
+        self.step += 1
+
+    def read_losses(self) -> None:
+        """Read the pending losses back into the epoch's sums (deferred read-back)."""
+        self.n_micro += self.pending.flush(self.sums, self.stage.name)
+
+    def report(self) -> None:
+        """Progress and a ``step`` log record with the epoch's mean losses so far; then the
+        cancel check."""
+        loop = self.loop
+        self.read_losses()
+        losses = {k: v / self.n_micro for k, v in self.sums.items()}
+        label = loop.method.stage_label()
+        phase = "student" if loop.generator_block else ""
+        loop.hooks.on_progress(self.progress(label, losses, phase=phase))
+        loop.hooks.log(
+            {"event": "step", "stage": label, "epoch": loop.epoch, "step": loop.step}
+            | losses
+            | {"lr": self.scheduler.get_last_lr()[0]}
+        )
+        if loop.hooks.should_stop():
+            raise Cancelled()
+
+    def progress(self, label: str, losses: dict[str, float], phase: str = "") -> Progress:
+        """A progress report of this stage at its current step."""
+        loop = self.loop
+        return Progress(
+            label,
+            loop.epoch,
+            loop.step,
+            loop.total,
+            losses,
+            stage_epoch=self.epoch,
+            stage_step=self.step,
+            stage_steps=self.n_steps,
+            stage_index=self.index + 1,
+            num_stages=len(loop.stages),
+            phase=phase,
+        )
+
+    # --- evaluate and select ------------------------------------------------------------
+
+    def _evaluation_due(self, micro: int) -> bool:
+        """An evaluation every ``eval_every_steps`` steps of a stage that evaluates, unless the
+        epoch's end (which evaluates anyway) comes next."""
+        every = self.loop.cfg.eval_every_steps or self.stage.eval_every_steps
+        return bool(
+            every
+            and self.stage.evaluates
+            and self.step % every == 0
+            and self.step < self.n_steps
+            and micro + 1 < self.n_batches
+        )
+
+    def evaluate(self, at: str) -> None:
+        """Evaluate the student on the dev set (``at``: ``step`` or ``epoch_end``), record it
+        in the history, the log and progress, and update the stage's best and the loop's
+        selection (:meth:`_Loop.select`)."""
+        loop = self.loop
+        dev = loop._dev_metrics()
+        metric = selection_metric(loop.cfg, dev)
+        score = dev[metric]
+        record: dict[str, object] = {
+            "stage": loop.method.stage_label(),
+            "stage_index": self.index + 1,
+            "epoch": loop.epoch,
+            "stage_epoch": self.epoch,
+            "step": loop.step,
+            "stage_step": self.step,
+            "at": at,
+            "train_loss": self.sums.get("loss", 0.0) / max(1, self.n_micro),
+            "train_losses": {k: v / max(1, self.n_micro) for k, v in self.sums.items()},
+            "dev": dev,
+            "seconds": time.perf_counter() - loop.started,
+        }
+        loop.result.history.append(record)
+        loop.hooks.log({"event": "epoch" if at == "epoch_end" else "evaluation", **record})
+        loop.hooks.on_progress(self.progress("evaluate", {f"dev_{metric}": score}))
+        if not self.best or score > self.best[metric]:
+            self.best = dict(dev)
+        loop.select(self.stage, dev, score)
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def checkpoint_if_due(self, micro: int, reported: bool) -> None:
+        """After an optimiser step that is not the stage's last: a ``pause`` checkpoint when
+        one is asked for (checked with the report), else an ``interval`` one when the policy
+        says so."""
+        loop = self.loop
+        ckpt = loop.checkpointer
+        if ckpt is None or self.step >= self.n_steps:
+            return
+        if reported and loop.hooks.should_pause():
+            reason = "pause"
+        elif ckpt.due(loop.step):
+            reason = "interval"
+        else:
+            return
+        self.read_losses()
+        loop._checkpoint(self.snapshot(True, micro + 1), reason)
+
+    def snapshot(self, mid_stage: bool, micro_next: int) -> LoopState:
+        """The run's state for a checkpoint within the stage (resuming at micro-batch
+        ``micro_next`` of the epoch) or at its end (the next stage starts afresh)."""
+        counters: dict[str, object] = {
+            "stage_step": self.step,
+            "stage_epoch": self.epoch,
+            "micro_next": micro_next,
+            "n_micro": self.n_micro,
+            "sums": dict(self.sums),
+            "stage_best": dict(self.best),
+        }
+        loop = self.loop
+        if mid_stage:
+            return loop._snapshot(
+                self.index, True, self.epoch_start, self.optimizer, self.scheduler, counters
+            )
+        return loop._snapshot(
+            self.index + 1, False, self.generator.get_state(), None, None, counters
+        )

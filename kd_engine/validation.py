@@ -118,7 +118,7 @@ def check_models(
             f"{spec.teacher!r} is a {config.get('model_type')} model; teachers must be one of "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (BiLSTM and CNN students cannot teach)",
         )
-    uses_teacher = registry.get(spec.method.name).method_cls.uses_teacher
+    uses_teacher = registry.get(spec.method.name).method_cls.needs.teacher
     if uses_teacher and not is_sequence_classifier(config):
         raise SpecError("teacher", base_encoder_reason(spec.teacher, spec.method.name))
     n_layers = int(str(config.get("num_hidden_layers", 0)))

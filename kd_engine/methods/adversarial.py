@@ -48,7 +48,15 @@ from kd_engine.augment.memory import ModelCost, available_bytes, check_fits, est
 from kd_engine.augment.samples import SampleKeeper
 from kd_engine.errors import SpecError
 from kd_engine.losses.adversarial import GeneratorObjective, generator_divergence
-from kd_engine.methods.base import LossResult, Method, MethodConfig, Resources, StepOutputs
+from kd_engine.methods.base import (
+    LossParts,
+    LossResult,
+    Method,
+    MethodConfig,
+    Needs,
+    Resources,
+    StepOutputs,
+)
 from kd_engine.stages import STUDENT, ParamGroup, Stage
 
 if TYPE_CHECKING:
@@ -108,7 +116,7 @@ class AdversarialMethod(Method):
     """Base of the MATE-KD family: the generator, its warm-up, max steps and x' (see the module
     docstring). Subclasses give the stages after the warm-up and the losses."""
 
-    binds_models = True
+    needs = Needs(models=True, augmented=True, generator=True)
     config: AdversarialConfig
     objective_name: Literal["generator_kl", "generator_mse"] = "generator_kl"
 
@@ -347,7 +355,7 @@ class AdversarialMethod(Method):
             return 0
         return self.n_generator
 
-    def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def generator_step(self, batch: dict[str, torch.Tensor]) -> LossParts:
         """One max step on a batch the generator draws itself (``batch`` is not used): sample
         x' with gradients, run both models on it through their embedding paths, ascend the
         divergence (:meth:`adversary_objective`) with the generator's own AdamW and clipping.
@@ -362,7 +370,7 @@ class AdversarialMethod(Method):
         device_batch = self._generator_batch()
         with torch.enable_grad():
             x_prime, positions, one_hot = self._sample(device_batch)
-            hidden = self.needs_hidden_states
+            hidden = self.needs.hidden_states
             t_logits, t_states = forward_rewritten(res.teacher, x_prime, positions, one_hot, hidden)
             s_logits, s_states = forward_rewritten(res.student, x_prime, positions, one_hot, hidden)
             objective, parts = self.adversary_objective(
@@ -378,14 +386,14 @@ class AdversarialMethod(Method):
 
     def adversary_objective(
         self, student: StepOutputs, teacher: StepOutputs
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, LossParts]:
         """What the generator maximises on x' and the values to report: MATE-KD's
         D(T(x'), S(x')) at ``temperature``."""
         c = self.config
         d = generator_divergence(
             teacher.logits, student.logits, c.temperature, c.generator_objective
         )
-        return d, {self.objective_name: float(d.detach())}
+        return d, {self.objective_name: d.detach()}
 
     def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """x' for the student's step (adversarial stages only): the current generator's sample,
@@ -435,7 +443,7 @@ class AdversarialMethod(Method):
             positions,
             batch.get("token_type_ids"),
         )
-        return LossResult(total=loss, parts={"mlm": float(loss.detach())})
+        return LossResult(total=loss, parts={"mlm": loss.detach()})
 
 
 def trains_student(*extra: str) -> tuple[str, ...]:

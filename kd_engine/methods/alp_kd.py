@@ -54,6 +54,7 @@ from kd_engine.methods.base import (
     LossResult,
     Method,
     MethodConfig,
+    Needs,
     StepOutputs,
     config_as,
     teacher_outputs,
@@ -162,7 +163,7 @@ def alp_sets(config: ALPKDConfig, teacher: ModelShape, student: ModelShape) -> l
 class ALPKD(Method):
     """ALP-KD: CE + soft targets + attention-fused teacher layers matched by MSE."""
 
-    needs_hidden_states = True
+    needs = Needs(hidden_states=True)
     config_cls = ALPKDConfig
     config: ALPKDConfig
 
@@ -235,7 +236,7 @@ class ALPKD(Method):
         kd = kd_loss(student.logits, t_out.logits, c.temperature)
         alp = alp_loss(h_s, h_t, self.allowed, self.score_divisor)
         total = c.ce_weight * ce + c.kd_weight * kd + c.alp_weight * alp
-        parts = {"ce": float(ce.detach()), "kd": float(kd.detach()), "alp": float(alp.detach())}
+        parts = {"ce": ce.detach(), "kd": kd.detach(), "alp": alp.detach()}
         return LossResult(total=total, parts=parts)
 
 

@@ -25,7 +25,7 @@ through their every-500-steps evaluations); the exported model is the best stage
 (the authors save the last stage-II state and report the best dev score over both phases); the
 stage-I schedule of T is exact (the authors' ``i % int(epochs_1 / tau_max)`` overshoots tau_max
 when epochs_1 is not a multiple of it; here stage I always has k * tau_max epochs). The
-teacher's forward pass also runs in stage II, whose loss does not read it (``uses_teacher`` is
+teacher's forward pass also runs in stage II, whose loss does not read it (``needs.teacher`` is
 per method, not per stage).
 """
 
@@ -249,11 +249,11 @@ class AnnealingKD(Method):
         """
         if self.stage is not None and self.stage.loss == LABELS:
             ce = ce_loss(student.logits, labels)
-            return LossResult(total=ce, parts={"ce": float(ce.detach())})
+            return LossResult(total=ce, parts={"ce": ce.detach()})
         t = teacher_outputs(teacher, "annealing_kd")
         factor = self.clock.factor()
         mse = annealing_mse(student.logits, t.logits, factor)
-        return LossResult(total=mse, parts={"annealed_mse": float(mse.detach())})
+        return LossResult(total=mse, parts={"annealed_mse": mse.detach()})
 
 
 register("annealing_kd", AnnealingKD)

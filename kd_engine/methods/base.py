@@ -9,6 +9,7 @@ naming the spec field at fault.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -50,14 +51,20 @@ def config_as(config: MethodConfig, cls: type[C]) -> C:
 
 @dataclass
 class StepOutputs:
-    """What one forward pass of a model gives a method.
+    """What one forward pass of a model gives a method's loss.
+
+    The loop never reads inside it: a task family (:mod:`kd_engine.tasks`) makes it from a
+    model's output, and the loop only casts it (:meth:`as_float`) and attaches the outputs on
+    an augmented batch (:meth:`with_augmented`). What ``logits`` holds is the task's: (B, C)
+    over classes for sequence classification (the one family today); a causal-LM family would
+    give (B, T, V) over a vocabulary per position.
 
     Attributes:
-        logits: (B, C) classification logits.
+        logits: the model's logits: (B, C) for classification.
         hidden_states: per layer (embeddings first), each (B, T, d); None unless requested.
         attentions: per layer, each (B, heads, T, T); None unless requested. Softmax
             probabilities, or the pre-softmax scores (padding mask added) for a method whose
-            ``attention_scores`` is True.
+            ``needs.attention_scores`` is True.
         augmented: the same model's outputs on the augmented batch of the step (B', C), when
             the method's :meth:`Method.augment` made one (MATE-KD's x', Minimax-kNN's
             neighbours); None otherwise.
@@ -67,6 +74,58 @@ class StepOutputs:
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     augmented: StepOutputs | None = None
+
+    def as_float(self) -> StepOutputs:
+        """The same outputs in fp32 (a half-precision teacher's, for the losses)."""
+
+        def f(xs: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+            return tuple(x.float() for x in xs) if xs is not None else None
+
+        res = StepOutputs(self.logits.float(), f(self.hidden_states), f(self.attentions))
+        if self.augmented is not None:
+            res.augmented = self.augmented.as_float()
+        return res
+
+    def with_augmented(self, augmented: StepOutputs) -> StepOutputs:
+        """These outputs with the same model's outputs on the step's augmented batch."""
+        return dataclasses.replace(self, augmented=augmented)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs the loop to compute at each training step, declared as data.
+
+    Attributes:
+        teacher: run the teacher's forward pass on the batch (x); False: the loss gets
+            ``teacher=None`` (fine-tuning, Tf-KD's virtual teacher).
+        hidden_states: both models report their hidden states (per layer, embeddings first).
+        attentions: both models report their attention maps.
+        attention_scores: with ``attentions``, the maps are the pre-softmax scores (padding
+            mask added) rather than probabilities (:mod:`kd_engine.models.attention_scores`).
+        augmented: at each student step the loop asks :meth:`Method.augment` for an augmented
+            batch x' and, when it gives one, runs both models on it too (with the same
+            outputs); the loss finds them in ``StepOutputs.augmented``.
+        generator: the method has an adversary whose max steps run before student steps
+            (:meth:`Method.generator_steps`, :meth:`Method.generator_step`).
+        models: the method runs the models itself (a generator's max steps, neighbour
+            selection) and gets them through :meth:`Method.bind` before training.
+    """
+
+    teacher: bool = True
+    hidden_states: bool = False
+    attentions: bool = False
+    attention_scores: bool = False
+    augmented: bool = False
+    generator: bool = False
+    models: bool = False
+
+    @property
+    def teacher_inference_only(self) -> bool:
+        """True when the loop's forward passes are the only use of the teacher (the method
+        neither runs it itself, nor augments, nor has a generator): only then may the teacher
+        run in half precision (``training.precision``); a generator's gradients through the
+        teacher, or embeddings a method computes with it, stay fp32."""
+        return not (self.models or self.augmented or self.generator)
 
 
 @dataclass
@@ -100,36 +159,41 @@ class Resources:
     training: TrainingSpec | None = None
 
 
+LossParts = dict[str, torch.Tensor]
+"""Named parts of a loss, for logs and progress: detached 0-d tensors, still on the device
+(the loop reads them back in one transfer when it reports, never once per micro-step)."""
+
+
 @dataclass
 class LossResult:
-    """The loss to back-propagate and its named parts (plain floats, for logs and progress)."""
+    """The loss to back-propagate and its named parts.
+
+    Attributes:
+        total: the 0-d loss tensor (with its graph).
+        parts: its named parts, detached 0-d tensors (:data:`LossParts`).
+    """
 
     total: torch.Tensor
-    parts: dict[str, float] = field(default_factory=dict)
+    parts: LossParts = field(default_factory=dict)
 
 
 class Method(ABC):
     """One KD method bound to a teacher and a student shape.
 
-    Class attributes tell the trainer what to compute once per step:
-    ``uses_teacher`` (run the teacher forward), ``needs_hidden_states``, ``needs_attentions``
-    and, with it, ``attention_scores`` (attention maps as pre-softmax scores rather than
-    probabilities; see :mod:`kd_engine.models.attention_scores`). ``any_student_architecture``
-    is True for a method whose intermediate-layer matching works for students that are not
-    transformers (BiLSTM, CNN). ``binds_models`` is True for a method that runs the models
-    itself (an augmentation method: a generator's max steps, neighbour selection); it must be
-    given them through :meth:`bind` before training. ``config_cls`` is the method's settings
-    class.
+    ``needs`` (:class:`Needs`) tells the loop what to compute at each step: which models run,
+    which of their outputs the loss reads, on which batches, and whether the method has an
+    adversary or runs the models itself. ``any_student_architecture`` is True for a method
+    whose intermediate-layer matching works for students that are not transformers (BiLSTM,
+    CNN). ``config_cls`` is the method's settings class.
+
+    The loop calls every hook below unconditionally (the defaults do nothing); what it computes
+    for the method is decided by ``needs`` alone, never by which hooks a class overrides.
 
     Per-job state lives on the instance, never on the class: a worker runs many jobs.
     """
 
-    uses_teacher: ClassVar[bool] = True
-    needs_hidden_states: ClassVar[bool] = False
-    needs_attentions: ClassVar[bool] = False
-    attention_scores: ClassVar[bool] = False
+    needs: ClassVar[Needs] = Needs()
     any_student_architecture: ClassVar[bool] = False
-    binds_models: ClassVar[bool] = False
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
 
     def __init__(self, config: MethodConfig, teacher: ModelShape, student: ModelShape) -> None:
@@ -212,10 +276,11 @@ class Method(ABC):
         adversary (every method but the MATE-KD family)."""
         return 0
 
-    def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def generator_step(self, batch: dict[str, torch.Tensor]) -> LossParts:
         """One generator (max) step on ``batch``: the method updates its own generator with its
-        own optimiser and returns the named values to report (the divergence reached). Never
-        leaves gradients on the student or the teacher.
+        own optimiser and returns the named values to report (the divergence reached), as
+        detached 0-d tensors that the loop reads back when it reports. Never leaves gradients
+        on the student or the teacher.
 
         Raises:
             NotImplementedError: the method has no generator (it returned 0 steps).
@@ -269,7 +334,7 @@ class Method(ABC):
 
         Args:
             student: student outputs, logits (B, C).
-            teacher: teacher outputs (None when ``uses_teacher`` is False).
+            teacher: teacher outputs (None when ``needs.teacher`` is False).
             labels: (B,) gold class ids (float targets for regression).
             attention_mask: (B, T), 1 for real tokens and 0 for padding.
         """
@@ -282,7 +347,7 @@ def check_student_architecture(method: type[Method], name: str, student: ModelSh
         SpecError: ``student`` explaining why, when the method needs hidden states or
             attentions aligned token by token with a transformer's and the student is not one.
     """
-    needs_states = method.needs_hidden_states or method.needs_attentions
+    needs_states = method.needs.hidden_states or method.needs.attentions
     if needs_states and not student.transformer and not method.any_student_architecture:
         raise SpecError(
             "student",

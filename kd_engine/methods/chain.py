@@ -77,13 +77,13 @@ def plan_hops(config: MethodConfig, teacher: ModelShape, student: ModelShape) ->
     cls = registry.get(config.name).method_cls
     if issubclass(cls, ChainMethod):
         return cls.hops(config, teacher, student)
-    return [Hop("student", None, student, config, "job" if cls.uses_teacher else "none")]
+    return [Hop("student", None, student, config, "job" if cls.needs.teacher else "none")]
 
 
 class ChainMethod(Method):
     """A method that trains a chain of models, each with a single-model method.
 
-    Subclasses define :meth:`hops`. ``uses_teacher`` says whether any hop learns from the
+    Subclasses define :meth:`hops`. ``needs.teacher`` says whether any hop learns from the
     job's teacher (so the job's teacher must be a fine-tuned classifier); ``ensemble`` asks
     :func:`kd_engine.run.run_job` to also evaluate the mean of every hop's softmax output on the
     test split (Born-Again Networks' ensemble of generations).

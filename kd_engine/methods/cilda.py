@@ -44,7 +44,14 @@ from kd_engine.methods.adversarial import (
     AdversarialMethod,
     trains_student,
 )
-from kd_engine.methods.base import LossResult, MethodConfig, StepOutputs, teacher_outputs
+from kd_engine.methods.base import (
+    LossParts,
+    LossResult,
+    MethodConfig,
+    Needs,
+    StepOutputs,
+    teacher_outputs,
+)
 from kd_engine.methods.crd import CRDHead
 from kd_engine.methods.mate_kd import augmented_outputs
 from kd_engine.registry import register
@@ -109,7 +116,7 @@ class CILDAConfig(AdversarialConfig):
 class CILDA(AdversarialMethod):
     """CILDA: MATE-KD plus in-batch contrastive [CLS] distillation on the generator's rewrites."""
 
-    needs_hidden_states = True
+    needs = Needs(hidden_states=True, models=True, augmented=True, generator=True)
     config_cls = CILDAConfig
     config: CILDAConfig
 
@@ -146,7 +153,7 @@ class CILDA(AdversarialMethod):
 
     def adversary_objective(
         self, student: StepOutputs, teacher: StepOutputs
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, LossParts]:
         """a1 KL(T(x') || S(x')) + a2 L_CRD(x') (projections fixed: only the generator steps)."""
         c = self.config
         kl = generator_divergence(
@@ -155,8 +162,8 @@ class CILDA(AdversarialMethod):
         crd = self.head(student, teacher, c.crd_temperature, "cilda")
         objective = c.generator_kl_weight * kl + c.generator_crd_weight * crd
         return objective, {
-            self.objective_name: float(kl.detach()),
-            "generator_crd": float(crd.detach()),
+            self.objective_name: kl.detach(),
+            "generator_crd": crd.detach(),
         }
 
     def loss(
@@ -191,10 +198,10 @@ class CILDA(AdversarialMethod):
         return LossResult(
             total=total,
             parts={
-                "ce": float(ce.detach()),
-                "kd": float(kd.detach()),
-                "kd_augmented": float(kd_aug.detach()),
-                "crd_augmented": float(crd_aug.detach()),
+                "ce": ce.detach(),
+                "kd": kd.detach(),
+                "kd_augmented": kd_aug.detach(),
+                "crd_augmented": crd_aug.detach(),
             },
         )
 

@@ -46,6 +46,7 @@ from kd_engine.methods.base import (
     LossResult,
     Method,
     MethodConfig,
+    Needs,
     StepOutputs,
     config_as,
     teacher_outputs,
@@ -168,7 +169,7 @@ def ckd_groups(config: CKDConfig, teacher: ModelShape, student: ModelShape) -> l
 class CKD(Method):
     """Combinatorial KD: alpha soft + beta L_CKD + (1 - alpha - beta) CE."""
 
-    needs_hidden_states = True
+    needs = Needs(hidden_states=True)
     config_cls = CKDConfig
     config: CKDConfig
 
@@ -240,9 +241,9 @@ class CKD(Method):
         return LossResult(
             total=total,
             parts={
-                "ce": float(ce.detach()),
-                "kd": float(kd.detach()),
-                "internal": float(internal.detach()),
+                "ce": ce.detach(),
+                "kd": kd.detach(),
+                "internal": internal.detach(),
             },
         )
 

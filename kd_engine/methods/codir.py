@@ -85,6 +85,7 @@ from kd_engine.methods.base import (
     LossResult,
     Method,
     MethodConfig,
+    Needs,
     StepOutputs,
     config_as,
     teacher_outputs,
@@ -328,7 +329,7 @@ class CoDIRHead(torch.nn.Module):
 class CoDIR(Method):
     """(1 - beta) CE + beta tau^2 KL + w L_CRD with a memory bank and other-class negatives."""
 
-    needs_hidden_states = True
+    needs = Needs(hidden_states=True)
     config_cls = CoDIRConfig
     config: CoDIRConfig
 
@@ -493,7 +494,7 @@ class CoDIR(Method):
         ce = ce_loss(student.logits, labels)
         kd = kd_loss(student.logits, t_out.logits, c.temperature)
         total = (1.0 - c.kd_weight) * ce + c.kd_weight * kd + c.crd_weight * crd
-        parts = {"ce": float(ce.detach()), "kd": float(kd.detach()), "crd": float(crd.detach())}
+        parts = {"ce": ce.detach(), "kd": kd.detach(), "crd": crd.detach()}
         return LossResult(total=total, parts=parts)
 
 

@@ -39,7 +39,7 @@ from kd_engine.methods.adversarial import (
     trains_student,
 )
 from kd_engine.methods.annealing_kd import AnnealingClock
-from kd_engine.methods.base import LossResult, MethodConfig, StepOutputs, teacher_outputs
+from kd_engine.methods.base import LossParts, LossResult, MethodConfig, StepOutputs, teacher_outputs
 from kd_engine.methods.mate_kd import augmented_outputs
 from kd_engine.registry import register
 from kd_engine.stages import Stage
@@ -142,11 +142,11 @@ class CombinedKD(AdversarialMethod):
 
     def adversary_objective(
         self, student: StepOutputs, teacher: StepOutputs
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, LossParts]:
         """MSE(S(x'), T(x')) on raw (un-annealed) logits (B, C), gradients through both (the
         authors' ``-F.mse_loss(student_logits, teacher_logits)`` max-step loss)."""
         mse = F.mse_loss(student.logits.float(), teacher.logits.float())
-        return mse, {self.objective_name: float(mse.detach())}
+        return mse, {self.objective_name: mse.detach()}
 
     def loss(
         self,
@@ -163,7 +163,7 @@ class CombinedKD(AdversarialMethod):
         """
         if self.stage is not None and self.stage.loss == LABELS:
             ce = ce_loss(student.logits, labels)
-            return LossResult(total=ce, parts={"ce": float(ce.detach())})
+            return LossResult(total=ce, parts={"ce": ce.detach()})
         if not self.adversarial():
             return self.warmup_loss()
         t = teacher_outputs(teacher, "combined_kd")
@@ -178,8 +178,8 @@ class CombinedKD(AdversarialMethod):
         return LossResult(
             total=total,
             parts={
-                "annealed_mse": float(mse.detach()),
-                "annealed_mse_augmented": float(mse_aug.detach()),
+                "annealed_mse": mse.detach(),
+                "annealed_mse_augmented": mse_aug.detach(),
             },
         )
 

@@ -42,6 +42,7 @@ from kd_engine.methods.base import (
     LossResult,
     Method,
     MethodConfig,
+    Needs,
     StepOutputs,
     teacher_outputs,
 )
@@ -106,7 +107,7 @@ class CRD(Method):
     """CE + soft targets + CILDA's in-batch contrastive loss on concatenated, projected [CLS]
     states."""
 
-    needs_hidden_states = True
+    needs = Needs(hidden_states=True)
     config_cls = CRDConfig
     config: CRDConfig
 
@@ -139,7 +140,7 @@ class CRD(Method):
         ce = ce_loss(student.logits, labels)
         kd = kd_loss(student.logits, t_out.logits, c.temperature)
         total = c.ce_weight * ce + c.kd_weight * kd + c.crd_weight * crd
-        parts = {"ce": float(ce.detach()), "kd": float(kd.detach()), "crd": float(crd.detach())}
+        parts = {"ce": ce.detach(), "kd": kd.detach(), "crd": crd.detach()}
         return LossResult(total=total, parts=parts)
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from kd_engine.losses import ce_loss
-from kd_engine.methods.base import LossResult, Method, MethodConfig, StepOutputs
+from kd_engine.methods.base import LossResult, Method, MethodConfig, Needs, StepOutputs
 from kd_engine.registry import register
 
 
@@ -24,7 +24,7 @@ class FinetuneConfig(MethodConfig):
 class Finetune(Method):
     """L = CE(y, softmax(z_s))."""
 
-    uses_teacher = False
+    needs = Needs(teacher=False)
     config_cls = FinetuneConfig
     config: FinetuneConfig
 
@@ -37,7 +37,7 @@ class Finetune(Method):
     ) -> LossResult:
         """CE loss of the student logits (B, C) against labels (B,)."""
         ce = ce_loss(student.logits, labels)
-        return LossResult(total=ce, parts={"ce": float(ce.detach())})
+        return LossResult(total=ce, parts={"ce": ce.detach()})
 
 
 register("finetune", Finetune)

@@ -107,9 +107,9 @@ class MATEKD(AdversarialMethod):
         return LossResult(
             total=total,
             parts={
-                "ce": float(ce.detach()),
-                "kd": float(kd.detach()),
-                "kd_augmented": float(kd_aug.detach()),
+                "ce": ce.detach(),
+                "kd": kd.detach(),
+                "kd_augmented": kd_aug.detach(),
             },
         )
 

@@ -85,6 +85,7 @@ from kd_engine.methods.base import (
     LossResult,
     Method,
     MethodConfig,
+    Needs,
     Resources,
     StepOutputs,
     teacher_outputs,
@@ -150,7 +151,7 @@ class MinimaxKNN(Method):
 
     config_cls = MinimaxKNNConfig
     config: MinimaxKNNConfig
-    binds_models = True
+    needs = Needs(models=True, augmented=True)
 
     def __init__(self, config: MethodConfig, teacher: ModelShape, student: ModelShape) -> None:
         """Nothing is computed until :meth:`bind` and :meth:`prepare` (they need the models and
@@ -426,9 +427,9 @@ class MinimaxKNN(Method):
         kd = kd_loss(student.logits, t.logits, tau)
         ce = ce_loss(student.logits, labels)
         total = c.alpha_ce * kd + c.alpha_true * ce
-        parts = {"kd": float(kd.detach()), "ce": float(ce.detach())}
+        parts = {"kd": kd.detach(), "ce": ce.detach()}
         if self.augmenting():
-            parts["kd_augmented"] = parts["kl_chosen"] = 0.0
+            parts["kd_augmented"] = parts["kl_chosen"] = torch.zeros((), device=kd.device)
         if self.ranks is not None:
             if student.augmented is None or t.augmented is None:
                 raise ValueError(f"{NAME}: the step has no outputs on the chosen neighbours")
@@ -443,8 +444,9 @@ class MinimaxKNN(Method):
             )
             alpha_aug = c.alpha_aug if c.alpha_aug is not None else c.alpha_ce
             total = total + alpha_aug * kd_aug
-            parts["kd_augmented"] = float(kd_aug.detach())
-            parts["kl_chosen"] = sum(kl for *_, kl in self.chosen) / max(1, len(self.chosen))
+            parts["kd_augmented"] = kd_aug.detach()
+            kl_chosen = sum(kl for *_, kl in self.chosen) / max(1, len(self.chosen))
+            parts["kl_chosen"] = torch.tensor(float(kl_chosen), device=kd.device)
         return LossResult(total=total, parts=parts)
 
 

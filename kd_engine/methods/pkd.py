@@ -56,6 +56,7 @@ from kd_engine.methods.base import (
     LossResult,
     Method,
     MethodConfig,
+    Needs,
     StepOutputs,
     config_as,
     teacher_outputs,
@@ -130,7 +131,7 @@ def pkd_layers(config: PKDConfig, teacher: ModelShape, student: ModelShape) -> l
 class PKD(Method):
     """Patient KD: (1 - alpha) CE + alpha tau^2 KL + beta L_PT on normalised [CLS] states."""
 
-    needs_hidden_states = True
+    needs = Needs(hidden_states=True)
     config_cls = PKDConfig
     config: PKDConfig
 
@@ -195,9 +196,9 @@ class PKD(Method):
         return LossResult(
             total=total,
             parts={
-                "ce": float(ce.detach()),
-                "kd": float(kd.detach()),
-                "patience": float(patience.detach()),
+                "ce": ce.detach(),
+                "kd": kd.detach(),
+                "patience": patience.detach(),
             },
         )
 

@@ -59,6 +59,7 @@ from kd_engine.methods.base import (
     LossResult,
     Method,
     MethodConfig,
+    Needs,
     StepOutputs,
     config_as,
     teacher_outputs,
@@ -200,7 +201,7 @@ class RAILKD(Method):
 
     config_cls = RAILKDConfig
     config: RAILKDConfig
-    needs_hidden_states = True
+    needs = Needs(hidden_states=True)
 
     @classmethod
     def check(
@@ -313,7 +314,7 @@ class RAILKD(Method):
         kd = kd_loss(student.logits, t_out.logits, c.temperature)
         rail = rail_loss(s_proj, t_proj)
         total = c.ce_weight * ce + c.kd_weight * kd + c.rail_weight * rail
-        parts = {"ce": float(ce.detach()), "kd": float(kd.detach()), "rail": float(rail.detach())}
+        parts = {"ce": ce.detach(), "kd": kd.detach(), "rail": rail.detach()}
         return LossResult(total=total, parts=parts)
 
 

@@ -12,7 +12,7 @@ KL(softmax(log p^d / T) || softmax(z_s / T))) has no source that could be read (
 authors' code nor a readable text of the paper has it): it was the default of jobs submitted
 before 2026-12-07 and is kept only so that their stored specs keep their meaning.
 
-No teacher is run (``uses_teacher`` False): the job's teacher reference is still required, for
+No teacher is run (``needs.teacher`` False): the job's teacher reference is still required, for
 the tokenizer and, with a ``from_teacher`` student, for the student's initial weights; it may
 be a base encoder (``builtin:minilm-l6``) as for ``finetune``. The self-KD mode of the paper
 (Tf-KD_self: a first, normally trained student teaches a fresh one of the same architecture)
@@ -37,7 +37,7 @@ from pydantic import Field
 from kd_engine.errors import SpecError
 from kd_engine.losses import ce_loss
 from kd_engine.losses.virtual_teacher import VirtualTeacherVariant, virtual_teacher_kd
-from kd_engine.methods.base import LossResult, Method, MethodConfig, StepOutputs, config_as
+from kd_engine.methods.base import LossResult, Method, MethodConfig, Needs, StepOutputs, config_as
 from kd_engine.registry import register
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class TeacherFreeConfig(MethodConfig):
 class TeacherFree(Method):
     """Tf-KD_reg: (1 - alpha) CE + alpha * multiplier * KD towards the virtual teacher."""
 
-    uses_teacher = False
+    needs = Needs(teacher=False)
     config_cls = TeacherFreeConfig
     config: TeacherFreeConfig
 
@@ -123,7 +123,7 @@ class TeacherFree(Method):
             student.logits, labels, c.correct_prob, c.temperature, variant=c.variant
         )
         total = (1.0 - c.alpha) * ce + c.alpha * c.multiplier * kd
-        return LossResult(total=total, parts={"ce": float(ce.detach()), "kd": float(kd.detach())})
+        return LossResult(total=total, parts={"ce": ce.detach(), "kd": kd.detach()})
 
 
 register("teacher_free", TeacherFree)

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from kd_engine.methods.base import MethodConfig, config_as
+from kd_engine.methods.base import MethodConfig, Needs, config_as
 from kd_engine.methods.chain import ChainMethod, Hop
 from kd_engine.methods.finetune import FinetuneConfig
 from kd_engine.methods.vanilla_kd import VanillaKDConfig
@@ -48,7 +48,7 @@ class TeacherFreeSelfConfig(MethodConfig):
 class TeacherFreeSelf(ChainMethod):
     """A CE run of the student's spec, then KD from it into a new student of the same spec."""
 
-    uses_teacher = False
+    needs = Needs(teacher=False)
     config_cls = TeacherFreeSelfConfig
     config: TeacherFreeSelfConfig
 

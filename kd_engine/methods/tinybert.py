@@ -26,7 +26,7 @@ the embeddings.
 
 Attention SCORES (``attention_target="scores"``, the paper's choice): transformers' attention
 outputs are post-softmax (and post-dropout) probabilities, so this method sets
-``attention_scores``: the trainer runs both models with the attention implementation of
+``needs.attention_scores``: the trainer runs both models with the attention implementation of
 :mod:`kd_engine.models.attention_scores`, which reports the scaled Q K^T plus the additive
 padding mask, exactly the tensor the authors' BERT returns. ``probabilities`` matches
 softmax(scores) instead (computed here, before dropout).
@@ -64,6 +64,7 @@ from kd_engine.methods.base import (
     LossResult,
     Method,
     MethodConfig,
+    Needs,
     StepOutputs,
     config_as,
     teacher_outputs,
@@ -157,9 +158,7 @@ PROJECTIONS = "projections"
 class TinyBERT(Method):
     """TinyBERT task distillation: stage 1 attention + hidden states, stage 2 soft CE."""
 
-    needs_hidden_states = True
-    needs_attentions = True
-    attention_scores = True
+    needs = Needs(hidden_states=True, attentions=True, attention_scores=True)
     config_cls = TinyBERTConfig
     config: TinyBERTConfig
 
@@ -243,7 +242,7 @@ class TinyBERT(Method):
             pred = soft_cross_entropy(
                 student.logits, t.logits, c.temperature, reduction=c.soft_ce_reduction
             )
-            return LossResult(total=pred, parts={"soft_ce": float(pred.detach())})
+            return LossResult(total=pred, parts={"soft_ce": pred.detach()})
         return self._intermediate_loss(student, t, attention_mask)
 
     def _intermediate_loss(
@@ -273,9 +272,9 @@ class TinyBERT(Method):
         return LossResult(
             total=total,
             parts={
-                "embedding": float(embedding.detach()),
-                "hidden": float(hidden.detach()),
-                "attention": float(attention.detach()),
+                "embedding": embedding.detach(),
+                "hidden": hidden.detach(),
+                "attention": attention.detach(),
             },
         )
 

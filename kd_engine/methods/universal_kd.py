@@ -66,6 +66,7 @@ from kd_engine.methods.base import (
     LossResult,
     Method,
     MethodConfig,
+    Needs,
     StepOutputs,
     config_as,
     teacher_outputs,
@@ -186,7 +187,7 @@ class UniversalKD(Method):
 
     config_cls = UniversalKDConfig
     config: UniversalKDConfig
-    needs_hidden_states = True
+    needs = Needs(hidden_states=True)
     any_student_architecture = True
 
     @classmethod
@@ -364,7 +365,7 @@ class UniversalKD(Method):
         acc = (z_t.detach().argmax(dim=-1) == labels.unsqueeze(1)).float().mean()
         return LossResult(
             total=probe_ce.mean(),
-            parts={"probe_ce": float(probe_ce.mean().detach()), "probe_acc": float(acc)},
+            parts={"probe_ce": probe_ce.mean().detach(), "probe_acc": acc},
         )
 
     def loss(
@@ -393,7 +394,7 @@ class UniversalKD(Method):
         kd = kd_loss(student.logits, t_out.logits, c.temperature)
         ukd = ukd_loss(z_s, z_t, c.ukd_temperature, c.attend)
         total = c.ce_weight * ce + c.kd_weight * kd + c.ukd_weight * ukd
-        parts = {"ce": float(ce.detach()), "kd": float(kd.detach()), "ukd": float(ukd.detach())}
+        parts = {"ce": ce.detach(), "kd": kd.detach(), "ukd": ukd.detach()}
         return LossResult(total=total, parts=parts)
 
 

@@ -57,7 +57,7 @@ class VanillaKD(Method):
         t_logits = teacher_outputs(teacher, "vanilla_kd").logits
         kd = kd_loss(student.logits, t_logits, self.config.temperature)
         total = (1.0 - alpha) * ce + alpha * kd
-        return LossResult(total=total, parts={"ce": float(ce.detach()), "kd": float(kd.detach())})
+        return LossResult(total=total, parts={"ce": ce.detach(), "kd": kd.detach()})
 
 
 register("vanilla_kd", VanillaKD)

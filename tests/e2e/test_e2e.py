@@ -331,7 +331,7 @@ def matrix_method(name: str) -> dict[str, Any]:
     augmentation method, then METHOD_OVERRIDES."""
     entry = registry.get(name)
     small: dict[str, Any] = {}
-    if entry.method_cls.binds_models:
+    if entry.method_cls.needs.models:
         fields = entry.method_cls.config_cls.model_fields
         small = {k: v for k, v in SMALL_AUGMENTATION.items() if k in fields}
     return {"name": name, **small, **METHOD_OVERRIDES.get(name, {})}
@@ -402,7 +402,7 @@ def test_every_registered_method_runs_through_the_worker(
     assert phases <= {"", "generator", "student"}, phases
 
     method_cls = registry.get(method).method_cls
-    if not method_cls.binds_models:
+    if not method_cls.needs.models:
         assert "augmented_samples.jsonl" not in names
         assert "generator" not in phases
         return

@@ -281,11 +281,15 @@ def test_run_job_distributed_trains_and_exports_from_rank_0(tmp_path: Path) -> N
 
 
 def test_the_teacher_is_halved_only_when_the_loop_alone_uses_it() -> None:
+    from kd_engine.methods.base import Needs
     from kd_engine.trainer import teacher_inference_only
 
     class Augmenting(VanillaKD):
-        def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-            return None
+        needs = Needs(augmented=True)
+
+    class Adversarial(VanillaKD):
+        needs = Needs(models=True, augmented=True, generator=True)
 
     assert teacher_inference_only(VanillaKD(VanillaKDConfig(), SHAPE, SHAPE))
     assert not teacher_inference_only(Augmenting(VanillaKDConfig(), SHAPE, SHAPE))
+    assert not teacher_inference_only(Adversarial(VanillaKDConfig(), SHAPE, SHAPE))

@@ -216,7 +216,9 @@ def test_method_loss_weights_its_parts(score_scale: str, divisor: float) -> None
     ce = -math.log(math.e / (math.e + 1))  # both examples: logit 1 on the gold class, 0 else
     assert res.parts["alp"] == pytest.approx(alp, rel=1e-6)
     assert res.parts["ce"] == pytest.approx(ce, rel=1e-6)
-    expected = 0.3 * res.parts["ce"] + 0.5 * res.parts["kd"] + 2.0 * res.parts["alp"]
+    expected = (
+        0.3 * float(res.parts["ce"]) + 0.5 * float(res.parts["kd"]) + 2.0 * float(res.parts["alp"])
+    )
     assert float(res.total.detach()) == pytest.approx(expected, rel=1e-6)
 
 

@@ -163,7 +163,7 @@ def test_teacher_free_self_plan() -> None:
     assert hops[0].method == FinetuneConfig()
     assert hops[1].method == VanillaKDConfig(alpha=0.95, temperature=20.0)
     assert all(h.shape == STUDENT and h.student is None for h in hops)
-    assert not registry.get("teacher_free_self").method_cls.uses_teacher
+    assert not registry.get("teacher_free_self").method_cls.needs.teacher
     check(config, BILSTM)  # output-level hops accept any student
 
 

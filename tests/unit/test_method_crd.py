@@ -108,7 +108,9 @@ def test_method_weights_parts_and_trains_both_projections() -> None:
     student = cls_outputs(torch.randn(4, 2, 4, generator=g), torch.randn(4, 3, generator=g))
     teacher = cls_outputs(torch.randn(4, 3, 6, generator=g), torch.randn(4, 3, generator=g))
     res = method.loss(student, teacher, torch.tensor([0, 1, 2, 1]), torch.ones(4, 3))
-    expected = 0.5 * res.parts["ce"] + 0.25 * res.parts["kd"] + 2.0 * res.parts["crd"]
+    expected = (
+        0.5 * float(res.parts["ce"]) + 0.25 * float(res.parts["kd"]) + 2.0 * float(res.parts["crd"])
+    )
     assert float(res.total.detach()) == pytest.approx(expected, rel=1e-6)
     res.total.backward()
     for p in head.parameters():

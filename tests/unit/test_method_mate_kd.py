@@ -342,7 +342,7 @@ def test_cilda_min_step_weights_and_its_generator_count(
     t.augmented = StepOutputs(t_out.logits, t_out.hidden_states)
     res = method.loss(s, t, batch["labels"], batch["attention_mask"])
     expected = sum(
-        w * res.parts[k]
+        w * float(res.parts[k])
         for w, k in zip(weights, ("ce", "kd", "kd_augmented", "crd_augmented"), strict=True)
     )
     assert float(res.total) == pytest.approx(expected, rel=1e-5)

@@ -111,7 +111,7 @@ def test_method_loss_mixes_ce_and_kd(variant: str) -> None:
     )
     method = registry.build(config, SHAPE, SHAPE, TrainingSpec())
     assert isinstance(method, TeacherFree)
-    assert not method.uses_teacher
+    assert not method.needs.teacher
     kd = hand_paper(0.9, 2.0) if variant == "paper" else hand_code(0.9, 2.0)
     res = method.loss(StepOutputs(torch.tensor(STUDENT)), None, torch.tensor(LABELS), MASK)
     assert float(res.total) == pytest.approx(0.7 * hand_ce() + 0.3 * 5.0 * kd, rel=1e-5)

@@ -399,7 +399,11 @@ def test_config_defaults_and_bounds() -> None:
     cfg = TinyBERTConfig()
     assert (cfg.intermediate_epochs, cfg.temperature, cfg.attention_target) == (10, 1.0, "scores")
     assert (cfg.prediction_epochs, cfg.soft_ce_reduction) == (3, "batchmean")
-    assert TinyBERT.needs_attentions and TinyBERT.attention_scores and TinyBERT.needs_hidden_states
+    assert (
+        TinyBERT.needs.attentions
+        and TinyBERT.needs.attention_scores
+        and TinyBERT.needs.hidden_states
+    )
     for bad in (
         {"intermediate_epochs": -1},
         {"prediction_epochs": 0},

@@ -181,8 +181,8 @@ def test_defaults_and_config_bounds() -> None:
     ):
         with pytest.raises(ValidationError):
             UniversalKDConfig.model_validate(bad)
-    assert UniversalKD.needs_hidden_states and UniversalKD.any_student_architecture
-    assert not UniversalKD.needs_attentions
+    assert UniversalKD.needs.hidden_states and UniversalKD.any_student_architecture
+    assert not UniversalKD.needs.attentions
 
 
 def test_building_makes_one_zero_probe_per_layer_in_two_groups() -> None:
@@ -326,8 +326,8 @@ def test_distil_stage_loss_by_parts_and_the_teacher_probes_get_no_gradient() -> 
     assert set(res.parts) == {"ce", "kd", "ukd"}
     assert res.parts["ukd"] > 0
     c = method.config
-    expected = c.ce_weight * res.parts["ce"] + c.kd_weight * res.parts["kd"]
-    expected += c.ukd_weight * res.parts["ukd"]
+    expected = c.ce_weight * float(res.parts["ce"]) + c.kd_weight * float(res.parts["kd"])
+    expected += c.ukd_weight * float(res.parts["ukd"])
     assert float(res.total.detach()) == pytest.approx(expected, rel=1e-6)
     # L_UKD from the pseudo logits, recomputed with the loss module.
     with torch.no_grad():

@@ -79,7 +79,7 @@ def test_vanilla_kd_alpha_zero_ignores_teacher() -> None:
 
 def test_vanilla_kd_without_teacher_raises() -> None:
     method = VanillaKD(VanillaKDConfig(), TEACHER_SHAPE, STUDENT_SHAPE)
-    assert method.uses_teacher
+    assert method.needs.teacher
     with pytest.raises(ValueError, match="teacher"):
         method.loss(outputs(STUDENT), None, torch.tensor(LABELS), MASK)
 
@@ -95,7 +95,7 @@ def test_vanilla_kd_config_defaults_and_bounds() -> None:
 
 def test_finetune_loss_is_ce_and_needs_no_teacher() -> None:
     method = Finetune(FinetuneConfig(), TEACHER_SHAPE, STUDENT_SHAPE)
-    assert not method.uses_teacher
+    assert not method.needs.teacher
     res = method.loss(outputs(STUDENT), None, torch.tensor(LABELS), MASK)
     assert float(res.total) == pytest.approx(hand_ce(), rel=1e-6)
     assert res.parts == {"ce": pytest.approx(hand_ce(), rel=1e-6)}
@@ -145,11 +145,11 @@ def _random_outputs(
 ) -> StepOutputs:
     hidden = attn = None
     seq, width, heads = 5, shape.hidden_size, shape.num_heads or 1
-    if getattr(method, "needs_hidden_states", False):
+    if method.needs.hidden_states:
         hidden = tuple(
             torch.randn(batch, seq, width, generator=generator) for _ in range(shape.num_layers + 1)
         )
-    if getattr(method, "needs_attentions", False):
+    if method.needs.attentions:
         attn = tuple(
             torch.rand(batch, heads, seq, seq, generator=generator) for _ in range(shape.num_layers)
         )
@@ -173,7 +173,7 @@ def test_every_registered_method_gives_a_finite_loss(name: str) -> None:
     for method in methods:
         stages = method.stages(TrainingSpec())
         assert stages
-        if method.binds_models:
+        if method.needs.models:
             # An augmentation method's loss needs real models bound to it (a generator, a
             # neighbour index): it trains a step of each stage on tiny real ones.
             _check_bound_training(config, classes=3)
@@ -195,7 +195,9 @@ def _check_one_loss(method: Method, stage: Stage, classes: int = 3) -> None:
     ]
     for tensor in student_tensors:
         tensor.requires_grad_(True)
-    teacher = _random_outputs(4, classes, method, g, TEACHER_SHAPE) if method.uses_teacher else None
+    teacher = (
+        _random_outputs(4, classes, method, g, TEACHER_SHAPE) if method.needs.teacher else None
+    )
     labels = torch.tensor([0, 1, 2, 1]) if classes > 1 else torch.tensor([0.5, -1.0, 2.0, 0.1])
     res = method.loss(student, teacher, labels, torch.ones(4, 5, dtype=torch.long))
     assert res.total.shape == ()
@@ -312,7 +314,7 @@ def test_every_method_runs_a_regression_task_or_refuses_it_by_name(name: str) ->
     built = registry.build(config, teacher, student, TrainingSpec())
     methods = built.hop_methods if isinstance(built, ChainMethod) else [built]
     for method in methods:
-        if method.binds_models:  # its loss needs real models: a step of each stage on tiny ones
+        if method.needs.models:  # its loss needs real models: a step of each stage on tiny ones
             _check_bound_training(config, classes=1)
             continue
         for stage in method.stages(TrainingSpec()):
@@ -343,7 +345,31 @@ def test_checking_a_method_allocates_no_parameters(name: str) -> None:
         )
     finally:
         handle.remove()
-    if small.binds_models:  # its modules (a generator) are built by bind(), from real models
+    if small.needs.models:  # its modules (a generator) are built by bind(), from real models
         return
     own = [p for g in small.param_groups() for m in g.modules for p in m.parameters()]
     assert len(registered) >= len(own)
+
+
+def test_every_method_declares_what_its_hooks_need() -> None:
+    """The loop computes what a method's ``Needs`` declare and never looks at which hooks a
+    class overrides: a method with its own ``augment``, generator steps or ``bind`` that did
+    not declare them would silently train without them. (This test is the one place that
+    looks at overrides.)"""
+    declared = {}
+    for name in registry.names():
+        cls = registry.get(name).method_cls
+        needs = cls.needs
+        if cls.augment is not Method.augment:
+            assert needs.augmented, name
+        if cls.generator_step is not Method.generator_step:
+            assert needs.generator, name
+        if cls.bind is not Method.bind:
+            assert needs.models, name
+        if needs.attention_scores:
+            assert needs.attentions, name
+        declared[name] = needs
+    assert declared["mate_kd"].generator and declared["minimax_knn"].augmented
+    assert not declared["minimax_knn"].generator and not declared["finetune"].teacher
+    assert declared["vanilla_kd"].teacher_inference_only
+    assert not declared["cilda"].teacher_inference_only

@@ -17,7 +17,7 @@ from kd_engine.data.batching import Encoded, encode
 from kd_engine.errors import SpecError
 from kd_engine.evaluation import predict_logits
 from kd_engine.losses import ce_loss
-from kd_engine.methods.base import LossResult, Method, StepOutputs
+from kd_engine.methods.base import LossResult, Method, Needs, StepOutputs
 from kd_engine.methods.finetune import FinetuneConfig
 from kd_engine.models.shapes import ModelShape
 from kd_engine.models.student import student_from_teacher
@@ -35,7 +35,7 @@ class TwoStage(Method):
     LR 1e-3, may not select); stage ``tune`` trains only the student (linear decay from 5e-4,
     warm-up 0, selects). Which stage restores its best weights is a class setting."""
 
-    uses_teacher = False
+    needs = Needs(teacher=False)
     config_cls = FinetuneConfig
     restore: ClassVar[bool] = False
     probe_stage_epochs: ClassVar[int] = 2

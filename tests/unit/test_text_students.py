@@ -25,7 +25,13 @@ from kd_engine.data.batching import collate, encode
 from kd_engine.errors import SpecError
 from kd_engine.evaluation import count_parameters, model_inputs
 from kd_engine.export import save_student
-from kd_engine.methods.base import LossResult, Method, StepOutputs, check_student_architecture
+from kd_engine.methods.base import (
+    LossResult,
+    Method,
+    Needs,
+    StepOutputs,
+    check_student_architecture,
+)
 from kd_engine.methods.finetune import Finetune, FinetuneConfig
 from kd_engine.methods.vanilla_kd import VanillaKD, VanillaKDConfig
 from kd_engine.models.shapes import ModelShape, planned_student_shape, shape_from_config
@@ -246,7 +252,7 @@ class TokenAlignedMethod(Method):
 
 
 def token_aligned(hidden: bool, attentions: bool) -> type[Method]:
-    flags = {"needs_hidden_states": hidden, "needs_attentions": attentions}
+    flags = {"needs": Needs(hidden_states=hidden, attentions=attentions)}
     return type("TokenAligned", (TokenAlignedMethod,), flags)
 
 
@@ -263,7 +269,7 @@ def test_architecture_check_rejects_token_aligned_methods_for_text_students() ->
             assert "not a transformer" in info.value.reason
         check_student_architecture(method, "pkd_like", bert)  # a transformer student is fine
     universal = registry.get("universal_kd").method_cls
-    assert universal.needs_hidden_states and universal.any_student_architecture
+    assert universal.needs.hidden_states and universal.any_student_architecture
     for cls in (universal, VanillaKD, Finetune):
         for student in (lstm, cnn, bert):
             check_student_architecture(cls, "any", student)

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kd_engine.data import TransferSet
 from kd_engine.data.batching import Encoded, encode
 from kd_engine.evaluation import predict_logits
-from kd_engine.methods.base import LossResult, Method, StepOutputs
+from kd_engine.methods.base import LossResult, Method, Needs, StepOutputs
 from kd_engine.methods.finetune import Finetune, FinetuneConfig
 from kd_engine.methods.vanilla_kd import VanillaKD, VanillaKDConfig
 from kd_engine.models.shapes import ModelShape
@@ -332,7 +332,7 @@ def test_cap_warnings_name_only_the_stages_cut_short() -> None:
 class NanMethod(Method):
     """A method whose loss is NaN (as after a divergence)."""
 
-    uses_teacher = False
+    needs = Needs(teacher=False)
     config_cls = FinetuneConfig
 
     def loss(
@@ -372,7 +372,7 @@ class InfAtStep(Method):
     """Fine-tuning whose loss becomes infinite at micro-step ``bad`` (counted from 0)."""
 
     config_cls = FinetuneConfig
-    uses_teacher = False
+    needs = Needs(teacher=False)
     bad = 3
 
     def __init__(self, *args: object) -> None:
@@ -452,3 +452,76 @@ def test_results_do_not_depend_on_when_the_losses_are_read(
     assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in rb.history]
     assert (ra.best_step, ra.best_dev) == (rb.best_step, rb.best_dev)
     assert len(ra.history) > 3  # several evaluations, each a candidate best state
+
+
+class Declared(Method):
+    """Fine-tuning that records the outputs the loop gave its loss; its x' is each batch's
+    first example. ``augment`` fails when called without ``Needs(augmented=True)``."""
+
+    config_cls = FinetuneConfig
+
+    def __init__(self, needs: Needs) -> None:
+        super().__init__(FinetuneConfig(), SHAPE, SHAPE)
+        self.needs = needs  # type: ignore[misc]
+        self.seen: list[tuple[StepOutputs, StepOutputs | None]] = []
+
+    def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        assert self.needs.augmented, "augment called though the method did not declare it"
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        return {k: v[:1] for k, v in batch.items() if k in keys}
+
+    def loss(
+        self,
+        student: StepOutputs,
+        teacher: StepOutputs | None,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> LossResult:
+        self.seen.append((student, teacher))
+        ce = torch.nn.functional.cross_entropy(student.logits, labels)
+        return LossResult(total=ce, parts={"ce": ce.detach()})
+
+
+@pytest.mark.parametrize(
+    "needs",
+    [
+        Needs(teacher=False),
+        Needs(),
+        Needs(hidden_states=True, augmented=True),
+        Needs(teacher=False, attentions=True),
+    ],
+    ids=["no-teacher", "logits", "hidden-augmented", "attentions"],
+)
+def test_the_loop_computes_what_the_method_declares(
+    needs: Needs, minilm_classifier: PreTrainedModel, encoded: dict[str, Encoded]
+) -> None:
+    """What a method's loss receives follows its ``Needs`` alone: the teacher's outputs or
+    none, hidden states and attention maps of both models (the student has 1 layer, the
+    teacher 6) or none, outputs on x' or none; an ``augment`` the method does not declare is
+    never called."""
+    method = Declared(needs)
+    cfg = TrainingSpec(epochs=1, batch_size=4, max_steps=2, max_seq_length=16, device="cpu")
+    train(
+        small_student(minilm_classifier),
+        minilm_classifier,
+        method,
+        encoded["train"],
+        encoded["dev"],
+        cfg,
+        PAD,
+        CPU,
+    )
+    assert len(method.seen) == 2
+    for student, teacher in method.seen:
+        assert student.logits.shape == (4, 2)
+        assert (teacher is not None) == needs.teacher
+        for out, layers in ((student, 1), (teacher, 6)):
+            if out is None:
+                continue
+            hidden, attentions = out.hidden_states, out.attentions
+            assert (len(hidden) if hidden else 0) == (layers + 1 if needs.hidden_states else 0)
+            assert (len(attentions) if attentions else 0) == (layers if needs.attentions else 0)
+            if needs.augmented:
+                assert out.augmented is not None and out.augmented.logits.shape == (1, 2)
+            else:
+                assert out.augmented is None
