@@ -19,6 +19,7 @@ anyway, resumed or not.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -32,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from kd_engine.ranks import current as current_rank
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -188,7 +191,24 @@ def write_atomically(final: Path, write: Callable[[Path], object]) -> Path:
 
 def rng_state() -> dict[str, Any]:
     """Python's, NumPy's, torch's CPU and (when present) every CUDA device's RNG state, in a
-    form ``torch.load(weights_only=True)`` reads back."""
+    form ``torch.load(weights_only=True)`` reads back. On several ranks
+    (:mod:`kd_engine.ranks`; a collective: every rank calls it at the same point) the state of
+    every rank, ``{"ranks": [state of rank 0, ...]}``: their dropout masks differ."""
+    state = _own_rng_state()
+    ranks = current_rank()
+    if ranks is None:
+        return state
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # gathered as bytes: tensors do not survive the object gather
+    return {
+        "ranks": [
+            torch.load(io.BytesIO(b), weights_only=True)
+            for b in ranks.gather(buffer.getvalue())
+        ]
+    }
+
+
+def _own_rng_state() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
@@ -202,7 +222,12 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned (CUDA only when both have it)."""
+    """Restore what :func:`rng_state` returned (CUDA only when both have it): this rank's
+    state of a several-rank one (rank 0's for a rank it did not have), the one state on every
+    rank otherwise."""
+    if "ranks" in state:
+        ranks, own = current_rank(), state["ranks"]
+        state = own[ranks.rank] if ranks is not None and ranks.rank < len(own) else own[0]
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]

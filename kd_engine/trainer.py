@@ -5,18 +5,17 @@ parameter groups the stage does not train, builds a fresh AdamW and LR scheduler
 constant, with warm-up) from the stage's settings, and runs its epochs or steps with dynamic
 padding, gradient accumulation, per-group gradient clipping, fused AdamW on CUDA and the
 precision of ``training.precision`` (:func:`precision_plan`: bf16 autocast and a half-precision
-teacher on CUDA by default, fp32 on the CPU). In a data-parallel run (:mod:`kd_engine.distributed`)
-the student is wrapped in DistributedDataParallel and each rank trains on its slice of every
-batch. It evaluates on the dev set at epoch ends and every ``training.eval_every_steps``
-optimiser steps, keeps the best checkpoint by ``training.selection_metric`` among the stages
-that may select it (restored at the end), and between stages can restart from a stage's best
-weights. Progress reports name the stage and its position; a cooperative cancel check runs
-with them. Deterministic for a given seed on the CPU.
+teacher on CUDA by default, fp32 on the CPU). In a data-parallel run (:mod:`kd_engine.ranks`)
+each rank trains on its slice of every batch and the gradients are averaged over the ranks
+before each optimiser step. It evaluates on the dev set at epoch ends and every
+``training.eval_every_steps`` optimiser steps, keeps the best checkpoint by
+``training.selection_metric`` among the stages that may select it (restored at the end), and
+between stages can restart from a stage's best weights. Progress reports name the stage and
+its position; a cooperative cancel check runs with them. Deterministic for a given seed on the CPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -37,10 +36,10 @@ from kd_engine.checkpoint import (
     set_rng_state,
 )
 from kd_engine.data.batching import Encoded, batches, num_batches
-from kd_engine.distributed import DistContext, RankFinished, current
 from kd_engine.evaluation import model_inputs, predict_logits, task_metrics
 from kd_engine.methods.base import Method, StepOutputs
 from kd_engine.models.attention_scores import record_attentions
+from kd_engine.ranks import DistContext, RankStopped, current
 from kd_engine.spec import TrainingSpec
 from kd_engine.stages import STUDENT, ParamGroup, Stage, lr_factor
 from kd_engine.teacher_cache import TeacherCache
@@ -325,21 +324,22 @@ def train(
     finally:
         loop.release()
         restore()
-    if ctx is not None and not ctx.is_main:
-        raise RankFinished()
     return result
 
 
 def _rank_hooks(hooks: TrainHooks, ctx: DistContext) -> TrainHooks:
-    """Hooks of one rank of a data-parallel run: rank 0's report; its cancel check is
-    broadcast to all (every rank checks at the same points of the loop); no pause."""
+    """Hooks of one rank of a data-parallel run: rank 0's report; its cancel and pause checks
+    are broadcast to all (every rank checks at the same points of the loop)."""
 
     def stop() -> bool:
         return bool(ctx.broadcast(hooks.should_stop() if ctx.is_main else False))
 
+    def pause() -> bool:
+        return bool(ctx.broadcast(hooks.should_pause() if ctx.is_main else False))
+
     if ctx.is_main:
-        return dataclasses.replace(hooks, should_stop=stop, should_pause=lambda: False)
-    return TrainHooks(should_stop=stop, every=hooks.every)
+        return dataclasses.replace(hooks, should_stop=stop, should_pause=pause)
+    return TrainHooks(should_stop=stop, every=hooks.every, should_pause=pause)
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -443,7 +443,7 @@ class _Loop:
         self.autocast_dtype, self.teacher_dtype = precision_plan(cfg.precision, device)
         if not teacher_inference_only(method):
             self.teacher_dtype = None
-        self.forward_student: torch.nn.Module = student  # DDP-wrapped on several ranks
+        self.global_batch: dict[str, torch.Tensor] = {}  # on several ranks: before sharding
         self.teacher_saved: dict[str, torch.Tensor] | None = None  # fp32 teacher, when halved
 
     def __call__(self) -> TrainResult:
@@ -457,8 +457,6 @@ class _Loop:
                 self.teacher_saved = _state(self.teacher)
                 self.teacher.to(dtype=self.teacher_dtype)  # type: ignore[call-arg]
             self.teacher.to(self.device).eval()  # type: ignore[arg-type]
-        if self.dist is not None:
-            self.forward_student = self.dist.wrap(self.student, self.device)
         generator = torch.Generator().manual_seed(self.cfg.seed)
         self.method.prepare(self.train_data)
         first = 0
@@ -481,7 +479,6 @@ class _Loop:
             self.teacher.to(dtype=torch.float32)  # type: ignore[call-arg]
             self.teacher.load_state_dict(self.teacher_saved)
             self.teacher_saved = None
-        self.forward_student = self.student
 
     def _dev_metrics(self) -> dict[str, float]:
         """Dev metrics of the student (on several ranks: rank 0's, broadcast)."""
@@ -597,8 +594,12 @@ class _Loop:
             **counters,  # type: ignore[arg-type]
         )
 
-    def _checkpoint(self, state: LoopState, reason: str) -> SavedCheckpoint:
+    def _checkpoint(self, state: LoopState, reason: str) -> SavedCheckpoint | None:
         assert self.checkpointer is not None
+        if self.dist is not None and not self.dist.is_main:  # rank 0 writes the checkpoints
+            if reason == "pause":
+                raise RankStopped()
+            return None
         saved = self.checkpointer.write(state, self.student, reason)
         self.hooks.log(
             {"event": "checkpoint", "name": saved.name, "step": saved.step, "reason": reason}
@@ -725,19 +726,21 @@ class _Loop:
                     continue
                 weight = 1.0
                 if self.dist is not None:  # this rank's slice of the global batch
+                    self.global_batch = batch
                     batch, weight = self.dist.shard(batch)
                 if micro % cfg.grad_accumulation_steps == 0:
                     self._generator_steps(stage_step, batch, position, n_steps, stage_epoch)
                 method.start_step(self.epoch, self.step)
-                method.start_batch(batch)
-                # On several ranks, gradients are all-reduced only on a group's last micro-batch.
-                sync = (micro + 1) % cfg.grad_accumulation_steps == 0 or micro + 1 >= n_batches
-                res_total, parts = self._micro_step(batch, weight, sync)
+                sees_all = self.dist is not None and method.sees_global_batch
+                method.start_batch(self.global_batch if sees_all else batch)
+                res_total, parts = self._micro_step(batch, weight)
                 pending.add(self.step, res_total, parts)
                 # Step after every grad_accumulation_steps micro-batches, and after the epoch's
                 # last one (a partial group), so that each epoch takes the same number of steps.
                 if (micro + 1) % cfg.grad_accumulation_steps and micro + 1 < n_batches:
                     continue
+                if self.dist is not None:  # the global batch's gradients, on every rank
+                    self.dist.average_gradients(p for g in active for p in g.parameters())
                 for params, max_norm in clip:
                     torch.nn.utils.clip_grad_norm_(params, max_norm)
                 self._materialise()  # the weights are about to change
@@ -795,6 +798,8 @@ class _Loop:
                         if ckpt.due(self.step)
                         else None
                     )
+                    if self.dist is not None:  # rank 0's decision (a timer differs by rank)
+                        reason = self.dist.broadcast(reason)
                     if reason is not None:
                         n_micro += pending.flush(sums, stage.name)
                         self._checkpoint(snapshot(True, micro + 1), reason)
@@ -883,7 +888,7 @@ class _Loop:
             )
 
     def _micro_step(
-        self, batch: dict[str, torch.Tensor], weight: float = 1.0, sync: bool = True
+        self, batch: dict[str, torch.Tensor], weight: float = 1.0
     ) -> tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]:
         """Forward both models (and, when the method augments the batch, both on the augmented
         batch too), compute the method's loss, back-propagate; returns the loss, detached and
@@ -893,16 +898,11 @@ class _Loop:
         Autocast and the teacher's dtype follow ``training.precision`` (:func:`precision_plan`;
         the teacher runs in inference mode, its outputs are cast to fp32 for the loss). On
         several ranks the loss is multiplied by the shard's ``weight`` before ``backward`` and
-        the returned losses are the global batch's (all-reduced, so read back at once); without
-        ``sync`` (not the last micro-batch of an accumulation group) DDP keeps the gradients
-        local (``no_sync``)."""
-        local = (
-            self.forward_student.no_sync()  # type: ignore[operator]
-            if self.dist is not None and not sync
-            else contextlib.nullcontext()
-        )
-        with local:  # forward and backward inside, as DDP's no_sync requires
-            return self._forward_backward(batch, weight)
+        the returned losses are the global batch's (all-reduced, so read back at once); a
+        method that ``sees_global_batch`` augments the global batch and each rank takes its
+        shard of the result. The gradients stay local until the loop
+        averages them before the optimiser step."""
+        return self._forward_backward(batch, weight)
 
     def _forward_backward(
         self, batch: dict[str, torch.Tensor], weight: float
@@ -911,7 +911,12 @@ class _Loop:
         dtype = self.autocast_dtype
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             t_out = None
-            augmented = method.augment(batch)
+            if self.dist is not None and method.sees_global_batch:
+                augmented = method.augment(self.global_batch)
+                if augmented is not None:
+                    augmented = self.dist.shard(augmented)[0]
+            else:
+                augmented = method.augment(batch)
             if method.uses_teacher and self.teacher is not None:
                 with torch.inference_mode():
                     if self.teacher_cache is not None:  # the frozen teacher's logits, cached
@@ -923,9 +928,9 @@ class _Loop:
                         t_out.augmented = _forward(self.teacher, augmented, method, device)
                     if self.teacher_dtype is not None:
                         t_out = _as_float(t_out)
-            s_out = _forward(self.forward_student, batch, method, device)
+            s_out = _forward(self.student, batch, method, device)
             if augmented is not None:
-                s_out.augmented = _forward(self.forward_student, augmented, method, device)
+                s_out.augmented = _forward(self.student, augmented, method, device)
             labels = batch["labels"].to(device)
             res = method.loss(s_out, t_out, labels, batch["attention_mask"].to(device))
         if self.dist is None:

@@ -21,9 +21,10 @@ from api.settings import Settings
 from api.storage import StorageError, artifact_storage
 from api.upload_names import name_uploads
 from kd_engine.checkpoint import Paused, SavedCheckpoint
-from kd_engine.distributed import run_job_distributed, worker_gpus
+from kd_engine.ranks import worker_gpus
 from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, PretrainedStudent
+from kd_engine.torchrun import run_job_distributed
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
 from worker import checkpoints as saved_checkpoints
 from worker.celery_app import make_celery
@@ -368,7 +369,7 @@ def _execute(job_id: str, settings: Settings) -> str:
             refs.model_location(generator_ref, settings) if generator_ref is not None else None
         )
         gpus = worker_gpus()
-        if gpus > 1:  # one job on several GPUs (DDP): no checkpoints, pause or resume
+        if gpus > 1:  # one job on several GPUs: torchrun's data-parallel ranks
             result = run_job_distributed(
                 spec,
                 teacher,
@@ -377,6 +378,9 @@ def _execute(job_id: str, settings: Settings) -> str:
                 gpus,
                 hooks,
                 student,
+                generator,
+                checkpoints=saved_checkpoints.policy(settings, ckpt_dir),
+                resume_from=resume.directory if resume is not None else None,
             )
         else:
             result = run_job(
