@@ -19,7 +19,6 @@ anyway, resumed or not.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -198,14 +197,7 @@ def rng_state() -> dict[str, Any]:
     ranks = current_rank()
     if ranks is None:
         return state
-    buffer = io.BytesIO()
-    torch.save(state, buffer)  # gathered as bytes: tensors do not survive the object gather
-    return {
-        "ranks": [
-            torch.load(io.BytesIO(b), weights_only=True)
-            for b in ranks.gather(buffer.getvalue())
-        ]
-    }
+    return {"ranks": ranks.gather(state)}
 
 
 def _own_rng_state() -> dict[str, Any]:

@@ -18,6 +18,7 @@ itself need no special case.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -104,16 +105,41 @@ class DistContext:
                 offset += n
 
     def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (picklable objects)."""
-        box = [obj if self.is_main else None]
+        """Rank 0's ``obj`` on every rank (anything ``torch.save`` writes: tensors too)."""
+        box = [_dumps(obj) if self.is_main else None]
         dist.broadcast_object_list(box, src=0, device=_collective_device())
-        return box[0]
+        return _loads(box[0])  # type: ignore[arg-type]
 
     def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, in rank order, on every rank (picklable objects)."""
+        """Every rank's ``obj``, in rank order, on every rank (anything ``torch.save``
+        writes)."""
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        dist.all_gather_object(out, _dumps(obj))
+        return [_loads(b) for b in out]
+
+    def gather_rows(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``t`` (R_r, ...) (same trailing shape and dtype on every rank, any R_r),
+        in rank order, on every rank and on ``t``'s device; no gradient flows back."""
+        device = _collective_device()
+        sizes = torch.zeros(self.world_size, dtype=torch.long, device=device)
+        sizes[self.rank] = t.shape[0]
+        dist.all_reduce(sizes)
+        longest = int(sizes.max())
+        padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=device)
+        padded[: t.shape[0]] = t.detach().to(device)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return [p[: int(n)].to(t.device) for p, n in zip(parts, sizes.tolist(), strict=True)]
+
+
+def _dumps(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _loads(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False)  # our own ranks' objects
 
 
 def _collective_device() -> torch.device:

@@ -81,7 +81,7 @@ def train_case(name: str) -> dict[str, Any]:
     config = registry.get(name).config_cls.model_validate({"name": name, **METHODS[name]})
     shape = shape_from_config(teacher.config.to_dict(), 2)
     s_shape = shape_from_config(student.config.to_dict(), 2)
-    method = registry.build(config, shape, s_shape, CFG)  # type: ignore[arg-type]
+    method = registry.build(config, shape, s_shape, CFG)
     method.bind(
         Resources(
             student=student,

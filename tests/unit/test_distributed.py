@@ -40,8 +40,8 @@ from kd_engine.torchrun import run_job_distributed
 from kd_engine.trainer import Progress, TrainHooks
 
 HERE = Path(__file__).resolve().parent
-WEIGHT_ATOL = 2e-5
-LOSS_RTOL = 1e-5
+WEIGHT_ATOL = 2e-5  # observed: vanilla_kd 3.2e-6, pkd 1.6e-6, mate_kd 3.0e-8
+LOSS_RTOL = 1e-5  # observed: at most 1.2e-6 (pkd)
 EQUIVALENCE = ["vanilla_kd", "pkd", "mate_kd"]
 
 SMALL_AUGMENTATION = {
@@ -143,9 +143,11 @@ def test_two_gloo_ranks_train_like_one_process(ranks_out: Path, method: str) -> 
     assert len(a["losses"]) == len(b["losses"]) > 0
     assert b["losses"] == pytest.approx(a["losses"], rel=LOSS_RTOL)
     moved = max((a["state"][k] - a["init"][k]).abs().max().item() for k in a["state"])
-    assert moved > 1e-3  # it trained: the tolerance is small against the updates
     diff = max((a["state"][k] - b["state"][k]).abs().max().item() for k in a["state"])
     assert diff < WEIGHT_ATOL, f"{method}: max abs weight difference {diff}"
+    # it trained, and the difference is small against the updates (mate_kd's student trains
+    # 3 steps at its own small learning rate after the generator's warm-up)
+    assert moved > 1e-5 and diff < moved / 100, (diff, moved)
     print(f"{method}: max abs weight difference {diff:.2e}, largest update {moved:.2e}")
 
 
