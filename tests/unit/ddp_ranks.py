@@ -56,6 +56,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "pkd": {},
     # small: one warm-up epoch, then 2 student steps per cycle with one generator step
     "mate_kd": {"epochs": 1, "student_steps": 2, "generator_steps": 1},
+    # memory banks and negatives drawn per row: kept as one process keeps them
+    "codir": {},
 }
 
 

@@ -42,7 +42,7 @@ from kd_engine.trainer import Progress, TrainHooks
 HERE = Path(__file__).resolve().parent
 WEIGHT_ATOL = 2e-5  # observed: vanilla_kd 3.2e-6, pkd 1.6e-6, mate_kd 3.0e-8
 LOSS_RTOL = 1e-5  # observed: at most 1.2e-6 (pkd)
-EQUIVALENCE = ["vanilla_kd", "pkd", "mate_kd"]
+EQUIVALENCE = ["vanilla_kd", "pkd", "mate_kd", "codir"]
 
 SMALL_AUGMENTATION = {
     "epochs": 1,
