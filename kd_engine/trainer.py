@@ -900,8 +900,8 @@ class _Loop:
         several ranks the loss is multiplied by the shard's ``weight`` before ``backward`` and
         the returned losses are the global batch's (all-reduced, so read back at once); a
         method that ``sees_global_batch`` augments the global batch and each rank takes its
-        shard of the result. The gradients stay local until the loop
-        averages them before the optimiser step."""
+        shard of the result. The gradients stay local until the loop averages them before the
+        optimiser step."""
         return self._forward_backward(batch, weight)
 
     def _forward_backward(

@@ -10,8 +10,9 @@ models.
   shard backward passes whose gradients gloo sums and halves, against one full-batch pass;
   rows padded to their own shard's length), amplified a little by Adam over a few steps.
 * A job through the worker's entry (:func:`kd_engine.torchrun.run_job_distributed`) writes
-  checkpoints from rank 0 and, resumed from a mid-epoch one under DDP, ends with the same
-  student bit for bit as the uninterrupted run (each rank's RNG state is in the checkpoint).
+  checkpoints from rank 0, pauses on both ranks and, resumed from the pause checkpoint under
+  DDP, ends with the same student bit for bit as the uninterrupted run (each rank's RNG state
+  is in the checkpoint).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from kd_engine import registry
-from kd_engine.checkpoint import CheckpointPolicy, SavedCheckpoint
+from kd_engine.checkpoint import CheckpointPolicy, Paused, SavedCheckpoint
 from kd_engine.methods.chain import ChainMethod
 from kd_engine.models.loading import load_classifier, load_tokenizer
 from kd_engine.models.student import student_from_teacher
@@ -151,30 +152,38 @@ def test_two_gloo_ranks_train_like_one_process(ranks_out: Path, method: str) -> 
     print(f"{method}: max abs weight difference {diff:.2e}, largest update {moved:.2e}")
 
 
-def test_a_job_resumes_under_ddp_bit_for_bit(tmp_path: Path, teacher: Path) -> None:
-    """Through the worker's entry: rank 0's progress and checkpoints reach the caller's
-    hooks; resumed from the mid-epoch checkpoint at step 2 (of 3 per epoch, 6 in all), two
-    ranks end with the uninterrupted run's student, bit for bit."""
+def test_a_job_pauses_and_resumes_under_ddp_bit_for_bit(tmp_path: Path, teacher: Path) -> None:
+    """Through the worker's entry: rank 0's progress and checkpoints reach the caller's hooks;
+    a pause asked for at once stops both ranks at step 1 with a checkpoint (mid-epoch: 3 steps
+    an epoch, 6 in all), and two ranks resumed from it end with the uninterrupted 2-rank run's
+    student, bit for bit."""
     body = job_spec("vanilla_kd")
     body["training"] = {**body["training"], "max_steps": None}  # 24 rows / 8: 3 steps an epoch
     spec = JobSpec.model_validate({**body, "teacher": "job:t"})
     progress: list[Progress] = []
     saved: list[SavedCheckpoint] = []
     hooks = TrainHooks(on_progress=progress.append, on_checkpoint=saved.append, every=1)
-    full = run_job_distributed(
-        spec,
-        teacher,
-        Path,
-        tmp_path / "full",
-        2,
-        hooks,
-        checkpoints=CheckpointPolicy(tmp_path / "ckpt", every_steps=2, at_stage_end=False),
-    )
+    policy = CheckpointPolicy(tmp_path / "ckpt", every_steps=2, at_stage_end=False)
+    full = run_job_distributed(spec, teacher, Path, tmp_path / "full", 2, hooks, checkpoints=policy)
     assert [p.step for p in progress if p.stage == "train"] == [1, 2, 3, 4, 5, 6]
-    assert [c.step for c in saved] == [2, 4]
+    assert [(c.step, c.reason) for c in saved] == [(2, "interval"), (4, "interval")]
     assert full.metrics["data_parallel"] == {"ranks": 2, "same_weights": True}
+
+    pausing = TrainHooks(should_pause=lambda: True, every=1)
+    with pytest.raises(Paused) as paused:
+        run_job_distributed(
+            spec,
+            teacher,
+            Path,
+            tmp_path / "paused",
+            2,
+            pausing,
+            checkpoints=CheckpointPolicy(tmp_path / "ckpt-paused"),
+        )
+    ckpt = paused.value.checkpoint
+    assert (ckpt.step, ckpt.reason) == (1, "pause")
     resumed = run_job_distributed(
-        spec, teacher, Path, tmp_path / "resumed", 2, resume_from=saved[0].path
+        spec, teacher, Path, tmp_path / "resumed", 2, resume_from=ckpt.path
     )
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
