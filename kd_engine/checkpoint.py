@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from kd_engine import names
 from kd_engine.contracts import CheckpointInfo, CheckpointManifest, FinishedHopRecord
+from kd_engine.ranks import current as current_rank
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -203,7 +204,17 @@ def write_atomically(final: Path, write: Callable[[Path], object]) -> Path:
 
 def rng_state() -> dict[str, Any]:
     """Python's, NumPy's, torch's CPU and (when present) every CUDA device's RNG state, in a
-    form ``torch.load(weights_only=True)`` reads back."""
+    form ``torch.load(weights_only=True)`` reads back. On several ranks
+    (:mod:`kd_engine.ranks`; a collective: every rank calls it at the same point) the state of
+    every rank, ``{"ranks": [state of rank 0, ...]}``: their dropout masks differ."""
+    state = _own_rng_state()
+    ranks = current_rank()
+    if ranks is None:
+        return state
+    return {"ranks": ranks.gather(state)}
+
+
+def _own_rng_state() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
@@ -217,7 +228,12 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned (CUDA only when both have it)."""
+    """Restore what :func:`rng_state` returned (CUDA only when both have it): this rank's
+    state of a several-rank one (rank 0's for a rank it did not have), the one state on every
+    rank otherwise."""
+    if "ranks" in state:
+        ranks, own = current_rank(), state["ranks"]
+        state = own[ranks.rank] if ranks is not None and ranks.rank < len(own) else own[0]
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]

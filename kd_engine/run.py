@@ -35,7 +35,6 @@ from kd_engine.data.batching import encode, encode_corpus
 from kd_engine.data.corpus import load_corpus
 from kd_engine.data.loading import PathResolver, resolve_regression
 from kd_engine.data.split_artifact import write_split_file
-from kd_engine.distributed import current as current_rank
 from kd_engine.errors import SpecError
 from kd_engine.evaluation import count_parameters, task_metrics, weights_bytes
 from kd_engine.export import save_student, write_json
@@ -52,10 +51,18 @@ from kd_engine.models.loading import (
     teacher_task,
 )
 from kd_engine.onnx_export import export_report
+from kd_engine.ranks import current as current_rank
 from kd_engine.report_html import write_report
 from kd_engine.reports import evaluate_sets, split_diagnostics, teacher_match
 from kd_engine.spec import JobSpec, PretrainedStudent
-from kd_engine.teacher_cache import CacheStore, cache_key, eligible, load_or_build, off_report
+from kd_engine.teacher_cache import (
+    CacheStore,
+    cache_key,
+    eligible,
+    load_or_build,
+    off_report,
+    weights_hash,
+)
 from kd_engine.trainer import (
     TrainHooks,
     TrainResult,
@@ -181,11 +188,7 @@ def _onnx(
 ) -> dict[str, Any]:
     """``metrics.json``'s ``onnx`` block (:func:`kd_engine.onnx_export.export_report`):
     ``model.onnx`` (and ``model.int8.onnx``) written into the output directory. Its warnings
-    join ``warnings`` and the log. A data-parallel rank other than the first skips it (the
-    first writes the job's output)."""
-    ctx = current_rank()
-    if ctx is not None and not ctx.is_main:
-        return {"skipped": "not the main rank of a data-parallel job"}
+    join ``warnings`` and the log."""
 
     def warn(message: str) -> None:
         warnings.append(message)
@@ -200,6 +203,22 @@ def _onnx(
         job.spec.training.eval_batch_size,
         warn,
     )
+
+
+def _data_parallel(
+    student: PreTrainedModel, log: Callable[[dict[str, object]], None]
+) -> dict[str, Any] | None:
+    """On a rank of a data-parallel run, ``metrics.json``'s ``data_parallel`` block: ``ranks``
+    (the world size) and ``same_weights``, whether every rank ended with the same student
+    (:func:`~kd_engine.teacher_cache.weights_hash`, gathered: a collective); a difference is a
+    logged warning. None outside such a run."""
+    ranks = current_rank()
+    if ranks is None:
+        return None
+    same = len(set(ranks.gather(weights_hash(student)))) == 1
+    if not same:
+        log({"event": "warning", "message": "the data-parallel ranks ended with different weights"})
+    return {"ranks": ranks.world_size, "same_weights": same}
 
 
 def _ensemble(logits: list[torch.Tensor]) -> torch.Tensor:
@@ -331,6 +350,10 @@ def run_job(
     checkpoint directory written by a run of the same spec: the run continues from it (finished
     hops are not retrained) and ends with the same student, metrics and artifacts as an
     uninterrupted run (bit for bit on the CPU). ``out_dir`` may be fresh.
+
+    On a rank of a data-parallel run (:mod:`kd_engine.ranks`) every rank trains; ranks other
+    than 0 return after the last hop with empty metrics (rank 0 evaluates, exports and writes
+    ``out_dir``'s files; only it writes checkpoints).
 
     With ``training.teacher_cache`` and a hop whose method is
     :func:`~kd_engine.teacher_cache.eligible` taught by the job's teacher, the teacher's logits
@@ -473,6 +496,9 @@ def run_job(
             job.checkpointer.previous = student
             job.checkpointer.teacher_taught = job.teacher_taught
     assert student is not None  # a plan has at least one hop
+    parallel, ranks = _data_parallel(student, log), current_rank()
+    if ranks is not None and not ranks.is_main:  # evaluation and export are rank 0's
+        return RunResult(metrics={}, out_dir=out_dir)
     final = runs[-1]
     result, many = final.result, len(hops) > 1
 
@@ -513,6 +539,8 @@ def run_job(
         "hops": [run.report for run in runs],
         "teacher_cache": cache_report,
     }
+    if parallel is not None:
+        metrics["data_parallel"] = parallel
     if issubclass(method_cls, ChainMethod) and method_cls.ensemble:
         metrics["ensemble"] = {
             "members": [h.name for h in hops],

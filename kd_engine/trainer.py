@@ -5,18 +5,17 @@ parameter groups the stage does not train, builds a fresh AdamW and LR scheduler
 constant, with warm-up) from the stage's settings, and runs its epochs or steps with dynamic
 padding, gradient accumulation, per-group gradient clipping, fused AdamW on CUDA and the
 precision of ``training.precision`` (:func:`precision_plan`: bf16 autocast and a half-precision
-teacher on CUDA by default, fp32 on the CPU). In a data-parallel run (:mod:`kd_engine.distributed`)
-the student is wrapped in DistributedDataParallel and each rank trains on its slice of every
-batch. It evaluates on the dev set at epoch ends and every ``training.eval_every_steps``
-optimiser steps, keeps the best checkpoint by ``training.selection_metric`` among the stages
-that may select it (restored at the end), and between stages can restart from a stage's best
-weights. Progress reports name the stage and its position; a cooperative cancel check runs
-with them. Deterministic for a given seed on the CPU.
+teacher on CUDA by default, fp32 on the CPU). In a data-parallel run (:mod:`kd_engine.ranks`)
+each rank trains on its slice of every batch and the gradients are averaged over the ranks
+before each optimiser step. It evaluates on the dev set at epoch ends and every
+``training.eval_every_steps`` optimiser steps, keeps the best checkpoint by
+``training.selection_metric`` among the stages that may select it (restored at the end), and
+between stages can restart from a stage's best weights. Progress reports name the stage and
+its position; a cooperative cancel check runs with them. Deterministic for a given seed on the CPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -38,10 +37,10 @@ from kd_engine.checkpoint import (
 )
 from kd_engine.contracts import Progress as Progress  # re-exported: defined once there
 from kd_engine.data.batching import Encoded, batches, num_batches
-from kd_engine.distributed import DistContext, RankFinished, current
 from kd_engine.evaluation import predict_logits, task_metrics
 from kd_engine.methods.base import Method, StepOutputs
 from kd_engine.models.attention_scores import record_attentions
+from kd_engine.ranks import DistContext, RankStopped, current
 from kd_engine.spec import TrainingSpec
 from kd_engine.stages import STUDENT, ParamGroup, Stage, lr_factor
 from kd_engine.tasks import CLASSIFICATION, Task
@@ -262,21 +261,22 @@ def train(
     finally:
         loop.release()
         restore()
-    if ctx is not None and not ctx.is_main:
-        raise RankFinished()
     return result
 
 
 def _rank_hooks(hooks: TrainHooks, ctx: DistContext) -> TrainHooks:
-    """Hooks of one rank of a data-parallel run: rank 0's report; its cancel check is
-    broadcast to all (every rank checks at the same points of the loop); no pause."""
+    """Hooks of one rank of a data-parallel run: rank 0's report; its cancel and pause checks
+    are broadcast to all (every rank checks at the same points of the loop)."""
 
     def stop() -> bool:
         return bool(ctx.broadcast(hooks.should_stop() if ctx.is_main else False))
 
+    def pause() -> bool:
+        return bool(ctx.broadcast(hooks.should_pause() if ctx.is_main else False))
+
     if ctx.is_main:
-        return dataclasses.replace(hooks, should_stop=stop, should_pause=lambda: False)
-    return TrainHooks(should_stop=stop, every=hooks.every)
+        return dataclasses.replace(hooks, should_stop=stop, should_pause=pause)
+    return TrainHooks(should_stop=stop, every=hooks.every, should_pause=pause)
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -373,7 +373,7 @@ class _Loop:
         self.autocast_dtype, self.teacher_dtype = precision_plan(cfg.precision, device)
         if not teacher_inference_only(method):
             self.teacher_dtype = None
-        self.forward_student: torch.nn.Module = student  # DDP-wrapped on several ranks
+        self.global_batch: dict[str, torch.Tensor] = {}  # on several ranks: before sharding
         self.teacher_saved: dict[str, torch.Tensor] | None = None  # fp32 teacher, when halved
 
     def __call__(self) -> TrainResult:
@@ -398,8 +398,7 @@ class _Loop:
 
     def _place_models(self) -> None:
         """Move the models and the method's modules to the device (the teacher in eval mode,
-        in half precision when :func:`precision_plan` says so, its fp32 weights kept); wrap
-        the student for data parallelism on several ranks."""
+        in half precision when :func:`precision_plan` says so, its fp32 weights kept)."""
         self.student.to(self.device).train()  # type: ignore[arg-type]
         for group in self.groups[1:]:
             for module in group.modules:
@@ -409,8 +408,6 @@ class _Loop:
                 self.teacher_saved = _state(self.teacher)
                 self.teacher.to(dtype=self.teacher_dtype)  # type: ignore[call-arg]
             self.teacher.to(self.device).eval()  # type: ignore[arg-type]
-        if self.dist is not None:
-            self.forward_student = self.dist.wrap(self.student, self.device)
 
     def release(self) -> None:
         """Give the teacher its fp32 weights back (when it ran in half precision)."""
@@ -418,7 +415,6 @@ class _Loop:
             self.teacher.to(dtype=torch.float32)  # type: ignore[call-arg]
             self.teacher.load_state_dict(self.teacher_saved)
             self.teacher_saved = None
-        self.forward_student = self.student
 
     def _dev_metrics(self) -> dict[str, float]:
         """Dev metrics of the student (on several ranks: rank 0's, broadcast)."""
@@ -561,8 +557,12 @@ class _Loop:
             **counters,  # type: ignore[arg-type]
         )
 
-    def _checkpoint(self, state: LoopState, reason: str) -> SavedCheckpoint:
+    def _checkpoint(self, state: LoopState, reason: str) -> SavedCheckpoint | None:
         assert self.checkpointer is not None
+        if self.dist is not None and not self.dist.is_main:  # rank 0 writes the checkpoints
+            if reason == "pause":
+                raise RankStopped()
+            return None
         saved = self.checkpointer.write(state, self.student, reason)
         self.hooks.log(
             {"event": "checkpoint", "name": saved.name, "step": saved.step, "reason": reason}
@@ -573,7 +573,7 @@ class _Loop:
         return saved
 
     def micro_step(
-        self, batch: dict[str, torch.Tensor], weight: float = 1.0, sync: bool = True
+        self, batch: dict[str, torch.Tensor], weight: float = 1.0
     ) -> tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]:
         """Forward both models (and, when the method augments the batch, both on the augmented
         batch too), compute the method's loss, back-propagate; returns the loss, detached and
@@ -583,16 +583,11 @@ class _Loop:
         Autocast and the teacher's dtype follow ``training.precision`` (:func:`precision_plan`;
         the teacher runs in inference mode, its outputs are cast to fp32 for the loss). On
         several ranks the loss is multiplied by the shard's ``weight`` before ``backward`` and
-        the returned losses are the global batch's (all-reduced, so read back at once); without
-        ``sync`` (not the last micro-batch of an accumulation group) DDP keeps the gradients
-        local (``no_sync``)."""
-        local = (
-            self.forward_student.no_sync()  # type: ignore[operator]
-            if self.dist is not None and not sync
-            else contextlib.nullcontext()
-        )
-        with local:  # forward and backward inside, as DDP's no_sync requires
-            return self._forward_backward(batch, weight)
+        the returned losses are the global batch's (all-reduced, so read back at once); a
+        method that ``sees_global_batch`` augments the global batch and each rank takes its
+        shard of the result. The gradients stay local until the loop averages them before the
+        optimiser step."""
+        return self._forward_backward(batch, weight)
 
     def _teacher_outputs(
         self, batch: dict[str, torch.Tensor], augmented: dict[str, torch.Tensor] | None
@@ -618,11 +613,17 @@ class _Loop:
         device, method, task = self.device, self.method, self.task
         dtype = self.autocast_dtype
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            augmented = method.augment(batch) if method.needs.augmented else None
+            augmented = None
+            if method.needs.augmented and self.dist is not None and method.sees_global_batch:
+                augmented = method.augment(self.global_batch)  # each rank takes its shard
+                if augmented is not None:
+                    augmented = self.dist.shard(augmented)[0]
+            elif method.needs.augmented:
+                augmented = method.augment(batch)
             t_out = self._teacher_outputs(batch, augmented)
-            s_out = task.forward(self.forward_student, batch, method.needs, device)
+            s_out = task.forward(self.student, batch, method.needs, device)
             if augmented is not None:
-                s_aug = task.forward(self.forward_student, augmented, method.needs, device)
+                s_aug = task.forward(self.student, augmented, method.needs, device)
                 s_out = s_out.with_augmented(s_aug)
             targets = task.targets(batch, device)
             res = method.loss(s_out, t_out, targets, batch["attention_mask"].to(device))
@@ -840,13 +841,14 @@ class _StageRun:
         loop, cfg = self.loop, self.loop.cfg
         weight = 1.0
         if loop.dist is not None:  # this rank's slice of the global batch
+            loop.global_batch = batch
             batch, weight = loop.dist.shard(batch)
         if micro % cfg.grad_accumulation_steps == 0:
             loop.generator_steps(self, batch)
         loop.method.start_step(loop.epoch, loop.step)
-        loop.method.start_batch(batch)
-        # On several ranks, gradients are all-reduced only on a group's last micro-batch.
-        total, parts = loop.micro_step(batch, weight, sync=self._group_ends(micro))
+        sees_all = loop.dist is not None and loop.method.sees_global_batch
+        loop.method.start_batch(loop.global_batch if sees_all else batch)
+        total, parts = loop.micro_step(batch, weight)
         self.pending.add(loop.step, total, parts)
 
     def _group_ends(self, micro: int) -> bool:
@@ -857,7 +859,10 @@ class _StageRun:
         return (micro + 1) % accumulation == 0 or micro + 1 >= self.n_batches
 
     def optimizer_step(self) -> None:
-        """Clip each group's gradients, step the optimiser and the schedule."""
+        """Clip each group's gradients (on several ranks, averaged over the ranks first: the
+        global batch's gradients), step the optimiser and the schedule."""
+        if self.loop.dist is not None:
+            self.loop.dist.average_gradients(p for params, _ in self.clip for p in params)
         for params, max_norm in self.clip:
             torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.loop._materialise()  # the weights are about to change
@@ -957,11 +962,14 @@ class _StageRun:
         ckpt = loop.checkpointer
         if ckpt is None or self.step >= self.n_steps:
             return
+        reason: str | None = None
         if reported and loop.hooks.should_pause():
             reason = "pause"
         elif ckpt.due(loop.step):
             reason = "interval"
-        else:
+        if loop.dist is not None:  # rank 0's decision (a timer differs by rank)
+            reason = loop.dist.broadcast(reason)
+        if reason is None:
             return
         self.read_losses()
         loop._checkpoint(self.snapshot(True, micro + 1), reason)

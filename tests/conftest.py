@@ -43,8 +43,8 @@ SERVICE_DIRS = ("integration", "e2e")
 JOB_CALL = re.compile(r"(?<![.\w])(run_job\w*|train|execute|launch)\(")
 """A call that runs a whole training job or loop (kd_engine.run.run_job and
 run_job_distributed, kd_engine.trainer.train, worker.runner.execute) or starts training
-processes (kd_engine.distributed.launch): a test whose body or fixtures (transitively) make one
-is ``slow``."""
+processes (torchrun ranks: run_job_distributed, or a test helper named run_job...): a test
+whose body or fixtures (transitively) make one is ``slow``."""
 
 
 @functools.cache

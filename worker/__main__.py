@@ -2,7 +2,7 @@
 
 One worker process per GPU (solo pool); the queue is ``gpu`` when CUDA is available and
 ``cpu`` otherwise, unless ``DISTILLERY_WORKER_QUEUE`` names one. A worker that runs each job on
-several GPUs (``DISTILLERY_WORKER_GPUS`` > 1, data-parallel: :mod:`kd_engine.distributed`)
+several GPUs (``DISTILLERY_WORKER_GPUS`` > 1, data-parallel: :mod:`kd_engine.torchrun`)
 consumes ``gpu-multi``.
 """
 
@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from kd_engine.distributed import worker_gpus
+from kd_engine.ranks import worker_gpus
 from worker.celery_app import app
 
 

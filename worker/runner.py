@@ -24,9 +24,10 @@ from core.storage import StorageError, artifact_storage
 from core.upload_names import name_uploads
 from kd_engine.checkpoint import Paused, SavedCheckpoint
 from kd_engine.contracts import JobMetrics, Progress, Succeeded
-from kd_engine.distributed import run_job_distributed, worker_gpus
+from kd_engine.ranks import worker_gpus
 from kd_engine.run import run_job
 from kd_engine.spec import PretrainedStudent, stored_spec
+from kd_engine.torchrun import run_job_distributed
 from kd_engine.trainer import Cancelled, TrainHooks
 from worker import checkpoints as saved_checkpoints
 from worker.db_retry import DatabaseUnavailable, Retrier
@@ -372,7 +373,7 @@ def _execute(job_id: str, settings: Settings) -> str:
             refs.model_location(generator_ref, settings) if generator_ref is not None else None
         )
         gpus = worker_gpus()
-        if gpus > 1:  # one job on several GPUs (DDP): no checkpoints, pause or resume
+        if gpus > 1:  # one job on several GPUs: torchrun's data-parallel ranks
             result = run_job_distributed(
                 spec,
                 teacher,
@@ -381,6 +382,9 @@ def _execute(job_id: str, settings: Settings) -> str:
                 gpus,
                 hooks,
                 student,
+                generator,
+                checkpoints=saved_checkpoints.policy(settings, ckpt_dir),
+                resume_from=resume.directory if resume is not None else None,
             )
         else:
             result = run_job(

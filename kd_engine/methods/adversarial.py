@@ -57,6 +57,7 @@ from kd_engine.methods.base import (
     Resources,
     StepOutputs,
 )
+from kd_engine.ranks import current as current_rank
 from kd_engine.stages import STUDENT, ParamGroup, Stage
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ class AdversarialMethod(Method):
     docstring). Subclasses give the stages after the warm-up and the losses."""
 
     needs = Needs(models=True, augmented=True, generator=True)
+    sees_global_batch = True
     config: AdversarialConfig
     objective_name: Literal["generator_kl", "generator_mse"] = "generator_kl"
 
@@ -359,7 +361,14 @@ class AdversarialMethod(Method):
         """One max step on a batch the generator draws itself (``batch`` is not used): sample
         x' with gradients, run both models on it through their embedding paths, ascend the
         divergence (:meth:`adversary_objective`) with the generator's own AdamW and clipping.
-        Only the generator's parameters receive gradients."""
+        Only the generator's parameters receive gradients.
+
+        On several ranks every rank runs the same step (the method's random source, hence the
+        generator's batch and masks, is the same on all: :attr:`sees_global_batch`) and the
+        generator's gradients are averaged over the ranks before clipping, so that every rank
+        keeps the same generator and optimiser state (equal gradients when the ranks' global
+        random sources agree, as without dropout; their mean otherwise); the reported
+        divergences are the ranks' mean."""
         generator, res = self._bound()
         assert res.teacher is not None
         params = [p for p in generator.parameters()]
@@ -379,6 +388,11 @@ class AdversarialMethod(Method):
             grads = torch.autograd.grad(-objective, params, allow_unused=True)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
+        ranks = current_rank()
+        if ranks is not None:  # the same generator update on every rank (see the docstring)
+            ranks.average_gradients(params)
+            means = ranks.mean_losses([float(v) for v in parts.values()])
+            parts = dict(zip(parts, (torch.tensor(m) for m in means), strict=True))
         torch.nn.utils.clip_grad_norm_(params, self.config.generator_max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

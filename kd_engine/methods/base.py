@@ -194,6 +194,13 @@ class Method(ABC):
 
     needs: ClassVar[Needs] = Needs()
     any_student_architecture: ClassVar[bool] = False
+    sees_global_batch: ClassVar[bool] = False
+    """On several ranks (:mod:`kd_engine.ranks`), True when :meth:`start_batch` and
+    :meth:`augment` get the global batch rather than this rank's shard, so that the method's
+    random draws (masks, samples) are those of one process and its state stays the same on
+    every rank; :meth:`augment` must then return one row per row of its batch, in order (the
+    loop gives each rank its shard of it), and a loss computed from :meth:`start_batch`'s batch
+    is computed on every rank (its weighted mean is still the global batch's gradient)."""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
 
     def __init__(self, config: MethodConfig, teacher: ModelShape, student: ModelShape) -> None:

@@ -91,6 +91,8 @@ from kd_engine.methods.base import (
     teacher_outputs,
 )
 from kd_engine.methods.layer_maps import TeacherLayerSet, check_layer, cls_pool, paired_states
+from kd_engine.ranks import DistContext
+from kd_engine.ranks import current as current_rank
 from kd_engine.registry import register
 from kd_engine.stages import ParamGroup
 
@@ -457,6 +459,9 @@ class CoDIR(Method):
                 "codir: start_batch() must give the example ids of every batch before its loss"
             )
         memory.to(f_s.device)
+        ranks = current_rank()
+        if ranks is not None:
+            return self._contrast_on_ranks(f_s, f_t, ids, ranks)
         rows = memory.rows(ids)
         negatives = memory.pools.draw(rows, c.negatives, memory.replace, memory.generator)
         index = torch.cat([rows.unsqueeze(1), negatives], dim=1).to(f_s.device)
@@ -471,6 +476,47 @@ class CoDIR(Method):
         device_rows = rows.to(f_s.device)
         momentum_update(memory.student, device_rows, f_s, c.momentum)
         momentum_update(memory.teacher, device_rows, f_t, c.momentum)
+        return loss
+
+    def _contrast_on_ranks(
+        self, f_s: torch.Tensor, f_t: torch.Tensor, ids: torch.Tensor, ranks: DistContext
+    ) -> torch.Tensor:
+        """:meth:`contrast` on one rank of a data-parallel run, keeping the banks and the
+        negatives' generator the same on every rank and as one process would: the global
+        batch's ids are gathered (rank order is row order), its negatives drawn once per row,
+        Z set from the global batch's mean score, and the banks moved with every rank's
+        features (gathered, detached). A rank given a repeated row (an empty shard) adds
+        nothing to the banks."""
+        c, memory = self.config, self.memory
+        assert memory is not None
+        per_rank = ranks.gather_rows(ids.detach().to(f_s.device, torch.long))
+        all_ids = [int(i) for i in torch.cat(per_rank).tolist()]
+        seen: dict[int, int] = {}  # id -> its row in the global batch
+        first: list[int] = []  # the position of each id's first occurrence among all_ids
+        for j, i in enumerate(all_ids):
+            if i not in seen:
+                seen[i] = len(seen)
+                first.append(j)
+        global_ids = torch.tensor(list(seen), dtype=torch.long)
+        rows = memory.rows(global_ids)
+        negatives = memory.pools.draw(rows, c.negatives, memory.replace, memory.generator)
+        mine = torch.tensor([seen[int(i)] for i in ids.tolist()], dtype=torch.long)
+        index = torch.cat([rows[mine].unsqueeze(1), negatives[mine]], dim=1).to(f_s.device)
+        n = len(memory)
+        tau = c.contrast_temperature
+        e_s = memory_scores(f_s, memory.teacher, index, tau)
+        e_t = memory_scores(f_t, memory.student, index, tau)
+        if memory.z_student is None or memory.z_teacher is None:
+            sums = torch.stack([e_s.detach().sum(), e_t.detach().sum()]).double().reshape(1, 2)
+            total = torch.cat(ranks.gather_rows(sums)).sum(0).tolist()
+            count = sum(len(r) for r in per_rank) * e_s[0].numel()
+            memory.z_student, memory.z_teacher = total[0] / count * n, total[1] / count * n
+        loss = (nce_loss(e_s / memory.z_student, n) + nce_loss(e_t / memory.z_teacher, n)) / 2
+        keep = torch.tensor(first, dtype=torch.long, device=f_s.device)
+        device_rows = rows.to(f_s.device)
+        for bank, f in ((memory.student, f_s), (memory.teacher, f_t)):
+            gathered = torch.cat(ranks.gather_rows(f.detach()))
+            momentum_update(bank, device_rows, gathered[keep], c.momentum)
         return loss
 
     def loss(

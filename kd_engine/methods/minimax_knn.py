@@ -90,6 +90,7 @@ from kd_engine.methods.base import (
     StepOutputs,
     teacher_outputs,
 )
+from kd_engine.ranks import current as current_rank
 from kd_engine.registry import register
 
 if TYPE_CHECKING:
@@ -269,6 +270,9 @@ class MinimaxKNN(Method):
         self.candidates = filter_candidates(
             rows, cosine, c.min_distance, c.max_distance, c.num_candidates
         )
+        ranks = current_rank()
+        if ranks is not None:  # rank 0's pools on every rank (a near-tie may differ by device)
+            self.candidates = ranks.broadcast(self.candidates)
         pool = self.candidates
         per_example = pool.mask.sum(1)
         nearest = angular_distance(cosine[:, 0])

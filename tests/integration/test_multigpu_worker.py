@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from api.main import create_app
 from core import events
 from core.settings import Settings
-from kd_engine.distributed import WORKER_GPUS_ENV
+from kd_engine.ranks import WORKER_GPUS_ENV
 
 JOB: dict[str, Any] = {
     "teacher": "builtin:minilm-l6",
