@@ -13,6 +13,7 @@ import sys
 import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
+from typing import Any
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -21,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SDK = ROOT / "distillery_sdk"
 
 
-def _project(path: Path) -> dict[str, object]:
-    project: dict[str, object] = tomllib.loads(path.read_text())["project"]
+def _project(path: Path) -> dict[str, Any]:
+    project: dict[str, Any] = tomllib.loads(path.read_text())["project"]
     return project
 
 
@@ -40,7 +41,7 @@ def _imports(path: Path) -> set[str]:
 def test_the_sdk_imports_only_its_declared_dependencies() -> None:
     declared = {
         canonicalize_name(Requirement(spec).name)
-        for spec in _project(SDK / "pyproject.toml")["dependencies"]  # type: ignore[attr-defined]
+        for spec in _project(SDK / "pyproject.toml")["dependencies"]
     }
     assert declared == {"httpx", "pydantic", "typer", "rich", "pyyaml"}
     owners = packages_distributions()  # import name -> distributions installed here
@@ -58,7 +59,7 @@ def test_the_server_depends_on_the_sdk_without_packaging_it() -> None:
     server = tomllib.loads((ROOT / "pyproject.toml").read_text())
     deps = [Requirement(s) for s in server["project"]["dependencies"]]
     sdk = next(r for r in deps if canonicalize_name(r.name) == "distillery-sdk")
-    assert sdk.specifier.contains(_project(SDK / "pyproject.toml")["version"])  # type: ignore[arg-type]
+    assert sdk.specifier.contains(_project(SDK / "pyproject.toml")["version"])
     assert not any(
         p.startswith("distillery_sdk")
         for p in server["tool"]["setuptools"]["packages"]["find"]["include"]
