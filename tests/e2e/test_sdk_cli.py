@@ -383,14 +383,17 @@ def test_the_sdk_installs_alone_without_torch_and_its_cli_works(
     server installed beside it (``--no-deps``: its entry points, not its dependencies) it runs
     the server's ``distillery-server up``."""
     venv = tmp_path / "venv"
-    created = _run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
+    # no pip inside (ensurepip alone took 27 s on the loaded 2-core machine): this pip installs
+    # into it (--python), with the venv's interpreter and build isolation
+    created = _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
     assert created.returncode == 0, created.stderr
     py, distillery = venv / "bin" / "python", venv / "bin" / "distillery"
+    pip: list[str | Path] = [sys.executable, "-m", "pip", "--python", py]
     _copy_tree(ROOT / "distillery_sdk", tmp_path / "sdk-src" / "distillery_sdk")
-    installed = _run([py, "-m", "pip", "install", "./distillery_sdk"], cwd=tmp_path / "sdk-src")
+    installed = _run([*pip, "install", "./distillery_sdk"], cwd=tmp_path / "sdk-src")
     assert installed.returncode == 0, installed.stdout + installed.stderr
 
-    listed = _run([py, "-m", "pip", "list", "--format", "json"], cwd=tmp_path)
+    listed = _run([*pip, "list", "--format", "json"], cwd=tmp_path)
     names = {p["name"].lower().replace("_", "-") for p in json.loads(listed.stdout)}
     assert {"distillery-sdk", "httpx", "typer", "rich", "pydantic", "pyyaml"} <= names
     assert not names & {"torch", "fastapi", "sqlalchemy", "celery", "transformers", "distillery"}
@@ -444,7 +447,7 @@ def test_the_sdk_installs_alone_without_torch_and_its_cli_works(
     shutil.copy(ROOT / "pyproject.toml", server_src)
     for package in SERVER_CODE:
         _copy_tree(ROOT / package, server_src / package)
-    added = _run([py, "-m", "pip", "install", "--no-deps", "."], cwd=server_src)
+    added = _run([*pip, "install", "--no-deps", "."], cwd=server_src)
     assert added.returncode == 0, added.stdout + added.stderr
     helped = _run([distillery, "up", "--help"], cwd=tmp_path)
     assert helped.returncode == 0, helped.stdout + helped.stderr
