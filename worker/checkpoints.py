@@ -114,19 +114,6 @@ def _record_stored(
     return list(old)
 
 
-def discard_all(sm: sessionmaker[Session], settings: Settings, job_id: str) -> int:
-    """Delete every checkpoint of the job (rows, then files); how many. Used once it
-    succeeded: its final student is published and nothing will resume it."""
-    with sm() as s:
-        count = checkpoints.remove(s, job_id)
-        s.commit()
-    try:
-        artifact_storage(settings).delete_prefix(checkpoints.checkpoint_key(job_id))
-    except (StorageError, OSError):
-        log.exception("job %s: could not remove its checkpoints", job_id)
-    return count
-
-
 STUDENT_DIR = "student/"
 """The folder of a checkpoint that holds its student (a transformers directory)."""
 

@@ -80,11 +80,6 @@ class Listing:
     skipped: list[str]  # hidden members left out (.git, .gitattributes, __MACOSX, ._x)
     stripped_top_dir: str | None = None
 
-    @property
-    def declared_bytes(self) -> int:
-        """Sum of the files' declared sizes (bytes)."""
-        return sum(m.size for m in self.files)
-
     def get(self, path: str) -> Member | None:
         """The file stored under ``path``, if any."""
         return next((m for m in self.files if m.path == path), None)

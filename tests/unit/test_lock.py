@@ -23,8 +23,17 @@ def _check_lock() -> ModuleType:
 def test_the_locks_cover_pyproject_and_agree() -> None:
     check = _check_lock()
     req = ROOT / "requirements"
-    assert check.problems(ROOT / "pyproject.toml", req / "lock.txt") == []
-    assert check.problems(ROOT / "pyproject.toml", req / "server.txt", extras=["mlflow"]) == []
+    local = check.local_projects(ROOT)
+    assert local == {"distillery-sdk": ROOT / "distillery_sdk" / "pyproject.toml"}
+    assert check.problems(ROOT / "pyproject.toml", req / "lock.txt", local=local) == []
+    assert (
+        check.problems(ROOT / "pyproject.toml", req / "server.txt", extras=["mlflow"], local=local)
+        == []
+    )
+    # the SDK is on no index: the locks leave it out (installed from ./distillery_sdk)
+    assert check.problems(ROOT / "pyproject.toml", req / "lock.txt") == [
+        "distillery-sdk: in pyproject.toml, missing from lock.txt"
+    ]
     assert check.disagreements(req / "lock.txt", req / "server.txt") == []
     # the server lock carries no dev tools
     assert "pytest" not in check.locked_versions(req / "server.txt")
@@ -62,4 +71,28 @@ def test_missing_and_out_of_range_dependencies_are_reported(tmp_path: Path) -> N
     other.write_text("numpy==2.0.0 \\\n    --hash=sha256:00\n")
     assert check.disagreements(lock, other) == [
         "numpy: server.txt pins 2.0.0, lock.txt pins 1.26.4"
+    ]
+
+
+def test_a_local_distribution_is_checked_in_place_of_a_pin(tmp_path: Path) -> None:
+    """The server depends on the repository's own SDK: its version must be in range, the lock
+    must not pin it, and its own dependencies must be locked."""
+    check = _check_lock()
+    (tmp_path / "sdk").mkdir()
+    sdk = tmp_path / "sdk" / "pyproject.toml"
+    sdk.write_text('[project]\nname = "My_SDK"\nversion = "0.1.0"\ndependencies = ["httpx>=1"]\n')
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\nname = "x"\ndependencies = ["my-sdk==0.1.0", "numpy"]\n')
+    lock = tmp_path / "lock.txt"
+    lock.write_text("numpy==1.26.4 \\\n    --hash=sha256:00\nhttpx==0.27.0 \\\n")
+    local = {"my-sdk": sdk}
+    assert check.problems(pyproject, lock, local=local) == [
+        "httpx: locked at 0.27.0, sdk/pyproject.toml asks >=1"
+    ]
+    lock.write_text("numpy==1.26.4 \\\nmy-sdk==0.1.0 \\\n")
+    pyproject.write_text('[project]\nname = "x"\ndependencies = ["my-sdk>=0.2", "numpy"]\n')
+    assert check.problems(pyproject, lock, local=local) == [
+        "my-sdk: built from sdk/, must not be pinned in lock.txt (an index would serve it)",
+        "my-sdk: sdk/ is 0.1.0, pyproject.toml asks >=0.2",
+        "httpx: in sdk/pyproject.toml, missing from lock.txt",
     ]
