@@ -10,20 +10,23 @@ PyTorch models and, when ``metrics["onnx"]`` exists, the ONNX exports); the defi
 source of each number. A block the metrics lack (an older job, a job without a teacher, a
 regression job) is left out, never an error.
 
-Every value taken from the job (class names, set names, warnings...) is HTML-escaped in one
-place (:func:`_e`, through :func:`_table` and :func:`_text`); plots are PNG ``data:`` URIs
-(:mod:`kd_engine.report_plots`) and the page declares a Content-Security-Policy that allows
-no script and no network request.
+The page is the Jinja2 template ``kd_engine/templates/report.html``, rendered with
+autoescaping: this module turns the metrics into plain-text tables, notes and figures, and
+every value taken from the job (class names, set names, warnings...) is HTML-escaped by the
+template. Plots are PNG ``data:`` URIs (:mod:`kd_engine.report_plots`) and the page declares a
+Content-Security-Policy that allows no script and no network request.
 """
 
 from __future__ import annotations
 
 import contextlib
-import html
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import jinja2
 
 from kd_engine import report_plots
 from kd_engine.evaluation import CLASSIFICATION_METRICS, ECE_BINS, REGRESSION_METRICS
@@ -31,6 +34,8 @@ from kd_engine.reports import retention
 
 REPORT_FILE = "report.html"
 """The report's file name among a job's artifacts."""
+TEMPLATE = "report.html"
+"""The page's template in ``kd_engine/templates``."""
 
 METRIC_NAMES = {
     "accuracy": "accuracy",
@@ -58,14 +63,19 @@ dt { font-weight: 600; margin-top: 0.5em; } dd { margin-left: 1.5em; }
 """
 
 
-def _e(value: object) -> str:
-    """``value`` as HTML text: ``&``, ``<``, ``>``, ``"`` and ``'`` escaped."""
-    return html.escape(str(value), quote=True)
+Rows = list[list[str]]
+"""A table's rows: every cell plain text (the template escapes it)."""
 
 
-def _text(value: object, tag: str = "p", cls: str = "") -> str:
-    attr = f' class="{cls}"' if cls else ""
-    return f"<{tag}{attr}>{_e(value)}</{tag}>"
+@functools.cache
+def _environment() -> jinja2.Environment:
+    """The report's Jinja2 environment (autoescaped; built on first use, not at import)."""
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("kd_engine", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
 
 
 def format_number(value: object, digits: int = 4) -> str:
@@ -111,23 +121,16 @@ def _ratio(a: object, b: object) -> float | None:
     return float(a) / float(b) if ok else None  # type: ignore[arg-type]
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """An HTML table; every header and cell is text, escaped here."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in row) + "</tr>" for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """A table for the template: ``header`` and ``rows`` of plain-text cells."""
+    return {"header": list(header), "rows": [list(r) for r in rows]}
 
 
-def _img(uri: str | None, alt: str) -> str:
+def _figure(uri: str | None, alt: str) -> dict[str, str] | None:
+    """An image for the template, or None when there is no PNG ``data:`` URI."""
     if uri is None or not uri.startswith(report_plots.PNG_PREFIX):
-        return ""
-    return f'<img src="{_e(uri)}" alt="{_e(alt)}">'
-
-
-def _section(title: str, *parts: str) -> str:
-    return f"<section><h2>{_e(title)}</h2>{''.join(parts)}</section>"
+        return None
+    return {"src": uri, "alt": alt}
 
 
 def _dict(d: object) -> str:
@@ -165,7 +168,8 @@ def _scores(test: object, keys: Sequence[str]) -> list[str]:
     return [_fmt(test.get(k)) if isinstance(test, Mapping) else DASH for k in keys]
 
 
-def _summary(m: Mapping[str, Any]) -> str:
+def _summary(m: Mapping[str, Any]) -> dict[str, Any]:
+    """The Job section: its rows (label, value) and the job's warnings."""
     data = _block(m, "data")
     cache = m.get("teacher_cache")
     rows = [
@@ -184,16 +188,14 @@ def _summary(m: Mapping[str, Any]) -> str:
     ]
     if isinstance(cache, Mapping) and cache.get("status"):
         rows.append(("teacher cache", _fmt(cache.get("status"))))
-    parts = [_table(["", ""], rows)]
-    warnings = [w for w in m.get("warnings") or [] if w]
-    if warnings:
-        parts.append("<h3>Warnings</h3><ul>" + "".join(_text(w, "li") for w in warnings) + "</ul>")
-    return _section("Job", *parts)
+    warnings = [str(w) for w in m.get("warnings") or [] if w]
+    return {"rows": [list(r) for r in rows], "warnings": warnings}
 
 
-def _quality(m: Mapping[str, Any]) -> str:
+def _quality(m: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The Test split section (a table and a note), or None without test metrics."""
     if not isinstance(m.get("test"), Mapping):
-        return ""
+        return None
     regression = _is_regression(m)
     keys = _metric_keys(m)
     extra = (
@@ -238,18 +240,17 @@ def _quality(m: Mapping[str, Any]) -> str:
             {k: v for k, v in teacher.items() if isinstance(v, int | float)},
         )
         rows.append(["student / teacher", *[_fmt(kept.get(k)) for k in keys], *[DASH] * len(extra)])
-    parts = [_table(header, rows)]
+    note = ""
     if len(hops) > 1 and not regression:
-        parts.append(
-            _text("An earlier hop's agreement is with the model that taught it.", cls="note")
-        )
-    return _section("Test split", *parts)
+        note = "An earlier hop's agreement is with the model that taught it."
+    return {**_table(header, rows), "note": note}
 
 
-def _eval_sets(m: Mapping[str, Any]) -> str:
+def _eval_sets(m: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The Evaluation sets table, or None without extra sets."""
     sets = m.get("eval_sets")
     if not isinstance(sets, Mapping) or not sets:
-        return ""
+        return None
     keys = _metric_keys(m)
     rows: list[list[str]] = []
     for name, entry in sets.items():
@@ -263,47 +264,37 @@ def _eval_sets(m: Mapping[str, Any]) -> str:
         if isinstance(entry.get("retention"), Mapping):
             rows.append([str(name), "", "student / teacher", *_scores(entry["retention"], keys)])
     header = ["set", "examples", "model", *[METRIC_NAMES.get(k, k) for k in keys]]
-    return _section("Evaluation sets", _table(header, rows))
+    return _table(header, rows)
 
 
-def _confusion(m: Mapping[str, Any]) -> str:
+def _confusion(m: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each confusion matrix (teacher, student): its name, figure and table; empty for a
+    regression job or without matrices."""
     block = m.get("confusion_matrix")
     if _is_regression(m) or not isinstance(block, Mapping):
-        return ""
+        return []
     labels = [str(x) for x in block.get("labels") or []]
-    figures, tables = [], []
+    out: list[dict[str, Any]] = []
     for who in ("teacher", "student"):
         matrix = block.get(who)
         if not isinstance(matrix, list) or len(matrix) != len(labels):
             continue
         name = _trained(m) if who == "student" else who
         title = f"{name}: test split"
-        figures.append(_img(report_plots.confusion_heatmap(matrix, labels, title), title))
+        figure = _figure(report_plots.confusion_heatmap(matrix, labels, title), title)
         rows = [[label, *[_fmt(c) for c in row]] for label, row in zip(labels, matrix, strict=True)]
-        tables.append(_text(name, "h3") + _table(["true \\ predicted", *labels], rows))
-    if not tables:
-        return ""
-    note = _text("Rows: the true class; columns: the predicted class (argmax).", cls="note")
-    return _section(
-        "Confusion matrices", note, f'<div class="figs">{"".join(figures)}</div>', *tables
-    )
+        out.append({"name": name, "figure": figure, **_table(["true \\ predicted", *labels], rows)})
+    return out
 
 
-def _curves(m: Mapping[str, Any]) -> str:
+def _curves(m: Mapping[str, Any]) -> dict[str, Any]:
+    """The Learning curves section: the figure (None without dev evaluations) and the stages
+    table (None without stages)."""
     epochs = [r for r in m.get("epochs") or [] if isinstance(r, Mapping)]
     stages = [s for s in m.get("stages") or [] if isinstance(s, Mapping)]
-    parts = []
+    out: dict[str, Any] = {"figure": None, "stages": None}
     if epochs:
-        parts.append(_img(report_plots.learning_curves(epochs), "learning curves"))
-        parts.append(
-            _text(
-                "Left: mean training loss (and each part) since the previous dev evaluation; "
-                "right: dev metrics at each evaluation. Dashed lines: a new stage (or hop).",
-                cls="note",
-            )
-        )
-    else:
-        parts.append(_text("No dev evaluation was recorded.", cls="note"))
+        out["figure"] = _figure(report_plots.learning_curves(epochs), "learning curves")
     if stages:
         many = any("hop" in s for s in stages)
         header = [
@@ -334,8 +325,8 @@ def _curves(m: Mapping[str, Any]) -> str:
             ]
             for s in stages
         ]
-        parts.append(_text("Stages", "h3") + _table(header, rows))
-    return _section("Learning curves", *parts)
+        out["stages"] = _table(header, rows)
+    return out
 
 
 def _ort(value: object) -> object:
@@ -378,7 +369,8 @@ def _speedup(m: Mapping[str, Any], batch: str) -> str | None:
     return f"faster at batch {n} {_fmt(figure['median'], 2)}×{_flag(figure, rounds)}"
 
 
-def _speed_size(m: Mapping[str, Any]) -> str:
+def _speed_size(m: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The Latency and size section (a table and notes), or None without any model's size."""
     rows: list[list[str]] = []
     models = [("teacher", "PyTorch", m.get("teacher")), (_trained(m), "PyTorch", m.get("student"))]
     for name, runtime, d in models:
@@ -428,7 +420,7 @@ def _speed_size(m: Mapping[str, Any]) -> str:
                 f"{_fmt(int8.get('agreement_with_fp32'))}."
             )
     if not rows:
-        return ""
+        return None
     teacher, student = m.get("teacher"), m.get("student")
     if isinstance(teacher, Mapping) and isinstance(student, Mapping):
         compared = [
@@ -461,9 +453,7 @@ def _speed_size(m: Mapping[str, Any]) -> str:
         "latency batch 1 (ms)",
         "latency batch 32 (ms)",
     ]
-    return _section(
-        "Latency and size", _table(header, rows), *[_text(n, cls="note") for n in notes]
-    )
+    return {**_table(header, rows), "notes": notes}
 
 
 DEFINITIONS_CLASSIFICATION = [
@@ -532,10 +522,10 @@ DEFINITIONS_COMMON = [
 ]
 
 
-def _definitions(m: Mapping[str, Any]) -> str:
+def _definitions(m: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The (term, definition) pairs of the job's task, then the common ones."""
     items = DEFINITIONS_REGRESSION if _is_regression(m) else DEFINITIONS_CLASSIFICATION
-    body = "".join(_text(k, "dt") + _text(v, "dd") for k, v in [*items, *DEFINITIONS_COMMON])
-    return _section("Definitions", f"<dl>{body}</dl>")
+    return [*items, *DEFINITIONS_COMMON]
 
 
 def render_report(metrics: Mapping[str, Any]) -> str:
@@ -545,21 +535,21 @@ def render_report(metrics: Mapping[str, Any]) -> str:
         whatever matplotlib raises while drawing (the caller decides whether a report matters).
     """
     title = f"Distillery report: {metrics.get('method', 'job')} ({metrics.get('task', '')})"
-    sections = [
-        _summary(metrics),
-        _quality(metrics),
-        _eval_sets(metrics),
-        _confusion(metrics),
-        _curves(metrics),
-        _speed_size(metrics),
-        _definitions(metrics),
-    ]
     return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>"
-        f"<h1>{_e(title)}</h1>{''.join(sections)}</body></html>\n"
+        _environment()
+        .get_template(TEMPLATE)
+        .render(
+            title=title,
+            csp=CSP,
+            style=STYLE,
+            job=_summary(metrics),
+            quality=_quality(metrics),
+            eval_sets=_eval_sets(metrics),
+            confusion=_confusion(metrics),
+            curves=_curves(metrics),
+            speed=_speed_size(metrics),
+            definitions=_definitions(metrics),
+        )
     )
 
 

@@ -384,7 +384,7 @@ def test_report_shows_the_latency_spread_and_flags_unreliable_figures() -> None:
 def test_report_escapes_names_from_the_job(tmp_path: Path) -> None:
     page = render_report(classification_metrics_dict())
     assert "<script" not in page.lower()
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page  # class name, warning
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page  # class name, warning
     assert "ood&lt;b&gt;x&lt;/b&gt;" in page and "<b>" not in page  # evaluation set name
 
 
