@@ -13,8 +13,9 @@ regression job) is left out, never an error.
 The page is the Jinja2 template ``kd_engine/templates/report.html``, rendered with
 autoescaping: this module turns the metrics into plain-text tables, notes and figures, and
 every value taken from the job (class names, set names, warnings...) is HTML-escaped by the
-template. Plots are PNG ``data:`` URIs (:mod:`kd_engine.report_plots`) and the page declares a
-Content-Security-Policy that allows no script and no network request.
+template. Plots are inline SVG (:mod:`kd_engine.report_plots`, drawn by :mod:`kd_engine.charts`,
+the dashboard's charts) and the page declares a Content-Security-Policy that allows no script
+and no network request.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 
-from kd_engine import report_plots
+from kd_engine import charts, report_plots
 from kd_engine.evaluation import CLASSIFICATION_METRICS, ECE_BINS, REGRESSION_METRICS
 from kd_engine.reports import retention
 
@@ -46,9 +48,10 @@ METRIC_NAMES = {
     "mse": "MSE",
 }
 DASH = "—"
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+CSP = "default-src 'none'; style-src 'unsafe-inline'"
 
-STYLE = """
+STYLE = (
+    """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222;
        padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ccc; }
@@ -56,11 +59,13 @@ table { border-collapse: collapse; margin: 0.8em 0; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f3f3f3; }
-img { max-width: 100%; display: block; margin: 0.8em 0; }
+svg.chart { display: block; margin: 0.8em 0; }
 dt { font-weight: 600; margin-top: 0.5em; } dd { margin-left: 1.5em; }
 .note { color: #555; font-size: 0.92em; }
 .figs { display: flex; flex-wrap: wrap; gap: 2em; }
 """
+    + charts.CHART_CSS
+)
 
 
 Rows = list[list[str]]
@@ -126,11 +131,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> dict[str, An
     return {"header": list(header), "rows": [list(r) for r in rows]}
 
 
-def _figure(uri: str | None, alt: str) -> dict[str, str] | None:
-    """An image for the template, or None when there is no PNG ``data:`` URI."""
-    if uri is None or not uri.startswith(report_plots.PNG_PREFIX):
-        return None
-    return {"src": uri, "alt": alt}
+def _figure(svg: Markup | None) -> dict[str, Markup] | None:
+    """A figure for the template (its inline SVG, inserted unescaped: :mod:`kd_engine.charts`
+    escapes every text in it), or None when there is none."""
+    return None if svg is None else {"svg": svg}
 
 
 def _dict(d: object) -> str:
@@ -281,7 +285,7 @@ def _confusion(m: Mapping[str, Any]) -> list[dict[str, Any]]:
             continue
         name = _trained(m) if who == "student" else who
         title = f"{name}: test split"
-        figure = _figure(report_plots.confusion_heatmap(matrix, labels, title), title)
+        figure = _figure(report_plots.confusion_heatmap(matrix, labels, title))
         rows = [[label, *[_fmt(c) for c in row]] for label, row in zip(labels, matrix, strict=True)]
         out.append({"name": name, "figure": figure, **_table(["true \\ predicted", *labels], rows)})
     return out
@@ -294,7 +298,7 @@ def _curves(m: Mapping[str, Any]) -> dict[str, Any]:
     stages = [s for s in m.get("stages") or [] if isinstance(s, Mapping)]
     out: dict[str, Any] = {"figure": None, "stages": None}
     if epochs:
-        out["figure"] = _figure(report_plots.learning_curves(epochs), "learning curves")
+        out["figure"] = _figure(report_plots.learning_curves(epochs))
     if stages:
         many = any("hop" in s for s in stages)
         header = [
@@ -532,7 +536,9 @@ def render_report(metrics: Mapping[str, Any]) -> str:
     """The report page of a job from its ``metrics.json`` dict (see the module docstring).
 
     Raises:
-        whatever matplotlib raises while drawing (the caller decides whether a report matters).
+        ValueError: a confusion matrix is not C x C (:func:`kd_engine.charts.heatmap`);
+        jinja2.TemplateError: the template is missing or broken (the caller decides whether a
+        report matters).
     """
     title = f"Distillery report: {metrics.get('method', 'job')} ({metrics.get('task', '')})"
     return (

@@ -20,8 +20,8 @@ from markupsafe import Markup
 from api.db import Job
 from api.settings import Settings
 from api.storage import ObjectNotFound, StorageError, artifact_storage, join_key
-from api.ui.charts import PALETTE, Point, Series, line_chart, pareto_front, scatter_chart
 from api.upload_names import label as upload_label
+from kd_engine.charts import PALETTE, Point, Series, line_chart, pareto_front, scatter_chart
 from kd_engine.evaluation import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from kd_engine.run import LOG_FILE
 
