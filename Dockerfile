@@ -52,9 +52,6 @@ RUN useradd --create-home --uid 10001 --user-group distillery \
  && mkdir -p /data/artifacts /data/models /data/data /data/cache /data/uploads \
  && chown -R distillery:distillery /data
 USER distillery
-# matplotlib's font cache (~/.cache/matplotlib), built once here rather than by the first job
-# report (kd_engine.report_plots) of every new container.
-RUN python -c "import matplotlib.font_manager"
 
 EXPOSE 8000
 CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000"]

@@ -266,7 +266,7 @@ class Settings(BaseSettings):
         "stream ends at the first check that fails.",
     )
     events_stream_keepalive_s: float = Field(
-        15.0, gt=0, description="Seconds of silence after which an event stream sends a comment."
+        15.0, gt=0, description="Seconds between the keep-alive comments of an event stream."
     )
     log_format: Literal["text", "json"] = Field(
         "text",

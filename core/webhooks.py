@@ -3,9 +3,10 @@
 The outbox pattern: :func:`enqueue` (called by :func:`core.events.record`) adds one pending
 :class:`~core.db.WebhookDelivery` per matching endpoint in the transaction of the event, so a
 delivery exists if and only if its event was committed. :func:`deliver_due` sends due
-deliveries, signed per the Standard Webhooks specification (headers ``webhook-id``,
-``webhook-timestamp``, ``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}"
-keyed with the secret's base64-decoded bytes>``), records every attempt and retries failures
+deliveries, signed per the Standard Webhooks specification by its reference library
+``standardwebhooks`` (headers ``webhook-id``, ``webhook-timestamp``, ``webhook-signature:
+v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}" keyed with the secret's base64-decoded
+bytes>``; :func:`signed_headers`), records every attempt and retries failures
 with exponential backoff. It runs as a thread of the API (:class:`Dispatcher`) or as its own
 process (``python -m core.webhooks_dispatch``); several may run at once (rows are claimed with
 ``FOR UPDATE SKIP LOCKED`` on PostgreSQL).
@@ -19,8 +20,6 @@ the address checked (DNS rebinding).
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -30,13 +29,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from standardwebhooks import Webhook
 
 from core.db import (
     WEBHOOK_EVENT_TYPES,
@@ -81,21 +81,19 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def secret_bytes(secret: str) -> bytes:
-    """The key of ``secret`` (``whsec_<base64>``, the prefix optional).
-
-    Raises:
-        ValueError: not base64.
+def signed_headers(secret: str, msg_id: str, timestamp: int, body: str) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt: ``webhook-id`` (``msg_id``, the same on
+    every attempt), ``webhook-timestamp`` (``timestamp``, Unix seconds) and
+    ``webhook-signature`` (``v1,<base64>``, computed by ``standardwebhooks.Webhook.sign`` over
+    ``"{msg_id}.{timestamp}.{body}"`` with the key ``secret``, ``whsec_<base64>``). A receiver
+    checks them with ``standardwebhooks.Webhook(secret).verify(body, headers)``.
     """
-    return base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
-    """The ``webhook-signature`` header value: ``v1,<base64 HMAC-SHA256>`` of
-    ``"{msg_id}.{timestamp}.{body}"`` keyed with the secret's decoded bytes."""
-    content = f"{msg_id}.{timestamp}.{body}".encode()
-    digest = hmac.new(secret_bytes(secret), content, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
+    signature = Webhook(secret).sign(msg_id, datetime.fromtimestamp(timestamp, UTC), body)
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signature,
+    }
 
 
 # --- SSRF policy -------------------------------------------------------------------------
@@ -365,13 +363,10 @@ def _attempt(
         addresses = check_url(endpoint.url, settings)
     except UrlRefused as e:
         return None, f"refused: {e}", None
-    ts = int(time.time())
     headers = {
         "content-type": "application/json",
         "user-agent": USER_AGENT,
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(ts),
-        "webhook-signature": sign(endpoint.secret, msg_id, ts, body),
+        **signed_headers(endpoint.secret, msg_id, int(time.time()), body),
     }
     # Connect to the address just checked (not to a new DNS answer): the URL's host is
     # replaced by it; Host and, for https, the TLS server name (SNI, certificate check) stay

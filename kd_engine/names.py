@@ -17,7 +17,7 @@ LOG_FILE = "train_log.jsonl"
 REPORT_FILE = "report.html"
 """The report's file name among a job's artifacts."""
 
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+CSP = "default-src 'none'; style-src 'unsafe-inline'"
 """The Content-Security-Policy the report is served with (inline styles and data: images only;
 no script)."""
 

@@ -1,38 +1,42 @@
 """A job's report as one self-contained HTML page, ``report.html``, built from its
-``metrics.json`` alone (:class:`kd_engine.contracts.JobMetrics`; :func:`render_report`,
-:func:`write_report`).
+``metrics.json`` dict alone (:func:`render_report`, :func:`write_report`).
 
 Sections: the job (method, task, classes, data, selection, warnings); test quality of the
 teacher, the student (and a chain's earlier hops, an ensemble, an ONNX int8 student) with
 accuracy, macro-F1, MCC, ECE, agreement with and KL divergence to the teacher (Pearson,
 Spearman, MSE and mean |student - teacher| for regression); the extra evaluation sets; the
 confusion matrices (classification); learning curves and the stages; latency and size (the
-PyTorch models and, when ``metrics.onnx`` exists, the ONNX exports); the definition and
+PyTorch models and, when ``metrics["onnx"]`` exists, the ONNX exports); the definition and
 source of each number. A block the metrics lack (an older job, a job without a teacher, a
 regression job) is left out, never an error.
 
-Every value taken from the job (class names, set names, warnings...) is HTML-escaped in one
-place (:func:`_e`, through :func:`_table` and :func:`_text`); plots are PNG ``data:`` URIs
-(:mod:`kd_engine.report_plots`) and the page declares a Content-Security-Policy that allows
-no script and no network request.
+The page is the Jinja2 template ``kd_engine/templates/report.html``, rendered with
+autoescaping: this module turns the metrics into plain-text tables, notes and figures, and
+every value taken from the job (class names, set names, warnings...) is HTML-escaped by the
+template. Plots are inline SVG (:mod:`kd_engine.report_plots`, drawn by :mod:`kd_engine.charts`,
+the dashboard's charts) and the page declares a Content-Security-Policy that allows no script
+and no network request.
 """
 
 from __future__ import annotations
 
 import contextlib
-import html
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kd_engine import names, report_plots
-from kd_engine.contracts import JobMetrics, LatencyReport, ModelFigures, Spread, load_metrics
+import jinja2
+from markupsafe import Markup
+
+from kd_engine import charts, report_plots
 from kd_engine.evaluation import CLASSIFICATION_METRICS, ECE_BINS, REGRESSION_METRICS
+from kd_engine.names import CSP, REPORT_FILE
 from kd_engine.reports import retention
 
-REPORT_FILE = names.REPORT_FILE
-"""The report's file name among a job's artifacts."""
+TEMPLATE = "report.html"
+"""The page's template in ``kd_engine/templates``."""
 
 METRIC_NAMES = {
     "accuracy": "accuracy",
@@ -43,9 +47,9 @@ METRIC_NAMES = {
     "mse": "MSE",
 }
 DASH = "—"
-CSP = names.CSP
 
-STYLE = """
+STYLE = (
+    """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222;
        padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ccc; }
@@ -53,21 +57,28 @@ table { border-collapse: collapse; margin: 0.8em 0; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f3f3f3; }
-img { max-width: 100%; display: block; margin: 0.8em 0; }
+svg.chart { display: block; margin: 0.8em 0; }
 dt { font-weight: 600; margin-top: 0.5em; } dd { margin-left: 1.5em; }
 .note { color: #555; font-size: 0.92em; }
 .figs { display: flex; flex-wrap: wrap; gap: 2em; }
 """
+    + charts.CHART_CSS
+)
 
 
-def _e(value: object) -> str:
-    """``value`` as HTML text: ``&``, ``<``, ``>``, ``"`` and ``'`` escaped."""
-    return html.escape(str(value), quote=True)
+Rows = list[list[str]]
+"""A table's rows: every cell plain text (the template escapes it)."""
 
 
-def _text(value: object, tag: str = "p", cls: str = "") -> str:
-    attr = f' class="{cls}"' if cls else ""
-    return f"<{tag}{attr}>{_e(value)}</{tag}>"
+@functools.cache
+def _environment() -> jinja2.Environment:
+    """The report's Jinja2 environment (autoescaped; built on first use, not at import)."""
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("kd_engine", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
 
 
 def format_number(value: object, digits: int = 4) -> str:
@@ -101,10 +112,10 @@ def _mb(size: object) -> str:
     return _fmt(size / 2**20, 1) if isinstance(size, int | float) and size > 0 else DASH
 
 
-def _trained(m: JobMetrics) -> str:
+def _trained(m: Mapping[str, Any]) -> str:
     """What the job trained: ``student``, or ``fine-tuned teacher`` for a finetune job
     (``metrics.json``'s ``trained``; its numbers stay under the ``student`` keys)."""
-    return "fine-tuned teacher" if m.trained == "teacher" else "student"
+    return "fine-tuned teacher" if m.get("trained") == "teacher" else "student"
 
 
 def _ratio(a: object, b: object) -> float | None:
@@ -113,23 +124,15 @@ def _ratio(a: object, b: object) -> float | None:
     return float(a) / float(b) if ok else None  # type: ignore[arg-type]
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """An HTML table; every header and cell is text, escaped here."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in row) + "</tr>" for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """A table for the template: ``header`` and ``rows`` of plain-text cells."""
+    return {"header": list(header), "rows": [list(r) for r in rows]}
 
 
-def _img(uri: str | None, alt: str) -> str:
-    if uri is None or not uri.startswith(report_plots.PNG_PREFIX):
-        return ""
-    return f'<img src="{_e(uri)}" alt="{_e(alt)}">'
-
-
-def _section(title: str, *parts: str) -> str:
-    return f"<section><h2>{_e(title)}</h2>{''.join(parts)}</section>"
+def _figure(svg: Markup | None) -> dict[str, Markup] | None:
+    """A figure for the template (its inline SVG, inserted unescaped: :mod:`kd_engine.charts`
+    escapes every text in it), or None when there is none."""
+    return None if svg is None else {"svg": svg}
 
 
 def _dict(d: object) -> str:
@@ -139,43 +142,63 @@ def _dict(d: object) -> str:
     return ", ".join(f"{METRIC_NAMES.get(str(k), k)} {_fmt(v)}" for k, v in d.items())
 
 
-def _metric_keys(m: JobMetrics) -> tuple[str, ...]:
-    return (*REGRESSION_METRICS, "mse") if m.regression else CLASSIFICATION_METRICS
+def _get(m: Mapping[str, Any], *path: str) -> Any:
+    """``m[path[0]][path[1]]...``, or None where a level is missing or not a mapping."""
+    value: Any = m
+    for key in path:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _block(m: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """``m[key]`` when it is a mapping, else an empty one."""
+    value = m.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _is_regression(m: Mapping[str, Any]) -> bool:
+    return m.get("task") == "regression"
+
+
+def _metric_keys(m: Mapping[str, Any]) -> tuple[str, ...]:
+    return (*REGRESSION_METRICS, "mse") if _is_regression(m) else CLASSIFICATION_METRICS
 
 
 def _scores(test: object, keys: Sequence[str]) -> list[str]:
     return [_fmt(test.get(k)) if isinstance(test, Mapping) else DASH for k in keys]
 
 
-def _summary(m: JobMetrics) -> str:
-    cache = m.teacher_cache
+def _summary(m: Mapping[str, Any]) -> dict[str, Any]:
+    """The Job section: its rows (label, value) and the job's warnings."""
+    data = _block(m, "data")
+    cache = m.get("teacher_cache")
     rows = [
-        ("method", _fmt(m.method)),
-        ("task", _fmt(m.task)),
-        ("classes", ", ".join(m.labels) or DASH),
-        ("examples", ", ".join(f"{k} {_fmt(v)}" for k, v in m.data.items()) or DASH),
-        ("device", _fmt(m.device)),
-        ("training seconds", _fmt(m.train_seconds, 1)),
+        ("method", _fmt(m.get("method"))),
+        ("task", _fmt(m.get("task"))),
+        ("classes", ", ".join(str(x) for x in m.get("labels") or []) or DASH),
+        ("examples", ", ".join(f"{k} {_fmt(v)}" for k, v in data.items()) or DASH),
+        ("device", _fmt(m.get("device"))),
+        ("training seconds", _fmt(m.get("train_seconds"), 1)),
         (
             "selected checkpoint",
-            f"by dev {m.selection_metric}: epoch {m.best_epoch}, step "
-            f"{m.best_step}, stage {m.best_stage or DASH}; dev "
-            f"{_dict(m.best_dev)}",
+            f"by dev {m.get('selection_metric')}: epoch {m.get('best_epoch')}, step "
+            f"{m.get('best_step')}, stage {m.get('best_stage') or DASH}; dev "
+            f"{_dict(m.get('best_dev'))}",
         ),
     ]
-    if cache is not None and cache.status:
-        rows.append(("teacher cache", _fmt(cache.status)))
-    parts = [_table(["", ""], rows)]
-    warnings = [w for w in m.warnings if w]
-    if warnings:
-        parts.append("<h3>Warnings</h3><ul>" + "".join(_text(w, "li") for w in warnings) + "</ul>")
-    return _section("Job", *parts)
+    if isinstance(cache, Mapping) and cache.get("status"):
+        rows.append(("teacher cache", _fmt(cache.get("status"))))
+    warnings = [str(w) for w in m.get("warnings") or [] if w]
+    return {"rows": [list(r) for r in rows], "warnings": warnings}
 
 
-def _quality(m: JobMetrics) -> str:
-    if m.test is None:
-        return ""
-    regression = m.regression
+def _quality(m: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The Test split section (a table and a note), or None without test metrics."""
+    if not isinstance(m.get("test"), Mapping):
+        return None
+    regression = _is_regression(m)
     keys = _metric_keys(m)
     extra = (
         ["mean |student − teacher|"]
@@ -183,100 +206,99 @@ def _quality(m: JobMetrics) -> str:
         else ["ECE", "agreement with teacher", "KL(teacher ‖ student), nats"]
     )
     header = ["model", *[METRIC_NAMES.get(k, k) for k in keys], *extra]
-    calibration = m.calibration
-    student_ece = calibration.student_ece if calibration is not None else None
-    teacher_ece = calibration.teacher_ece if calibration is not None else None
+    calibration = _block(m, "calibration")
     rows: list[list[str]] = []
-    teacher = m.teacher_test
-    if teacher is not None:
-        rest = [DASH] if regression else [_fmt(teacher_ece), DASH, DASH]
+    teacher = m.get("teacher_test")
+    if isinstance(teacher, Mapping):
+        rest = [DASH] if regression else [_fmt(calibration.get("teacher_ece")), DASH, DASH]
         rows.append(["teacher", *_scores(teacher, keys), *rest])
-    hops = m.hops
+    hops = [h for h in m.get("hops") or [] if isinstance(h, Mapping)]
     for hop in hops[:-1] if len(hops) > 1 else []:
-        name = f"{hop.name} (earlier hop, taught by {hop.teacher or 'nobody'})"
+        name = f"{hop.get('name')} (earlier hop, taught by {hop.get('teacher') or 'nobody'})"
         if regression:
-            rest = [_fmt(hop.teacher_mean_abs_diff)]
+            rest = [_fmt(hop.get("teacher_mean_abs_diff"))]
         else:
-            rest = [DASH, _fmt(hop.teacher_agreement), DASH]
-        rows.append([name, *_scores(hop.test, keys), *rest])
+            rest = [DASH, _fmt(hop.get("teacher_agreement")), DASH]
+        rows.append([name, *_scores(hop.get("test"), keys), *rest])
     if regression:
-        rest = [_fmt(m.teacher_mean_abs_diff)]
+        rest = [_fmt(m.get("teacher_mean_abs_diff"))]
     else:
-        rest = [_fmt(student_ece), _fmt(m.teacher_agreement), _fmt(m.teacher_kl)]
-    rows.append([_trained(m), *_scores(m.test, keys), *rest])
-    int8 = m.onnx.int8 if m.onnx is not None else None
-    if int8 is not None and int8.test is not None:
-        rows.append([f"{_trained(m)}, ONNX int8", *_scores(int8.test, keys), *[DASH] * len(extra)])
-    if m.ensemble is not None:
-        rows.append(["ensemble of the hops", *_scores(m.ensemble.test, keys)])
+        rest = [
+            _fmt(calibration.get("student_ece")),
+            _fmt(m.get("teacher_agreement")),
+            _fmt(m.get("teacher_kl")),
+        ]
+    rows.append([_trained(m), *_scores(m["test"], keys), *rest])
+    int8_test = _get(m, "onnx", "int8", "test")
+    if isinstance(int8_test, Mapping):
+        rows.append([f"{_trained(m)}, ONNX int8", *_scores(int8_test, keys), *[DASH] * len(extra)])
+    ensemble = m.get("ensemble")
+    if isinstance(ensemble, Mapping):
+        rows.append(["ensemble of the hops", *_scores(ensemble.get("test"), keys)])
         rows[-1] += [DASH] * len(extra)
-    if teacher is not None:
-        kept = retention(m.test, teacher)
-        rows.append(["student / teacher", *[_fmt(kept.get(k)) for k in keys], *[DASH] * len(extra)])
-    parts = [_table(header, rows)]
-    if len(hops) > 1 and not regression:
-        parts.append(
-            _text("An earlier hop's agreement is with the model that taught it.", cls="note")
+    if isinstance(teacher, Mapping):
+        kept = retention(
+            {k: v for k, v in m["test"].items() if isinstance(v, int | float)},
+            {k: v for k, v in teacher.items() if isinstance(v, int | float)},
         )
-    return _section("Test split", *parts)
+        rows.append(["student / teacher", *[_fmt(kept.get(k)) for k in keys], *[DASH] * len(extra)])
+    note = ""
+    if len(hops) > 1 and not regression:
+        note = "An earlier hop's agreement is with the model that taught it."
+    return {**_table(header, rows), "note": note}
 
 
-def _eval_sets(m: JobMetrics) -> str:
-    sets = m.eval_sets
-    if not sets:
-        return ""
+def _eval_sets(m: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The Evaluation sets table, or None without extra sets."""
+    sets = m.get("eval_sets")
+    if not isinstance(sets, Mapping) or not sets:
+        return None
     keys = _metric_keys(m)
     rows: list[list[str]] = []
     for name, entry in sets.items():
-        examples = _fmt(entry.examples)
-        if entry.teacher is not None:
-            rows.append([name, examples, "teacher", *_scores(entry.teacher, keys)])
+        if not isinstance(entry, Mapping):
+            continue
+        examples = _fmt(entry.get("examples"))
+        if isinstance(entry.get("teacher"), Mapping):
+            rows.append([str(name), examples, "teacher", *_scores(entry["teacher"], keys)])
             examples = ""
-        rows.append([name, examples, _trained(m), *_scores(entry.student, keys)])
-        if entry.retention is not None:
-            rows.append([name, "", "student / teacher", *_scores(entry.retention, keys)])
+        rows.append([str(name), examples, _trained(m), *_scores(entry.get("student"), keys)])
+        if isinstance(entry.get("retention"), Mapping):
+            rows.append([str(name), "", "student / teacher", *_scores(entry["retention"], keys)])
     header = ["set", "examples", "model", *[METRIC_NAMES.get(k, k) for k in keys]]
-    return _section("Evaluation sets", _table(header, rows))
+    return _table(header, rows)
 
 
-def _confusion(m: JobMetrics) -> str:
-    block = m.confusion_matrix
-    if m.regression or block is None:
-        return ""
-    labels = block.labels
-    figures, tables = [], []
-    for who, matrix in (("teacher", block.teacher), ("student", block.student)):
-        if matrix is None or len(matrix) != len(labels):
+def _confusion(m: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each confusion matrix (teacher, student): its name, figure and table; empty for a
+    regression job or without matrices."""
+    block = m.get("confusion_matrix")
+    if _is_regression(m) or not isinstance(block, Mapping):
+        return []
+    labels = [str(x) for x in block.get("labels") or []]
+    out: list[dict[str, Any]] = []
+    for who in ("teacher", "student"):
+        matrix = block.get(who)
+        if not isinstance(matrix, list) or len(matrix) != len(labels):
             continue
         name = _trained(m) if who == "student" else who
         title = f"{name}: test split"
-        figures.append(_img(report_plots.confusion_heatmap(matrix, labels, title), title))
+        figure = _figure(report_plots.confusion_heatmap(matrix, labels, title))
         rows = [[label, *[_fmt(c) for c in row]] for label, row in zip(labels, matrix, strict=True)]
-        tables.append(_text(name, "h3") + _table(["true \\ predicted", *labels], rows))
-    if not tables:
-        return ""
-    note = _text("Rows: the true class; columns: the predicted class (argmax).", cls="note")
-    return _section(
-        "Confusion matrices", note, f'<div class="figs">{"".join(figures)}</div>', *tables
-    )
+        out.append({"name": name, "figure": figure, **_table(["true \\ predicted", *labels], rows)})
+    return out
 
 
-def _curves(m: JobMetrics) -> str:
-    epochs, stages = m.epochs, m.stages
-    parts = []
+def _curves(m: Mapping[str, Any]) -> dict[str, Any]:
+    """The Learning curves section: the figure (None without dev evaluations) and the stages
+    table (None without stages)."""
+    epochs = [r for r in m.get("epochs") or [] if isinstance(r, Mapping)]
+    stages = [s for s in m.get("stages") or [] if isinstance(s, Mapping)]
+    out: dict[str, Any] = {"figure": None, "stages": None}
     if epochs:
-        parts.append(_img(report_plots.learning_curves(epochs), "learning curves"))
-        parts.append(
-            _text(
-                "Left: mean training loss (and each part) since the previous dev evaluation; "
-                "right: dev metrics at each evaluation. Dashed lines: a new stage (or hop).",
-                cls="note",
-            )
-        )
-    else:
-        parts.append(_text("No dev evaluation was recorded.", cls="note"))
+        out["figure"] = _figure(report_plots.learning_curves(epochs))
     if stages:
-        many = any(s.hop is not None for s in stages)
+        many = any("hop" in s for s in stages)
         header = [
             *(["hop"] if many else []),
             "stage",
@@ -290,135 +312,135 @@ def _curves(m: JobMetrics) -> str:
         ]
         rows = [
             [
-                *([_fmt(s.hop)] if many else []),
-                _fmt(s.name),
-                _fmt(s.loss),
-                _fmt(s.steps),
-                _fmt(s.epochs),
-                f"{s.learning_rate:.3g}" if s.learning_rate is not None else DASH,
-                _fmt(s.schedule),
-                ", ".join(_trained(m) if t == "student" else t for t in s.trains) or DASH,
-                _dict(s.best_dev),
+                *([_fmt(s.get("hop"))] if many else []),
+                _fmt(s.get("name")),
+                _fmt(s.get("loss")),
+                _fmt(s.get("steps")),
+                _fmt(s.get("epochs")),
+                f"{s['learning_rate']:.3g}"
+                if isinstance(s.get("learning_rate"), int | float)
+                else DASH,
+                _fmt(s.get("schedule")),
+                ", ".join(_trained(m) if t == "student" else str(t) for t in s.get("trains") or [])
+                or DASH,
+                _dict(s.get("best_dev")),
             ]
             for s in stages
         ]
-        parts.append(_text("Stages", "h3") + _table(header, rows))
-    return _section("Learning curves", *parts)
+        out["stages"] = _table(header, rows)
+    return out
 
 
-def _timed(m: JobMetrics, who: str, batch: str) -> Spread | None:
+def _ort(value: object) -> object:
+    """An ONNX latency: the onnxruntime one of a ``{"pytorch", "onnxruntime"}`` pair."""
+    return value.get("onnxruntime") if isinstance(value, Mapping) else value
+
+
+def _timed(m: Mapping[str, Any], who: str, batch: str) -> Mapping[str, Any] | None:
     """The interleaved timing of ``who`` (``student``, ``teacher``, ``speedup``) at ``batch``
-    (``batch1``, ``batch32``) from ``metrics.latency``, or None (an older job)."""
-    return m.latency.figure(who, batch) if m.latency is not None else None
+    (``batch1``, ``batch32``) from ``metrics["latency"]``, or None (an older job)."""
+    block = (m.get("latency") or {}).get(batch)
+    figure = block.get(who) if isinstance(block, Mapping) else None
+    return figure if isinstance(figure, Mapping) else None
 
 
-def _flag(figure: Spread | None, before: str = "") -> str:
+def _flag(figure: Mapping[str, Any] | None, before: str = "") -> str:
     """`` (spread 12%)``, or `` (spread 40%, unreliable)`` above the limit (``before`` first
     inside the brackets); empty without a spread."""
-    if figure is None or figure.spread is None:
+    if figure is None or not isinstance(figure.get("spread"), int | float):
         return f" ({before})" if before else ""
-    unreliable = ", unreliable" if figure.reliable is False else ""
+    unreliable = ", unreliable" if figure.get("reliable") is False else ""
     lead = f"{before}, " if before else ""
-    return f" ({lead}spread {figure.spread:.0%}{unreliable})"
+    return f" ({lead}spread {figure['spread']:.0%}{unreliable})"
 
 
-def _batch_latency(d: ModelFigures | None, batch: str) -> float | None:
-    """``d.latency_s_batch1`` or ``d.latency_s_batch32``; None without ``d``."""
-    if d is None:
-        return None
-    return d.latency_s_batch1 if batch == "batch1" else d.latency_s_batch32
+def _latency_cell(m: Mapping[str, Any], who: str, d: Mapping[str, Any], batch: str) -> str:
+    return _ms(d.get(f"latency_s_{batch}")) + _flag(_timed(m, who, batch))
 
 
-def _latency_cell(m: JobMetrics, who: str, d: ModelFigures, batch: str) -> str:
-    return _ms(_batch_latency(d, batch)) + _flag(_timed(m, who, batch))
-
-
-def _speedup(m: JobMetrics, batch: str) -> str | None:
+def _speedup(m: Mapping[str, Any], batch: str) -> str | None:
     """``faster at batch N`` of the comparison note: the median of the per-round speed-ups
     with their range and spread (flagged when unreliable), else the ratio of the medians."""
     figure = _timed(m, "speedup", batch)
     n = batch.removeprefix("batch")
-    if figure is None or figure.median is None:
-        r = _ratio(_batch_latency(m.teacher, batch), _batch_latency(m.student, batch))
+    if figure is None or not isinstance(figure.get("median"), int | float):
+        t, s = m.get("teacher") or {}, m.get("student") or {}
+        r = _ratio(t.get(f"latency_s_{batch}"), s.get(f"latency_s_{batch}"))
         return None if r is None else f"faster at batch {n} {_fmt(r, 2)}×"
-    rounds = f"rounds {_fmt(figure.min, 2)}–{_fmt(figure.max, 2)}×"
-    return f"faster at batch {n} {_fmt(figure.median, 2)}×{_flag(figure, rounds)}"
+    rounds = f"rounds {_fmt(figure.get('min'), 2)}–{_fmt(figure.get('max'), 2)}×"
+    return f"faster at batch {n} {_fmt(figure['median'], 2)}×{_flag(figure, rounds)}"
 
 
-def _spread_limit(latency: LatencyReport) -> str:
-    limit = latency.spread_limit
-    return f"{limit:.0%}" if limit is not None else DASH
-
-
-def _speed_size(m: JobMetrics) -> str:
+def _speed_size(m: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The Latency and size section (a table and notes), or None without any model's size."""
     rows: list[list[str]] = []
-    models = [("teacher", "PyTorch", m.teacher), (_trained(m), "PyTorch", m.student)]
+    models = [("teacher", "PyTorch", m.get("teacher")), (_trained(m), "PyTorch", m.get("student"))]
     for name, runtime, d in models:
-        if d is not None:
+        if isinstance(d, Mapping):
             rows.append(
                 [
                     name,
                     runtime,
-                    _fmt(d.parameters),
-                    _mb(d.bytes),
+                    _fmt(d.get("parameters")),
+                    _mb(d.get("bytes")),
                     _latency_cell(m, name, d, "batch1"),
                     _latency_cell(m, name, d, "batch32"),
                 ]
             )
-    onnx = m.onnx
+    onnx = m.get("onnx")
     notes: list[str] = []
-    if onnx is not None:
-        b1, b32 = onnx.latency_s_batch1, onnx.latency_s_batch32
+    if isinstance(onnx, Mapping):
         rows.append(
             [
                 f"{_trained(m)}, ONNX fp32",
                 "onnxruntime",
                 DASH,
-                _mb(onnx.bytes),
-                _ms(b1.onnxruntime if b1 is not None else None),
-                _ms(b32.onnxruntime if b32 is not None else None),
+                _mb(onnx.get("bytes")),
+                _ms(_ort(onnx.get("latency_s_batch1"))),
+                _ms(_ort(onnx.get("latency_s_batch32"))),
             ]
         )
         notes.append(
-            f"ONNX export {onnx.file or DASH} (opset {onnx.opset or DASH}): max "
-            f"|logit difference| to PyTorch {_fmt(onnx.max_abs_diff_logits, 6)}, "
-            f"prediction agreement {_fmt(onnx.prediction_agreement)}."
+            f"ONNX export {onnx.get('file') or DASH} (opset {onnx.get('opset') or DASH}): max "
+            f"|logit difference| to PyTorch {_fmt(onnx.get('max_abs_diff_logits'), 6)}, "
+            f"prediction agreement {_fmt(onnx.get('prediction_agreement'))}."
         )
-        int8 = onnx.int8
-        if int8 is not None:
+        int8 = onnx.get("int8")
+        if isinstance(int8, Mapping):
             rows.append(
                 [
                     f"{_trained(m)}, ONNX int8",
                     "onnxruntime",
                     DASH,
-                    _mb(int8.bytes),
-                    _ms(int8.latency_s_batch1),
-                    _ms(int8.latency_s_batch32),
+                    _mb(int8.get("bytes")),
+                    _ms(_ort(int8.get("latency_s_batch1"))),
+                    _ms(_ort(int8.get("latency_s_batch32"))),
                 ]
             )
             notes.append(
-                f"int8 {int8.file or DASH}: prediction agreement with the fp32 export "
-                f"{_fmt(int8.agreement_with_fp32)}."
+                f"int8 {int8.get('file') or DASH}: prediction agreement with the fp32 export "
+                f"{_fmt(int8.get('agreement_with_fp32'))}."
             )
     if not rows:
-        return ""
-    teacher, student = m.teacher, m.student
-    if teacher is not None and student is not None:
+        return None
+    teacher, student = m.get("teacher"), m.get("student")
+    if isinstance(teacher, Mapping) and isinstance(student, Mapping):
         compared = [
             f"{what} {_fmt(r, 2)}×"
             for what, r in (
-                ("fewer parameters", _ratio(teacher.parameters, student.parameters)),
-                ("smaller", _ratio(teacher.bytes, student.bytes)),
+                ("fewer parameters", _ratio(teacher.get("parameters"), student.get("parameters"))),
+                ("smaller", _ratio(teacher.get("bytes"), student.get("bytes"))),
             )
             if r is not None
         ]
         compared += [f for f in (_speedup(m, "batch1"), _speedup(m, "batch32")) if f]
         if compared:
             notes.insert(0, "Student vs teacher: " + ", ".join(compared) + ".")
-    notes.append(f"Latency measured on {m.device or DASH}, milliseconds per example.")
-    latency = m.latency
-    if latency is not None:
-        limit_text = _spread_limit(latency)
+    notes.append(f"Latency measured on {m.get('device') or DASH}, milliseconds per example.")
+    latency = m.get("latency")
+    if isinstance(latency, Mapping):
+        limit = latency.get("spread_limit")
+        limit_text = f"{limit:.0%}" if isinstance(limit, int | float) else DASH
         notes.append(
             "Teacher and student were timed interleaved, in rounds on the same batches; the "
             "spread is the interquartile range of the rounds over their median. A figure whose "
@@ -433,9 +455,7 @@ def _speed_size(m: JobMetrics) -> str:
         "latency batch 1 (ms)",
         "latency batch 32 (ms)",
     ]
-    return _section(
-        "Latency and size", _table(header, rows), *[_text(n, cls="note") for n in notes]
-    )
+    return {**_table(header, rows), "notes": notes}
 
 
 DEFINITIONS_CLASSIFICATION = [
@@ -504,41 +524,40 @@ DEFINITIONS_COMMON = [
 ]
 
 
-def _definitions(m: JobMetrics) -> str:
-    items = DEFINITIONS_REGRESSION if m.regression else DEFINITIONS_CLASSIFICATION
-    body = "".join(_text(k, "dt") + _text(v, "dd") for k, v in [*items, *DEFINITIONS_COMMON])
-    return _section("Definitions", f"<dl>{body}</dl>")
+def _definitions(m: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The (term, definition) pairs of the job's task, then the common ones."""
+    items = DEFINITIONS_REGRESSION if _is_regression(m) else DEFINITIONS_CLASSIFICATION
+    return [*items, *DEFINITIONS_COMMON]
 
 
-def render_report(metrics: JobMetrics | Mapping[str, Any]) -> str:
-    """The report page of a job from its ``metrics.json`` (a dict is read as
-    :class:`~kd_engine.contracts.JobMetrics`; see the module docstring).
+def render_report(metrics: Mapping[str, Any]) -> str:
+    """The report page of a job from its ``metrics.json`` dict (see the module docstring).
 
     Raises:
-        pydantic.ValidationError: a dict that is not a ``metrics.json``.
-        whatever matplotlib raises while drawing (the caller decides whether a report matters).
+        ValueError: a confusion matrix is not C x C (:func:`kd_engine.charts.heatmap`);
+        jinja2.TemplateError: the template is missing or broken (the caller decides whether a
+        report matters).
     """
-    metrics = load_metrics(metrics)
-    title = f"Distillery report: {metrics.method or 'job'} ({metrics.task or ''})"
-    sections = [
-        _summary(metrics),
-        _quality(metrics),
-        _eval_sets(metrics),
-        _confusion(metrics),
-        _curves(metrics),
-        _speed_size(metrics),
-        _definitions(metrics),
-    ]
+    title = f"Distillery report: {metrics.get('method', 'job')} ({metrics.get('task', '')})"
     return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>"
-        f"<h1>{_e(title)}</h1>{''.join(sections)}</body></html>\n"
+        _environment()
+        .get_template(TEMPLATE)
+        .render(
+            title=title,
+            csp=CSP,
+            style=STYLE,
+            job=_summary(metrics),
+            quality=_quality(metrics),
+            eval_sets=_eval_sets(metrics),
+            confusion=_confusion(metrics),
+            curves=_curves(metrics),
+            speed=_speed_size(metrics),
+            definitions=_definitions(metrics),
+        )
     )
 
 
-def write_report(metrics: JobMetrics | Mapping[str, Any], out_dir: Path) -> Path:
+def write_report(metrics: Mapping[str, Any], out_dir: Path) -> Path:
     """Render :func:`render_report` and write it as ``out_dir/report.html`` (UTF-8, through a
     temporary file renamed into place); returns the path. Nothing is left behind if rendering
     or writing fails.

@@ -9,9 +9,9 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.auth import CallerDep
 from api.deps import SessionDep, SettingsDep
@@ -28,9 +28,11 @@ router = APIRouter(prefix="/v1/jobs", tags=["events"])
 FINAL_EVENTS: tuple[str, ...] = FINISHED
 """The event types that end a job's stream (each final status records its own event)."""
 STREAM_BATCH = 200
-KEY_REVOKED_COMMENT = ": the API key of this stream was revoked (or its tenant removed); closed\n\n"
+KEY_REVOKED_COMMENT = "the API key of this stream was revoked (or its tenant removed); closed"
 """The comment an event stream ends with when its key no longer authenticates (a client that
 reconnects then gets a 401)."""
+KEEP_ALIVE_COMMENT = "keep-alive"
+"""The comment sent every ``events_stream_keepalive_s`` (sse-starlette's ping)."""
 
 After = Annotated[
     int | None,
@@ -78,14 +80,25 @@ def job_events(
     )
 
 
-def sse_message(event: dict[str, Any]) -> str:
-    """One Server-Sent Event: ``id:`` the event id, ``event:`` its type, ``data:`` its JSON."""
-    return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+SSE_SEPARATOR = "\n"
+"""Line ends of the stream (sse-starlette's default is CRLF; every parser accepts LF)."""
+
+
+def sse_message(event: dict[str, Any]) -> ServerSentEvent:
+    """One Server-Sent Event: ``id:`` the event id, ``event:`` its type, ``data:`` its JSON
+    (one line: ``json.dumps`` escapes newlines)."""
+    return ServerSentEvent(
+        json.dumps(event), id=str(event["id"]), event=event["type"], sep=SSE_SEPARATOR
+    )
+
+
+def _keep_alive() -> ServerSentEvent:
+    return ServerSentEvent(comment=KEEP_ALIVE_COMMENT, sep=SSE_SEPARATOR)
 
 
 @router.get(
     "/{job_id}/events/stream",
-    response_class=StreamingResponse,
+    response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "The event stream."}},
 )
 def stream_job_events(
@@ -104,14 +117,15 @@ def stream_job_events(
             "wins over ?after.",
         ),
     ] = None,
-) -> StreamingResponse:
-    """The job's events as Server-Sent Events (``text/event-stream``), from ``Last-Event-ID``
-    or ``after`` (default: the first), then live as they happen; a comment line every
-    ``events_stream_keepalive_s`` of silence; the stream ends after a final event
-    (succeeded, failed, cancelled), or at once when the job has finished and its final event
-    was already sent. Every ``events_stream_auth_check_s`` the key it was opened with is
-    checked again: once revoked (or its tenant removed) the stream ends with a comment
-    saying so. 404 for no such job (or another tenant's)."""
+) -> EventSourceResponse:
+    """The job's events as Server-Sent Events (``text/event-stream``, written by
+    sse-starlette's ``EventSourceResponse``), from ``Last-Event-ID`` or ``after`` (default: the
+    first), then live as they happen; a ``: keep-alive`` comment every
+    ``events_stream_keepalive_s`` (the library's ping); the stream ends when the client goes
+    away, after a final event (succeeded, failed, cancelled), or at once when the job has
+    finished and its final event was already sent. Every ``events_stream_auth_check_s`` the
+    key it was opened with is checked again: once revoked (or its tenant removed) the stream
+    ends with a comment saying so. 404 for no such job (or another tenant's)."""
     service.get(session, job_id, tenant_id=caller.tenant_id)
     start = after
     if last_event_id is not None and last_event_id.strip():
@@ -136,38 +150,35 @@ def stream_job_events(
             rows = list_events(s, job_id, after=cursor, limit=STREAM_BATCH)
             return True, status, [event_dict(e) for e in rows]
 
-    async def body() -> AsyncIterator[str]:
+    async def body() -> AsyncIterator[ServerSentEvent]:
+        # A client that goes away cancels this generator (EventSourceResponse listens for it).
         cursor = start
-        quiet_since = checked_at = time.monotonic()
-        yield f"retry: {int(settings.events_stream_poll_s * 1000) + 1000}\n\n"
+        checked_at = time.monotonic()
+        retry_ms = int(settings.events_stream_poll_s * 1000) + 1000
+        yield ServerSentEvent(retry=retry_ms, sep=SSE_SEPARATOR)
         while True:
             due = time.monotonic() - checked_at >= settings.events_stream_auth_check_s
             allowed, status, events = await anyio.to_thread.run_sync(fetch, cursor, due)
             if due:
                 checked_at = time.monotonic()
             if not allowed:
-                yield KEY_REVOKED_COMMENT
+                yield ServerSentEvent(comment=KEY_REVOKED_COMMENT, sep=SSE_SEPARATOR)
                 return
             for e in events:
                 yield sse_message(e)
                 cursor = e["id"]
                 if e["type"] in FINAL_EVENTS:
                     return
-            if events:
-                quiet_since = time.monotonic()
-                if len(events) == STREAM_BATCH:
-                    continue
-            if status is None or (status in FINISHED and len(events) < STREAM_BATCH):
+            if len(events) == STREAM_BATCH:
+                continue
+            if status is None or status in FINISHED:
                 return  # deleted, or finished with its final event already sent
-            if time.monotonic() - quiet_since >= settings.events_stream_keepalive_s:
-                yield ": keep-alive\n\n"
-                quiet_since = time.monotonic()
-            if await request.is_disconnected():
-                return
             await anyio.sleep(settings.events_stream_poll_s)
 
-    return StreamingResponse(
+    return EventSourceResponse(
         body(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-cache"},
+        ping=settings.events_stream_keepalive_s,
+        ping_message_factory=_keep_alive,
+        sep=SSE_SEPARATOR,
     )

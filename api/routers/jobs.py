@@ -50,7 +50,7 @@ from core.storage import (
 from core.upload_names import name_uploads_in_error
 from kd_engine.contracts import load_metrics
 from kd_engine.errors import SpecError
-from kd_engine.report_html import CSP, REPORT_FILE
+from kd_engine.names import CSP, REPORT_FILE
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 IdempotencyKeyHeader = Annotated[

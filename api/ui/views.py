@@ -20,11 +20,11 @@ from typing import Any
 from markupsafe import Markup
 from pydantic import ValidationError
 
-from api.ui.charts import PALETTE, Point, Series, line_chart, pareto_front, scatter_chart
 from core.db import Job
 from core.settings import Settings
 from core.storage import ObjectNotFound, StorageError, artifact_storage, join_key
 from core.upload_names import label as upload_label
+from kd_engine.charts import PALETTE, Point, Series, line_chart, pareto_front, scatter_chart
 from kd_engine.contracts import (
     EvaluationRecord,
     JobMetrics,

@@ -1,10 +1,9 @@
 """The job report: ECE, KL(teacher || student) and confusion matrices against hand-computed
-values, and report.html built from realistic metrics (sections, embedded PNGs, escaping,
+values, and report.html built from realistic metrics (sections, inline SVG charts, escaping,
 regression, missing blocks, a report that cannot be written)."""
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
 import math
@@ -12,6 +11,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -19,11 +19,10 @@ import torch
 from kd_engine.contracts import EvaluationRecord
 from kd_engine.evaluation import confusion, expected_calibration_error, kl_teacher_student
 from kd_engine.report_html import REPORT_FILE, format_number, render_report, write_report
-from kd_engine.report_plots import curve_positions
+from kd_engine.report_plots import curve_positions, stage_marks
 from kd_engine.reports import split_diagnostics
 from kd_engine.run import _write_report
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVIL = "<script>alert('x')</script>"
 
 
@@ -249,13 +248,13 @@ def classification_metrics_dict() -> dict[str, Any]:
     }
 
 
-def pngs(page: str) -> list[bytes]:
-    """The decoded ``data:image/png`` images of a page (every ``src``)."""
-    sources = re.findall(r'<img src="([^"]*)"', page)
-    assert all(s.startswith("data:image/png;base64,") for s in sources), sources
-    return [
-        base64.b64decode(s.removeprefix("data:image/png;base64,"), validate=True) for s in sources
-    ]
+def svgs(page: str) -> list[str]:
+    """The inline SVG charts of a page, each parsed as XML (so each is well-formed)."""
+    assert "<img" not in page
+    found = re.findall(r'<svg class="chart".*?</svg>', page, flags=re.S)
+    for svg in found:
+        ElementTree.fromstring(svg)
+    return found
 
 
 class Tags(HTMLParser):
@@ -274,7 +273,7 @@ class Tags(HTMLParser):
         self.open_tables -= tag == "table"
 
 
-def test_report_has_every_section_and_embeds_pngs(tmp_path: Path) -> None:
+def test_report_has_every_section_and_draws_svg_charts(tmp_path: Path) -> None:
     metrics = classification_metrics_dict()
     before = copy.deepcopy(metrics)
     path = write_report(metrics, tmp_path)
@@ -314,9 +313,20 @@ def test_report_has_every_section_and_embeds_pngs(tmp_path: Path) -> None:
     assert "model.int8.onnx" in page and "0.9688" in page
     # student / teacher ratios: 2.06x fewer parameters, 2.25x faster at batch 1
     assert "fewer parameters 2.06×" in page and "faster at batch 1 2.25×" in page
-    images = pngs(page)
-    assert len(images) == 3  # learning curves, teacher and student confusion matrices
-    assert all(img.startswith(PNG_MAGIC) and len(img) > 2000 for img in images)
+    charts = svgs(page)
+    # teacher and student confusion matrices, learning curves (training loss, dev metrics)
+    assert len(charts) == 4
+    teacher, student, loss, dev = charts
+    assert 'aria-label="training loss"' in loss and loss.count("<polyline") == 3  # loss, ce, kd
+    assert 'aria-label="dev metrics"' in dev and dev.count("<polyline") == 3
+    # the stages: names at their first record, a dashed line where "distil" begins
+    assert loss.count('class="mark"') == 1 and ">warmup<" in loss and ">distil<" in loss
+    assert 'aria-label="teacher: test split"' in teacher
+    # each 2 x 2 matrix: 4 cells with their counts, the largest the darkest, in white
+    assert teacher.count("<rect") == 4 + 5  # the cells and a 5-step colour key
+    assert '<rect x="' in student and ">12</text>" in student and ">11</text>" in student
+    assert 'fill="#08306b"><title>true' in teacher  # 14, the peak, in the darkest blue
+    assert 'fill="#fff">14</text>' in teacher and 'fill="#000">2</text>' in teacher
     tags = Tags()
     tags.feed(page)
     assert tags.open_tables == 0
@@ -338,8 +348,13 @@ def test_report_has_every_section_and_embeds_pngs(tmp_path: Path) -> None:
         "th",
         "td",
         "p",
-        "img",
         "div",
+        "svg",
+        "text",
+        "line",
+        "polyline",
+        "circle",
+        "rect",
         "ul",
         "li",
         "dl",
@@ -385,7 +400,7 @@ def test_report_shows_the_latency_spread_and_flags_unreliable_figures() -> None:
 def test_report_escapes_names_from_the_job(tmp_path: Path) -> None:
     page = render_report(classification_metrics_dict())
     assert "<script" not in page.lower()
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page  # class name, warning
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page  # class name, warning
     assert "ood&lt;b&gt;x&lt;/b&gt;" in page and "<b>" not in page  # evaluation set name
 
 
@@ -399,7 +414,7 @@ def test_report_without_onnx_teacher_or_epochs_leaves_those_out() -> None:
     page = render_report(m)
     assert "student, ONNX" not in page and "Evaluation sets" not in page
     assert "No dev evaluation was recorded." in page
-    assert len(pngs(page)) == 1  # the student's confusion matrix
+    assert len(svgs(page)) == 1  # the student's confusion matrix
     # an older job's metrics (no new blocks at all) still render
     old = {"method": "finetune", "task": "classification", "test": {"accuracy": 0.5}}
     assert "<h2>Test split</h2>" in render_report(old)
@@ -435,11 +450,11 @@ def test_report_of_a_regression_job(tmp_path: Path) -> None:
     assert "Pearson r" in page and "Spearman ρ" in page and "0.3100" in page
     assert "Confusion matrices" not in page and "ECE" not in page
     assert "<h2>Evaluation sets</h2>" in page and "tweets" in page
-    assert len(pngs(page)) == 1  # the learning curves
+    assert len(svgs(page)) == 2  # the learning curves
 
 
-def test_many_classes_and_mathtext_names_render() -> None:
-    names = [f"$class_{i}^{{x}}$ {{" for i in range(25)]  # '$': not parsed as mathtext
+def test_many_classes_and_odd_names_render() -> None:
+    names = [f"$class_{i}^{{x}}$ {{ <&>" for i in range(25)]
     matrix = [[int(i == j) * 3 + (j % 2) for j in range(25)] for i in range(25)]
     m = {
         "method": "finetune",
@@ -448,8 +463,14 @@ def test_many_classes_and_mathtext_names_render() -> None:
         "test": {"accuracy": 0.5},
         "confusion_matrix": {"labels": names, "student": matrix},
     }
-    images = pngs(render_report(m))
-    assert len(images) == 1 and images[0].startswith(PNG_MAGIC)
+    (chart,) = svgs(render_report(m))
+    assert chart.count("<title>") == 25 * 25  # a tooltip per cell
+    # over ANNOTATED_CLASSES classes: no count in the cells
+    assert 'text-anchor="middle" fill=' not in chart
+    assert "$class_0^{x}$ {…" in chart  # shortened on the axes
+    assert (
+        "true $class_24^{x}$ { &lt;&amp;&gt;, predicted $class_1^{x}$ { &lt;&amp;&gt;: 1" in chart
+    )
 
 
 def test_numbers_keep_small_values_visible() -> None:
@@ -467,7 +488,13 @@ def test_curve_positions_chain_the_hops() -> None:
         EvaluationRecord(hop="b", step=3),
     ]
     assert curve_positions(records) == [2.0, 4.0, 5.0, 7.0]
-    assert curve_positions([EvaluationRecord(step=1), EvaluationRecord(step=2)]) == [1.0, 2.0]
+    assert curve_positions([{"step": 1}, {"step": 2}]) == [1.0, 2.0]
+    records = [{**r, "stage": "kd"} for r in records]
+    marks = stage_marks(records, curve_positions(records))
+    assert [(m.text, m.label_x, m.line_x) for m in marks] == [
+        ("a/kd", 2.0, None),
+        ("b/kd", 5.0, 4.5),
+    ]
 
 
 def test_a_report_that_cannot_be_written_is_a_warning_not_a_failure(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """The dashboard's pure parts: the Pareto front, chart ticks and escaping, the main metric, the
-teacher-vs-student table and the compare groups (api/ui/charts.py, api/ui/views.py)."""
+teacher-vs-student table and the compare groups (kd_engine/charts.py, api/ui/views.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,19 @@ from typing import Any
 
 import pytest
 
-from api.ui.charts import Point, Series, line_chart, nice_ticks, pareto_front, scatter_chart
 from api.ui.routes import parse_spec_text
 from api.ui.views import compare_groups, comparison_table, curves, main_metric, metrics_of
 from core.db import Job
+from kd_engine.charts import (
+    Point,
+    Series,
+    heatmap,
+    line_chart,
+    nice_ticks,
+    pareto_front,
+    ramp,
+    scatter_chart,
+)
 from kd_engine.contracts import load_metrics
 from kd_engine.errors import SpecError
 
@@ -201,3 +210,16 @@ def test_a_pasted_spec_nested_too_deeply_is_a_422_naming_the_spec() -> None:
         with pytest.raises(SpecError, match="too deeply") as e:
             parse_spec_text(text)
         assert e.value.field == "spec"
+
+
+def test_heatmap_colours_cells_by_value_and_refuses_a_ragged_matrix() -> None:
+    assert ramp(0.0) == "#f7fbff" and ramp(1.0) == "#08306b" and ramp(2.0) == "#08306b"
+    assert ramp(0.5) == "#6baed6" and ramp(math.nan) == "#f7fbff"
+    svg = heatmap([[0, 5], [10, 0]], ["a<b", "c"], title="t & u")
+    assert svg.count("<rect") == 4 + 5  # the cells and the colour key
+    assert 'fill="#08306b"><title>true c, predicted a&lt;b: 10</title>' in svg
+    assert 'fill="#f7fbff"><title>true a&lt;b, predicted a&lt;b: 0</title>' in svg
+    assert 'fill="#fff">10</text>' in svg and 'fill="#000">5</text>' in svg  # 5 is not dark
+    assert "t &amp; u" in svg and "a<b" not in svg
+    with pytest.raises(ValueError, match="2 x 2"):
+        heatmap([[1, 2], [3]], ["a", "b"], title="t")

@@ -1,5 +1,9 @@
-"""Inline SVG charts drawn on the server: line charts (learning curves) and a scatter plot with
-its Pareto front (the compare page). No JavaScript; every text is XML-escaped."""
+"""Inline SVG charts drawn on the server, the one chart stack of the dashboard (``api/ui``) and
+of a job's report (:mod:`kd_engine.report_plots`): line charts (learning curves, with dashed
+stage marks), a scatter plot with its Pareto front (the compare page) and a heatmap (confusion
+matrices). No JavaScript, no other file; every text is XML-escaped. The classes the charts
+use are styled by :data:`CHART_CSS` (the report embeds it; the dashboard's ``ui.css`` has the
+same rules)."""
 
 from __future__ import annotations
 
@@ -25,6 +29,33 @@ PALETTE = (
 )
 """Series colours, in order (the matplotlib ``tab10`` colours)."""
 
+BLUES = (
+    "#f7fbff",
+    "#deebf7",
+    "#c6dbef",
+    "#9ecae1",
+    "#6baed6",
+    "#4292c6",
+    "#2171b5",
+    "#08519c",
+    "#08306b",
+)
+"""The heatmap's colour ramp, low to high (the ColorBrewer ``Blues`` scheme)."""
+ANNOTATED_CLASSES = 20
+"""Up to this many classes a heatmap writes the count in each cell."""
+NAME_CHARS = 16
+"""Class names longer than this are shortened on a heatmap's axes (a tooltip has them whole)."""
+CHART_CSS = """
+svg.chart { background: #fff; font-size: 11px; max-width: 100%; height: auto; }
+svg.chart .grid { stroke: #eceff3; } svg.chart .chart-title { font-weight: 600; font-size: 12px; }
+svg.chart .point { fill: #fff; stroke: #1f6feb; stroke-width: 1.5; }
+svg.chart .point.front { fill: #d62728; stroke: #d62728; }
+svg.chart .pareto-line { stroke: #d62728; stroke-dasharray: 4 3; stroke-width: 1.2; }
+svg.chart .point-label { fill: #b42318; font-size: 10px; }
+svg.chart .mark { stroke: #888; stroke-dasharray: 4 3; } svg.chart .mark-label { fill: #777; }
+"""
+"""The CSS of the charts' classes (a page embedding a chart includes it once)."""
+
 _MARGIN_L, _MARGIN_R, _MARGIN_T, _MARGIN_B = 64, 16, 28, 44
 Scale = Callable[[float], float]
 
@@ -37,6 +68,16 @@ class Series:
     points: list[tuple[float, float]] = field(default_factory=list)
     color: str = ""
     markers: bool = False
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A vertical mark on a line chart: ``text`` written at ``label_x`` near the top, and a
+    dashed line at ``line_x`` when given (where a stage or hop begins)."""
+
+    label_x: float
+    text: str
+    line_x: float | None = None
 
 
 @dataclass(frozen=True)
@@ -160,9 +201,10 @@ def line_chart(
     y_label: str,
     width: int = 640,
     height: int = 300,
+    marks: Sequence[Mark] = (),
 ) -> Markup:
-    """An SVG line chart of ``series`` (each its own colour, with a legend); a chart saying
-    "no data yet" when no series has a point. Non-finite values are skipped."""
+    """An SVG line chart of ``series`` (each its own colour, with a legend) and ``marks``; a
+    chart saying "no data yet" when no series has a point. Non-finite values are skipped."""
     clean = [
         Series(
             s.name,
@@ -187,6 +229,18 @@ def line_chart(
     ys = [y for s in clean for _, y in s.points]
     xt, yt, sx, sy = _frame(xs, ys, width, height)
     body = _axes(xt, yt, sx, sy, width, height, x_label, y_label, title)
+    for mark in marks:
+        if mark.line_x is not None and math.isfinite(mark.line_x):
+            x = sx(mark.line_x)
+            body.append(
+                f'<line x1="{x:.1f}" y1="{_MARGIN_T}" x2="{x:.1f}" y2="{height - _MARGIN_B}" '
+                'class="mark"/>'
+            )
+        if math.isfinite(mark.label_x):
+            body.append(
+                f'<text x="{sx(mark.label_x) + 3:.1f}" y="{_MARGIN_T + 10}" class="mark-label">'
+                f"{escape(mark.text)}</text>"
+            )
     for i, s in enumerate(clean):
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s.points)
         body.append(
@@ -273,4 +327,105 @@ def scatter_chart(
                 f'<text x="{sx(p.x) + 8:.1f}" y="{sy(p.y) - 8:.1f}" class="point-label">'
                 f"{escape(p.label[:24])}</text>"
             )
+    return _svg(width, height, body, title)
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 1] + "…"
+
+
+def _hex(color: str) -> tuple[int, int, int]:
+    return int(color[1:3], 16), int(color[3:5], 16), int(color[5:7], 16)
+
+
+def ramp(t: float) -> str:
+    """The :data:`BLUES` colour at ``t`` in [0, 1] (clamped; linear between its stops)."""
+    t = min(max(t, 0.0), 1.0) if math.isfinite(t) else 0.0
+    pos = t * (len(BLUES) - 1)
+    i = min(int(pos), len(BLUES) - 2)
+    a, b = _hex(BLUES[i]), _hex(BLUES[i + 1])
+    f = pos - i
+    r, g, bl = (round(x + (y - x) * f) for x, y in zip(a, b, strict=True))
+    return f"#{r:02x}{g:02x}{bl:02x}"
+
+
+def heatmap(
+    matrix: Sequence[Sequence[float]],
+    labels: Sequence[str],
+    *,
+    title: str,
+    x_label: str = "predicted",
+    y_label: str = "true",
+) -> Markup:
+    """An SVG heatmap of a (C, C) matrix, rows ``labels`` (``y_label``) and columns ``labels``
+    (``x_label``): each cell coloured by :func:`ramp` of its value over the largest one, its
+    value written in it up to :data:`ANNOTATED_CLASSES` classes (white on dark cells), a
+    tooltip naming both classes; a five-step colour key. Class names longer than
+    :data:`NAME_CHARS` are shortened on the axes.
+
+    Raises:
+        ValueError: ``matrix`` is not C rows of C values for the C ``labels``.
+    """
+    n = len(labels)
+    if len(matrix) != n or any(len(row) != n for row in matrix):
+        raise ValueError(f"heatmap: the matrix must be {n} x {n}, one row and column per label")
+    names = [_short(str(label)) for label in labels]
+    longest = max((len(name) for name in names), default=1)
+    cell = max(12, min(64, 520 // max(n, 1)))
+    slanted = n > 3 or longest > 8
+    left = 30 + 7 * longest
+    bottom = 40 + (round(5 * longest) if slanted else 10)
+    top, key_w = 28, 90
+    width = left + n * cell + key_w
+    height = top + n * cell + bottom
+    peak = max((max(row) for row in matrix if len(row)), default=0)
+    body = [
+        f'<text x="{left + n * cell / 2:.0f}" y="16" text-anchor="middle" class="chart-title">'
+        f"{escape(title)}</text>"
+    ]
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            t = value / peak if peak else 0.0
+            x, y = left + j * cell, top + i * cell
+            tip = f"{y_label} {labels[i]}, {x_label} {labels[j]}: {value:g}"
+            body.append(
+                f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{ramp(t)}">'
+                f"<title>{escape(tip)}</title></rect>"
+            )
+            if n <= ANNOTATED_CLASSES:
+                color = "#fff" if peak and value > peak / 2 else "#000"
+                body.append(
+                    f'<text x="{x + cell / 2:.1f}" y="{y + cell / 2 + 4:.1f}" '
+                    f'text-anchor="middle" fill="{color}">{value:g}</text>'
+                )
+    grid_bottom = top + n * cell
+    for k, name in enumerate(names):
+        cy = top + k * cell + cell / 2 + 4
+        body.append(f'<text x="{left - 6}" y="{cy:.1f}" text-anchor="end">{escape(name)}</text>')
+        cx = left + k * cell + cell / 2
+        if slanted:
+            body.append(
+                f'<text transform="translate({cx:.1f},{grid_bottom + 12}) rotate(-45)" '
+                f'text-anchor="end">{escape(name)}</text>'
+            )
+        else:
+            body.append(
+                f'<text x="{cx:.1f}" y="{grid_bottom + 14}" text-anchor="middle">'
+                f"{escape(name)}</text>"
+            )
+    body.append(
+        f'<text x="{left + n * cell / 2:.0f}" y="{height - 6}" text-anchor="middle">'
+        f"{escape(x_label)}</text>"
+        f'<text transform="translate(14,{top + n * cell / 2:.0f}) rotate(-90)" '
+        f'text-anchor="middle">{escape(y_label)}</text>'
+    )
+    kx = left + n * cell + 16
+    for k in range(5):
+        value = peak * (4 - k) / 4
+        ky = top + k * 16
+        body.append(
+            f'<rect x="{kx}" y="{ky}" width="12" height="12" fill="{ramp((4 - k) / 4)}" '
+            f'stroke="#ccc"/><text x="{kx + 16}" y="{ky + 10}" class="legend">'
+            f"{fmt_tick(value)}</text>"
+        )
     return _svg(width, height, body, title)
