@@ -398,6 +398,9 @@ def test_report_shows_the_latency_spread_and_flags_unreliable_figures() -> None:
     assert "4.000 (spread 60%, unreliable)" in page  # the student's batch-1 cell
     assert "9.000 (spread 10%)" in page
     assert "spread is above 25% is unreliable" in page
+    # a finetune job's model ("fine-tuned teacher") is timed under latency's "student" key
+    tuned = render_report(load_metrics({**m, "trained": "teacher"}))
+    assert "<td>fine-tuned teacher</td>" in tuned and "4.000 (spread 60%, unreliable)" in tuned
 
 
 def test_report_escapes_names_from_the_job(tmp_path: Path) -> None:
