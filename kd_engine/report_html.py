@@ -1,12 +1,13 @@
 """A job's report as one self-contained HTML page, ``report.html``, built from its
-``metrics.json`` dict alone (:func:`render_report`, :func:`write_report`).
+``metrics.json`` alone, read through its typed model :class:`kd_engine.contracts.JobMetrics`
+(:func:`render_report`, :func:`write_report`).
 
 Sections: the job (method, task, classes, data, selection, warnings); test quality of the
 teacher, the student (and a chain's earlier hops, an ensemble, an ONNX int8 student) with
 accuracy, macro-F1, MCC, ECE, agreement with and KL divergence to the teacher (Pearson,
 Spearman, MSE and mean |student - teacher| for regression); the extra evaluation sets; the
 confusion matrices (classification); learning curves and the stages; latency and size (the
-PyTorch models and, when ``metrics["onnx"]`` exists, the ONNX exports); the definition and
+PyTorch models and, when ``metrics.onnx`` exists, the ONNX exports); the definition and
 source of each number. A block the metrics lack (an older job, a job without a teacher, a
 regression job) is left out, never an error.
 
@@ -31,6 +32,15 @@ import jinja2
 from markupsafe import Markup
 
 from kd_engine import charts, report_plots
+from kd_engine.contracts.metrics import (
+    Calibration,
+    JobMetrics,
+    ModelFigures,
+    RuntimeLatency,
+    Scores,
+    Spread,
+    load_metrics,
+)
 from kd_engine.evaluation import CLASSIFICATION_METRICS, ECE_BINS, REGRESSION_METRICS
 from kd_engine.names import CSP, REPORT_FILE
 from kd_engine.reports import retention
@@ -112,16 +122,17 @@ def _mb(size: object) -> str:
     return _fmt(size / 2**20, 1) if isinstance(size, int | float) and size > 0 else DASH
 
 
-def _trained(m: Mapping[str, Any]) -> str:
+def _trained(m: JobMetrics) -> str:
     """What the job trained: ``student``, or ``fine-tuned teacher`` for a finetune job
     (``metrics.json``'s ``trained``; its numbers stay under the ``student`` keys)."""
-    return "fine-tuned teacher" if m.get("trained") == "teacher" else "student"
+    return "fine-tuned teacher" if m.trained == "teacher" else "student"
 
 
-def _ratio(a: object, b: object) -> float | None:
+def _ratio(a: float | None, b: float | None) -> float | None:
     """a / b for two positive numbers, else None."""
-    ok = all(isinstance(x, int | float) and x > 0 for x in (a, b))
-    return float(a) / float(b) if ok else None  # type: ignore[arg-type]
+    if a is None or b is None or a <= 0 or b <= 0:
+        return None
+    return float(a) / float(b)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> dict[str, Any]:
@@ -135,70 +146,50 @@ def _figure(svg: Markup | None) -> dict[str, Markup] | None:
     return None if svg is None else {"svg": svg}
 
 
-def _dict(d: object) -> str:
+def _dict(d: Scores | None) -> str:
     """``{"accuracy": 0.8125}`` as ``accuracy 0.8125``."""
-    if not isinstance(d, Mapping) or not d:
+    if not d:
         return DASH
-    return ", ".join(f"{METRIC_NAMES.get(str(k), k)} {_fmt(v)}" for k, v in d.items())
+    return ", ".join(f"{METRIC_NAMES.get(k, k)} {_fmt(v)}" for k, v in d.items())
 
 
-def _get(m: Mapping[str, Any], *path: str) -> Any:
-    """``m[path[0]][path[1]]...``, or None where a level is missing or not a mapping."""
-    value: Any = m
-    for key in path:
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(key)
-    return value
+def _metric_keys(m: JobMetrics) -> tuple[str, ...]:
+    return (*REGRESSION_METRICS, "mse") if m.regression else CLASSIFICATION_METRICS
 
 
-def _block(m: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    """``m[key]`` when it is a mapping, else an empty one."""
-    value = m.get(key)
-    return value if isinstance(value, Mapping) else {}
+def _scores(scores: Mapping[str, float | None] | None, keys: Sequence[str]) -> list[str]:
+    """The cells of ``scores`` (metric name -> value) in the order of ``keys``; dashes for
+    missing metrics or a missing block."""
+    return [_fmt(scores.get(k)) if scores is not None else DASH for k in keys]
 
 
-def _is_regression(m: Mapping[str, Any]) -> bool:
-    return m.get("task") == "regression"
-
-
-def _metric_keys(m: Mapping[str, Any]) -> tuple[str, ...]:
-    return (*REGRESSION_METRICS, "mse") if _is_regression(m) else CLASSIFICATION_METRICS
-
-
-def _scores(test: object, keys: Sequence[str]) -> list[str]:
-    return [_fmt(test.get(k)) if isinstance(test, Mapping) else DASH for k in keys]
-
-
-def _summary(m: Mapping[str, Any]) -> dict[str, Any]:
+def _summary(m: JobMetrics) -> dict[str, Any]:
     """The Job section: its rows (label, value) and the job's warnings."""
-    data = _block(m, "data")
-    cache = m.get("teacher_cache")
     rows = [
-        ("method", _fmt(m.get("method"))),
-        ("task", _fmt(m.get("task"))),
-        ("classes", ", ".join(str(x) for x in m.get("labels") or []) or DASH),
-        ("examples", ", ".join(f"{k} {_fmt(v)}" for k, v in data.items()) or DASH),
-        ("device", _fmt(m.get("device"))),
-        ("training seconds", _fmt(m.get("train_seconds"), 1)),
+        ("method", _fmt(m.method)),
+        ("task", _fmt(m.task)),
+        ("classes", ", ".join(str(x) for x in m.labels) or DASH),
+        ("examples", ", ".join(f"{k} {_fmt(v)}" for k, v in m.data.items()) or DASH),
+        ("device", _fmt(m.device)),
+        ("training seconds", _fmt(m.train_seconds, 1)),
         (
             "selected checkpoint",
-            f"by dev {m.get('selection_metric')}: epoch {m.get('best_epoch')}, step "
-            f"{m.get('best_step')}, stage {m.get('best_stage') or DASH}; dev "
-            f"{_dict(m.get('best_dev'))}",
+            f"by dev {m.selection_metric}: epoch {m.best_epoch}, step "
+            f"{m.best_step}, stage {m.best_stage or DASH}; dev "
+            f"{_dict(m.best_dev)}",
         ),
     ]
-    if isinstance(cache, Mapping) and cache.get("status"):
-        rows.append(("teacher cache", _fmt(cache.get("status"))))
-    warnings = [str(w) for w in m.get("warnings") or [] if w]
+    if m.teacher_cache is not None and m.teacher_cache.status:
+        rows.append(("teacher cache", _fmt(m.teacher_cache.status)))
+    warnings = [str(w) for w in m.warnings if w]
     return {"rows": [list(r) for r in rows], "warnings": warnings}
 
 
-def _quality(m: Mapping[str, Any]) -> dict[str, Any] | None:
+def _quality(m: JobMetrics) -> dict[str, Any] | None:
     """The Test split section (a table and a note), or None without test metrics."""
-    if not isinstance(m.get("test"), Mapping):
+    if m.test is None:
         return None
-    regression = _is_regression(m)
+    regression = m.regression
     keys = _metric_keys(m)
     extra = (
         ["mean |student − teacher|"]
@@ -206,41 +197,37 @@ def _quality(m: Mapping[str, Any]) -> dict[str, Any] | None:
         else ["ECE", "agreement with teacher", "KL(teacher ‖ student), nats"]
     )
     header = ["model", *[METRIC_NAMES.get(k, k) for k in keys], *extra]
-    calibration = _block(m, "calibration")
+    calibration = m.calibration or Calibration()
     rows: list[list[str]] = []
-    teacher = m.get("teacher_test")
-    if isinstance(teacher, Mapping):
-        rest = [DASH] if regression else [_fmt(calibration.get("teacher_ece")), DASH, DASH]
+    teacher = m.teacher_test
+    if teacher is not None:
+        rest = [DASH] if regression else [_fmt(calibration.teacher_ece), DASH, DASH]
         rows.append(["teacher", *_scores(teacher, keys), *rest])
-    hops = [h for h in m.get("hops") or [] if isinstance(h, Mapping)]
+    hops = m.hops
     for hop in hops[:-1] if len(hops) > 1 else []:
-        name = f"{hop.get('name')} (earlier hop, taught by {hop.get('teacher') or 'nobody'})"
+        name = f"{hop.name} (earlier hop, taught by {hop.teacher or 'nobody'})"
         if regression:
-            rest = [_fmt(hop.get("teacher_mean_abs_diff"))]
+            rest = [_fmt(hop.teacher_mean_abs_diff)]
         else:
-            rest = [DASH, _fmt(hop.get("teacher_agreement")), DASH]
-        rows.append([name, *_scores(hop.get("test"), keys), *rest])
+            rest = [DASH, _fmt(hop.teacher_agreement), DASH]
+        rows.append([name, *_scores(hop.test, keys), *rest])
     if regression:
-        rest = [_fmt(m.get("teacher_mean_abs_diff"))]
+        rest = [_fmt(m.teacher_mean_abs_diff)]
     else:
         rest = [
-            _fmt(calibration.get("student_ece")),
-            _fmt(m.get("teacher_agreement")),
-            _fmt(m.get("teacher_kl")),
+            _fmt(calibration.student_ece),
+            _fmt(m.teacher_agreement),
+            _fmt(m.teacher_kl),
         ]
-    rows.append([_trained(m), *_scores(m["test"], keys), *rest])
-    int8_test = _get(m, "onnx", "int8", "test")
-    if isinstance(int8_test, Mapping):
-        rows.append([f"{_trained(m)}, ONNX int8", *_scores(int8_test, keys), *[DASH] * len(extra)])
-    ensemble = m.get("ensemble")
-    if isinstance(ensemble, Mapping):
-        rows.append(["ensemble of the hops", *_scores(ensemble.get("test"), keys)])
+    rows.append([_trained(m), *_scores(m.test, keys), *rest])
+    int8 = m.onnx.int8 if m.onnx is not None else None
+    if int8 is not None and int8.test is not None:
+        rows.append([f"{_trained(m)}, ONNX int8", *_scores(int8.test, keys), *[DASH] * len(extra)])
+    if m.ensemble is not None:
+        rows.append(["ensemble of the hops", *_scores(m.ensemble.test, keys)])
         rows[-1] += [DASH] * len(extra)
-    if isinstance(teacher, Mapping):
-        kept = retention(
-            {k: v for k, v in m["test"].items() if isinstance(v, int | float)},
-            {k: v for k, v in teacher.items() if isinstance(v, int | float)},
-        )
+    if teacher is not None:
+        kept = retention(m.test, teacher)
         rows.append(["student / teacher", *[_fmt(kept.get(k)) for k in keys], *[DASH] * len(extra)])
     note = ""
     if len(hops) > 1 and not regression:
@@ -248,38 +235,34 @@ def _quality(m: Mapping[str, Any]) -> dict[str, Any] | None:
     return {**_table(header, rows), "note": note}
 
 
-def _eval_sets(m: Mapping[str, Any]) -> dict[str, Any] | None:
+def _eval_sets(m: JobMetrics) -> dict[str, Any] | None:
     """The Evaluation sets table, or None without extra sets."""
-    sets = m.get("eval_sets")
-    if not isinstance(sets, Mapping) or not sets:
+    if not m.eval_sets:
         return None
     keys = _metric_keys(m)
     rows: list[list[str]] = []
-    for name, entry in sets.items():
-        if not isinstance(entry, Mapping):
-            continue
-        examples = _fmt(entry.get("examples"))
-        if isinstance(entry.get("teacher"), Mapping):
-            rows.append([str(name), examples, "teacher", *_scores(entry["teacher"], keys)])
+    for name, entry in m.eval_sets.items():
+        examples = _fmt(entry.examples)
+        if entry.teacher is not None:
+            rows.append([name, examples, "teacher", *_scores(entry.teacher, keys)])
             examples = ""
-        rows.append([str(name), examples, _trained(m), *_scores(entry.get("student"), keys)])
-        if isinstance(entry.get("retention"), Mapping):
-            rows.append([str(name), "", "student / teacher", *_scores(entry["retention"], keys)])
+        rows.append([name, examples, _trained(m), *_scores(entry.student, keys)])
+        if entry.retention is not None:
+            rows.append([name, "", "student / teacher", *_scores(entry.retention, keys)])
     header = ["set", "examples", "model", *[METRIC_NAMES.get(k, k) for k in keys]]
     return _table(header, rows)
 
 
-def _confusion(m: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _confusion(m: JobMetrics) -> list[dict[str, Any]]:
     """Each confusion matrix (teacher, student): its name, figure and table; empty for a
     regression job or without matrices."""
-    block = m.get("confusion_matrix")
-    if _is_regression(m) or not isinstance(block, Mapping):
+    block = m.confusion_matrix
+    if m.regression or block is None:
         return []
-    labels = [str(x) for x in block.get("labels") or []]
+    labels = block.labels
     out: list[dict[str, Any]] = []
-    for who in ("teacher", "student"):
-        matrix = block.get(who)
-        if not isinstance(matrix, list) or len(matrix) != len(labels):
+    for who, matrix in (("teacher", block.teacher), ("student", block.student)):
+        if matrix is None or len(matrix) != len(labels):
             continue
         name = _trained(m) if who == "student" else who
         title = f"{name}: test split"
@@ -289,16 +272,14 @@ def _confusion(m: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _curves(m: Mapping[str, Any]) -> dict[str, Any]:
+def _curves(m: JobMetrics) -> dict[str, Any]:
     """The Learning curves section: the figure (None without dev evaluations) and the stages
     table (None without stages)."""
-    epochs = [r for r in m.get("epochs") or [] if isinstance(r, Mapping)]
-    stages = [s for s in m.get("stages") or [] if isinstance(s, Mapping)]
     out: dict[str, Any] = {"figure": None, "stages": None}
-    if epochs:
-        out["figure"] = _figure(report_plots.learning_curves(epochs))
-    if stages:
-        many = any("hop" in s for s in stages)
+    if m.epochs:
+        out["figure"] = _figure(report_plots.learning_curves(m.epochs))
+    if m.stages:
+        many = any(s.hop is not None for s in m.stages)
         header = [
             *(["hop"] if many else []),
             "stage",
@@ -312,135 +293,137 @@ def _curves(m: Mapping[str, Any]) -> dict[str, Any]:
         ]
         rows = [
             [
-                *([_fmt(s.get("hop"))] if many else []),
-                _fmt(s.get("name")),
-                _fmt(s.get("loss")),
-                _fmt(s.get("steps")),
-                _fmt(s.get("epochs")),
-                f"{s['learning_rate']:.3g}"
-                if isinstance(s.get("learning_rate"), int | float)
-                else DASH,
-                _fmt(s.get("schedule")),
-                ", ".join(_trained(m) if t == "student" else str(t) for t in s.get("trains") or [])
-                or DASH,
-                _dict(s.get("best_dev")),
+                *([_fmt(s.hop)] if many else []),
+                _fmt(s.name),
+                _fmt(s.loss),
+                _fmt(s.steps),
+                _fmt(s.epochs),
+                f"{s.learning_rate:.3g}" if s.learning_rate is not None else DASH,
+                _fmt(s.schedule),
+                ", ".join(_trained(m) if t == "student" else t for t in s.trains) or DASH,
+                _dict(s.best_dev),
             ]
-            for s in stages
+            for s in m.stages
         ]
         out["stages"] = _table(header, rows)
     return out
 
 
-def _ort(value: object) -> object:
+def _ort(value: RuntimeLatency | float | None) -> float | None:
     """An ONNX latency: the onnxruntime one of a ``{"pytorch", "onnxruntime"}`` pair."""
-    return value.get("onnxruntime") if isinstance(value, Mapping) else value
+    return value.onnxruntime if isinstance(value, RuntimeLatency) else value
 
 
-def _timed(m: Mapping[str, Any], who: str, batch: str) -> Mapping[str, Any] | None:
+def _model_latency(figures: ModelFigures | None, batch: str) -> float | None:
+    """``figures``' median seconds per example at ``batch`` (``batch1``, ``batch32``)."""
+    if figures is None:
+        return None
+    return figures.latency_s_batch1 if batch == "batch1" else figures.latency_s_batch32
+
+
+def _timed(m: JobMetrics, who: str, batch: str) -> Spread | None:
     """The interleaved timing of ``who`` (``student``, ``teacher``, ``speedup``) at ``batch``
-    (``batch1``, ``batch32``) from ``metrics["latency"]``, or None (an older job)."""
-    block = (m.get("latency") or {}).get(batch)
-    figure = block.get(who) if isinstance(block, Mapping) else None
-    return figure if isinstance(figure, Mapping) else None
+    (``batch1``, ``batch32``) from ``metrics.latency``, or None (an older job)."""
+    return m.latency.figure(who, batch) if m.latency is not None else None
 
 
-def _flag(figure: Mapping[str, Any] | None, before: str = "") -> str:
+def _flag(figure: Spread | None, before: str = "") -> str:
     """`` (spread 12%)``, or `` (spread 40%, unreliable)`` above the limit (``before`` first
     inside the brackets); empty without a spread."""
-    if figure is None or not isinstance(figure.get("spread"), int | float):
+    if figure is None or figure.spread is None:
         return f" ({before})" if before else ""
-    unreliable = ", unreliable" if figure.get("reliable") is False else ""
+    unreliable = ", unreliable" if figure.reliable is False else ""
     lead = f"{before}, " if before else ""
-    return f" ({lead}spread {figure['spread']:.0%}{unreliable})"
+    return f" ({lead}spread {figure.spread:.0%}{unreliable})"
 
 
-def _latency_cell(m: Mapping[str, Any], who: str, d: Mapping[str, Any], batch: str) -> str:
-    return _ms(d.get(f"latency_s_{batch}")) + _flag(_timed(m, who, batch))
+def _latency_cell(m: JobMetrics, who: str, d: ModelFigures, batch: str) -> str:
+    return _ms(_model_latency(d, batch)) + _flag(_timed(m, who, batch))
 
 
-def _speedup(m: Mapping[str, Any], batch: str) -> str | None:
+def _speedup(m: JobMetrics, batch: str) -> str | None:
     """``faster at batch N`` of the comparison note: the median of the per-round speed-ups
     with their range and spread (flagged when unreliable), else the ratio of the medians."""
     figure = _timed(m, "speedup", batch)
     n = batch.removeprefix("batch")
-    if figure is None or not isinstance(figure.get("median"), int | float):
-        t, s = m.get("teacher") or {}, m.get("student") or {}
-        r = _ratio(t.get(f"latency_s_{batch}"), s.get(f"latency_s_{batch}"))
+    if figure is None or figure.median is None:
+        r = _ratio(_model_latency(m.teacher, batch), _model_latency(m.student, batch))
         return None if r is None else f"faster at batch {n} {_fmt(r, 2)}×"
-    rounds = f"rounds {_fmt(figure.get('min'), 2)}–{_fmt(figure.get('max'), 2)}×"
-    return f"faster at batch {n} {_fmt(figure['median'], 2)}×{_flag(figure, rounds)}"
+    rounds = f"rounds {_fmt(figure.min, 2)}–{_fmt(figure.max, 2)}×"
+    return f"faster at batch {n} {_fmt(figure.median, 2)}×{_flag(figure, rounds)}"
 
 
-def _speed_size(m: Mapping[str, Any]) -> dict[str, Any] | None:
+def _speed_size(m: JobMetrics) -> dict[str, Any] | None:
     """The Latency and size section (a table and notes), or None without any model's size."""
     rows: list[list[str]] = []
-    models = [("teacher", "PyTorch", m.get("teacher")), (_trained(m), "PyTorch", m.get("student"))]
-    for name, runtime, d in models:
-        if isinstance(d, Mapping):
+    # (row name, key of its timing in metrics.latency, figures): a finetune job's model is
+    # named "fine-tuned teacher" but timed, like every trained model, as "student"
+    models = [("teacher", "teacher", m.teacher), (_trained(m), "student", m.student)]
+    for name, who, d in models:
+        if d is not None:
             rows.append(
                 [
                     name,
-                    runtime,
-                    _fmt(d.get("parameters")),
-                    _mb(d.get("bytes")),
-                    _latency_cell(m, name, d, "batch1"),
-                    _latency_cell(m, name, d, "batch32"),
+                    "PyTorch",
+                    _fmt(d.parameters),
+                    _mb(d.bytes),
+                    _latency_cell(m, who, d, "batch1"),
+                    _latency_cell(m, who, d, "batch32"),
                 ]
             )
-    onnx = m.get("onnx")
+    onnx = m.onnx
     notes: list[str] = []
-    if isinstance(onnx, Mapping):
+    if onnx is not None:
         rows.append(
             [
                 f"{_trained(m)}, ONNX fp32",
                 "onnxruntime",
                 DASH,
-                _mb(onnx.get("bytes")),
-                _ms(_ort(onnx.get("latency_s_batch1"))),
-                _ms(_ort(onnx.get("latency_s_batch32"))),
+                _mb(onnx.bytes),
+                _ms(_ort(onnx.latency_s_batch1)),
+                _ms(_ort(onnx.latency_s_batch32)),
             ]
         )
         notes.append(
-            f"ONNX export {onnx.get('file') or DASH} (opset {onnx.get('opset') or DASH}): max "
-            f"|logit difference| to PyTorch {_fmt(onnx.get('max_abs_diff_logits'), 6)}, "
-            f"prediction agreement {_fmt(onnx.get('prediction_agreement'))}."
+            f"ONNX export {onnx.file or DASH} (opset {onnx.opset or DASH}): max "
+            f"|logit difference| to PyTorch {_fmt(onnx.max_abs_diff_logits, 6)}, "
+            f"prediction agreement {_fmt(onnx.prediction_agreement)}."
         )
-        int8 = onnx.get("int8")
-        if isinstance(int8, Mapping):
+        int8 = onnx.int8
+        if int8 is not None:
             rows.append(
                 [
                     f"{_trained(m)}, ONNX int8",
                     "onnxruntime",
                     DASH,
-                    _mb(int8.get("bytes")),
-                    _ms(_ort(int8.get("latency_s_batch1"))),
-                    _ms(_ort(int8.get("latency_s_batch32"))),
+                    _mb(int8.bytes),
+                    _ms(int8.latency_s_batch1),
+                    _ms(int8.latency_s_batch32),
                 ]
             )
             notes.append(
-                f"int8 {int8.get('file') or DASH}: prediction agreement with the fp32 export "
-                f"{_fmt(int8.get('agreement_with_fp32'))}."
+                f"int8 {int8.file or DASH}: prediction agreement with the fp32 export "
+                f"{_fmt(int8.agreement_with_fp32)}."
             )
     if not rows:
         return None
-    teacher, student = m.get("teacher"), m.get("student")
-    if isinstance(teacher, Mapping) and isinstance(student, Mapping):
+    teacher, student = m.teacher, m.student
+    if teacher is not None and student is not None:
         compared = [
             f"{what} {_fmt(r, 2)}×"
             for what, r in (
-                ("fewer parameters", _ratio(teacher.get("parameters"), student.get("parameters"))),
-                ("smaller", _ratio(teacher.get("bytes"), student.get("bytes"))),
+                ("fewer parameters", _ratio(teacher.parameters, student.parameters)),
+                ("smaller", _ratio(teacher.bytes, student.bytes)),
             )
             if r is not None
         ]
         compared += [f for f in (_speedup(m, "batch1"), _speedup(m, "batch32")) if f]
         if compared:
             notes.insert(0, "Student vs teacher: " + ", ".join(compared) + ".")
-    notes.append(f"Latency measured on {m.get('device') or DASH}, milliseconds per example.")
-    latency = m.get("latency")
-    if isinstance(latency, Mapping):
-        limit = latency.get("spread_limit")
-        limit_text = f"{limit:.0%}" if isinstance(limit, int | float) else DASH
+    notes.append(f"Latency measured on {m.device or DASH}, milliseconds per example.")
+    if m.latency is not None:
+        limit = m.latency.spread_limit
+        limit_text = f"{limit:.0%}" if limit is not None else DASH
         notes.append(
             "Teacher and student were timed interleaved, in rounds on the same batches; the "
             "spread is the interquartile range of the rounds over their median. A figure whose "
@@ -524,21 +507,24 @@ DEFINITIONS_COMMON = [
 ]
 
 
-def _definitions(m: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _definitions(m: JobMetrics) -> list[tuple[str, str]]:
     """The (term, definition) pairs of the job's task, then the common ones."""
-    items = DEFINITIONS_REGRESSION if _is_regression(m) else DEFINITIONS_CLASSIFICATION
+    items = DEFINITIONS_REGRESSION if m.regression else DEFINITIONS_CLASSIFICATION
     return [*items, *DEFINITIONS_COMMON]
 
 
-def render_report(metrics: Mapping[str, Any]) -> str:
-    """The report page of a job from its ``metrics.json`` dict (see the module docstring).
+def render_report(metrics: JobMetrics | Mapping[str, Any]) -> str:
+    """The report page of a job from its ``metrics.json`` (a :class:`JobMetrics`, or the dict,
+    read once with :func:`kd_engine.contracts.load_metrics`; see the module docstring).
 
     Raises:
-        ValueError: a confusion matrix is not C x C (:func:`kd_engine.charts.heatmap`);
-        jinja2.TemplateError: the template is missing or broken (the caller decides whether a
-        report matters).
+        pydantic.ValidationError: a dict's key holds a value of the wrong type (the error
+        names it); ValueError: a confusion matrix is not C x C
+        (:func:`kd_engine.charts.heatmap`); jinja2.TemplateError: the template is missing or
+        broken (the caller decides whether a report matters).
     """
-    title = f"Distillery report: {metrics.get('method', 'job')} ({metrics.get('task', '')})"
+    m = load_metrics(metrics)
+    title = f"Distillery report: {m.method or 'job'} ({m.task or ''})"
     return (
         _environment()
         .get_template(TEMPLATE)
@@ -546,18 +532,18 @@ def render_report(metrics: Mapping[str, Any]) -> str:
             title=title,
             csp=CSP,
             style=STYLE,
-            job=_summary(metrics),
-            quality=_quality(metrics),
-            eval_sets=_eval_sets(metrics),
-            confusion=_confusion(metrics),
-            curves=_curves(metrics),
-            speed=_speed_size(metrics),
-            definitions=_definitions(metrics),
+            job=_summary(m),
+            quality=_quality(m),
+            eval_sets=_eval_sets(m),
+            confusion=_confusion(m),
+            curves=_curves(m),
+            speed=_speed_size(m),
+            definitions=_definitions(m),
         )
     )
 
 
-def write_report(metrics: Mapping[str, Any], out_dir: Path) -> Path:
+def write_report(metrics: JobMetrics | Mapping[str, Any], out_dir: Path) -> Path:
     """Render :func:`render_report` and write it as ``out_dir/report.html`` (UTF-8, through a
     temporary file renamed into place); returns the path. Nothing is left behind if rendering
     or writing fails.

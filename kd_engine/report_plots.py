@@ -5,41 +5,41 @@ no plotting library."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from markupsafe import Markup
 
 from kd_engine.charts import Mark, Series, heatmap, line_chart
+from kd_engine.contracts.metrics import EvaluationRecord
 
 
 def _value(x: object) -> float:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else math.nan
 
 
-def curve_positions(epochs: Sequence[Mapping[str, Any]]) -> list[float]:
+def curve_positions(epochs: Sequence[EvaluationRecord]) -> list[float]:
     """The x position of each dev-evaluation record: its ``step``, plus the last step of every
     earlier hop (a chain's hops each count steps from 0), so the hops follow one another."""
     xs: list[float] = []
     offset, last_step, last_hop = 0, 0, None
     for i, r in enumerate(epochs):
-        hop = r.get("hop")
+        hop = r.hop
         if i and hop != last_hop:
             offset += last_step
         last_hop = hop
-        step = _value(r.get("step"))
+        step = _value(r.step)
         last_step = int(step) if math.isfinite(step) else 0
         xs.append(float(offset + last_step))
     return xs
 
 
-def stage_marks(epochs: Sequence[Mapping[str, Any]], xs: Sequence[float]) -> list[Mark]:
+def stage_marks(epochs: Sequence[EvaluationRecord], xs: Sequence[float]) -> list[Mark]:
     """A mark where each stage (or a chain's hop) begins: its name ("hop/stage") at its first
     record, and a dashed line halfway from the previous record (none before the first)."""
     marks: list[Mark] = []
     previous = None
     for i, r in enumerate(epochs):
-        segment = (r.get("hop"), r.get("stage"))
+        segment = (r.hop, r.stage)
         if segment != previous:
             name = "/".join(str(s) for s in segment if s is not None)
             line = (xs[i - 1] + xs[i]) / 2 if i else None
@@ -48,7 +48,7 @@ def stage_marks(epochs: Sequence[Mapping[str, Any]], xs: Sequence[float]) -> lis
     return marks
 
 
-def learning_curves(epochs: Sequence[Mapping[str, Any]]) -> Markup | None:
+def learning_curves(epochs: Sequence[EvaluationRecord]) -> Markup | None:
     """Two charts from ``metrics.json``'s ``epochs`` (one record per dev evaluation): the mean
     training losses since the previous evaluation (``train_losses``: the total and each part)
     and the dev metrics, against the optimiser step, with :func:`stage_marks`. None when there
@@ -58,22 +58,18 @@ def learning_curves(epochs: Sequence[Mapping[str, Any]]) -> Markup | None:
     xs = curve_positions(epochs)
     marks = stage_marks(epochs, xs)
     charts = []
-    for field, title, y_label in (
-        ("train_losses", "training loss", "loss"),
-        ("dev", "dev metrics", "metric"),
-    ):
+    panels: tuple[tuple[Callable[[EvaluationRecord], dict[str, float]], str, str], ...] = (
+        (lambda r: r.train_losses, "training loss", "loss"),
+        (lambda r: r.dev, "dev metrics", "metric"),
+    )
+    for values_of, title, y_label in panels:
         keys: list[str] = []
         for r in epochs:
-            values = r.get(field)
-            if isinstance(values, Mapping):
-                keys += [str(k) for k in values if str(k) not in keys]
+            keys += [k for k in values_of(r) if k not in keys]
         series = [
             Series(
                 key,
-                [
-                    (x, _value(v.get(key)) if isinstance(v := r.get(field), Mapping) else math.nan)
-                    for x, r in zip(xs, epochs, strict=True)
-                ],
+                [(x, _value(values_of(r).get(key))) for x, r in zip(xs, epochs, strict=True)],
                 markers=True,
             )
             for key in keys

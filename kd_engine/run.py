@@ -170,7 +170,7 @@ def _write_report(
     typed = JobMetrics.model_validate(metrics)
     started = time.perf_counter()
     try:
-        path = write_report(typed.to_json(), out_dir)
+        path = write_report(typed, out_dir)
     except Exception as e:  # the report is a convenience; the student is the job's result
         message = f"the report was not written: {type(e).__name__}: {e}"
         metrics["warnings"].append(message)

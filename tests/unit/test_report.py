@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+import pydantic
 import pytest
 import torch
 
-from kd_engine.contracts import EvaluationRecord
+from kd_engine.contracts import EvaluationRecord, JobMetrics, load_metrics
 from kd_engine.evaluation import confusion, expected_calibration_error, kl_teacher_student
 from kd_engine.report_html import REPORT_FILE, format_number, render_report, write_report
 from kd_engine.report_plots import curve_positions, stage_marks
@@ -280,6 +281,8 @@ def test_report_has_every_section_and_draws_svg_charts(tmp_path: Path) -> None:
     assert path == tmp_path / REPORT_FILE
     assert metrics == before  # the report only reads the metrics
     page = path.read_text(encoding="utf-8")
+    # a dict is read through JobMetrics once: the model itself gives the same page
+    assert render_report(load_metrics(metrics)) == page
     for heading in (
         "Job",
         "Test split",
@@ -389,12 +392,15 @@ def test_report_shows_the_latency_spread_and_flags_unreliable_figures() -> None:
             "speedup": figure(2.3, 0.05),
         },
     }
-    page = render_report(m)
+    page = render_report(load_metrics(m))
     assert "faster at batch 1 0.60× (rounds 0.18–1.02×, spread 70%, unreliable)" in page
     assert "faster at batch 32 2.30× (rounds 2.18–2.42×, spread 5%)" in page
     assert "4.000 (spread 60%, unreliable)" in page  # the student's batch-1 cell
     assert "9.000 (spread 10%)" in page
     assert "spread is above 25% is unreliable" in page
+    # a finetune job's model ("fine-tuned teacher") is timed under latency's "student" key
+    tuned = render_report(load_metrics({**m, "trained": "teacher"}))
+    assert "<td>fine-tuned teacher</td>" in tuned and "4.000 (spread 60%, unreliable)" in tuned
 
 
 def test_report_escapes_names_from_the_job(tmp_path: Path) -> None:
@@ -411,15 +417,16 @@ def test_report_without_onnx_teacher_or_epochs_leaves_those_out() -> None:
     m["calibration"].pop("teacher_ece")
     m["confusion_matrix"].pop("teacher")
     m["epochs"] = []
-    page = render_report(m)
+    page = render_report(load_metrics(m))
     assert "student, ONNX" not in page and "Evaluation sets" not in page
     assert "No dev evaluation was recorded." in page
     assert len(svgs(page)) == 1  # the student's confusion matrix
     # an older job's metrics (no new blocks at all) still render
-    old = {"method": "finetune", "task": "classification", "test": {"accuracy": 0.5}}
+    old = JobMetrics(method="finetune", task="classification", test={"accuracy": 0.5})
     assert "<h2>Test split</h2>" in render_report(old)
+    assert render_report(old) == render_report(old.to_json())
     # a finetune job (metrics.json trained: teacher) trained a teacher, not a student
-    tuned = render_report({**m, "trained": "teacher"})
+    tuned = render_report(load_metrics(m).model_copy(update={"trained": "teacher"}))
     assert "fine-tuned teacher" in tuned and ">student<" not in tuned
     assert ">student<" in page
 
@@ -446,7 +453,7 @@ def test_report_of_a_regression_job(tmp_path: Path) -> None:
             "retention": {"pearson": 1.0, "spearman": 1.0},
         }
     }
-    page = write_report(m, tmp_path).read_text(encoding="utf-8")
+    page = write_report(load_metrics(m), tmp_path).read_text(encoding="utf-8")
     assert "Pearson r" in page and "Spearman ρ" in page and "0.3100" in page
     assert "Confusion matrices" not in page and "ECE" not in page
     assert "<h2>Evaluation sets</h2>" in page and "tweets" in page
@@ -473,6 +480,15 @@ def test_many_classes_and_odd_names_render() -> None:
     )
 
 
+def test_report_of_ill_typed_metrics_names_the_field() -> None:
+    """A dict is validated as JobMetrics before anything is drawn: a value of the wrong type
+    is a ValidationError naming its key, not a half-drawn page."""
+    m = classification_metrics_dict()
+    m["teacher"]["parameters"] = "many"
+    with pytest.raises(pydantic.ValidationError, match=r"teacher\.parameters"):
+        render_report(m)
+
+
 def test_numbers_keep_small_values_visible() -> None:
     assert format_number(6.440157765932272e-05) == "6.44e-05"
     assert format_number(0.84375) == "0.8438" and format_number(0.0) == "0.0000"
@@ -488,8 +504,8 @@ def test_curve_positions_chain_the_hops() -> None:
         EvaluationRecord(hop="b", step=3),
     ]
     assert curve_positions(records) == [2.0, 4.0, 5.0, 7.0]
-    assert curve_positions([{"step": 1}, {"step": 2}]) == [1.0, 2.0]
-    records = [{**r, "stage": "kd"} for r in records]
+    assert curve_positions([EvaluationRecord(step=1), EvaluationRecord(step=2)]) == [1.0, 2.0]
+    records = [r.model_copy(update={"stage": "kd"}) for r in records]
     marks = stage_marks(records, curve_positions(records))
     assert [(m.text, m.label_x, m.line_x) for m in marks] == [
         ("a/kd", 2.0, None),
