@@ -205,7 +205,10 @@ def job_report(
             )
         if job.status != "succeeded":
             raise NotFound(f"job {job_id} is {job.status}; its report is written when it succeeds")
-        error = (job.metrics or {}).get("report", {}).get("error")
+        block = (job.metrics or {}).get("report") or {}
+        error = block.get("error")
+        if block.get("skipped"):
+            error = f"it was submitted with {block['skipped']}"
         raise NotFound(
             f"job {job_id} has no report: {error}"
             if error

@@ -29,7 +29,7 @@ from kd_engine.methods.chain import ChainMethod
 from kd_engine.plan import overridden_training_fields, plan_job
 from kd_engine.references import builtin_model_path
 from kd_engine.spec import JobSpec
-from tests.checks import check_classification_metrics
+from tests.checks import NO_EXTRAS, check_classification_metrics
 from worker.celery_app import TASK_NAME, make_celery
 
 pytestmark = pytest.mark.e2e
@@ -368,7 +368,7 @@ def test_every_registered_method_runs_through_the_worker(
             # The export is the same for every method's student: checked once, in
             # test_finetune_then_vanilla_kd_downloads_a_student_that_loads (and per student
             # type in tests/unit/test_text_students.py); off here to keep the matrix short.
-            "export": {"onnx": False},
+            "export": NO_EXTRAS,
         }
     )
     phases: set[str] = set()

@@ -28,6 +28,7 @@ from kd_engine.models.student import student_from_teacher
 from kd_engine.references import builtin_model_path
 from kd_engine.spec import JobSpec, TrainingSpec
 from kd_engine.trainer import TrainHooks, precision_plan, train
+from tests.checks import NO_EXTRAS
 
 SHAPE = ModelShape(num_layers=6, hidden_size=384, num_labels=2, num_heads=12)
 WEIGHT_ATOL = 2e-5  # observed: 7.2e-06 (largest update 2.5e-03)
@@ -263,7 +264,7 @@ def test_run_job_distributed_trains_and_exports_from_rank_0(tmp_path: Path) -> N
                 "device": "cpu",
                 "eval_batch_size": 16,
             },
-            "export": {"onnx": False},  # exported and checked in test_onnx_export
+            "export": NO_EXTRAS,  # exported and checked in test_onnx_export
         }
     )
     progress: list[Progress] = []
