@@ -19,6 +19,7 @@ from api.db import Job, make_sessionmaker, utcnow
 from api.main import create_app
 from api.settings import Settings
 from kd_engine.references import builtin_model_path
+from tests.checks import NO_EXTRAS
 from tests.integration.test_api import FINETUNE, auth, make_key, queued_job_ids
 from worker.celery_app import make_celery
 
@@ -118,11 +119,11 @@ def test_the_worker_releases_the_waiting_job_when_its_teacher_succeeds(
     from worker.runner import execute
 
     teacher = client.post(
-        "/v1/jobs", json={**FINETUNE, **SMALL, "student": {"num_layers": 2}}
+        "/v1/jobs", json={**FINETUNE, **SMALL, "student": {"num_layers": 2}, "export": NO_EXTRAS}
     ).json()
-    good = client.post("/v1/jobs", json=student_of(teacher["id"])).json()
+    good = client.post("/v1/jobs", json=student_of(teacher["id"], export=NO_EXTRAS)).json()
     bad = client.post(
-        "/v1/jobs", json=student_of(teacher["id"], student={"layers": [0, 4]})
+        "/v1/jobs", json=student_of(teacher["id"], student={"layers": [0, 4]}, export=NO_EXTRAS)
     ).json()  # the teacher will have 2 layers: checked only once it exists
     assert (good["status"], bad["status"]) == ("waiting", "waiting")
     assert execute(teacher["id"], settings) == "succeeded"
