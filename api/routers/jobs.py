@@ -208,7 +208,7 @@ def job_report(
         block = (job.metrics or {}).get("report") or {}
         error = block.get("error")
         if block.get("skipped"):
-            error = f"it was submitted with {block['skipped']}"
+            error = f"{block['skipped']} in its spec"
         raise NotFound(
             f"job {job_id} has no report: {error}"
             if error

@@ -127,6 +127,12 @@ def test_the_worker_releases_the_waiting_job_when_its_teacher_succeeds(
     ).json()  # the teacher will have 2 layers: checked only once it exists
     assert (good["status"], bad["status"]) == ("waiting", "waiting")
     assert execute(teacher["id"], settings) == "succeeded"
+    # (its spec turned the report off: the report route says so)
+    no_report = client.get(f"/v1/jobs/{teacher['id']}/report")
+    assert no_report.status_code == 404
+    assert no_report.json()["error"]["message"] == (
+        f"job {teacher['id']} has no report: export.report is false in its spec"
+    )
     assert client.get(f"/v1/jobs/{good['id']}").json()["status"] == "queued"
     assert set(queued_job_ids(settings)) == {teacher["id"], good["id"]}
     failed = client.get(f"/v1/jobs/{bad['id']}").json()
