@@ -120,10 +120,12 @@ class Client:
         self,
         job_id: str,
         timeout_s: float = 3600.0,
-        poll_s: float = 1.0,
+        poll_s: float = 0.25,
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the job is finished (or ``timeout_s`` seconds pass: TimeoutError)."""
+        """Poll every ``poll_s`` seconds until the job is finished (or ``timeout_s`` seconds
+        pass: TimeoutError). The default is short: a test waits for tiny jobs (a GET of one
+        job is a few milliseconds of the API's time)."""
         deadline = time.monotonic() + timeout_s
         while True:
             job = self.job(job_id)

@@ -79,6 +79,8 @@ from kd_engine.validation import (
 
 METRICS_FILE = names.METRICS_FILE
 LOG_FILE = names.LOG_FILE
+REPORT_SKIPPED = "export.report is false"
+"""``metrics.json``'s ``report["skipped"]`` of a job that writes no report."""
 
 
 @dataclass(frozen=True)
@@ -555,7 +557,8 @@ def run_job(
         if teacher_bytes:  # a teacher stored as safetensors (not pytorch_model.bin)
             metrics["teacher"]["bytes"] = teacher_bytes
     timed = {"student": student} if t_logits is None else {"student": student, "teacher": teacher}
-    _speed(metrics, timed, job.test_enc, pad_id, device)
+    if spec.export.latency:
+        _speed(metrics, timed, job.test_enc, pad_id, device)
     # ECE, KL(teacher || student) and the confusion matrices (classification only).
     metrics.update(split_diagnostics(s_logits, t_logits, job.test_enc.labels, names))
     if eval_encs:
@@ -573,7 +576,9 @@ def run_job(
     metrics["student"]["bytes"] = weights_bytes(out_dir)
     metrics["onnx"] = _onnx(student, job, metrics["warnings"], log)
     # Last: the report reads every block of the metrics (add new ones above this line).
-    metrics["report"] = _write_report(metrics, out_dir, log)
+    metrics["report"] = (
+        _write_report(metrics, out_dir, log) if spec.export.report else {"skipped": REPORT_SKIPPED}
+    )
     JobMetrics.model_validate(metrics)  # the contract every reader relies on
     write_json(out_dir / METRICS_FILE, metrics)
     log({"event": "done", "test": metrics["test"]})

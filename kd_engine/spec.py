@@ -199,6 +199,14 @@ class ExportSpec(_Strict):
         int8: also write ``model.int8.onnx``, ``model.onnx`` with its weights quantised to
             int8 (onnxruntime's dynamic quantisation), with its test metrics, agreement with
             the fp32 student and latency. Needs ``onnx``.
+        latency: time the PyTorch student (and teacher) at batch 1 and 32
+            (:mod:`kd_engine.latency`): ``metrics.json``'s ``latency_s_batch1`` /
+            ``latency_s_batch32`` per model and its ``latency`` block. Off: neither is
+            written (as for a job from before latency); about 4 s of CPU saved on a tiny
+            MiniLM job (2 cores).
+        report: write ``report.html`` (:mod:`kd_engine.report_html`). Off: no report
+            (``metrics.json``'s ``report`` is ``{"skipped": ...}``, ``GET .../report`` is a
+            404 that says so); about 3 s of CPU saved per job (2 cores).
     """
 
     onnx: bool = Field(
@@ -210,6 +218,16 @@ class ExportSpec(_Strict):
         False,
         description="Also write model.int8.onnx (onnxruntime dynamic quantisation, int8 "
         "weights) with its test metrics and latency. Needs onnx.",
+    )
+    latency: bool = Field(
+        True,
+        description="Time the PyTorch student (and teacher) at batch 1 and 32 into "
+        "metrics.json (latency_s_batch1/_batch32 and the latency block); off: none written.",
+    )
+    report: bool = Field(
+        True,
+        description="Write report.html (the job's one-page report); off: no report, "
+        'metrics.json\'s report is {"skipped": ...}.',
     )
 
     @field_validator("int8")

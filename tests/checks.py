@@ -8,6 +8,12 @@ from typing import Any
 
 import pytest
 
+NO_EXTRAS: dict[str, bool] = {"onnx": False, "latency": False, "report": False}
+"""The ``export`` of a test job that is not about the ONNX export, latency or the report: none
+of the three (about 7 s of CPU less per tiny job on 2 cores). They are checked where they are
+the subject: tests/unit/test_onnx_export.py, test_latency.py, test_report.py, test_run_job.py
+and the first distillation of tests/e2e/test_e2e.py."""
+
 
 def check_accuracy(test: dict[str, Any], matrix: list[list[int]], examples: int) -> None:
     """``test["accuracy"]`` is the confusion ``matrix``'s diagonal over its ``examples`` rows

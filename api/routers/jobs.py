@@ -206,6 +206,8 @@ def job_report(
             raise NotFound(f"job {job_id} is {job.status}; its report is written when it succeeds")
         report = load_metrics(job.metrics).report
         error = report.error if report is not None else None
+        if report is not None and report.skipped:
+            error = f"{report.skipped} in its spec"
         raise NotFound(
             f"job {job_id} has no report: {error}"
             if error

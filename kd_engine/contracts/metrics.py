@@ -222,12 +222,13 @@ class EnsembleReport(Block):
 
 class ReportFile(Block):
     """``report``: ``report.html``'s file name, bytes and seconds, or the ``error`` that kept it
-    from being written."""
+    from being written, or why none was written (``skipped``: ``export.report`` is false)."""
 
     file: str | None = None
     bytes: int | None = None
     seconds: float | None = None
     error: str | None = None
+    skipped: str | None = None
 
 
 class HopReport(Block):

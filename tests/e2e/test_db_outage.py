@@ -28,6 +28,7 @@ from core import events
 from core.db import make_engine, make_sessionmaker
 from devstack.client import Client
 from devstack.stack import Stack, running_stack
+from tests.checks import NO_EXTRAS
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +44,7 @@ SPEC: dict[str, Any] = {
     },
     # 40 optimiser steps; a checkpoint every 8
     "training": {"epochs": 1, "batch_size": 8, "max_seq_length": 32, "learning_rate": 1e-4},
-    "export": {"onnx": False},
+    "export": NO_EXTRAS,
 }
 
 

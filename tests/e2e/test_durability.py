@@ -18,6 +18,7 @@ from sqlalchemy import select
 from core.db import JobEvent, make_engine, make_sessionmaker
 from devstack.client import Client
 from devstack.stack import Stack, running_stack
+from tests.checks import NO_EXTRAS
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +46,7 @@ def spec(train_examples: int, epochs: int = 1) -> dict[str, Any]:
             "max_eval_examples": 32,
         },
         "training": {"epochs": epochs, "batch_size": 16, "max_seq_length": 32},
-        "export": {"onnx": False},  # exported and checked in test_e2e / test_onnx_export
+        "export": NO_EXTRAS,  # exported and checked in test_e2e / test_onnx_export
     }
 
 

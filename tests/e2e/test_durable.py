@@ -26,6 +26,7 @@ from core import events
 from core.db import make_engine, make_sessionmaker
 from devstack.client import Client
 from devstack.stack import Stack, running_stack
+from tests.checks import NO_EXTRAS
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +44,7 @@ SPEC: dict[str, Any] = {
     },
     # 40 optimiser steps per epoch, 80 in all: checkpoints at 8, 16, ... and at the epoch's end
     "training": {"epochs": 2, "batch_size": 8, "max_seq_length": 32, "learning_rate": 1e-4},
-    "export": {"onnx": False},  # exported and checked in test_e2e / test_onnx_export
+    "export": NO_EXTRAS,  # exported and checked in test_e2e / test_onnx_export
 }
 
 

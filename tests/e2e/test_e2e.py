@@ -30,7 +30,7 @@ from kd_engine.methods.chain import ChainMethod
 from kd_engine.plan import overridden_training_fields, plan_job
 from kd_engine.references import builtin_model_path
 from kd_engine.spec import JobSpec
-from tests.checks import check_classification_metrics
+from tests.checks import NO_EXTRAS, check_classification_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -69,6 +69,7 @@ def teacher(client: Client) -> dict[str, Any]:
             "method": {"name": "finetune"},
             "dataset": SMALL_DATA,
             "training": SMALL_TRAINING,
+            "export": NO_EXTRAS,  # the teacher of the tests below: their students are checked
         }
     )
     done = client.wait(job["id"], timeout_s=600)
@@ -186,6 +187,7 @@ def test_a_teacher_and_its_student_submitted_at_once_run_in_order(client: Client
             "method": {"name": "finetune"},
             "dataset": SMALL_DATA,
             "training": small,
+            "export": NO_EXTRAS,
         }
     )
     student = client.submit(
@@ -195,6 +197,7 @@ def test_a_teacher_and_its_student_submitted_at_once_run_in_order(client: Client
             "method": {"name": "vanilla_kd"},
             "dataset": SMALL_DATA,
             "training": small,
+            "export": NO_EXTRAS,
         }
     )
     assert student["status"] == "waiting"
@@ -214,6 +217,7 @@ def test_a_task_delivered_twice_runs_once(client: Client, stack: Stack) -> None:
             "dataset": SMALL_DATA,
             # max_steps caps every stage of a multi-stage method
             "training": {**SMALL_TRAINING, "epochs": 2, "max_steps": 2},
+            "export": NO_EXTRAS,
         }
     )
     celery = make_celery_for(stack)
@@ -368,7 +372,7 @@ def test_every_registered_method_runs_through_the_worker(
             # The export is the same for every method's student: checked once, in
             # test_finetune_then_vanilla_kd_downloads_a_student_that_loads (and per student
             # type in tests/unit/test_text_students.py); off here to keep the matrix short.
-            "export": {"onnx": False},
+            "export": NO_EXTRAS,
         }
     )
     phases: set[str] = set()
@@ -475,6 +479,7 @@ def test_a_cnn_student_through_the_worker_loads_after_download(
             "dataset": SMALL_DATA,
             # max_steps caps every stage of a multi-stage method
             "training": {**SMALL_TRAINING, "epochs": 2, "max_steps": 2},
+            "export": {**NO_EXTRAS, "onnx": True},  # a CNN student's ONNX: checked below
         }
     )
     done = client.wait(job["id"], timeout_s=600)
@@ -531,6 +536,7 @@ def test_uploaded_teacher_and_csv_distil_over_real_http(client: Client, tmp_path
             "method": {"name": "vanilla_kd"},
             "dataset": {"source": data["id"]},
             "training": SMALL_TRAINING,
+            "export": NO_EXTRAS,
         }
     )
     done = client.wait(job["id"], timeout_s=600)

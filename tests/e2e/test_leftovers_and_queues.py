@@ -31,6 +31,7 @@ from sqlalchemy import select
 from core.db import File, Job, JobEvent, make_engine, make_sessionmaker
 from devstack.client import ApiError, Client
 from devstack.stack import ROOT, Stack, free_port, running_stack
+from tests.checks import NO_EXTRAS
 
 pytestmark = pytest.mark.e2e
 
@@ -216,7 +217,7 @@ def tiny_job() -> dict[str, Any]:
             "max_eval_examples": 16,
         },
         "training": {"epochs": 1, "batch_size": 16, "max_seq_length": 32},
-        "export": {"onnx": False},
+        "export": NO_EXTRAS,
     }
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from devstack.stack import Stack, running_stack
 from tests import s3
+from tests.checks import NO_EXTRAS
 
 pytestmark = pytest.mark.e2e
 
@@ -101,6 +102,7 @@ def test_upload_train_and_download_through_the_bucket(
             "method": {"name": "finetune"},
             "dataset": {"source": file_id},
             "training": TINY_TRAINING,
+            "export": NO_EXTRAS,
         }
         r = client.post("/v1/jobs", json=spec)
         assert r.status_code == 201, r.text

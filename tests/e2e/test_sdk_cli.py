@@ -482,7 +482,7 @@ def test_cli_submit_watch_events_download_with_a_worker(
         "method: {name: finetune}\n"
         f"dataset: {json.dumps(SMALL_DATA)}\n"
         f"training: {json.dumps(TINY_TRAINING)}\n"
-        "export: {onnx: false}\n"  # checked in test_e2e / test_onnx_export
+        "export: {onnx: false, latency: false}\n"  # checked in test_e2e / test_onnx_export
     )
     submitted = cli(stack, "submit", str(spec_file))
     assert submitted.returncode == 0, submitted.stderr

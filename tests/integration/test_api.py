@@ -18,6 +18,7 @@ from core.db import Job
 from core.settings import Settings
 from kd_engine import registry
 from kd_engine.report_html import format_number
+from tests.checks import NO_EXTRAS
 
 FINETUNE = {
     "teacher": "builtin:minilm-l6",
@@ -841,7 +842,7 @@ def test_takd_assistant_is_downloadable_through_the_api(
                      "device": "cpu"},
     }  # fmt: skip
     teacher = client.post(
-        "/v1/jobs", json={**FINETUNE, **small, "student": {"num_layers": 3}}
+        "/v1/jobs", json={**FINETUNE, **small, "student": {"num_layers": 3}, "export": NO_EXTRAS}
     ).json()
     early = client.get(f"/v1/jobs/{teacher['id']}/report")  # queued: no report yet
     assert early.status_code == 404 and early.headers["content-type"] == "application/json"

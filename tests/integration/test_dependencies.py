@@ -20,6 +20,7 @@ from core.db import Job, make_sessionmaker, utcnow
 from core.queue import make_celery
 from core.settings import Settings
 from kd_engine.references import builtin_model_path
+from tests.checks import NO_EXTRAS
 from tests.integration.test_api import FINETUNE, auth, make_key, queued_job_ids
 
 SMALL = {
@@ -118,14 +119,20 @@ def test_the_worker_releases_the_waiting_job_when_its_teacher_succeeds(
     from worker.runner import execute
 
     teacher = client.post(
-        "/v1/jobs", json={**FINETUNE, **SMALL, "student": {"num_layers": 2}}
+        "/v1/jobs", json={**FINETUNE, **SMALL, "student": {"num_layers": 2}, "export": NO_EXTRAS}
     ).json()
-    good = client.post("/v1/jobs", json=student_of(teacher["id"])).json()
+    good = client.post("/v1/jobs", json=student_of(teacher["id"], export=NO_EXTRAS)).json()
     bad = client.post(
-        "/v1/jobs", json=student_of(teacher["id"], student={"layers": [0, 4]})
+        "/v1/jobs", json=student_of(teacher["id"], student={"layers": [0, 4]}, export=NO_EXTRAS)
     ).json()  # the teacher will have 2 layers: checked only once it exists
     assert (good["status"], bad["status"]) == ("waiting", "waiting")
     assert execute(teacher["id"], settings) == "succeeded"
+    # (its spec turned the report off: the report route says so)
+    no_report = client.get(f"/v1/jobs/{teacher['id']}/report")
+    assert no_report.status_code == 404
+    assert no_report.json()["error"]["message"] == (
+        f"job {teacher['id']} has no report: export.report is false in its spec"
+    )
     assert client.get(f"/v1/jobs/{good['id']}").json()["status"] == "queued"
     assert set(queued_job_ids(settings)) == {teacher["id"], good["id"]}
     failed = client.get(f"/v1/jobs/{bad['id']}").json()

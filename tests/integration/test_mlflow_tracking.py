@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from api.main import create_app
 from core import tenants
 from core.settings import Settings
+from tests.checks import NO_EXTRAS
 from worker.runner import execute
 
 SPEC: dict[str, Any] = {
@@ -32,6 +33,7 @@ SPEC: dict[str, Any] = {
     },
     "training": {"epochs": 2, "batch_size": 8, "max_seq_length": 16, "max_steps": 2,
                  "device": "cpu"},
+    "export": NO_EXTRAS,
 }  # fmt: skip
 ONE_STEP = {**SPEC, "training": {**SPEC["training"], "epochs": 1, "max_steps": 1}}
 

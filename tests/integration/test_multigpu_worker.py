@@ -15,6 +15,7 @@ from api.main import create_app
 from core import events
 from core.settings import Settings
 from kd_engine.ranks import WORKER_GPUS_ENV
+from tests.checks import NO_EXTRAS
 
 JOB: dict[str, Any] = {
     "teacher": "builtin:minilm-l6",
@@ -25,7 +26,7 @@ JOB: dict[str, Any] = {
         "max_eval_examples": 8,
     },
     "training": {"epochs": 1, "batch_size": 8, "max_seq_length": 16, "device": "cpu"},
-    "export": {"onnx": False},  # not about export
+    "export": NO_EXTRAS,  # not about export
 }
 
 

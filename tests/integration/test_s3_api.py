@@ -16,6 +16,7 @@ from api.main import create_app
 from core.settings import Settings
 from core.storage import StorageError
 from tests import s3
+from tests.checks import NO_EXTRAS
 from tests.integration import test_files
 from tests.integration.conftest import new_key
 from worker.runner import execute
@@ -81,6 +82,7 @@ def test_uploads_and_a_job_go_through_the_bucket(
             "dataset": {"source": data_id},
             "training": {"epochs": 1, "batch_size": 8, "max_seq_length": 16, "max_steps": 1,
                          "device": "cpu"},
+            "export": NO_EXTRAS,
         },
     )  # fmt: skip
     assert job.status_code == 201, job.text

@@ -18,6 +18,7 @@ from core.db import Job
 from core.settings import Settings
 from core.storage import artifact_storage
 from kd_engine.teacher_cache import CACHE_FILE
+from tests.checks import NO_EXTRAS
 from worker.runner import execute
 from worker.teacher_caches import CACHE_PREFIX
 
@@ -29,7 +30,7 @@ SMALL: dict[str, Any] = {
     },
     "training": {"epochs": 1, "batch_size": 8, "max_seq_length": 16, "max_steps": 1,
                  "device": "cpu"},
-    "export": {"onnx": False},  # not about export
+    "export": NO_EXTRAS,  # not about export
 }  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from kd_engine.checkpoint import (
 from kd_engine.run import LOG_FILE, METRICS_FILE, RunResult, run_job
 from kd_engine.spec import JobSpec
 from kd_engine.trainer import TrainHooks
+from tests.checks import NO_EXTRAS
 
 # 40 train rows in batches of 8: 5 micro-batches (optimiser steps) per epoch.
 DATASET = {"source": "builtin:rotten_tomatoes", "max_train_examples": 40, "max_eval_examples": 16}
@@ -47,7 +48,7 @@ def make_spec(**overrides: Any) -> JobSpec:
         "student": {"num_layers": 1},
         "dataset": DATASET,
         "training": TRAINING,
-        "export": {"onnx": False},  # exported and checked in test_onnx_export / test_run_job
+        "export": NO_EXTRAS,  # exported and checked in test_onnx_export / test_run_job
     }
     body.update(overrides)
     return JobSpec.model_validate(body)

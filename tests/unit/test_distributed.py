@@ -39,6 +39,7 @@ from kd_engine.references import builtin_model_path
 from kd_engine.spec import JobSpec
 from kd_engine.torchrun import run_job_distributed
 from kd_engine.trainer import Progress, TrainHooks
+from tests.checks import NO_EXTRAS
 
 HERE = Path(__file__).resolve().parent
 WEIGHT_ATOL = 2e-5  # observed: vanilla_kd 3.2e-6, pkd 1.6e-6, mate_kd 3.0e-8
@@ -83,7 +84,7 @@ def job_spec(name: str) -> dict[str, Any]:
         "method": method_of(name),
         "dataset": DATA,
         "training": training,
-        "export": {"onnx": False},
+        "export": NO_EXTRAS,
     }
     if not issubclass(registry.get(name).method_cls, ChainMethod):
         spec = JobSpec.model_validate(body)

@@ -38,6 +38,7 @@ from kd_engine.references import builtin_model_path
 from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, TrainingSpec
 from kd_engine.trainer import Progress, TrainHooks
+from tests.checks import NO_EXTRAS
 
 CPU = torch.device("cpu")
 NAMES = ["rotten", "fresh"]
@@ -442,7 +443,7 @@ def test_a_mate_kd_job_writes_its_student_and_its_augmented_samples(tmp_path: Pa
             "max_eval_examples": 16,
         },
         "training": {"epochs": 1, "batch_size": 8, "max_seq_length": 24, "device": "cpu"},
-        "export": {"onnx": False},  # not about export
+        "export": NO_EXTRAS,  # not about export
     }
     teacher = tmp_path / "teacher"
     run_job(

@@ -31,6 +31,7 @@ from kd_engine.methods.minimax_knn import MinimaxKNN, MinimaxKNNConfig
 from kd_engine.models.shapes import ModelShape
 from kd_engine.run import LOG_FILE, METRICS_FILE, RunResult, run_job
 from kd_engine.spec import JobSpec, TrainingSpec
+from tests.checks import NO_EXTRAS
 
 CPU = torch.device("cpu")
 SHAPE = ModelShape(num_layers=6, hidden_size=384, num_labels=2, num_heads=12)
@@ -307,7 +308,7 @@ def make_spec(method: dict[str, Any], teacher: str = "builtin:minilm-l6") -> Job
             "method": method,
             "dataset": DATASET,
             "training": TRAINING,
-            "export": {"onnx": False},  # exported and checked in test_onnx_export
+            "export": NO_EXTRAS,  # exported and checked in test_onnx_export
         }
     )
 

@@ -18,7 +18,7 @@ from kd_engine.methods.teacher_free import TeacherFree, TeacherFreeConfig
 from kd_engine.models.shapes import ModelShape
 from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, TrainingSpec
-from tests.checks import check_classification_metrics
+from tests.checks import NO_EXTRAS, check_classification_metrics
 
 SHAPE = ModelShape(num_layers=2, hidden_size=8, num_labels=3, num_heads=2)
 STUDENT = [[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]]
@@ -187,6 +187,7 @@ def test_a_job_runs_with_a_base_encoder_as_its_teacher(tmp_path: Path, minilm_pa
                 "max_eval_examples": 16,
             },
             "training": {"epochs": 1, "batch_size": 16, "max_seq_length": 16, "device": "cpu"},
+            "export": NO_EXTRAS,
         }
     )
     result = run_job(spec, minilm_path, no_files, tmp_path)

@@ -18,6 +18,7 @@ from kd_engine.models.text_students import BILSTM_MODEL_TYPE
 from kd_engine.references import BUILTIN_MODELS, builtin_model_path, wheel_path
 from kd_engine.run import run_job
 from kd_engine.spec import JobSpec, PretrainedStudent
+from tests.checks import NO_EXTRAS
 
 TRAINING = {"epochs": 1, "batch_size": 16, "max_seq_length": 32, "device": "cpu"}
 DATASET = {"source": "builtin:rotten_tomatoes", "max_train_examples": 48, "max_eval_examples": 32}
@@ -118,7 +119,7 @@ def spec(**overrides: Any) -> JobSpec:
         "method": {"name": "finetune"},
         "dataset": DATASET,
         "training": TRAINING,
-        "export": {"onnx": False},  # exported and checked in test_onnx_export / test_run_job
+        "export": NO_EXTRAS,  # exported and checked in test_onnx_export / test_run_job
     }
     return JobSpec.model_validate({**body, **overrides})
 

@@ -33,10 +33,10 @@ from kd_engine.latency import SPREAD_LIMIT
 from kd_engine.onnx_export import INT8_FILE, ONNX_FILE, ort_logits, ort_session
 from kd_engine.references import local_path_under
 from kd_engine.report_html import REPORT_FILE, format_number
-from kd_engine.run import LOG_FILE, METRICS_FILE, RunResult, run_job
+from kd_engine.run import LOG_FILE, METRICS_FILE, REPORT_SKIPPED, RunResult, run_job
 from kd_engine.spec import JobSpec
 from kd_engine.trainer import Cancelled, Progress, TrainHooks
-from tests.checks import check_classification_metrics
+from tests.checks import NO_EXTRAS, check_classification_metrics
 
 CPU = torch.device("cpu")
 DATASET = {
@@ -377,6 +377,7 @@ def test_file_dataset_is_relabelled_to_the_teacher_order(
             "label_column": "sentiment",
         },
         training={**TRAINING, "max_steps": 1},
+        export=NO_EXTRAS,
     )
     result = run_job(
         spec, teacher_run.out_dir, lambda ref: local_path_under(ref, root), tmp_path / "out"
@@ -405,7 +406,7 @@ def test_file_dataset_is_relabelled_to_the_teacher_order(
     assert result.metrics["teacher_test"]["accuracy"] == pytest.approx(correct / len(gold))
 
 
-def fresh_spec(seed: int) -> JobSpec:
+def fresh_spec(seed: int, export: dict[str, bool] | None = None) -> JobSpec:
     return make_spec(
         student={
             "type": "fresh",
@@ -416,15 +417,21 @@ def fresh_spec(seed: int) -> JobSpec:
         },
         dataset={**DATASET, "max_train_examples": 16, "max_eval_examples": 8},
         training={**TRAINING, "max_steps": 1, "seed": seed},
+        **({} if export is None else {"export": export}),
     )
 
 
 def test_same_seed_same_job_same_weights(tmp_path: Path, minilm_path: Path) -> None:
+    """Also: a job with export.onnx, .latency and .report off writes none of the three."""
     weights = []
     for i, seed in enumerate([3, 3, 4]):
         out = tmp_path / f"run{i}"
-        run_job(fresh_spec(seed), minilm_path, no_files, out)
+        m = run_job(fresh_spec(seed, NO_EXTRAS), minilm_path, no_files, out).metrics
         weights.append(load_file(str(out / "model.safetensors")))
+        assert m["report"] == {"skipped": REPORT_SKIPPED} and "skipped" in m["onnx"]
+        assert "latency" not in m and not any("latency" in k for k in m["student"]), m
+        assert json.loads((out / METRICS_FILE).read_text())["report"] == m["report"]
+        assert not {REPORT_FILE, ONNX_FILE} & {p.name for p in out.iterdir()}
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])

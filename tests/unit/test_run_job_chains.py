@@ -25,7 +25,7 @@ from kd_engine.models.student import student_from_teacher
 from kd_engine.run import LOG_FILE, METRICS_FILE, RunResult, run_job
 from kd_engine.spec import JobSpec
 from kd_engine.trainer import Progress, TrainHooks, seed_everything, train
-from tests.checks import check_agreement, check_classification_metrics
+from tests.checks import NO_EXTRAS, check_agreement, check_classification_metrics
 
 DATASET = {"source": "builtin:rotten_tomatoes", "max_train_examples": 32, "max_eval_examples": 16}
 TRAINING = {"epochs": 1, "batch_size": 16, "max_seq_length": 32, "device": "cpu", "max_steps": 2}
@@ -38,7 +38,7 @@ def make_spec(**overrides: Any) -> JobSpec:
         "method": {"name": "finetune"},
         "dataset": DATASET,
         "training": TRAINING,
-        "export": {"onnx": False},  # exported and checked in test_onnx_export / test_run_job
+        "export": NO_EXTRAS,  # exported and checked in test_onnx_export / test_run_job
     }
     body.update(overrides)
     return JobSpec.model_validate(body)

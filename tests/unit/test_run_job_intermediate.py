@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 from kd_engine.models.attention_scores import SCORES_IMPLEMENTATION
 from kd_engine.run import RunResult, run_job
 from kd_engine.spec import JobSpec
-from tests.checks import check_classification_metrics
+from tests.checks import NO_EXTRAS, check_classification_metrics
 
 DATASET = {"source": "builtin:rotten_tomatoes", "max_train_examples": 32, "max_eval_examples": 16}
 TRAINING = {"epochs": 1, "batch_size": 16, "max_seq_length": 32, "device": "cpu"}
@@ -26,7 +26,7 @@ def make_spec(**overrides: Any) -> JobSpec:
         "method": {"name": "finetune"},
         "dataset": DATASET,
         "training": TRAINING,
-        "export": {"onnx": False},  # exported and checked in test_onnx_export / test_run_job
+        "export": NO_EXTRAS,  # exported and checked in test_onnx_export / test_run_job
     }
     body.update(overrides)
     return JobSpec.model_validate(body)

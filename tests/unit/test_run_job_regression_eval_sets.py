@@ -20,6 +20,7 @@ from kd_engine.data.builtins import vader_ratings
 from kd_engine.references import local_path_under
 from kd_engine.run import METRICS_FILE, RunResult, run_job
 from kd_engine.spec import JobSpec
+from tests.checks import NO_EXTRAS
 
 TRAINING = {"epochs": 1, "batch_size": 16, "max_seq_length": 32, "device": "cpu"}
 REGRESSION_KEYS = {"pearson", "spearman", "mse"}
@@ -33,7 +34,7 @@ def spec_of(dataset: dict[str, Any], method: str = "finetune", **extra: Any) -> 
             "method": {"name": method},
             "dataset": {"max_train_examples": 48, "max_eval_examples": 24, **dataset},
             "training": TRAINING,
-            "export": {"onnx": False},  # exported and checked in test_onnx_export
+            "export": NO_EXTRAS,  # exported and checked in test_onnx_export
             **extra,
         }
     )
@@ -113,6 +114,7 @@ def test_vanilla_kd_from_a_regression_teacher_with_eval_sets(
         },
         method="vanilla_kd",
         student=student,
+        export={**NO_EXTRAS, "report": True},  # the report of a regression job: checked below
     )
     result = run_job(spec, regression_teacher.out_dir, resolve_in(data_root), tmp_path)
     m = result.metrics

@@ -32,6 +32,7 @@ from kd_engine.teacher_cache import (
     load_or_build,
 )
 from kd_engine.trainer import train
+from tests.checks import NO_EXTRAS
 
 CPU = torch.device("cpu")
 PAD = 0
@@ -239,7 +240,7 @@ def test_run_job_builds_then_hits_and_reports_it(tmp_path: Path, minilm_path: Pa
             "max_eval_examples": 32,
         },
         "training": {"epochs": 1, "batch_size": 8, "max_seq_length": 16, "device": "cpu"},
-        "export": {"onnx": False},  # not about export (tests/unit/test_onnx_export.py is)
+        "export": NO_EXTRAS,  # not about export (tests/unit/test_onnx_export.py is)
     }
     teacher_dir = tmp_path / "teacher"
     finetune = JobSpec.model_validate(
