@@ -20,7 +20,7 @@ help:
 	@echo "make browser   make sure Debian's chromium is installed (the dashboard's browser test)"
 	@echo "make demo      run the embedded dev stack demo (python -m devstack.demo)"
 	@echo "make up        run the embedded stack until Ctrl-C; prints the URL and an API key"
-	@echo "make test      setup + services + browser + pytest (exit code of pytest is kept)"
+	@echo "make test      setup + services + browser + the whole suite (scripts/test.sh: two lanes side by side)"
 	@echo "make check     the fast lane: unit tests that need no service and run no job"
 	@echo "make lint      ruff check, ruff format --check, mypy, lint-imports (the package layering)"
 	@echo "make fmt       ruff format + ruff check --fix"
@@ -76,7 +76,7 @@ up: setup
 test: setup services browser
 	DISTILLERY_TEST_DATABASE_URL='$(DISTILLERY_TEST_DATABASE_URL)' \
 	DISTILLERY_TEST_REDIS_URL='$(DISTILLERY_TEST_REDIS_URL)' \
-	$(PY) -m pytest $(PYTEST_ARGS)
+	bash scripts/test.sh $(PYTEST_ARGS)
 
 # The fast lane for the edit loop: no PostgreSQL, Redis, Chromium or worker (tests/conftest.py
 # marks the tests that need one `services`, and the unit tests that run a training job `slow`).

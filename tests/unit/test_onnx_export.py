@@ -261,7 +261,12 @@ BODY: dict[str, Any] = {
 def test_export_defaults_to_onnx_without_int8() -> None:
     spec = JobSpec.model_validate(BODY)
     assert spec.export == ExportSpec(onnx=True, int8=False)
-    assert spec.model_dump(mode="json")["export"] == {"onnx": True, "int8": False}
+    assert spec.model_dump(mode="json")["export"] == {
+        "onnx": True,
+        "int8": False,
+        "latency": True,
+        "report": True,
+    }
 
 
 def test_int8_without_onnx_names_the_field() -> None:
@@ -281,7 +286,7 @@ def test_bad_export_values_name_their_field() -> None:
     [error] = e.value.errors()
     assert error["loc"] == ("export", "onxx")
     assert unknown_field_reason(JobSpec, error["loc"]) == (
-        "unknown field 'onxx' in export; valid fields: onnx, int8"
+        "unknown field 'onxx' in export; valid fields: onnx, int8, latency, report"
     )
 
 

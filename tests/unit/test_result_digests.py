@@ -13,10 +13,12 @@ gradient accumulation, a generator's max steps) on a 32-example slice of rotten_
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from kd_engine.run import run_job
@@ -92,6 +94,16 @@ def weights_digest(model_dir: Path) -> str:
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The digests were recorded with one intra-op thread: the bits of a float reduction
+    depend on how it is split over threads, so the test pins it (and gives it back)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
